@@ -1,0 +1,160 @@
+"""Loading, tokenising and pooling: the one place torch and transformers live.
+
+The Ray replica, the batch job and the tests all embed through `TextEmbedder`;
+nothing else re-implements pooling, padding or truncation.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+from serve_app.modelinfo import ModelSpec
+from serve_app.service import Encoded
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class TextEmbedder:
+    """A loaded model that turns texts into vectors."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        *,
+        max_input_tokens: int = 8192,
+        device: str = "auto",
+        dtype: str = "auto",
+        gpu_fraction: float | None = None,
+        cpu_threads: int | None = None,
+        max_batch_tokens: int = 32768,
+    ) -> None:
+        self.spec = spec
+        self.device = _pick_device(device)
+        if self.device.type == "cuda" and gpu_fraction:
+            # Ray does not police GPU memory: hold this process to the share it asked for.
+            torch.cuda.set_per_process_memory_fraction(gpu_fraction, self.device)
+        if self.device.type == "cpu" and cpu_threads:
+            torch.set_num_threads(cpu_threads)
+        self.dtype = _pick_dtype(dtype, self.device)
+        self.max_tokens = min(max_input_tokens, spec.max_tokens)
+        self.max_batch_tokens = max_batch_tokens
+
+        self.tokenizer = AutoTokenizer.from_pretrained(spec.source, padding_side=spec.padding_side)
+        self.model = AutoModel.from_pretrained(spec.source, dtype=self.dtype).to(self.device).eval()
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.tokenizer.eos_token_id or 0
+        self._append_eos = self._needs_eos()
+        logger.info(
+            "Loaded %s on %s (%s), %d dims, pooling=%s, max %d tokens",
+            spec.name, self.device, str(self.dtype).removeprefix("torch."),
+            spec.dimensions, spec.pooling, self.max_tokens,
+        )
+
+    def encode(self, texts: list[str]) -> Encoded:
+        """Embed `texts` (prompts already applied), longest first in token-budget batches."""
+        ids, truncated = self.tokenize(texts)
+        vectors = np.empty((len(texts), self.spec.dimensions), dtype=np.float32)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
+        start = 0
+        while start < len(order):
+            # Sorted by length, so the first row of a chunk sets its padded width.
+            width = len(ids[order[start]])
+            rows = max(1, self.max_batch_tokens // max(width, 1))
+            chunk = order[start : start + rows]
+            vectors[chunk] = self._forward([ids[i] for i in chunk])
+            start += rows
+        return Encoded(vectors=vectors, tokens=[len(x) for x in ids], truncated=truncated)
+
+    def tokenize(self, texts: list[str]) -> tuple[list[list[int]], list[bool]]:
+        """Token ids per text, cut to the limit, and whether each was cut."""
+        limit = self.max_tokens - (1 if self._append_eos else 0)
+        # One token over the limit tells a text that fits from one that was cut.
+        ids = self._encode_ids(texts, limit + 1)
+        over = [i for i, row in enumerate(ids) if len(row) > limit]
+        if over:
+            for i, row in zip(over, self._encode_ids([texts[i] for i in over], limit), strict=True):
+                ids[i] = row
+        if self._append_eos:
+            eos = self.tokenizer.eos_token_id
+            ids = [row if row and row[-1] == eos else row + [eos] for row in ids]
+        over_set = set(over)
+        return ids, [i in over_set for i in range(len(ids))]
+
+    def _encode_ids(self, texts: list[str], max_length: int) -> list[list[int]]:
+        return self.tokenizer(
+            texts, truncation=True, max_length=max_length, padding=False,
+            return_attention_mask=False, return_token_type_ids=False,
+        )["input_ids"]
+
+    @torch.inference_mode()
+    def _forward(self, rows: list[list[int]]) -> np.ndarray:
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        left = self.spec.padding_side == "left"
+        for i, row in enumerate(rows):
+            span = slice(width - len(row), width) if left else slice(0, len(row))
+            input_ids[i, span] = torch.tensor(row, dtype=torch.long)
+            mask[i, span] = 1
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        pooled = pool(hidden.float(), mask, self.spec.pooling)
+        if self.spec.normalize:
+            pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+        return pooled.cpu().numpy()
+
+    def _needs_eos(self) -> bool:
+        """Qwen3-style last-token models must end on EOS; add it if the tokenizer does not."""
+        eos = self.tokenizer.eos_token_id
+        if self.spec.pooling != "lasttoken" or eos is None:
+            return False
+        sample = self.tokenizer("a", add_special_tokens=True)["input_ids"]
+        return not sample or sample[-1] != eos
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Pool token states (batch, seq, dim) into one vector per row."""
+    keep = mask.unsqueeze(-1).bool()
+    if mode == "mean":
+        summed = torch.where(keep, hidden, 0.0).sum(dim=1)
+        return summed / mask.sum(dim=1, keepdim=True).clamp(min=1)
+    if mode == "max":
+        return torch.where(keep, hidden, float("-inf")).max(dim=1).values
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    if mode == "cls":
+        index = torch.where(mask.bool(), positions, mask.shape[1]).min(dim=1).values
+    elif mode == "lasttoken":
+        index = torch.where(mask.bool(), positions, -1).max(dim=1).values
+    else:
+        raise ValueError(f"unknown pooling mode {mode!r}")
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
+
+
+def _pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda was asked for, but this process sees no CUDA GPU")
+    return torch.device(device)
+
+
+def _pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return _DTYPES[dtype]
+
+
+def default_cpu_threads() -> int:
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1

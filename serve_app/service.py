@@ -1,0 +1,128 @@
+"""What a request asks of the model, independent of HTTP and of Ray.
+
+`EmbeddingService` checks the model id and dimensions, applies prompts, sends
+each distinct text once, in chunks no larger than a dynamic batch, and puts the
+answers back in request order. A backend does the embedding: in process for
+tests and tools, or through a Ray Serve handle to the `Embedder` deployment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from serve_app.config import AppArgs
+from serve_app.errors import InvalidRequest, ModelNotFound
+from serve_app.modelinfo import ModelSpec
+from serve_app.prompts import prompt_prefix
+from serve_app.vectors import truncate
+
+
+@dataclass
+class Encoded:
+    """A model's answer for a list of texts, in input order.
+
+    It lives here, not beside the model, because the ingress unpickles it: the
+    ingress process must never import torch.
+    """
+
+    vectors: np.ndarray  # float32, (n, dimensions); unit length when the model normalises
+    tokens: list[int]  # tokens fed to the model per text, prompt and special tokens included
+    truncated: list[bool]  # whether a text was cut to the token limit
+
+    def slice(self, start: int, end: int) -> Encoded:
+        return Encoded(self.vectors[start:end], self.tokens[start:end], self.truncated[start:end])
+
+
+class Backend(Protocol):
+    """Something that embeds at most `max_batch_texts` prompt-prefixed texts at a time."""
+
+    async def embed(self, texts: list[str]) -> Encoded: ...
+
+
+@dataclass
+class Embeddings:
+    """Answer for one list of texts, in request order."""
+
+    vectors: np.ndarray
+    tokens: list[int]
+    truncated: list[int]  # indices
+
+    @property
+    def total_tokens(self) -> int:
+        return int(sum(self.tokens))
+
+
+class EmbeddingService:
+    """The model-facing half of every route."""
+
+    def __init__(self, args: AppArgs, spec: ModelSpec, backend: Backend) -> None:
+        self.args = args
+        self.spec = spec
+        self.backend = backend
+
+    @property
+    def model_id(self) -> str:
+        return self.args.model_id
+
+    def check_model(self, model: str | None) -> None:
+        """Refuse a model name this server does not serve (404, as OpenAI does)."""
+        if model is None or model in (self.model_id, self.args.model):
+            return
+        raise ModelNotFound(
+            f"The model '{model}' does not exist on this server. It serves '{self.model_id}'.",
+            param="model",
+            code="model_not_found",
+        )
+
+    def check_dimensions(self, dimensions: int | None) -> None:
+        """Matryoshka sizes run from min_dimensions up to the model's own width."""
+        if dimensions is None:
+            return
+        low, high = self.args.min_dimensions, self.spec.dimensions
+        if not low <= dimensions <= high:
+            raise InvalidRequest(
+                f"'dimensions' must be between {low} and {high} for '{self.model_id}'; got {dimensions}.",
+                param="dimensions",
+            )
+
+    def prefix(self, instruction: str | None, prompt_name: str | None) -> str:
+        return prompt_prefix(self.spec, self.args, instruction=instruction, prompt_name=prompt_name)
+
+    async def embed(self, texts: list[str], prefix: str = "", dimensions: int | None = None) -> Embeddings:
+        """Embed `texts` behind `prefix`; each distinct text goes to the model once."""
+        unique: dict[str, int] = {}
+        slots = [unique.setdefault(text, len(unique)) for text in texts]
+        distinct = [prefix + text for text in unique]
+        size = self.args.max_batch_texts
+        parts = await asyncio.gather(
+            *(self.backend.embed(distinct[i : i + size]) for i in range(0, len(distinct), size))
+        )
+        vectors = np.concatenate([p.vectors for p in parts]) if len(parts) > 1 else parts[0].vectors
+        tokens = [t for p in parts for t in p.tokens]
+        cut = [c for p in parts for c in p.truncated]
+        return Embeddings(
+            vectors=truncate(vectors, dimensions)[slots],
+            tokens=[tokens[s] for s in slots],
+            truncated=[i for i, s in enumerate(slots) if cut[s]],
+        )
+
+
+class LocalBackend:
+    """Embeds in this process (tests, tools): one forward pass at a time, off the event loop."""
+
+    def __init__(self, embedder) -> None:
+        import threading
+
+        self.embedder = embedder
+        self._lock = threading.Lock()
+
+    async def embed(self, texts: list[str]) -> Encoded:
+        return await asyncio.to_thread(self._encode, texts)
+
+    def _encode(self, texts: list[str]) -> Encoded:
+        with self._lock:
+            return self.embedder.encode(texts)

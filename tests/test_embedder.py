@@ -1,0 +1,141 @@
+"""The model path against sentence-transformers, the reference implementation."""
+
+import numpy as np
+import pytest
+import torch
+
+from serve_app.embedder import TextEmbedder, pool
+from serve_app.modelinfo import resolve_model
+
+TEXTS = [
+    "The lessee shall pay rent on the first day of each month.",
+    "租户应于每月第一天支付租金。",
+    "How do I reset my password?",
+    "x",
+    "Termination for convenience requires thirty days' written notice to the other party, "
+    "and any fees paid in advance shall be refunded pro rata.",
+    "合同一方违约的，应当承担继续履行、采取补救措施或者赔偿损失等违约责任。",
+    "   padded with spaces   ",
+    "Emoji and symbols: ✓ § ¶ € 123.45",
+]
+
+
+def cosine_rows(a, b):
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return (a * b).sum(axis=1)
+
+
+@pytest.fixture(scope="module")
+def st_bundled(bundled_spec):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(bundled_spec.source, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_qwen3_dir):
+    return TextEmbedder(resolve_model(str(tiny_qwen3_dir)))
+
+
+@pytest.fixture(scope="module")
+def st_tiny(tiny_qwen3_dir):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(tiny_qwen3_dir), device="cpu")
+
+
+def test_bundled_matches_sentence_transformers(bundled_embedder, st_bundled):
+    ours = bundled_embedder.encode(TEXTS).vectors
+    reference = st_bundled.encode(TEXTS, batch_size=3)
+    assert ours.shape == (len(TEXTS), 384)
+    assert cosine_rows(ours, reference).min() >= 0.9999
+
+
+def test_tiny_qwen3_matches_sentence_transformers_last_token(tiny, st_tiny):
+    ours = tiny.encode(TEXTS).vectors
+    reference = st_tiny.encode(TEXTS, batch_size=3)
+    assert cosine_rows(ours, reference).min() >= 0.9999
+    # The check means something only if different texts give clearly different vectors.
+    similarity = ours @ ours.T
+    assert similarity[~np.eye(len(TEXTS), dtype=bool)].max() < 0.95
+
+
+def test_tiny_qwen3_query_prompt_matches_sentence_transformers(tiny, st_tiny):
+    prompt = tiny.spec.prompts["query"]
+    ours = tiny.encode([prompt + t for t in TEXTS]).vectors
+    reference = st_tiny.encode(TEXTS, prompt_name="query")
+    assert cosine_rows(ours, reference).min() >= 0.9999
+
+
+def test_qwen3_inputs_end_with_eos_and_pad_left(tiny):
+    ids, _ = tiny.tokenize(["short", "a much longer text than the other one"])
+    eos = tiny.tokenizer.eos_token_id
+    assert all(row[-1] == eos for row in ids)
+
+
+def test_eos_is_appended_when_the_tokenizer_does_not(tmp_path):
+    from tiny_qwen3 import build_tiny_qwen3
+
+    directory = build_tiny_qwen3(tmp_path / "no-eos", append_eos=False)
+    embedder = TextEmbedder(resolve_model(str(directory)), max_input_tokens=16)
+    ids, truncated = embedder.tokenize(["hello there", "word " * 100])
+    eos = embedder.tokenizer.eos_token_id
+    assert [row[-1] for row in ids] == [eos, eos]
+    assert len(ids[1]) == 16 and truncated == [False, True]
+
+
+def test_results_do_not_depend_on_batch_company(bundled_embedder):
+    alone = np.stack([bundled_embedder.encode([t]).vectors[0] for t in TEXTS])
+    together = bundled_embedder.encode(TEXTS).vectors
+    assert cosine_rows(alone, together).min() >= 0.99999
+
+
+def test_token_budget_splits_batches_without_changing_results(bundled_spec, bundled_embedder):
+    small = TextEmbedder(bundled_spec, max_batch_tokens=64)
+    np.testing.assert_allclose(
+        small.encode(TEXTS).vectors, bundled_embedder.encode(TEXTS).vectors, atol=1e-5
+    )
+
+
+def test_truncation_is_reported_and_capped(bundled_spec):
+    embedder = TextEmbedder(bundled_spec, max_input_tokens=12)
+    result = embedder.encode(["short text", "long " * 50, "exactly " * 10])
+    assert result.truncated == [False, True, False]
+    assert result.tokens[1] == 12
+    assert max(result.tokens) <= 12
+
+
+def test_model_limit_caps_the_configured_limit(bundled_embedder):
+    # all-MiniLM-L6-v2 reads at most 256 tokens, whatever max_input_tokens says.
+    assert bundled_embedder.max_tokens == 256
+    result = bundled_embedder.encode(["word " * 1000])
+    assert result.truncated == [True] and result.tokens == [256]
+
+
+def test_vectors_are_unit_length_float32(bundled_embedder):
+    result = bundled_embedder.encode(TEXTS)
+    assert result.vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(result.vectors, axis=1), 1.0, rtol=1e-5)
+
+
+def test_cpu_replica_runs_float32(bundled_embedder):
+    assert bundled_embedder.device.type == "cpu"
+    assert bundled_embedder.dtype == torch.float32
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_pooling_modes_pick_the_right_tokens(side):
+    hidden = torch.arange(2 * 4 * 1, dtype=torch.float32).reshape(2, 4, 1)
+    if side == "right":
+        mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+        first, last = [0.0, 4.0], [1.0, 7.0]
+        mean = [0.5, 5.5]
+    else:
+        mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+        first, last = [2.0, 4.0], [3.0, 7.0]
+        mean = [2.5, 5.5]
+    assert pool(hidden, mask, "cls")[:, 0].tolist() == first
+    assert pool(hidden, mask, "lasttoken")[:, 0].tolist() == last
+    assert pool(hidden, mask, "mean")[:, 0].tolist() == mean
+    assert pool(hidden, mask, "max")[:, 0].tolist() == last
