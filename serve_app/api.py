@@ -1,0 +1,237 @@
+"""The HTTP API: thin Starlette routes that validate, call the service, shape the answer.
+
+Every error leaves as OpenAI's envelope `{"error": {message, type, param, code}}`;
+an unexpected exception is logged with its traceback and answered with a
+generic 500 that reveals nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from serve_app import schemas
+from serve_app.errors import (
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    ServiceError,
+)
+from serve_app.openapi import openapi_document
+from serve_app.service import EmbeddingService
+from serve_app.vectors import cosine_matrix, cosine_pairwise, to_base64
+
+logger = logging.getLogger(__name__)
+
+TRUNCATED_HEADER = "X-Truncated-Inputs"
+MAX_MATRIX_CELLS = 1_000_000
+_STARTED = int(time.time())
+
+
+class JSONResponse(Response):
+    """orjson-encoded JSON; numpy arrays serialise directly."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+async def embeddings(request: Request) -> Response:
+    service: EmbeddingService = request.app.state.service
+    body = schemas.parse(schemas.EmbeddingRequest, await read_json(request))
+    service.check_model(body.model)
+    service.check_dimensions(body.dimensions)
+    texts = schemas.texts_of(body.input, "input", service.args.max_inputs_per_request)
+    prefix = service.prefix(body.instruction, body.prompt_name)
+    result = await service.embed(texts, prefix, body.dimensions)
+    encode = to_base64 if body.encoding_format == "base64" else _as_floats
+    data = [
+        {"object": "embedding", "index": i, "embedding": encode(vector)}
+        for i, vector in enumerate(result.vectors)
+    ]
+    content = {
+        "object": "list",
+        "data": data,
+        "model": service.model_id,
+        "usage": {"prompt_tokens": result.total_tokens, "total_tokens": result.total_tokens},
+        "truncated": result.truncated,
+    }
+    return JSONResponse(content, headers=_truncation_header(len(result.truncated)))
+
+
+async def similarity(request: Request) -> Response:
+    service: EmbeddingService = request.app.state.service
+    body = schemas.parse(schemas.SimilarityRequest, await read_json(request))
+    service.check_model(body.model)
+    service.check_dimensions(body.dimensions)
+    limit = service.args.max_inputs_per_request
+    left = schemas.texts_of(body.left, "left", limit)
+    right = schemas.texts_of(body.right, "right", limit)
+    if body.mode == "pairwise" and len(left) != len(right) and 1 not in (len(left), len(right)):
+        raise InvalidRequest(
+            f"Pairwise similarity needs lists of the same length (or one text on a side); "
+            f"got {len(left)} left and {len(right)} right. Use mode='matrix' for all pairs.",
+            param="right",
+        )
+    if body.mode == "matrix" and len(left) * len(right) > MAX_MATRIX_CELLS:
+        raise InvalidRequest(
+            f"A {len(left)} x {len(right)} matrix exceeds {MAX_MATRIX_CELLS} cells; "
+            "send fewer texts per request.",
+            param="right",
+        )
+    query_prefix = service.prefix(body.instruction, body.prompt_name)
+    right_prefix = query_prefix if body.instruction_applies_to == "both" else ""
+    a = await service.embed(left, query_prefix, body.dimensions)
+    b = await service.embed(right, right_prefix, body.dimensions)
+    if body.mode == "matrix":
+        scores = cosine_matrix(a.vectors, b.vectors)
+    else:
+        n = max(len(left), len(right))
+        scores = cosine_pairwise(_repeat(a.vectors, n), _repeat(b.vectors, n))
+    tokens = a.total_tokens + b.total_tokens
+    content = {
+        "object": "similarity",
+        "mode": body.mode,
+        "data": np.clip(scores, -1.0, 1.0).astype(np.float64),
+        "model": service.model_id,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        "truncated_left": a.truncated,
+        "truncated_right": b.truncated,
+    }
+    return JSONResponse(content, headers=_truncation_header(len(a.truncated) + len(b.truncated)))
+
+
+async def list_models(request: Request) -> Response:
+    return JSONResponse({"object": "list", "data": [_model_card(request.app.state.service)]})
+
+
+async def get_model(request: Request) -> Response:
+    service: EmbeddingService = request.app.state.service
+    service.check_model(request.path_params["model"])
+    return JSONResponse(_model_card(service))
+
+
+async def health(request: Request) -> Response:
+    """Liveness of the HTTP layer; it never calls (or wakes) the model."""
+    service: EmbeddingService = request.app.state.service
+    state = getattr(service.backend, "replica_state", lambda: "in-process")()
+    return JSONResponse({"status": "ok", "model": service.model_id, "replicas": state})
+
+
+async def openapi(request: Request) -> Response:
+    return JSONResponse(request.app.state.openapi)
+
+
+async def read_json(request: Request) -> Any:
+    """The body as JSON, refusing bodies over the configured size before reading them whole."""
+    limit = request.app.state.service.args.max_request_bytes
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        raise InvalidRequest("The request body is empty; send a JSON object.", code="invalid_json")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(
+            f"The request body is not valid JSON ({exc}).", code="invalid_json"
+        ) from None
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"The request body exceeds the limit of {limit} bytes; send fewer or shorter texts per request.",
+        code="request_too_large",
+    )
+
+
+def _model_card(service: EmbeddingService) -> dict:
+    return {
+        "id": service.model_id,
+        "object": "model",
+        "created": _STARTED,
+        "owned_by": "embedding-service",
+        "dimensions": service.spec.dimensions,
+        "max_input_tokens": min(service.args.max_input_tokens, service.spec.max_tokens),
+    }
+
+
+def _as_floats(vector: np.ndarray) -> np.ndarray:
+    return vector
+
+
+def _repeat(vectors: np.ndarray, n: int) -> np.ndarray:
+    return np.repeat(vectors, n, axis=0) if len(vectors) == 1 and n > 1 else vectors
+
+
+def _truncation_header(count: int) -> dict[str, str]:
+    return {TRUNCATED_HEADER: str(count)}
+
+
+async def service_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ServiceError)
+    headers = {}
+    if exc.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
+    return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=headers)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        error: ServiceError = NotFound(f"No route {request.url.path}; see /openapi.json.")
+    elif exc.status_code == 405:
+        error = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}.")
+    else:
+        error = InvalidRequest(str(exc.detail))
+        error.status_code = exc.status_code
+    return await service_error(request, error)
+
+
+async def unexpected_error(request: Request, exc: Exception) -> Response:
+    logger.exception("Unhandled error on %s %s", request.method, request.url.path)
+    error = ServiceError("The server hit an internal error; the request was not completed.")
+    return await service_error(request, error)
+
+
+ROUTES = [
+    Route("/v1/embeddings", embeddings, methods=["POST"]),
+    Route("/v1/similarity", similarity, methods=["POST"]),
+    Route("/v1/models", list_models, methods=["GET"]),
+    Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+    Route("/health", health, methods=["GET"]),
+    Route("/openapi.json", openapi, methods=["GET"]),
+]
+
+
+def create_app(service: EmbeddingService) -> Starlette:
+    """The ASGI app over a service (in process or through Ray)."""
+    app = Starlette(
+        routes=ROUTES,
+        exception_handlers={
+            ServiceError: service_error,
+            HTTPException: http_error,
+            Exception: unexpected_error,
+        },
+    )
+    app.state.service = service
+    app.state.openapi = openapi_document(service.model_id)
+    return app

@@ -1,0 +1,262 @@
+"""The HTTP API in process: the official openai client, the wire format, every error path."""
+
+import json
+
+import numpy as np
+import openai
+import pytest
+
+from conftest import BUNDLED, make_service
+from serve_app.api import TRUNCATED_HEADER, create_app
+from serve_app.vectors import normalize
+
+
+def test_openai_client_embeds_a_list(openai_client, bundled_embedder):
+    texts = ["The tenant pays rent monthly.", "租户按月支付租金。"]
+    response = openai_client.embeddings.create(model=BUNDLED, input=texts)
+    assert response.model == BUNDLED
+    assert [d.index for d in response.data] == [0, 1]
+    got = np.array([d.embedding for d in response.data])
+    np.testing.assert_allclose(got, bundled_embedder.encode(texts).vectors, atol=1e-6)
+    assert response.usage.prompt_tokens == response.usage.total_tokens > 0
+
+
+def test_openai_client_embeds_a_single_string(openai_client):
+    response = openai_client.embeddings.create(model=BUNDLED, input="hello")
+    assert len(response.data) == 1 and len(response.data[0].embedding) == 384
+
+
+def test_float_and_base64_carry_the_same_vector(openai_client):
+    import base64
+
+    as_float = openai_client.embeddings.create(model=BUNDLED, input="same", encoding_format="float")
+    # With no encoding_format the client asks for base64 itself and decodes it.
+    default = openai_client.embeddings.create(model=BUNDLED, input="same")
+    np.testing.assert_allclose(as_float.data[0].embedding, default.data[0].embedding, rtol=1e-7)
+    # Asked for explicitly, base64 comes back as the string: little-endian float32.
+    raw = openai_client.embeddings.create(model=BUNDLED, input="same", encoding_format="base64")
+    decoded = np.frombuffer(base64.b64decode(raw.data[0].embedding), dtype="<f4")
+    np.testing.assert_allclose(as_float.data[0].embedding, decoded, rtol=1e-7)
+
+
+def test_dimensions_truncate_and_renormalise(openai_client):
+    full = openai_client.embeddings.create(model=BUNDLED, input="matryoshka", encoding_format="float")
+    cut = openai_client.embeddings.create(
+        model=BUNDLED, input="matryoshka", dimensions=64, encoding_format="float"
+    )
+    vector = np.array(cut.data[0].embedding)
+    assert vector.shape == (64,)
+    np.testing.assert_allclose(np.linalg.norm(vector), 1.0, rtol=1e-5)
+    expected = normalize(np.array([full.data[0].embedding])[:, :64])[0]
+    np.testing.assert_allclose(vector, expected, atol=1e-6)
+
+
+def test_openai_client_lists_the_served_model_first(openai_client):
+    models = openai_client.models.list()
+    assert models.data[0].id == BUNDLED
+
+
+def test_duplicates_in_a_request_get_identical_vectors(http):
+    body = http.post("/v1/embeddings", json={"input": ["a cat", "a dog", "a cat"]}).json()
+    vectors = [d["embedding"] for d in body["data"]]
+    assert vectors[0] == vectors[2] != vectors[1]
+
+
+def test_instruction_and_named_query_prompt(http):
+    plain = http.post("/v1/embeddings", json={"input": "rent due date"}).json()
+    query = http.post(
+        "/v1/embeddings", json={"input": "rent due date", "prompt_name": "query"}
+    ).json()
+    same = http.post(
+        "/v1/embeddings",
+        json={"input": "rent due date",
+              "instruction": "Given a web search query, retrieve relevant passages that answer the query"},
+    ).json()
+    assert query["data"][0]["embedding"] == same["data"][0]["embedding"]
+    assert query["data"][0]["embedding"] != plain["data"][0]["embedding"]
+    assert query["usage"]["prompt_tokens"] > plain["usage"]["prompt_tokens"]
+
+
+def test_truncation_is_reported_in_body_and_header(http):
+    response = http.post("/v1/embeddings", json={"input": ["short", "long " * 400]})
+    assert response.status_code == 200
+    assert response.json()["truncated"] == [1]
+    assert response.headers[TRUNCATED_HEADER] == "1"
+    short = http.post("/v1/embeddings", json={"input": "short"})
+    assert short.json()["truncated"] == [] and short.headers[TRUNCATED_HEADER] == "0"
+
+
+def test_similarity_pairwise_column(http):
+    body = http.post(
+        "/v1/similarity",
+        json={
+            "left": ["The cat sits on the mat.", "The contract ends in May.", "identical text"],
+            "right": ["A cat is sitting on a mat.", "Football scores from the weekend.", "identical text"],
+        },
+    ).json()
+    related, unrelated, identical = body["data"]
+    assert related > unrelated + 0.3
+    assert identical == pytest.approx(1.0, abs=1e-5)
+    assert body["mode"] == "pairwise" and body["usage"]["total_tokens"] > 0
+
+
+def test_similarity_one_text_broadcasts_against_a_column(http):
+    body = http.post(
+        "/v1/similarity", json={"left": "cat", "right": ["cat", "kitten", "mortgage"]}
+    ).json()
+    assert len(body["data"]) == 3
+    assert body["data"][0] == pytest.approx(1.0, abs=1e-5)
+    assert body["data"][1] > body["data"][2]
+
+
+def test_similarity_matrix_matches_pairwise(http):
+    left, right = ["cat", "law"], ["kitten", "statute", "pasta"]
+    matrix = http.post("/v1/similarity", json={"left": left, "right": right, "mode": "matrix"}).json()
+    assert np.array(matrix["data"]).shape == (2, 3)
+    pair = http.post("/v1/similarity", json={"left": ["law"], "right": ["statute"]}).json()
+    assert matrix["data"][1][1] == pytest.approx(pair["data"][0], abs=1e-6)
+
+
+def test_similarity_instruction_applies_to_left_only_by_default(http):
+    base = {"left": ["rent due"], "right": ["rent due"], "instruction": "Find the clause"}
+    left_only = http.post("/v1/similarity", json=base).json()["data"][0]
+    both = http.post("/v1/similarity", json={**base, "instruction_applies_to": "both"}).json()["data"][0]
+    assert both == pytest.approx(1.0, abs=1e-5)
+    assert left_only < 0.999
+
+
+def error_of(response, status):
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert "Traceback" not in response.text
+    return body["error"]
+
+
+@pytest.mark.parametrize(
+    ("payload", "param"),
+    [
+        ({"input": ""}, "input"),
+        ({"input": "   \n\t"}, "input"),
+        ({"input": []}, "input"),
+        ({"input": ["fine", ""]}, "input[1]"),
+        ({"input": 42}, "input"),
+        ({"input": ["fine", 7]}, "input[1]"),
+        ({"input": [[1, 2, 3]]}, "input[0]"),
+        ({"input": {"text": "x"}}, "input"),
+        ({"input": None}, "input"),
+        ({}, "input"),
+        ({"input": "x", "dimensions": 8}, "dimensions"),
+        ({"input": "x", "dimensions": 4096}, "dimensions"),
+        ({"input": "x", "dimensions": "64"}, "dimensions"),
+        ({"input": "x", "dimensions": True}, "dimensions"),
+        ({"input": "x", "encoding_format": "int8"}, "encoding_format"),
+        ({"input": "x", "surprise": 1}, "surprise"),
+        ({"input": "x", "prompt_name": "nope"}, "prompt_name"),
+        ({"input": "x", "prompt_name": "query", "instruction": "y"}, "instruction"),
+        ({"input": ["x"] * 65}, "input"),
+    ],
+)
+def test_bad_embedding_requests_are_400_with_a_readable_message(http, payload, param):
+    error = error_of(http.post("/v1/embeddings", json=payload), 400)
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+    assert error["message"][0].isupper() or error["message"][0] == "'"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"left": ["a", "b"], "right": ["a", "b", "c"]},
+        {"left": [], "right": ["a"]},
+        {"left": ["a"], "right": [" "]},
+        {"left": "a", "right": "b", "mode": "cosine"},
+    ],
+)
+def test_bad_similarity_requests_are_400(http, payload):
+    error_of(http.post("/v1/similarity", json=payload), 400)
+
+
+def test_unknown_model_is_404(openai_client):
+    with pytest.raises(openai.NotFoundError) as info:
+        openai_client.embeddings.create(model="text-embedding-3-small", input="x")
+    assert info.value.body["code"] == "model_not_found"
+    assert BUNDLED in info.value.body["message"]
+
+
+def test_malformed_bodies_are_400(http):
+    assert error_of(http.post("/v1/embeddings", content=b"{not json"), 400)["code"] == "invalid_json"
+    assert error_of(http.post("/v1/embeddings", content=b""), 400)["code"] == "invalid_json"
+    error_of(http.post("/v1/embeddings", content=b'{"input": "\xff\xfe"}'), 400)
+    error_of(http.post("/v1/embeddings", content=b'["a list"]'), 400)
+
+
+def test_oversized_body_is_413_before_it_is_read(bundled_embedder):
+    from starlette.testclient import TestClient
+
+    app = create_app(make_service(bundled_embedder, max_request_bytes=2048))
+    with TestClient(app) as client:
+        error = error_of(client.post("/v1/embeddings", json={"input": "x" * 5000}), 413)
+        assert "2048 bytes" in error["message"]
+        # Without a Content-Length header, the streamed body is counted as it arrives.
+        chunks = (b'{"input": "' + b"y" * 1000 for _ in range(5))
+        error_of(client.post("/v1/embeddings", content=chunks), 413)
+
+
+def test_unknown_route_and_wrong_method(http):
+    assert error_of(http.get("/v2/embeddings"), 404)["message"].startswith("No route")
+    error_of(http.get("/v1/embeddings"), 405)
+
+
+def test_unexpected_failures_are_a_generic_500(bundled_spec):
+    from starlette.testclient import TestClient
+
+    from serve_app.config import AppArgs
+    from serve_app.service import EmbeddingService
+
+    class Broken:
+        async def embed(self, texts):
+            raise RuntimeError("secret internal detail")
+
+    app = create_app(EmbeddingService(AppArgs(model=BUNDLED), bundled_spec, Broken()))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.post("/v1/embeddings", json={"input": "x"})
+        error = error_of(response, 500)
+        assert "secret" not in response.text and error["type"] == "server_error"
+
+
+def test_server_stays_healthy_after_bad_input(http):
+    http.post("/v1/embeddings", content=b"\x00\x01garbage")
+    http.post("/v1/embeddings", json={"input": ["x"] * 1000})
+    assert http.get("/health").json()["status"] == "ok"
+    assert http.post("/v1/embeddings", json={"input": "still works"}).status_code == 200
+
+
+def test_openapi_document_describes_every_route(http):
+    doc = http.get("/openapi.json").json()
+    assert doc["openapi"].startswith("3.1")
+    assert set(doc["paths"]) >= {"/v1/embeddings", "/v1/similarity", "/v1/models", "/health"}
+    schemas = doc["components"]["schemas"]
+    assert {"EmbeddingRequest", "EmbeddingResponse", "SimilarityRequest", "ErrorResponse"} <= set(schemas)
+    assert "input" in schemas["EmbeddingRequest"]["properties"]
+    json.dumps(doc)  # plain JSON, nothing unserialisable
+
+
+def test_health_does_not_touch_the_model(bundled_spec):
+    from starlette.testclient import TestClient
+
+    from serve_app.config import AppArgs
+    from serve_app.service import EmbeddingService
+
+    class Counting:
+        calls = 0
+
+        async def embed(self, texts):
+            Counting.calls += 1
+            raise AssertionError("health must not embed")
+
+    app = create_app(EmbeddingService(AppArgs(model=BUNDLED), bundled_spec, Counting()))
+    with TestClient(app) as client:
+        assert client.get("/health").json()["status"] == "ok"
+    assert Counting.calls == 0
