@@ -1,0 +1,244 @@
+"""The Ray Serve shell: a light HTTP ingress and the `Embedder` model deployment.
+
+`Ingress` runs the Starlette app and never imports torch, so it stays up (and
+answers /health) while `Embedder` scales to zero. `Embedder` loads the model in
+its constructor and batches requests dynamically with `@serve.batch`, counting
+texts rather than requests.
+"""
+
+# No `from __future__ import annotations` here: Ray Serve reads build_app's
+# annotation at run time to turn `key=value` arguments into AppArgs.
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+import click
+from ray import serve
+from ray.serve import Application
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from serve_app.api import create_app
+from serve_app.config import AppArgs
+from serve_app.errors import ModelLoadError, ModelUnavailable, Overloaded
+from serve_app.modelinfo import ModelSpec, resolve_model
+from serve_app.resources import resolve_gpu_fraction, resolve_max_replicas
+from serve_app.service import EmbeddingService
+
+logger = logging.getLogger("ray.serve")
+
+APP_NAME = "embeddings"
+# Ray failures that mean "this replica went away", so the request can go to another.
+_RETRYABLE = ("ActorDiedError", "ActorUnavailableError", "RayActorError", "ReplicaUnavailableError")
+_MAX_ATTEMPTS = 3
+
+
+@dataclass
+class Failure:
+    """What a replica whose model failed to load answers instead of an embedding."""
+
+    message: str
+
+
+def count_texts(chunks: list[list[str]]) -> int:
+    """@serve.batch's batch size, in texts rather than requests."""
+    return sum(len(chunk) for chunk in chunks)
+
+
+@serve.deployment(name="Embedder")
+class Embedder:
+    """One model replica: loads the model once, embeds dynamic batches of texts."""
+
+    def __init__(self, args: dict, spec: dict, gpu_fraction: float) -> None:
+        settings = AppArgs.model_validate(args)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+        self._model = None
+        self._failure: str | None = None
+        started = time.perf_counter()
+        try:
+            # Heavy imports live here, not at module level, so the ingress stays light.
+            from serve_app.embedder import TextEmbedder, default_cpu_threads
+
+            self._model = TextEmbedder(
+                ModelSpec(**spec),
+                max_input_tokens=settings.max_input_tokens,
+                device=settings.device,
+                dtype=settings.dtype,
+                gpu_fraction=gpu_fraction,
+                cpu_threads=settings.cpu_threads or default_cpu_threads(),
+                max_batch_tokens=settings.max_batch_tokens,
+            )
+            self._model.encode(["warm up"])  # first forward pass pays one-off kernel set-up
+        except Exception as exc:
+            logger.exception("Model %s failed to load", spec.get("name"))
+            self._failure = (
+                f"The model '{spec.get('name')}' failed to load on its replica: "
+                f"{type(exc).__name__}: {exc}"
+            )
+        logger.info(
+            "Embedder ready: constructor %.2f s, process start-up before it %.2f s",
+            time.perf_counter() - started, _process_age_s() - (time.perf_counter() - started),
+        )
+
+    def reconfigure(self, config: dict) -> None:
+        """Live batch limits from the deployment's user_config."""
+        self.embed.set_max_batch_size(config["max_batch_texts"])
+        self.embed.set_batch_wait_timeout_s(config["batch_wait_timeout_s"])
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=count_texts)
+    async def embed(self, chunks: list[list[str]]) -> list:
+        if self._model is None:
+            return [Failure(self._failure or "The model is not loaded.")] * len(chunks)
+        texts = [text for chunk in chunks for text in chunk]
+        loop = asyncio.get_running_loop()
+        # Off the event loop, so the next batch gathers while this one computes.
+        encoded = await loop.run_in_executor(self._executor, self._model.encode, texts)
+        results, start = [], 0
+        for chunk in chunks:
+            results.append(encoded.slice(start, start + len(chunk)))
+            start += len(chunk)
+        return results
+
+
+def _process_age_s() -> float:
+    """Seconds since this process started (Linux; 0 elsewhere)."""
+    try:
+        import os
+        from pathlib import Path
+
+        stat = Path(f"/proc/{os.getpid()}/stat").read_text()
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+class RayBackend:
+    """Sends chunks to `Embedder` through a deployment handle, translating Ray's failures."""
+
+    def __init__(self, handle: DeploymentHandle, timeout_s: float, app_name: str) -> None:
+        self.handle = handle
+        self.timeout_s = timeout_s
+        self.app_name = app_name
+        self._state: tuple[float, str] = (0.0, "unknown")
+
+    async def embed(self, texts: list[str]):
+        deadline = time.monotonic() + self.timeout_s
+        for attempt in range(1, _MAX_ATTEMPTS + 1):
+            response = self.handle.embed.remote(texts)
+            try:
+                result = await asyncio.wait_for(_await(response), deadline - time.monotonic())
+            except BackPressureError as exc:
+                raise Overloaded(
+                    "The embedding service is at capacity; retry shortly.",
+                    code="overloaded",
+                    retry_after_s=2,
+                ) from exc
+            except (asyncio.TimeoutError, TimeoutError):
+                response.cancel()
+                raise ModelUnavailable(
+                    f"The model did not answer within {self.timeout_s:.0f} s "
+                    "(request_timeout_s); it may still be starting. Retry shortly.",
+                    code="model_timeout",
+                    retry_after_s=10,
+                ) from None
+            except Exception as exc:
+                # Embedding is idempotent, so work lost with a dying replica is resent.
+                if type(exc).__name__ in _RETRYABLE and attempt < _MAX_ATTEMPTS:
+                    logger.warning("Replica lost mid-request (%s); retrying", type(exc).__name__)
+                    continue
+                raise
+            if isinstance(result, Failure):
+                raise ModelUnavailable(result.message, code="model_unavailable", retry_after_s=30)
+            return result
+        raise AssertionError("unreachable")
+
+    def replica_state(self) -> str:
+        """Running Embedder replicas, from the controller (cached; never wakes the model)."""
+        checked, state = self._state
+        if time.monotonic() - checked < 2.0:
+            return state
+        try:
+            status = serve.status().applications[self.app_name].deployments["Embedder"]
+            states = {k: v for k, v in status.replica_states.items() if v}
+            running = states.pop("RUNNING", 0)
+            if running:
+                state = f"{running} running"
+            elif states:
+                state = ", ".join(f"{v} {k.lower()}" for k, v in sorted(states.items()))
+            else:
+                state = "scaled to zero"
+        except Exception:  # status is informative only
+            state = "unknown"
+        self._state = (time.monotonic(), state)
+        return state
+
+
+async def _await(response):
+    return await response
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress()
+class Ingress:
+    """The HTTP front: validation, prompts, chunking; no torch."""
+
+    def __init__(self, embedder: DeploymentHandle, args: dict, spec: dict) -> None:
+        settings = AppArgs.model_validate(args)
+        app_name = serve.get_replica_context().app_name
+        backend = RayBackend(embedder, settings.request_timeout_s, app_name)
+        self._service = EmbeddingService(settings, ModelSpec(**spec), backend)
+
+    def __serve_build_asgi_app__(self):
+        return create_app(self._service)
+
+
+class StartupError(ModelLoadError, click.ClickException):
+    """A model that cannot be loaded; Ray's CLI prints it as one line, no traceback."""
+
+    def __init__(self, message: str) -> None:
+        ModelLoadError.__init__(self, message)
+        click.ClickException.__init__(self, message)
+
+
+def build_app(args: AppArgs) -> Application:
+    """The Serve application for `serve run serve_app:build_app` and serve_config.yaml."""
+    if not isinstance(args, AppArgs):
+        args = AppArgs.model_validate(args or {})
+    try:
+        spec = resolve_model(args.model)
+    except ModelLoadError as exc:
+        raise StartupError(str(exc)) from None
+    gpu = resolve_gpu_fraction(args.gpu_fraction)
+    autoscaling = {
+        "min_replicas": args.min_replicas,
+        "max_replicas": resolve_max_replicas(args.max_replicas, gpu),
+        "initial_replicas": args.initial_replicas,
+        "target_ongoing_requests": args.target_ongoing_requests,
+        "upscale_delay_s": args.upscale_delay_s,
+        "downscale_delay_s": args.downscale_delay_s,
+        "downscale_to_zero_delay_s": args.idle_timeout_s,
+        "look_back_period_s": args.autoscaling_look_back_s,
+        "metrics_interval_s": args.autoscaling_metrics_interval_s,
+    }
+    embedder = Embedder.options(
+        ray_actor_options={"num_cpus": args.replica_cpus, "num_gpus": gpu},
+        autoscaling_config=autoscaling,
+        max_ongoing_requests=args.max_ongoing_requests,
+        max_queued_requests=args.max_queued_requests,
+        user_config={
+            "max_batch_texts": args.max_batch_texts,
+            "batch_wait_timeout_s": args.batch_wait_timeout_s,
+        },
+        health_check_period_s=10,
+        graceful_shutdown_timeout_s=30,
+    ).bind(args.model_dump(), asdict(spec), gpu)
+    return Ingress.options(
+        num_replicas=args.ingress_replicas,
+        ray_actor_options={"num_cpus": 0},
+        # The ingress only awaits; let it hold many requests while the model works.
+        max_ongoing_requests=max(256, args.max_ongoing_requests * 4),
+    ).bind(embedder, args.model_dump(), asdict(spec))
