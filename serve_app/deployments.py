@@ -82,6 +82,22 @@ class Embedder:
             time.perf_counter() - started, _process_age_s() - (time.perf_counter() - started),
         )
 
+    def describe(self) -> dict:
+        """Where this replica runs and what it holds (for operators and tests)."""
+        import os
+
+        import ray
+
+        context = ray.get_runtime_context()
+        return {
+            "pid": os.getpid(),
+            "node_id": context.get_node_id(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "device": str(self._model.device) if self._model else None,
+            "loaded": self._model is not None,
+            "failure": self._failure,
+        }
+
     def reconfigure(self, config: dict) -> None:
         """Live batch limits from the deployment's user_config."""
         self.embed.set_max_batch_size(config["max_batch_texts"])

@@ -77,3 +77,65 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+class ServeCluster:
+    """The session's Ray cluster with Serve on a free loopback port."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def url(self, app: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{app}"
+
+    def deploy(self, app: str, **overrides) -> str:
+        """Run build_app(AppArgs(...)) as Serve application `app` at /app; returns its URL."""
+        from ray import serve
+
+        from serve_app.deployments import build_app
+
+        settings = {"model": BUNDLED, "gpu_fraction": 0.0, **overrides}
+        serve.run(build_app(AppArgs(**settings)), name=app, route_prefix=f"/{app}")
+        return self.url(app)
+
+    def replicas(self, app: str) -> dict[str, int]:
+        from ray import serve
+
+        status = serve.status().applications[app].deployments["Embedder"]
+        return {k: v for k, v in status.replica_states.items() if v}
+
+    def wait_for(self, predicate, timeout_s: float, what: str, interval_s: float = 0.25):
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            value = predicate()
+            if value:
+                return value
+            time.sleep(interval_s)
+        raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+    def delete(self, app: str) -> None:
+        from ray import serve
+
+        serve.delete(app)
+
+
+@pytest.fixture(scope="session")
+def serve_cluster():
+    """One local Ray cluster for every Ray test; its node declares one logical GPU."""
+    import ray
+    from ray import serve
+
+    ray.init(
+        num_cpus=4,
+        num_gpus=1,  # logical only: CPU torch sees no CUDA, Ray still accounts fractions
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield ServeCluster(port)
+    serve.shutdown()
+    ray.shutdown()

@@ -1,0 +1,44 @@
+"""cluster.yaml must pass Ray's own cluster-launcher validation."""
+
+import copy
+
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+
+def load(path="cluster.yaml"):
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def test_cluster_yaml_passes_ray_validation():
+    validate_config(prepare_config(load()))
+
+
+def test_gpu_workers_scale_to_zero_and_head_has_no_gpu():
+    config = load()
+    head = config["available_node_types"][config["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0
+    gpu_types = [t for t in config["available_node_types"].values() if t["resources"].get("GPU")]
+    assert gpu_types and all(t["min_workers"] == 0 for t in gpu_types)
+
+
+def test_validation_would_catch_a_broken_config():
+    # The check above is only worth something if Ray rejects a bad file.
+    import pytest
+
+    broken = copy.deepcopy(load())
+    broken["head_node_type"] = "no-such-type"
+    with pytest.raises(ValueError):
+        validate_config(prepare_config(broken))
+
+
+def test_cluster_serve_config_pins_a_gpu_fraction():
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve_app.config import AppArgs
+
+    schema = ServeDeploySchema.model_validate(load("serve_config.cluster.yaml"))
+    args = AppArgs.model_validate(schema.applications[0].args)
+    # GPU workers start at zero, so auto-detection would see no GPU; the fraction is explicit.
+    assert args.gpu_fraction == 0.25

@@ -1,0 +1,144 @@
+"""What only Ray does: scaling to zero and back, fractional GPU packing, replica failures."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from conftest import BUNDLED
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+# Fast scaling for tests: the production defaults wait minutes before scaling to zero.
+QUICK_SCALING = {
+    "idle_timeout_s": 1.0,
+    "downscale_delay_s": 1.0,
+    "autoscaling_look_back_s": 1.0,
+    "autoscaling_metrics_interval_s": 0.5,
+}
+
+
+def test_scale_from_zero_serves_the_first_request_then_returns_to_zero(
+    serve_cluster, bundled_embedder
+):
+    url = serve_cluster.deploy("cold", **QUICK_SCALING)
+    assert serve_cluster.replicas("cold") == {}
+    health = httpx.get(f"{url}/health", timeout=10).json()
+    assert health["replicas"] == "scaled to zero"  # /health answers without waking the model
+    assert serve_cluster.replicas("cold") == {}
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120, max_retries=0)
+    texts = ["first request after scale to zero", "合同终止"]
+    response = client.embeddings.create(model=BUNDLED, input=texts)  # held, not dropped
+    got = np.array([d.embedding for d in response.data])
+    np.testing.assert_allclose(got, bundled_embedder.encode(texts).vectors, atol=1e-5)
+    assert serve_cluster.replicas("cold").get("RUNNING") == 1
+
+    serve_cluster.wait_for(
+        lambda: serve_cluster.replicas("cold") == {}, timeout_s=60, what="scale back to zero"
+    )
+    # And it comes back again.
+    again = client.embeddings.create(model=BUNDLED, input="second cold start")
+    assert len(again.data[0].embedding) == 384
+    serve_cluster.delete("cold")
+
+
+def test_concurrent_requests_are_batched_and_correct(serve_cluster, bundled_embedder):
+    import asyncio
+
+    url = serve_cluster.deploy("batched", min_replicas=1, batch_wait_timeout_s=0.05)
+    texts = [f"sentence number {i} about contracts" for i in range(40)]
+
+    async def run():
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            replies = await asyncio.gather(
+                *(client.post("/v1/embeddings", json={"input": texts[i : i + 4]}) for i in range(0, 40, 4))
+            )
+        return [r.json() for r in replies]
+
+    bodies = asyncio.run(run())
+    got = np.array([d["embedding"] for body in bodies for d in body["data"]])
+    np.testing.assert_allclose(got, bundled_embedder.encode(texts).vectors, atol=1e-5)
+    serve_cluster.delete("batched")
+
+
+def test_four_quarter_gpu_replicas_pack_onto_one_gpu(serve_cluster):
+    import ray
+    from ray import serve
+
+    serve_cluster.deploy(
+        "packed", gpu_fraction=0.25, min_replicas=4, max_replicas=4, replica_cpus=0
+    )
+    assert serve_cluster.replicas("packed") == {"RUNNING": 4}
+    assert ray.available_resources().get("GPU", 0) == pytest.approx(0, abs=1e-6)
+    handle = serve.get_deployment_handle("Embedder", app_name="packed")
+    replies = [handle.describe.remote().result(timeout_s=30) for _ in range(40)]
+    assert len({r["pid"] for r in replies}) > 1  # several replicas answered
+    assert {tuple(r["gpu_ids"]) for r in replies} == {("0",)}  # all on the one card
+    assert {r["node_id"] for r in replies} == {ray.get_runtime_context().get_node_id()}
+    assert all(r["loaded"] and r["device"] == "cpu" for r in replies)  # CPU torch: no CUDA
+
+    # The card is full: one more quarter-GPU task waits instead of running.
+    @ray.remote(num_gpus=0.25, num_cpus=0)
+    def quarter():
+        return "ran"
+
+    pending = quarter.remote()
+    ready, _ = ray.wait([pending], timeout=3)
+    assert ready == []
+    serve_cluster.delete("packed")
+    assert ray.get(pending, timeout=60) == "ran"  # released GPU share goes to the waiting task
+
+
+def test_replica_that_cannot_load_answers_503_with_the_reason(serve_cluster, tmp_path, tiny_qwen3_dir):
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_qwen3_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    url = serve_cluster.deploy("broken", model=str(broken), min_replicas=1)
+    response = httpx.post(f"{url}/v1/embeddings", json={"input": "hello"}, timeout=120)
+    assert response.status_code == 503
+    error = response.json()["error"]
+    assert "failed to load" in error["message"] and str(broken) in error["message"]
+    assert response.headers["Retry-After"]
+    assert httpx.get(f"{url}/health", timeout=10).json()["status"] == "ok"
+    serve_cluster.delete("broken")
+
+
+def test_model_that_is_too_slow_is_a_503_not_a_hang(serve_cluster):
+    url = serve_cluster.deploy("impatient", request_timeout_s=0.5, **QUICK_SCALING)
+    response = httpx.post(f"{url}/v1/embeddings", json={"input": "cold"}, timeout=30)
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "model_timeout"
+    assert int(response.headers["Retry-After"]) >= 1
+    serve_cluster.delete("impatient")
+
+
+def test_serve_run_with_a_missing_model_prints_one_clear_line():
+    # `serve run` builds the app before it starts Ray, so this needs no cluster.
+    result = subprocess.run(
+        [sys.executable, "-m", "ray.serve.scripts", "run", "serve_app:build_app",
+         "model=Qwen/Qwen3-Embedding-0.6B"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert "Qwen/Qwen3-Embedding-0.6B" in result.stderr and "bundled:minilm" in result.stderr
+
+
+def test_serve_config_yaml_is_valid_for_serve_deploy():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve_app.config import AppArgs
+
+    config = yaml.safe_load(open("serve_config.yaml"))
+    schema = ServeDeploySchema.model_validate(config)
+    app = schema.applications[0]
+    assert app.import_path == "serve_app:build_app"
+    AppArgs.model_validate(app.args)  # every arg is a typed setting
+    json.dumps(config)
