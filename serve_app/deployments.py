@@ -10,6 +10,7 @@ texts rather than requests.
 # annotation at run time to turn `key=value` arguments into AppArgs.
 import asyncio
 import logging
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -26,6 +27,7 @@ from serve_app.errors import ModelLoadError, ModelUnavailable, Overloaded
 from serve_app.modelinfo import ModelSpec, resolve_model
 from serve_app.resources import resolve_gpu_fraction, resolve_max_replicas
 from serve_app.service import EmbeddingService
+from serve_app.warmstart import ensure_zygote, preload_for, py_executable
 
 logger = logging.getLogger("ray.serve")
 
@@ -202,14 +204,27 @@ async def _await(response):
 class Ingress:
     """The HTTP front: validation, prompts, chunking; no torch."""
 
-    def __init__(self, embedder: DeploymentHandle, args: dict, spec: dict) -> None:
+    def __init__(
+        self, embedder: DeploymentHandle, args: dict, spec: dict, warm_start: bool = False
+    ) -> None:
         settings = AppArgs.model_validate(args)
+        if warm_start:
+            # Have the zygote import torch now, so the first cold start finds it ready.
+            import os
+
+            ensure_zygote(preload_for(spec["model_type"]), os.getppid())
         app_name = serve.get_replica_context().app_name
         backend = RayBackend(embedder, settings.request_timeout_s, app_name)
         self._service = EmbeddingService(settings, ModelSpec(**spec), backend)
 
     def __serve_build_asgi_app__(self):
         return create_app(self._service)
+
+
+def _warm_start(setting: str, gpu_fraction: float) -> bool:
+    if setting == "auto":
+        return sys.platform == "linux" and gpu_fraction == 0
+    return setting == "on"
 
 
 class StartupError(ModelLoadError, click.ClickException):
@@ -240,8 +255,12 @@ def build_app(args: AppArgs) -> Application:
         "look_back_period_s": args.autoscaling_look_back_s,
         "metrics_interval_s": args.autoscaling_metrics_interval_s,
     }
+    actor_options: dict = {"num_cpus": args.replica_cpus, "num_gpus": gpu}
+    warm = _warm_start(args.warm_start, gpu)
+    if warm:
+        actor_options["runtime_env"] = {"py_executable": py_executable(spec.model_type)}
     embedder = Embedder.options(
-        ray_actor_options={"num_cpus": args.replica_cpus, "num_gpus": gpu},
+        ray_actor_options=actor_options,
         autoscaling_config=autoscaling,
         max_ongoing_requests=args.max_ongoing_requests,
         max_queued_requests=args.max_queued_requests,
@@ -257,4 +276,4 @@ def build_app(args: AppArgs) -> Application:
         ray_actor_options={"num_cpus": 0},
         # The ingress only awaits; let it hold many requests while the model works.
         max_ongoing_requests=max(256, args.max_ongoing_requests * 4),
-    ).bind(embedder, args.model_dump(), asdict(spec))
+    ).bind(embedder, args.model_dump(), asdict(spec), warm)

@@ -38,6 +38,11 @@ def test_scale_from_zero_serves_the_first_request_then_returns_to_zero(
     got = np.array([d.embedding for d in response.data])
     np.testing.assert_allclose(got, bundled_embedder.encode(texts).vectors, atol=1e-5)
     assert serve_cluster.replicas("cold").get("RUNNING") == 1
+    # CPU replicas start warm: forked by the zygote that already imported torch.
+    from ray import serve
+
+    replica = serve.get_deployment_handle("Embedder", app_name="cold").describe.remote().result()
+    assert "--zygote" in _cmdline(_parent_pid(replica["pid"]))
 
     serve_cluster.wait_for(
         lambda: serve_cluster.replicas("cold") == {}, timeout_s=60, what="scale back to zero"
@@ -46,6 +51,16 @@ def test_scale_from_zero_serves_the_first_request_then_returns_to_zero(
     again = client.embeddings.create(model=BUNDLED, input="second cold start")
     assert len(again.data[0].embedding) == 384
     serve_cluster.delete("cold")
+
+
+def _parent_pid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def _cmdline(pid: int) -> str:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().replace(b"\0", b" ").decode()
 
 
 def test_concurrent_requests_are_batched_and_correct(serve_cluster, bundled_embedder):
