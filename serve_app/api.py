@@ -48,6 +48,7 @@ class JSONResponse(Response):
 
 
 async def embeddings(request: Request) -> Response:
+    started = time.perf_counter()
     service: EmbeddingService = request.app.state.service
     body = schemas.parse(schemas.EmbeddingRequest, await read_json(request))
     service.check_model(body.model)
@@ -67,10 +68,12 @@ async def embeddings(request: Request) -> Response:
         "usage": {"prompt_tokens": result.total_tokens, "total_tokens": result.total_tokens},
         "truncated": result.truncated,
     }
-    return JSONResponse(content, headers=_truncation_header(len(result.truncated)))
+    headers = _response_headers(len(result.truncated), started, result.model_ms)
+    return JSONResponse(content, headers=headers)
 
 
 async def similarity(request: Request) -> Response:
+    started = time.perf_counter()
     service: EmbeddingService = request.app.state.service
     body = schemas.parse(schemas.SimilarityRequest, await read_json(request))
     service.check_model(body.model)
@@ -109,7 +112,10 @@ async def similarity(request: Request) -> Response:
         "truncated_left": a.truncated,
         "truncated_right": b.truncated,
     }
-    return JSONResponse(content, headers=_truncation_header(len(a.truncated) + len(b.truncated)))
+    headers = _response_headers(
+        len(a.truncated) + len(b.truncated), started, a.model_ms + b.model_ms
+    )
+    return JSONResponse(content, headers=headers)
 
 
 async def list_models(request: Request) -> Response:
@@ -182,8 +188,14 @@ def _repeat(vectors: np.ndarray, n: int) -> np.ndarray:
     return np.repeat(vectors, n, axis=0) if len(vectors) == 1 and n > 1 else vectors
 
 
-def _truncation_header(count: int) -> dict[str, str]:
-    return {TRUNCATED_HEADER: str(count)}
+def _response_headers(truncated: int, started: float, model_ms: float) -> dict[str, str]:
+    # Server-Timing: forward-pass time and the whole time in this process, so a client
+    # (or browser dev tools) can tell model time from queueing and transport.
+    total_ms = (time.perf_counter() - started) * 1000
+    return {
+        TRUNCATED_HEADER: str(truncated),
+        "Server-Timing": f"model;dur={model_ms:.1f}, ingress;dur={total_ms:.1f}",
+    }
 
 
 async def service_error(request: Request, exc: Exception) -> Response:

@@ -46,6 +46,14 @@ class AppArgs(BaseModel):
     cpu_threads: int | None = Field(
         None, ge=1, description="torch threads on a CPU replica; default: all CPUs."
     )
+    forward_workers: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Forward passes a replica runs at once. Default on a CPU: 2, each with half the "
+            "threads (no core idles at a thread barrier while the HTTP side works); 1 on a GPU."
+        ),
+    )
 
     # --- prompts -----------------------------------------------------------
     instruction_template: str = DEFAULT_INSTRUCTION_TEMPLATE
@@ -65,11 +73,23 @@ class AppArgs(BaseModel):
 
     # --- batching ----------------------------------------------------------
     max_batch_texts: int = Field(
-        64, ge=1, description="Most texts in one dynamic batch (Ray Serve @serve.batch)."
+        128, ge=1, description="Most texts in one dynamic batch (Ray Serve @serve.batch)."
     )
-    batch_wait_timeout_s: float = Field(0.005, ge=0)
-    max_batch_tokens: int = Field(
-        32768, ge=64, description="Most padded tokens in one forward pass."
+    batch_wait_timeout_s: float = Field(
+        0.0,
+        ge=0,
+        description=(
+            "@serve.batch's wait for more requests. 0: none; requests that arrive while "
+            "the model is busy are pooled anyway (serve_app.scheduler)."
+        ),
+    )
+    max_batch_tokens: int | None = Field(
+        None,
+        ge=64,
+        description=(
+            "Most padded tokens in one forward pass; default 1024 on a CPU (small "
+            "passes stay in cache), 32768 on a GPU."
+        ),
     )
 
     # --- Ray Serve: resources and autoscaling ------------------------------

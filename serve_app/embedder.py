@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -33,7 +35,7 @@ class TextEmbedder:
         dtype: str = "auto",
         gpu_fraction: float | None = None,
         cpu_threads: int | None = None,
-        max_batch_tokens: int = 32768,
+        max_batch_tokens: int | None = None,
     ) -> None:
         self.spec = spec
         self.device = _pick_device(device)
@@ -44,9 +46,13 @@ class TextEmbedder:
             torch.set_num_threads(cpu_threads)
         self.dtype = _pick_dtype(dtype, self.device)
         self.max_tokens = min(max_input_tokens, spec.max_tokens)
-        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_tokens = max_batch_tokens or default_batch_tokens(self.device)
 
         self.tokenizer = AutoTokenizer.from_pretrained(spec.source, padding_side=spec.padding_side)
+        # A fast tokenizer is not safe to call from two threads at once ("Already
+        # borrowed"); forward passes are, so only tokenising is serialised.
+        self._tokenizer_lock = threading.Lock()
+        self._thread_state = threading.local()
         self.model = AutoModel.from_pretrained(spec.source, dtype=self.dtype).to(self.device).eval()
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
@@ -58,8 +64,11 @@ class TextEmbedder:
             spec.dimensions, spec.pooling, self.max_tokens,
         )
 
-    def encode(self, texts: list[str]) -> Encoded:
-        """Embed `texts` (prompts already applied), longest first in token-budget batches."""
+    def encode(self, texts: list[str], threads: Callable[[], int] | None = None) -> Encoded:
+        """Embed `texts` (prompts already applied), longest first in token-budget batches.
+
+        `threads`, if given, says before each forward pass how many CPU threads to use.
+        """
         ids, truncated = self.tokenize(texts)
         vectors = np.empty((len(texts), self.spec.dimensions), dtype=np.float32)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
@@ -69,9 +78,19 @@ class TextEmbedder:
             width = len(ids[order[start]])
             rows = max(1, self.max_batch_tokens // max(width, 1))
             chunk = order[start : start + rows]
+            if threads is not None and self.device.type == "cpu":
+                self._use_threads(threads())
             vectors[chunk] = self._forward([ids[i] for i in chunk])
             start += rows
         return Encoded(vectors=vectors, tokens=[len(x) for x in ids], truncated=truncated)
+
+    def _use_threads(self, wanted: int) -> None:
+        # OpenMP thread counts are per calling thread, and a new thread starts from
+        # OMP_NUM_THREADS, which Ray sets to 1; torch.get_num_threads() does not see
+        # that. Setting the count costs ~2 ms on the next pass, so only on a change.
+        if getattr(self._thread_state, "threads", None) != wanted:
+            torch.set_num_threads(wanted)
+            self._thread_state.threads = wanted
 
     def tokenize(self, texts: list[str]) -> tuple[list[list[int]], list[bool]]:
         """Token ids per text, cut to the limit, and whether each was cut."""
@@ -89,10 +108,11 @@ class TextEmbedder:
         return ids, [i in over_set for i in range(len(ids))]
 
     def _encode_ids(self, texts: list[str], max_length: int) -> list[list[int]]:
-        return self.tokenizer(
-            texts, truncation=True, max_length=max_length, padding=False,
-            return_attention_mask=False, return_token_type_ids=False,
-        )["input_ids"]
+        with self._tokenizer_lock:
+            return self.tokenizer(
+                texts, truncation=True, max_length=max_length, padding=False,
+                return_attention_mask=False, return_token_type_ids=False,
+            )["input_ids"]
 
     @torch.inference_mode()
     def _forward(self, rows: list[list[int]]) -> np.ndarray:
@@ -150,6 +170,16 @@ def _pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     return _DTYPES[dtype]
+
+
+def default_batch_tokens(device: torch.device) -> int:
+    """Padded tokens per forward pass: measured best on a 2-core CPU; GPUs want big passes."""
+    return 32768 if device.type == "cuda" else 1024
+
+
+def default_forward_workers(device: torch.device, cpus: int) -> int:
+    """Parallel forward passes per replica: two on a multi-core CPU, one on a GPU."""
+    return 2 if device.type == "cpu" and cpus >= 2 else 1
 
 
 def default_cpu_threads() -> int:

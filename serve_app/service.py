@@ -32,9 +32,12 @@ class Encoded:
     vectors: np.ndarray  # float32, (n, dimensions); unit length when the model normalises
     tokens: list[int]  # tokens fed to the model per text, prompt and special tokens included
     truncated: list[bool]  # whether a text was cut to the token limit
+    model_ms: float = 0.0  # time in the forward pass that produced these (shared by its batch)
 
     def slice(self, start: int, end: int) -> Encoded:
-        return Encoded(self.vectors[start:end], self.tokens[start:end], self.truncated[start:end])
+        return Encoded(
+            self.vectors[start:end], self.tokens[start:end], self.truncated[start:end], self.model_ms
+        )
 
 
 class Backend(Protocol):
@@ -50,6 +53,7 @@ class Embeddings:
     vectors: np.ndarray
     tokens: list[int]
     truncated: list[int]  # indices
+    model_ms: float = 0.0  # slowest forward pass this answer waited for
 
     @property
     def total_tokens(self) -> int:
@@ -108,6 +112,7 @@ class EmbeddingService:
             vectors=truncate(vectors, dimensions)[slots],
             tokens=[tokens[s] for s in slots],
             truncated=[i for i, s in enumerate(slots) if cut[s]],
+            model_ms=max(p.model_ms for p in parts),
         )
 
 
@@ -124,5 +129,10 @@ class LocalBackend:
         return await asyncio.to_thread(self._encode, texts)
 
     def _encode(self, texts: list[str]) -> Encoded:
+        import time
+
         with self._lock:
-            return self.embedder.encode(texts)
+            started = time.perf_counter()
+            encoded = self.embedder.encode(texts)
+        encoded.model_ms = (time.perf_counter() - started) * 1000
+        return encoded

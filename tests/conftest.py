@@ -127,6 +127,15 @@ def serve_cluster():
     import ray
     from ray import serve
 
+    from serve_app.launch import tuned_environment
+
+    # The production mode (HAProxy ingress, Ray's throughput profile); HAProxy's side
+    # listeners on free ports, so a development server on this machine cannot clash.
+    os.environ.update(tuned_environment())
+    os.environ["RAY_SERVE_HAPROXY_STATS_PORT"] = str(free_port())
+    os.environ["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(free_port())
+    # Each test deletes its app; in production an ingress drains 30 s before it stops.
+    os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "1"
     ray.init(
         num_cpus=4,
         num_gpus=1,  # logical only: CPU torch sees no CUDA, Ray still accounts fractions

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import openai
 import pytest
-
 from conftest import BUNDLED, make_service
+
 from serve_app.api import TRUNCATED_HEADER, create_app
 from serve_app.vectors import normalize
 

@@ -9,7 +9,6 @@ import httpx
 import numpy as np
 import openai
 import pytest
-
 from conftest import BUNDLED
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -151,7 +150,8 @@ def test_serve_config_yaml_is_valid_for_serve_deploy():
 
     from serve_app.config import AppArgs
 
-    config = yaml.safe_load(open("serve_config.yaml"))
+    with open("serve_config.yaml") as f:
+        config = yaml.safe_load(f)
     schema = ServeDeploySchema.model_validate(config)
     app = schema.applications[0]
     assert app.import_path == "serve_app:build_app"

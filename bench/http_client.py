@@ -1,0 +1,87 @@
+"""The benchmark's HTTP client, run as its own process as real clients are.
+
+    python bench/http_client.py throughput URL --concurrency 8 --per-request 16 --texts 2000
+    python bench/http_client.py latency URL --requests 25 --offset 0
+
+Prints one JSON object. It asks for base64, as the official openai client does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import orjson
+
+sys.path.insert(0, str(Path(__file__).parent))
+from corpus import sentences, short_texts  # noqa: E402
+
+
+def check(reply: httpx.Response, count: int) -> None:
+    reply.raise_for_status()
+    data = orjson.loads(reply.content)["data"]
+    assert len(data) == count
+    np.frombuffer(base64.b64decode(data[0]["embedding"]), dtype="<f4")
+
+
+async def throughput(url: str, texts: int, per_request: int, concurrency: int) -> dict:
+    corpus = sentences(texts)
+    chunks = [corpus[i : i + per_request] for i in range(0, len(corpus), per_request)]
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+        for chunk in chunks[:concurrency]:  # open the connections
+            check(await client.post("/v1/embeddings", json={"input": chunk[:1], "encoding_format": "base64"}), 1)
+        queue: asyncio.Queue = asyncio.Queue()
+        for chunk in chunks:
+            queue.put_nowait(chunk)
+
+        async def worker() -> None:
+            while not queue.empty():
+                chunk = queue.get_nowait()
+                reply = await client.post("/v1/embeddings", json={"input": chunk, "encoding_format": "base64"})
+                check(reply, len(chunk))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return {"texts_per_s": len(corpus) / (time.perf_counter() - start)}
+
+
+def latency(url: str, requests: int, offset: int) -> dict:
+    texts = short_texts(offset + requests + 5)
+    with httpx.Client(base_url=url, timeout=120) as client:
+        for text in texts[:5]:
+            check(client.post("/v1/embeddings", json={"input": text, "encoding_format": "base64"}), 1)
+        out = []
+        for text in texts[offset + 5 :]:
+            start = time.perf_counter()
+            check(client.post("/v1/embeddings", json={"input": text, "encoding_format": "base64"}), 1)
+            out.append((time.perf_counter() - start) * 1000)
+    return {"ms": out}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("what", choices=["throughput", "latency"])
+    parser.add_argument("url")
+    parser.add_argument("--texts", type=int, default=2000)
+    parser.add_argument("--per-request", type=int, default=16)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=25)
+    parser.add_argument("--offset", type=int, default=0)
+    opts = parser.parse_args()
+    if opts.what == "throughput":
+        result = asyncio.run(throughput(opts.url, opts.texts, opts.per_request, opts.concurrency))
+    else:
+        result = latency(opts.url, opts.requests, opts.offset)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

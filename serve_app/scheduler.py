@@ -1,0 +1,108 @@
+"""Continuous batching behind @serve.batch: no wait when a worker is free, pooling when not.
+
+@serve.batch gathers requests that arrive together, but its wait is fixed: any
+wait costs every lone request (an Excel cell recalculating) that many
+milliseconds. Here the wait is zero; instead, texts that arrive while every
+worker is busy pile up, and the next free worker takes all of them at once,
+sorted by length into cache-sized forward passes.
+
+On a CPU, two workers each run a pass on half the cores; a worker that runs
+alone takes all of them. Thread counts are per calling thread in torch, so each
+worker sets its own before every pass. Each worker is one fixed thread, and a
+lone request always goes to worker 0: another thread's OpenMP team would still
+be spinning from its last pass (measured: +3.4 ms per request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from serve_app.service import Encoded
+
+INLINE_TEXTS = 4
+# encode(texts, threads) -> Encoded; threads() is asked before every forward pass.
+EncodeFn = Callable[[list[str], Callable[[], int]], Encoded]
+
+
+@dataclass
+class _Job:
+    texts: list[str]
+    future: asyncio.Future = field(repr=False)
+
+
+class ForwardScheduler:
+    """Runs encode jobs on `workers` threads; a free worker takes everything pending."""
+
+    def __init__(self, encode: EncodeFn, *, workers: int, cpus: int, max_texts: int) -> None:
+        self._encode = encode
+        self._cpus = cpus
+        self.max_texts = max_texts
+        self._pending: deque[_Job] = deque()
+        self._busy = [False] * workers
+        self._executors = [
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"forward-{i}")
+            for i in range(workers)
+        ]
+        self.batches = 0  # passes started, for tests and metrics
+        self.passes_by_worker = [0] * workers
+
+    async def embed(self, texts: list[str]) -> Encoded:
+        """Embed `texts`, sharing a pass with whatever else is waiting."""
+        if not any(self._busy) and not self._pending and len(texts) <= INLINE_TEXTS:
+            # A lone small request runs right here: no hand-off to a thread and back.
+            self.batches += 1
+            return self._timed(texts)
+        job = _Job(texts, asyncio.get_running_loop().create_future())
+        self._pending.append(job)
+        self._start_free_workers()
+        return await job.future
+
+    def _start_free_workers(self) -> None:
+        while self._pending and not all(self._busy):
+            worker = self._busy.index(False)  # the lowest free one: its threads are warm
+            jobs = [self._pending.popleft()]
+            size = len(jobs[0].texts)
+            while self._pending and size + len(self._pending[0].texts) <= self.max_texts:
+                size += len(self._pending[0].texts)
+                jobs.append(self._pending.popleft())
+            self._busy[worker] = True
+            self.batches += 1
+            self.passes_by_worker[worker] += 1
+            asyncio.get_running_loop().create_task(self._run(worker, jobs))
+
+    def _timed(self, texts: list[str]) -> Encoded:
+        started = time.perf_counter()
+        encoded = self._encode(texts, self._threads)
+        encoded.model_ms = (time.perf_counter() - started) * 1000
+        return encoded
+
+    def _threads(self) -> int:
+        return max(1, self._cpus // max(1, sum(self._busy)))
+
+    async def _run(self, worker: int, jobs: list[_Job]) -> None:
+        texts = [text for job in jobs for text in job.texts]
+        loop = asyncio.get_running_loop()
+        try:
+            encoded = await loop.run_in_executor(self._executors[worker], self._timed, texts)
+        except Exception as exc:  # every caller in the pass hears about it
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+        else:
+            start = 0
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_result(encoded.slice(start, start + len(job.texts)))
+                start += len(job.texts)
+        finally:
+            self._busy[worker] = False
+            self._start_free_workers()
+
+    def shutdown(self) -> None:
+        for executor in self._executors:
+            executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,121 @@
+"""Continuous batching logic, with a stand-in encoder (pure scheduling, no model)."""
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from serve_app.scheduler import INLINE_TEXTS, ForwardScheduler
+from serve_app.service import Encoded
+
+
+class FakeModel:
+    """Encodes text "t<i>" as the vector [i]; records each pass and its thread count."""
+
+    def __init__(self, delay_s: float = 0.0, fail_on: str | None = None) -> None:
+        self.delay_s = delay_s
+        self.fail_on = fail_on
+        self.passes: list[tuple[int, int, str]] = []  # (texts, threads, thread name)
+        self.lock = threading.Lock()
+
+    def encode(self, texts, threads):
+        with self.lock:
+            self.passes.append((len(texts), threads(), threading.current_thread().name))
+        time.sleep(self.delay_s)
+        if self.fail_on in texts:
+            raise RuntimeError("model exploded")
+        vectors = np.array([[float(t[1:])] for t in texts], dtype=np.float32)
+        return Encoded(vectors, [1] * len(texts), [False] * len(texts))
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_a_lone_small_request_runs_inline_with_every_core():
+    model = FakeModel()
+
+    async def go():
+        scheduler = ForwardScheduler(model.encode, workers=2, cpus=4, max_texts=128)
+        result = await scheduler.embed(["t1", "t2"])
+        return scheduler, result
+
+    scheduler, result = run(go())
+    assert result.vectors[:, 0].tolist() == [1.0, 2.0]
+    assert model.passes == [(2, 4, "MainThread")]
+    assert scheduler.passes_by_worker == [0, 0]
+
+
+def test_requests_arriving_while_busy_share_passes_and_keep_their_order():
+    model = FakeModel(delay_s=0.05)
+    texts = [[f"t{10 * j + i}" for i in range(INLINE_TEXTS + 1)] for j in range(10)]
+
+    async def go():
+        scheduler = ForwardScheduler(model.encode, workers=2, cpus=2, max_texts=128)
+        results = await asyncio.gather(*(scheduler.embed(t) for t in texts))
+        return scheduler, results
+
+    scheduler, results = run(go())
+    for job, result in zip(texts, results, strict=True):
+        assert result.vectors[:, 0].tolist() == [float(t[1:]) for t in job]
+    assert len(model.passes) < len(texts)  # pooled
+    assert scheduler.passes_by_worker[0] >= 1 and sum(scheduler.passes_by_worker) == len(model.passes)
+    # Two passes at once split the two cores; a pass running alone has both.
+    assert {threads for _, threads, _ in model.passes} <= {1, 2}
+    assert any(threads == 1 for _, threads, _ in model.passes)
+
+
+def test_a_pass_never_exceeds_max_texts_unless_one_request_is_bigger():
+    model = FakeModel(delay_s=0.02)
+
+    async def go():
+        scheduler = ForwardScheduler(model.encode, workers=1, cpus=1, max_texts=12)
+        await asyncio.gather(*(scheduler.embed([f"t{i}"] * 5) for i in range(6)))
+        await scheduler.embed([f"t{i}" for i in range(30)])  # alone and oversized: one pass
+
+    run(go())
+    sizes = [n for n, _, _ in model.passes]
+    assert all(n <= 12 for n in sizes[:-1]) and sizes[-1] == 30
+
+
+def test_lone_requests_use_worker_zero_whose_threads_are_warm():
+    model = FakeModel(delay_s=0.01)
+
+    async def go():
+        scheduler = ForwardScheduler(model.encode, workers=2, cpus=2, max_texts=128)
+        for i in range(5):
+            await scheduler.embed([f"t{i}"] * (INLINE_TEXTS + 1))
+        return scheduler
+
+    scheduler = run(go())
+    assert scheduler.passes_by_worker == [5, 0]
+
+
+def test_a_failing_pass_fails_its_requests_and_the_scheduler_goes_on():
+    model = FakeModel(delay_s=0.02, fail_on="t666")
+
+    async def go():
+        scheduler = ForwardScheduler(model.encode, workers=1, cpus=1, max_texts=128)
+        big = [f"t{i}" for i in range(INLINE_TEXTS + 1)]
+        outcomes = await asyncio.gather(
+            scheduler.embed(big), scheduler.embed(["t666"] + big), return_exceptions=True
+        )
+        after = await scheduler.embed(["t7"])
+        return outcomes, after
+
+    outcomes, after = run(go())
+    assert any(isinstance(o, RuntimeError) for o in outcomes)
+    assert after.vectors[0, 0] == 7.0
+
+
+def test_inline_failure_is_raised_to_the_caller():
+    model = FakeModel(fail_on="t1")
+
+    async def go():
+        scheduler = ForwardScheduler(model.encode, workers=1, cpus=1, max_texts=8)
+        await scheduler.embed(["t1"])
+
+    with pytest.raises(RuntimeError, match="exploded"):
+        run(go())
