@@ -1,6 +1,7 @@
 """Served against raw, in one run on one machine: throughput, single-text latency, cold start.
 
     python bench/serve_bench.py                       # bundled:minilm, the figures in the README
+    python bench/serve_bench.py --untuned             # plain Ray Serve settings, for comparison
     python bench/serve_bench.py --json bench/results/serve.json
 
 Raw is the same TextEmbedder in this process, no HTTP, no Ray. Served is the
@@ -35,13 +36,15 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=2000)
     parser.add_argument("--per-request", type=int, default=16)
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=3,
+    parser.add_argument("--rounds", type=int, default=5,
                         help="raw and served passes alternate this many times")
     parser.add_argument("--latency-requests", type=int, default=200)
     parser.add_argument("--cold-starts", type=int, default=3)
     parser.add_argument("--port", type=int, default=8123)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra AppArgs setting for the served app (repeatable)")
+    parser.add_argument("--untuned", action="store_true",
+                        help="plain Ray Serve: without the environment python -m serve_app sets")
     parser.add_argument("--ray-env", action="append", default=[], metavar="KEY=VALUE",
                         help="environment for the local Ray cluster the bench starts (repeatable)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
@@ -58,6 +61,10 @@ def main() -> None:
     corpus = sentences(opts.texts)
     singles = short_texts(opts.latency_requests + 20)
     extra = dict(item.split("=", 1) for item in opts.set)
+    if not opts.untuned:
+        from serve_app.launch import tuned_environment
+
+        os.environ.update(tuned_environment())
     os.environ.update(dict(item.split("=", 1) for item in opts.ray_env))
     ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     serve.start(http_options={"host": "127.0.0.1", "port": opts.port})
@@ -80,7 +87,7 @@ def main() -> None:
         ray.shutdown()
     results = {"model": opts.model, "cpus": os.cpu_count(), "texts": opts.texts,
                "raw": raw, "served": served, "cold_start_s": cold, "settings": extra,
-               "ray_env": opts.ray_env}
+               "ray_env": opts.ray_env, "tuned": not opts.untuned}
     report(results)
     if opts.json:
         opts.json.parent.mkdir(parents=True, exist_ok=True)
@@ -117,21 +124,32 @@ def compare(model, url: str, opts, corpus: list[str], singles: list[str]):
         )["texts_per_s"])
         print(f"  round {r + 1}: raw " + ", ".join(f"{k}: {v[-1]:.0f}/s" for k, v in raw_rounds.items())
               + f"; served {served_rounds[-1]:.0f}/s", flush=True)
-    raw_lat, served_lat = [], []
+    raw_lat, served_lat, ingress_ms, model_ms = [], [], [], []
     texts = singles[20:]
     for offset in range(0, len(texts), 25):  # alternate blocks of 25
         for text in texts[offset : offset + 25]:
             start = time.perf_counter()
             model.encode([text])
             raw_lat.append((time.perf_counter() - start) * 1000)
-        served_lat += client("latency", "--requests", "25", "--offset", str(offset))["ms"]
+        block = client("latency", "--requests", "25", "--offset", str(offset))
+        served_lat += block["ms"]
+        ingress_ms += block["ingress_ms"]
+        model_ms += block["model_ms"]
 
     raw_by_size = {size: statistics.median(v) for size, v in raw_rounds.items()}
     raw = {"throughput_by_batch": raw_by_size, "throughput": max(raw_by_size.values()),
            "p50_ms": float(np.percentile(raw_lat, 50)), "p95_ms": float(np.percentile(raw_lat, 95))}
     served = {"throughput": statistics.median(served_rounds), "rounds": served_rounds,
               "p50_ms": float(np.percentile(served_lat, 50)),
-              "p95_ms": float(np.percentile(served_lat, 95))}
+              "p95_ms": float(np.percentile(served_lat, 95)),
+              # Medians of the server's Server-Timing split for the same requests.
+              "split_ms": {
+                  "outside the ingress (client, HAProxy or proxy, HTTP)":
+                      float(np.median(np.array(served_lat) - np.array(ingress_ms))),
+                  "ingress, except the model (validation, handle hop, batching)":
+                      float(np.median(np.array(ingress_ms) - np.array(model_ms))),
+                  "model forward pass": float(np.median(model_ms)),
+              }}
     return raw, served
 
 
@@ -177,6 +195,8 @@ def report(r: dict) -> None:
     print(f"{'':24}{'raw':>10}{'served':>10}  comparison")
     for name, a, b, c in rows:
         print(f"{name:24}{a:>10}{b:>10}  {c}")
+    print("served single text, median split (ms): " + "; ".join(
+        f"{k} {v:.1f}" for k, v in served["split_ms"].items()))
 
 
 if __name__ == "__main__":

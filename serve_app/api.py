@@ -15,11 +15,13 @@ import numpy as np
 import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from serve_app import schemas
+from serve_app.auth import APIKeyMiddleware
 from serve_app.errors import (
     InvalidRequest,
     MethodNotAllowed,
@@ -234,10 +236,11 @@ ROUTES = [
 ]
 
 
-def create_app(service: EmbeddingService) -> Starlette:
-    """The ASGI app over a service (in process or through Ray)."""
+def create_app(service: EmbeddingService, api_key_digests: list[str] | None = None) -> Starlette:
+    """The ASGI app over a service (in process or through Ray); keys, if any, guard /v1."""
     app = Starlette(
         routes=ROUTES,
+        middleware=[Middleware(APIKeyMiddleware, digests=api_key_digests or [])],
         exception_handlers={
             ServiceError: service_error,
             HTTPException: http_error,

@@ -21,6 +21,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.api import create_app
+from serve_app.auth import key_digests_from_env
 from serve_app.config import AppArgs
 from serve_app.errors import ModelLoadError, ModelUnavailable, Overloaded
 from serve_app.modelinfo import ModelSpec, resolve_model
@@ -224,9 +225,15 @@ class Ingress:
     """The HTTP front: validation, prompts, chunking; no torch."""
 
     def __init__(
-        self, embedder: DeploymentHandle, args: dict, spec: dict, warm_start: bool = False
+        self,
+        embedder: DeploymentHandle,
+        args: dict,
+        spec: dict,
+        warm_start: bool = False,
+        api_key_digests: list[str] | None = None,
     ) -> None:
         settings = AppArgs.model_validate(args)
+        self._api_key_digests = api_key_digests or []
         if warm_start:
             # Have the zygote import torch now, so the first cold start finds it ready.
             import os
@@ -237,7 +244,7 @@ class Ingress:
         self._service = EmbeddingService(settings, ModelSpec(**spec), backend)
 
     def __serve_build_asgi_app__(self):
-        return create_app(self._service)
+        return create_app(self._service, self._api_key_digests)
 
 
 def _warm_start(setting: str, gpu_fraction: float) -> bool:
@@ -297,4 +304,4 @@ def build_app(args: AppArgs) -> Application:
         # The ingress only awaits; let it hold many requests while the model works.
         max_ongoing_requests=max(256, args.max_ongoing_requests * 4),
         logging_config=_LOGGING,
-    ).bind(embedder, args.model_dump(), asdict(spec), warm)
+    ).bind(embedder, args.model_dump(), asdict(spec), warm, key_digests_from_env())

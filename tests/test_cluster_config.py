@@ -42,3 +42,14 @@ def test_cluster_serve_config_pins_a_gpu_fraction():
     args = AppArgs.model_validate(schema.applications[0].args)
     # GPU workers start at zero, so auto-detection would see no GPU; the fraction is explicit.
     assert args.gpu_fraction == 0.25
+
+
+def test_every_node_starts_with_the_serve_flags_and_token_auth():
+    from serve_app.launch import FAST_SERVE_ENV
+
+    config = load()
+    for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        start = " ".join(commands)
+        assert "RAY_AUTH_MODE=token" in start
+        for key, value in FAST_SERVE_ENV.items():
+            assert f"{key}={value}" in start
