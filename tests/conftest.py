@@ -148,3 +148,31 @@ def serve_cluster():
     yield ServeCluster(port)
     serve.shutdown()
     ray.shutdown()
+
+
+EXCEL_KEY = "excel-test-key"
+
+
+@pytest.fixture(scope="session")
+def excel_servers(serve_cluster):
+    """Two warm apps for the spreadsheet tests: one open, one that needs EXCEL_KEY."""
+    open_url = serve_cluster.deploy("excel", min_replicas=1)
+    os.environ["EMBED_API_KEYS"] = EXCEL_KEY  # read by build_app, as in production
+    try:
+        keyed_url = serve_cluster.deploy("excel-keyed", min_replicas=1)
+    finally:
+        del os.environ["EMBED_API_KEYS"]
+    yield {"open": open_url, "keyed": keyed_url}
+    serve_cluster.delete("excel")
+    serve_cluster.delete("excel-keyed")
+
+
+@pytest.fixture()
+def sheet_env(monkeypatch, excel_servers):
+    """Formulas pointed at the open app, as EMBED_SERVER_URL would in Excel."""
+    for name in ("EMBED_API_KEY", "EMBED_TIMEOUT_S", "EMBED_INSTRUCTION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("EMBED_SERVER_URL", excel_servers["open"])
+    # No xlwings user config on CI machines; make sure a developer's does not leak in.
+    monkeypatch.setattr("excel_addin.client._xlwings_user_config", lambda: {})
+    return excel_servers

@@ -16,6 +16,10 @@ LIGHT = [
     "serve_app.service",
     "serve_app.deployments",
     "excel_addin",
+    "excel_addin.cells",
+    "excel_addin.client",
+    "excel_addin.udfs",
+    "excel_addin.demo",
 ]
 
 

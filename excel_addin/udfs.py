@@ -1,0 +1,206 @@
+"""The Excel formulas: =EMBED_SIM, =SIM_MATRIX, =SEMANTIC_SEARCH, =EMBED, =EMBED_INFO.
+
+Each is a few lines over client.py (HTTP, cache) and cells.py (what a cell is).
+Ranges arrive as lists of rows (`ndim=2`), error cells as their text
+(`err_to_str=True`). A blank input gives a blank output, an error input gives
+#N/A in its place, and any failure is one readable sentence in the cell.
+Formulas that call the server run in xlwings' threading async mode, so Excel
+stays responsive while a long column computes.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Any
+
+import numpy as np
+import xlwings as xw
+
+from excel_addin.cells import BLANK, Blank, CellError, as_grid, cell_text, flatten, shape
+from excel_addin.client import ServiceError, get_client, load_settings
+
+CATEGORY = "Embeddings"
+
+
+def not_available() -> Any:
+    """Excel's #N/A. On Windows a real error value; elsewhere (tests) its text."""
+    if sys.platform == "win32":
+        try:
+            import pythoncom
+            from win32com.client import VARIANT
+
+            return VARIANT(pythoncom.VT_ERROR, -2146826246)  # xlErrNA
+        except ImportError:
+            pass
+    return "#N/A"
+
+
+def readable(function):
+    """Turn any failure into one sentence for the cell; never a traceback."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except ServiceError as exc:
+            return str(exc)
+        except ValueError as exc:
+            return f"{function.__name__.upper()}: {exc}"
+        except Exception as exc:  # noqa: BLE001 - a cell must never show a traceback
+            return f"{function.__name__.upper()} failed unexpectedly ({type(exc).__name__}: {exc})."
+
+    return wrapper
+
+
+@xw.func(category=CATEGORY, async_mode="threading")
+@xw.arg("a", ndim=2, err_to_str=True, doc="A text cell, or a range of texts (e.g. questions).")
+@xw.arg("b", ndim=2, err_to_str=True, doc="A text cell, or a range of the same shape as a.")
+@xw.arg("instruction", doc="Optional task for the texts in a, e.g. 'Find the clause that answers the question'.")
+@readable
+def embed_sim(a, b, instruction=None):
+    """Cosine similarity of a and b; ranges give one score per cell pair, and one cell compares with each."""
+    left, right = as_grid(a), as_grid(b)
+    rows, cols = _paired_shape(shape(left), shape(right))
+    lefts = [[cell_text(c) for c in row] for row in _broadcast(left, rows, cols)]
+    rights = [[cell_text(c) for c in row] for row in _broadcast(right, rows, cols)]
+    task = _instruction(instruction)
+    if task is None:  # both sides plain: one set of distinct texts, one round of requests
+        queries = documents = _vectors_of(flatten(lefts) + flatten(rights), None)
+    else:
+        queries = _vectors_of(flatten(lefts), task)
+        documents = _vectors_of(flatten(rights), None)
+    result = [
+        [_score(lefts[i][j], rights[i][j], queries, documents) for j in range(cols)]
+        for i in range(rows)
+    ]
+    return _single_or_grid(result)
+
+
+@xw.func(category=CATEGORY, async_mode="threading")
+@xw.arg("range1", ndim=2, err_to_str=True, doc="Texts for the rows (e.g. questions).")
+@xw.arg("range2", ndim=2, err_to_str=True, doc="Texts for the columns (e.g. clauses).")
+@xw.arg("instruction", doc="Optional task for the texts in range1.")
+@readable
+def sim_matrix(range1, range2, instruction=None):
+    """All-pairs cosine similarity: one row per text of range1, one column per text of range2."""
+    rows = [cell_text(c) for c in flatten(as_grid(range1))]
+    cols = [cell_text(c) for c in flatten(as_grid(range2))]
+    task = _instruction(instruction)
+    if task is None:
+        row_vectors = col_vectors = _vectors_of(rows + cols, None)
+    else:
+        row_vectors = _vectors_of(rows, task)
+        col_vectors = _vectors_of(cols, None)
+    return [[_score(r, c, row_vectors, col_vectors) for c in cols] for r in rows]
+
+
+@xw.func(category=CATEGORY, async_mode="threading")
+@xw.arg("query", doc="The question to search for.")
+@xw.arg("candidates", ndim=2, err_to_str=True, doc="The range of texts to search.")
+@xw.arg("k", doc="How many results (default 5).")
+@xw.arg("instruction", doc="Optional task for the query, e.g. 'Find the support article that resolves it'.")
+@readable
+def semantic_search(query, candidates, k=5, instruction=None):
+    """The k candidates most similar to query, best first, as rows of (text, score)."""
+    top = 5 if k in (None, "") else _whole_number(k, "k", low=1, high=10_000)
+    question = cell_text(query)
+    if isinstance(question, Blank):
+        return None
+    if isinstance(question, CellError):
+        return not_available()
+    texts = [t for t in dict.fromkeys(cell_text(c) for c in flatten(as_grid(candidates))) if isinstance(t, str)]
+    if not texts:
+        raise ValueError("the candidates range holds no text.")
+    query_vector = _vectors_of([question], _instruction(instruction))[question]
+    documents = _vectors_of(texts, None)
+    scores = np.array([float(documents[t] @ query_vector) for t in texts])
+    order = np.argsort(-scores, kind="stable")[:top]
+    return [[texts[i], float(scores[i])] for i in order]
+
+
+@xw.func(category=CATEGORY, async_mode="threading")
+@xw.arg("text", ndim=2, err_to_str=True, doc="A text cell, or a column of texts (one vector row each).")
+@xw.arg("dimensions", doc="Optional: keep the first N dimensions (Matryoshka), re-normalised.")
+@xw.arg("instruction", doc="Optional task, for query embeddings.")
+@readable
+def embed(text, dimensions=None, instruction=None):
+    """The embedding vector of each text, as a row of numbers."""
+    width = None if dimensions in (None, "") else _whole_number(dimensions, "dimensions", 1, 100_000)
+    cells = [cell_text(c) for c in flatten(as_grid(text))]
+    vectors = _vectors_of(cells, _instruction(instruction), width)
+    sample = next((v for v in vectors.values()), None)
+    size = len(sample) if sample is not None else 1
+    rows = []
+    for cell in cells:
+        if isinstance(cell, Blank):
+            rows.append([None] * size)
+        elif isinstance(cell, CellError):
+            rows.append([not_available()] * size)
+        else:
+            rows.append([float(x) for x in vectors[cell]])
+    return rows[0] if len(rows) == 1 else rows
+
+
+@xw.func(category=CATEGORY)
+@readable
+def embed_info():
+    """The embedding server, model and dimension in use, or why the server cannot be reached."""
+    client = get_client()
+    info = client.info()
+    return f"{client.settings.server_url} · {info['model']} · {info['dimensions']} dimensions"
+
+
+# --- helpers --------------------------------------------------------------------------
+
+
+def _instruction(instruction) -> str | None:
+    """The formula's instruction, else EMBED_INSTRUCTION, else none."""
+    text = cell_text(instruction) if instruction is not None else BLANK
+    if isinstance(text, str):
+        return text
+    return load_settings().instruction
+
+
+def _vectors_of(cells: list, task: str | None, dimensions: int | None = None) -> dict[str, np.ndarray]:
+    """Vectors for the text cells among `cells` (blanks and errors cost nothing)."""
+    wanted = [c for c in cells if isinstance(c, str)]
+    if not wanted:
+        return {}
+    return get_client().vectors(wanted, task, dimensions)
+
+
+def _score(a, b, left: dict, right: dict):
+    if isinstance(a, CellError) or isinstance(b, CellError):
+        return not_available()
+    if isinstance(a, Blank) or isinstance(b, Blank):
+        return None
+    return float(np.clip(left[a] @ right[b], -1.0, 1.0))
+
+
+def _paired_shape(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
+    if a == b or b == (1, 1):
+        return a
+    if a == (1, 1):
+        return b
+    raise ValueError(
+        f"a and b must have the same shape, or one must be a single cell; got {a[0]}x{a[1]} and {b[0]}x{b[1]}."
+    )
+
+
+def _broadcast(grid, rows: int, cols: int):
+    return grid if shape(grid) == (rows, cols) else [[grid[0][0]] * cols for _ in range(rows)]
+
+
+def _single_or_grid(grid):
+    return grid[0][0] if shape(grid) == (1, 1) else grid
+
+
+def _whole_number(value, name: str, low: int, high: int) -> int:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a whole number, not '{value}'.") from None
+    if number != int(number) or not low <= number <= high:
+        raise ValueError(f"{name} must be a whole number from {low} to {high}, not {value}.")
+    return int(number)
