@@ -68,8 +68,23 @@ class AppArgs(BaseModel):
 
     # --- request limits ----------------------------------------------------
     max_inputs_per_request: int = Field(2048, ge=1)
+    max_input_chars: int = Field(
+        100_000, ge=1, description="Longest text accepted, in characters (400 beyond it)."
+    )
     max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     min_dimensions: int = Field(32, ge=1)
+
+    # --- the shared cache, access, logs ------------------------------------
+    cache_max_mb: int = Field(
+        256, ge=0, description="Ingress embedding cache, shared by all clients; 0 turns it off."
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Browser origins allowed to call the API (CORS); none by default.",
+    )
+    log_requests: bool = Field(
+        True, description="One log line per request: id, route, status, texts, ms; never the text."
+    )
 
     # --- batching ----------------------------------------------------------
     max_batch_texts: int = Field(
@@ -142,6 +157,14 @@ class AppArgs(BaseModel):
             return json.loads(value) if value.strip() else {}
         return value
 
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origins_from_text(cls, value: Any) -> Any:
+        # `python -m serve_app cors_origins=https://a.example,https://b.example`
+        if isinstance(value, str):
+            return [o.strip() for o in value.split(",") if o.strip()]
+        return value
+
     @field_validator("instruction_template")
     @classmethod
     def _template_has_slot(cls, value: str) -> str:
@@ -161,3 +184,14 @@ class AppArgs(BaseModel):
     def model_id(self) -> str:
         """The id the API publishes and expects in `model`."""
         return self.served_model_name or self.model
+
+
+def config_args(path: str, overrides: dict[str, Any] | None = None) -> AppArgs:
+    """The `args:` of the first application in a Ray Serve config file, plus overrides."""
+    from pathlib import Path
+
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    apps = data.get("applications") or [{}]
+    return AppArgs.model_validate({**(apps[0].get("args") or {}), **(overrides or {})})

@@ -64,6 +64,19 @@ class TextEmbedder:
             spec.dimensions, spec.pooling, self.max_tokens,
         )
 
+    @classmethod
+    def from_settings(cls, spec: ModelSpec, settings, gpu_fraction: float, cpu_threads: int):
+        """The embedder an `AppArgs` describes: the service's replicas and the batch job's actors."""
+        return cls(
+            spec,
+            max_input_tokens=settings.max_input_tokens,
+            device=settings.device,
+            dtype=settings.dtype,
+            gpu_fraction=gpu_fraction,
+            cpu_threads=cpu_threads,
+            max_batch_tokens=settings.max_batch_tokens,
+        )
+
     def encode(self, texts: list[str], threads: Callable[[], int] | None = None) -> Encoded:
         """Embed `texts` (prompts already applied), longest first in token-budget batches.
 

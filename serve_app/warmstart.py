@@ -49,6 +49,13 @@ def preload_for(model_type: str) -> str:
     return ",".join([*PRELOAD, f"transformers.models.{model_type}.modeling_{model_type}"])
 
 
+def warm_start_enabled(setting: str, gpu_fraction: float) -> bool:
+    """auto: on for CPU workers on Linux; GPU workers stay off until verified on a GPU."""
+    if setting == "auto":
+        return sys.platform == "linux" and gpu_fraction == 0
+    return setting == "on"
+
+
 def py_executable(model_type: str) -> str:
     """The runtime_env `py_executable` that starts workers through the launcher."""
     return f"{sys.executable} -m serve_app.warmstart --preload={preload_for(model_type)}"

@@ -1,0 +1,173 @@
+"""Command line of the batch job: `python -m serve_app.batch {embed,similarity,search} ...`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from serve_app.batch.tables import JobInputError, JobStopped
+from serve_app.config import AppArgs, config_args
+from serve_app.errors import ModelLoadError, ServiceError
+
+
+def parser() -> argparse.ArgumentParser:
+    """The job's arguments, with the help text `--help` prints."""
+    top = argparse.ArgumentParser(
+        prog="python -m serve_app.batch",
+        description="Embed, compare or search CSV/XLSX/Parquet tables on a Ray cluster.",
+    )
+    commands = top.add_subparsers(dest="command", required=True)
+
+    embed = commands.add_parser("embed", help="add an 'embedding' column (Parquet output)")
+    embed.add_argument("--input", required=True, help="a .csv/.xlsx/.parquet file or a folder of them")
+    embed.add_argument("--column", required=True, help="the column to embed")
+    embed.add_argument("--output", required=True, help="the .parquet file to write")
+
+    sim = commands.add_parser("similarity", help="add a 'similarity' column: cosine of two columns")
+    sim.add_argument("--input", required=True, help="a .csv/.xlsx/.parquet file or a folder of them")
+    sim.add_argument("--left", required=True, help="the column the instruction applies to (queries)")
+    sim.add_argument("--right", required=True, help="the column compared with it (documents)")
+    sim.add_argument("--output", required=True, help=".xlsx, .csv or .parquet, by extension")
+
+    search = commands.add_parser("search", help="the k best corpus rows for each query")
+    search.add_argument("--queries", required=True)
+    search.add_argument("--query-column", required=True)
+    search.add_argument("--corpus", required=True)
+    search.add_argument("--corpus-column", required=True)
+    search.add_argument("--k", type=int, default=5)
+    search.add_argument("--output", required=True, help=".xlsx, .csv or .parquet, by extension")
+
+    for command in (embed, sim, search):
+        group = command.add_argument_group("model and resources")
+        group.add_argument("--config", help="take model settings from this Ray Serve config (serve_config.yaml)")
+        group.add_argument("--model", help="default: the service's (Qwen/Qwen3-Embedding-0.6B); offline: bundled:minilm")
+        group.add_argument("--instruction", help="task instruction for query-side texts (Qwen3 'Instruct: ...')")
+        group.add_argument("--prompt-name", help="query, document or a task named in the config")
+        group.add_argument("--dimensions", type=int, help="Matryoshka dimensions (truncate, re-normalise)")
+        group.add_argument("--max-input-tokens", type=int)
+        group.add_argument("--gpu-fraction", type=float, help="GPU share per actor; default as the service")
+        group.add_argument("--actors", type=int, help="model actors; default one per node (CPU) or per GPU share")
+        group.add_argument("--batch-size", type=int, default=256, help="rows per model call (default 256)")
+        group.add_argument("--sheet", help="worksheet of .xlsx inputs; default the first")
+    return top
+
+
+def settings(opts: argparse.Namespace) -> AppArgs:
+    """The model settings: the config file's, then the flags given."""
+    overrides = {
+        key: value
+        for key, value in {
+            "model": opts.model,
+            "max_input_tokens": opts.max_input_tokens,
+            "gpu_fraction": opts.gpu_fraction,
+        }.items()
+        if value is not None
+    }
+    if opts.config:
+        return config_args(opts.config, overrides)
+    return AppArgs.model_validate(overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        rows, output, timing = run(opts)
+    except (JobInputError, ModelLoadError, ServiceError, JobStopped, ValueError) as exc:
+        print(f"error: {_message(exc)}", file=sys.stderr)
+        return 2
+    work = timing["work_s"]
+    print(
+        f"Wrote {rows} rows to {output}: Ray start-up {timing['ray_start_s']:.1f} s, "
+        f"embedding and writing {work:.1f} s ({rows / max(work, 1e-9):.1f} rows/s)."
+    )
+    return 0
+
+
+def run(opts: argparse.Namespace) -> tuple[int, str, dict[str, float]]:
+    """Check the arguments and the model, then run the command on Ray."""
+    from serve_app.batch.job import JobOptions, run_embed, run_search, run_similarity
+    from serve_app.modelinfo import resolve_model
+
+    output = _absolute_output(opts.output)
+    _check_inputs(opts, output)
+    args = settings(opts)
+    resolve_model(args.model)  # a model that cannot load fails here, before Ray starts work
+    if opts.batch_size < 1:
+        raise JobInputError(f"--batch-size must be at least 1, not {opts.batch_size}.")
+    job = JobOptions(
+        args=args,
+        instruction=opts.instruction,
+        prompt_name=opts.prompt_name,
+        dimensions=_dimensions(opts.dimensions, args),
+        batch_size=opts.batch_size,
+        actors=opts.actors,
+        sheet=opts.sheet,
+    )
+    import ray
+
+    started = time.perf_counter()
+    ray.init(logging_level=logging.WARNING, configure_logging=False)
+    ray_start_s = time.perf_counter() - started
+    started = time.perf_counter()
+    if opts.command == "embed":
+        rows = run_embed(opts.input, opts.column, output, job)
+    elif opts.command == "similarity":
+        rows = run_similarity(opts.input, opts.left, opts.right, output, job)
+    else:
+        rows = run_search(opts.queries, opts.query_column, opts.corpus, opts.corpus_column,
+                          opts.k, output, job)
+    return rows, output, {"ray_start_s": ray_start_s, "work_s": time.perf_counter() - started}
+
+
+def _check_inputs(opts: argparse.Namespace, output: str) -> None:
+    """Everything that can be wrong with the files, found before Ray starts."""
+    from serve_app.batch.tables import input_files, output_format, require_columns
+
+    output_format(output, ("parquet",) if opts.command == "embed" else ("csv", "xlsx", "parquet"))
+    if opts.command == "search":
+        if opts.k < 1:
+            raise JobInputError(f"--k must be at least 1, not {opts.k}.")
+        checks = [(opts.queries, [opts.query_column]), (opts.corpus, [opts.corpus_column])]
+    elif opts.command == "similarity":
+        checks = [(opts.input, [opts.left, opts.right])]
+    else:
+        checks = [(opts.input, [opts.column])]
+    for path, columns in checks:
+        files, fmt = input_files(path)
+        require_columns(files, fmt, columns, opts.sheet)
+
+
+def _dimensions(dimensions: int | None, args: AppArgs) -> int | None:
+    if dimensions is None:
+        return None
+    from serve_app.modelinfo import resolve_model
+
+    full = resolve_model(args.model).dimensions
+    if not args.min_dimensions <= dimensions <= full:
+        raise JobInputError(
+            f"--dimensions must be between {args.min_dimensions} and {full} for {args.model}, not {dimensions}."
+        )
+    return dimensions
+
+
+def _absolute_output(path: str) -> str:
+    """An absolute output path; a relative one inside a job's uploaded working dir would vanish."""
+    if not os.path.isabs(path) and "runtime_resources" in os.getcwd():
+        raise JobInputError(
+            f"Give --output as an absolute path (for example $PWD/{path}): this job runs in a "
+            "temporary copy of the working directory, which Ray deletes afterwards."
+        )
+    return str(Path(path).expanduser().resolve())
+
+
+def _message(exc: Exception) -> str:
+    return getattr(exc, "message", None) or str(exc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""Reading the tables a job is given and writing its output atomically.
+
+Inputs are CSV, XLSX or Parquet files, or a folder of such files (all one
+format). Outputs are written to a hidden temporary file beside the target and
+renamed into place only once complete, so a failed or stopped job never leaves
+a half-written file under the output's name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from excel_addin.cells import Blank, CellError, cell_text
+
+FORMATS = {".csv": "csv", ".xlsx": "xlsx", ".parquet": "parquet"}
+
+
+class JobInputError(Exception):
+    """Input the job cannot use: the message is the sentence the user reads."""
+
+
+def input_files(path: str | Path) -> tuple[list[Path], str]:
+    """The files behind `path` (a file, or a folder of one format) and that format."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in FORMATS and not p.name.startswith("."))
+        if not files:
+            raise JobInputError(
+                f"The folder {path} holds no .csv, .xlsx or .parquet file."
+            )
+    elif path.is_file():
+        files = [path]
+    else:
+        raise JobInputError(f"The input {path} does not exist (or is not readable from this node).")
+    formats = {FORMATS.get(p.suffix.lower()) for p in files}
+    if None in formats:
+        raise JobInputError(
+            f"Cannot read {files[0]}: input files must end in .csv, .xlsx or .parquet."
+        )
+    if len(formats) > 1:
+        raise JobInputError(f"The folder {path} mixes formats ({', '.join(sorted(formats))}); use one.")
+    return files, formats.pop()
+
+
+def output_format(path: str | Path, allowed: tuple[str, ...]) -> str:
+    """The output format its extension names, if the command can write it."""
+    fmt = FORMATS.get(Path(path).suffix.lower())
+    if fmt not in allowed:
+        wanted = ", ".join(f".{a}" for a in allowed)
+        raise JobInputError(f"The output {path} must end in {wanted}.")
+    return fmt
+
+
+def column_names(file: Path, fmt: str, sheet: str | None = None) -> list[str]:
+    """The header of one input file, read without loading its rows."""
+    try:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            return list(pq.read_schema(file).names)
+        if fmt == "csv":
+            import pandas as pd
+
+            return [str(c) for c in pd.read_csv(file, nrows=0).columns]
+        return [str(c) for c in read_xlsx(file, sheet, nrows=0).columns]
+    except JobInputError:
+        raise
+    except Exception as exc:
+        raise JobInputError(f"Cannot read {file} as {fmt.upper()}: {exc}") from exc
+
+
+def require_columns(files: list[Path], fmt: str, wanted: list[str], sheet: str | None = None) -> None:
+    """Fail at once, listing the columns a file has, when one it needs is missing."""
+    for file in files:
+        have = column_names(file, fmt, sheet)
+        missing = [c for c in wanted if c not in have]
+        if missing:
+            raise JobInputError(
+                f"{file.name} has no column {', '.join(repr(m) for m in missing)}. "
+                f"Its columns are: {', '.join(repr(h) for h in have)}."
+            )
+
+
+def read_xlsx(file: Path, sheet: str | None, nrows: int | None = None):
+    """One sheet of a workbook (the first unless named) as a pandas frame."""
+    import pandas as pd
+
+    try:
+        return pd.read_excel(file, sheet_name=sheet or 0, nrows=nrows, engine="openpyxl")
+    except ValueError as exc:
+        if sheet and "not found" in str(exc).lower():
+            import openpyxl
+
+            names = openpyxl.load_workbook(file, read_only=True).sheetnames
+            raise JobInputError(
+                f"{file.name} has no sheet {sheet!r}. Its sheets are: {', '.join(map(repr, names))}."
+            ) from exc
+        raise
+
+
+def text_or_none(value: Any) -> str | None:
+    """What a table cell embeds as: its text (numbers and dates as shown), None when blank."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    with contextlib.suppress(TypeError, ValueError):
+        import pandas as pd
+
+        if pd.isna(value):
+            return None
+    if hasattr(value, "to_pydatetime"):  # pandas Timestamp
+        value = value.to_pydatetime()
+    cell = cell_text(value)
+    if isinstance(cell, Blank | CellError):
+        return None
+    return cell
+
+
+def texts_of(column: pa.ChunkedArray | pa.Array) -> list[str | None]:
+    """A column's cells as texts, blanks as None."""
+    return [text_or_none(v) for v in column.to_pylist()]
+
+
+@contextlib.contextmanager
+def atomic_output(target: str | Path) -> Iterator[Path]:
+    """A temporary path beside `target`, renamed onto it only if the block succeeds.
+
+    SIGTERM (what `ray job stop` sends first) is turned into an exception so the
+    temporary file is removed on the way out.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.stem}.partial-{os.getpid()}{target.suffix}")
+    previous = _raise_on_sigterm()
+    try:
+        yield temporary
+        os.replace(temporary, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class JobStopped(Exception):
+    """The job was asked to stop (SIGTERM)."""
+
+
+def _raise_on_sigterm():
+    def stop(_signum, _frame):
+        raise JobStopped("The job was stopped before it finished; no output was written.")
+
+    try:
+        return signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave signals alone
+        return None
+
+
+def write_table(table: pa.Table, path: Path, fmt: str) -> None:
+    """Write `table` in `fmt` to `path` (already a temporary path)."""
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, path)
+    elif fmt == "csv":
+        from pyarrow import csv
+
+        csv.write_csv(table, path)  # keeps integer columns with nulls as integers
+    else:
+        import pandas as pd
+
+        # Nullable integers stay integers in the sheet (rank 1, not 1.0).
+        nullable = {pa.int64(): pd.Int64Dtype(), pa.int32(): pd.Int32Dtype()}
+        table.to_pandas(types_mapper=nullable.get).to_excel(path, index=False, engine="openpyxl")

@@ -1,0 +1,229 @@
+"""`python -m serve_app.batch` submitted as a Ray job to a local head, as a user submits it."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from conftest import BUNDLED, free_port
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+FINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+class RayHead:
+    """`ray start --head` in a temporary directory, with the job API on a free port."""
+
+    def __init__(self, temp_dir: Path) -> None:
+        self.dashboard_port = free_port()
+        # A local test cluster without token authentication (Ray 2.60 turns it on);
+        # the README shows the token-authenticated way for shared clusters.
+        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+        command = [
+            str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
+            f"--port={free_port()}", f"--dashboard-port={self.dashboard_port}",
+            "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+            f"--ray-client-server-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            "--num-cpus=2", "--num-gpus=0", "--object-store-memory=400000000",
+            f"--temp-dir={temp_dir}", "--disable-usage-stats",
+        ]
+        # Its own process group: Ray's daemons stay in it, so teardown stops exactly this
+        # cluster (`ray stop` would also stop the session's Serve cluster).
+        self.process = subprocess.Popen(
+            command, env=self.env, start_new_session=True,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        self.client = self._connect()
+
+    def _connect(self):
+        from ray.job_submission import JobSubmissionClient
+
+        os.environ["RAY_AUTH_MODE"] = "disabled"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                return JobSubmissionClient(f"http://127.0.0.1:{self.dashboard_port}")
+            except Exception:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise
+                time.sleep(1)
+
+    def submit(self, *args: str, working_dir: bool = False) -> str:
+        runtime_env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}}
+        if working_dir:
+            runtime_env["working_dir"] = str(REPO)
+        entrypoint = " ".join(["python", "-m", "serve_app.batch", *args, "--model", BUNDLED])
+        return self.client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+
+    def wait(self, job_id: str, timeout_s: float = 240) -> str:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            status = str(self.client.get_job_status(job_id)).split(".")[-1]
+            if status in FINAL:
+                return status
+            time.sleep(0.5)
+        self.client.stop_job(job_id)
+        raise AssertionError(f"job {job_id} did not finish within {timeout_s} s")
+
+    def logs(self, job_id: str) -> str:
+        return self.client.get_job_logs(job_id)
+
+    def stop(self) -> None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+        for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.process.wait(wait_s)
+            except subprocess.TimeoutExpired:
+                continue
+        # Daemons may outlive the launcher for a moment; the group signal reached them.
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    head = RayHead(tmp_path_factory.mktemp("ray-head"))
+    yield head
+    head.stop()
+
+
+def rows_frame() -> pd.DataFrame:
+    """A sheet as analysts have them: blanks, whitespace, numbers, dates, Chinese, repeats."""
+    return pd.DataFrame({
+        "id": list(range(8)),
+        "question": [
+            "How do I reset my password?", "", "   ", "合同终止的条件是什么？", "1024",
+            "How do I reset my password?", "The tenant must pay the monthly rent.", "007",
+        ],
+        "doc": [
+            "Steps to reset a forgotten password", "unused", "unused", "任何一方可提前三十天书面通知终止本合同。",
+            "a number", "Quarterly tax filing deadline", "Rent is due on the first day of each month.", "James Bond",
+        ],
+    })
+
+
+def direct(bundled_embedder, texts: list[str]) -> np.ndarray:
+    return bundled_embedder.encode(texts).vectors
+
+
+def test_embed_csv_job_with_working_dir_matches_direct_computation(ray_head, tmp_path, bundled_embedder):
+    frame = rows_frame()
+    frame.to_csv(tmp_path / "rows.csv", index=False)
+    output = tmp_path / "out" / "embedded.parquet"
+    job = ray_head.submit("embed", "--input", str(tmp_path / "rows.csv"), "--column", "question",
+                          "--output", str(output), working_dir=True)
+    assert ray_head.wait(job) == "SUCCEEDED", ray_head.logs(job)[-3000:]
+    logs = ray_head.logs(job)
+    assert "Running Dataset" in logs or "Dataset" in logs  # Ray Data's progress is in the job log
+    assert "Wrote 8 rows" in logs
+
+    table = pq.read_table(output)
+    assert table.column_names == ["id", "question", "doc", "embedding"]
+    assert table["id"].to_pylist() == list(range(8))  # order kept
+    # Text columns are read verbatim: "007" stays "007", it is not the number 7.
+    assert table["question"].to_pylist()[7] == "007"
+    embeddings = table["embedding"].to_pylist()
+    assert embeddings[1] is None and embeddings[2] is None  # blank and whitespace rows
+    wanted = [i for i in range(8) if i not in (1, 2)]
+    expected = direct(bundled_embedder, [frame["question"][i] for i in wanted])
+    for row, vector in zip(wanted, expected, strict=True):
+        got = np.asarray(embeddings[row], dtype=np.float32)
+        assert got.shape == (384,)
+        assert float(got @ vector) >= 0.9999, row
+
+    # Rerunning gives the same file.
+    first = hashlib.sha256(output.read_bytes()).hexdigest()
+    again = ray_head.submit("embed", "--input", str(tmp_path / "rows.csv"), "--column", "question",
+                            "--output", str(output))
+    assert ray_head.wait(again) == "SUCCEEDED", ray_head.logs(again)[-3000:]
+    assert hashlib.sha256(output.read_bytes()).hexdigest() == first
+    assert sorted(p.name for p in output.parent.iterdir()) == ["embedded.parquet"]
+
+
+def test_similarity_xlsx_round_trip(ray_head, tmp_path, bundled_embedder):
+    frame = rows_frame()
+    frame["question"] = frame["question"].astype(object)
+    frame.loc[4, "question"] = 1024  # a number cell
+    frame["when"] = [dt.datetime(2024, 1, d + 1) for d in range(8)]
+    frame.to_excel(tmp_path / "pairs.xlsx", index=False, sheet_name="Pairs")
+    output = tmp_path / "scored.xlsx"
+    job = ray_head.submit("similarity", "--input", str(tmp_path / "pairs.xlsx"), "--left", "question",
+                          "--right", "doc", "--output", str(output))
+    assert ray_head.wait(job) == "SUCCEEDED", ray_head.logs(job)[-3000:]
+
+    scored = pd.read_excel(output)
+    assert list(scored.columns) == ["id", "question", "doc", "when", "similarity"]
+    assert scored["id"].tolist() == list(range(8))
+    assert scored["similarity"].isna().tolist() == [False, True, True, False, False, False, False, False]
+    left = [str(frame["question"][i]) for i in range(8) if i not in (1, 2)]
+    right = [frame["doc"][i] for i in range(8) if i not in (1, 2)]
+    expected = np.sum(direct(bundled_embedder, left) * direct(bundled_embedder, right), axis=1)
+    got = scored["similarity"].dropna().to_numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert got[0] > got[4]  # password question vs reset steps beats it vs tax deadline
+
+
+def test_search_returns_the_best_rows_first(ray_head, tmp_path, bundled_embedder):
+    frame = rows_frame()
+    frame[["id", "doc"]].to_parquet(tmp_path / "corpus.parquet")
+    pd.DataFrame({"q": ["forgot my password", "", "when is rent due"]}).to_csv(tmp_path / "q.csv", index=False)
+    output = tmp_path / "hits.csv"
+    job = ray_head.submit("search", "--queries", str(tmp_path / "q.csv"), "--query-column", "q",
+                          "--corpus", str(tmp_path / "corpus.parquet"), "--corpus-column", "doc",
+                          "--k", "2", "--output", str(output))
+    assert ray_head.wait(job) == "SUCCEEDED", ray_head.logs(job)[-3000:]
+
+    hits = pd.read_csv(output)
+    assert list(hits.columns) == ["q", "rank", "score", "corpus_row", "corpus_id", "corpus_doc"]
+    assert len(hits) == 2 + 1 + 2  # a blank query keeps one row, with no match
+    assert hits["corpus_doc"][0] == "Steps to reset a forgotten password"
+    assert hits["corpus_doc"][3] == "Rent is due on the first day of each month."
+    assert hits["rank"].tolist()[:2] == [1, 2] and hits["score"][0] >= hits["score"][1]
+    assert pd.isna(hits["rank"][2])
+
+
+def test_missing_column_fails_with_the_columns_it_has_and_writes_nothing(ray_head, tmp_path):
+    rows_frame().to_csv(tmp_path / "rows.csv", index=False)
+    output = tmp_path / "never.parquet"
+    job = ray_head.submit("embed", "--input", str(tmp_path / "rows.csv"), "--column", "Question",
+                          "--output", str(output))
+    assert ray_head.wait(job, timeout_s=120) == "FAILED"
+    logs = ray_head.logs(job)
+    assert "rows.csv has no column 'Question'. Its columns are: 'id', 'question', 'doc'." in logs
+    assert "Traceback" not in logs
+    assert list(tmp_path.iterdir()) == [tmp_path / "rows.csv"]
+
+
+def test_stopped_job_leaves_no_output(ray_head, tmp_path):
+    sys.path.insert(0, str(REPO / "bench"))
+    from corpus import sentences
+
+    pd.DataFrame({"text": sentences(6000, seed=3)}).to_parquet(tmp_path / "big.parquet")
+    output = tmp_path / "big-out.parquet"
+    job = ray_head.submit("embed", "--input", str(tmp_path / "big.parquet"), "--column", "text",
+                          "--output", str(output))
+    deadline = time.monotonic() + 120
+    while "Running Dataset" not in ray_head.logs(job):  # stop it mid-way, rows in flight
+        assert time.monotonic() < deadline, ray_head.logs(job)[-2000:]
+        time.sleep(0.5)
+    time.sleep(3)
+    assert str(ray_head.client.get_job_status(job)).endswith("RUNNING")
+    ray_head.client.stop_job(job)
+    assert ray_head.wait(job, timeout_s=60) == "STOPPED"
+    time.sleep(1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.parquet"]

@@ -1,0 +1,130 @@
+"""The batch job's table handling without Ray: cells, inputs, atomic output, top-k."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from serve_app.batch.__main__ import main
+from serve_app.batch.job import top_k
+from serve_app.batch.tables import (
+    JobInputError,
+    atomic_output,
+    input_files,
+    output_format,
+    require_columns,
+    text_or_none,
+)
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        ("Refund policy", "Refund policy"),
+        ("", None),
+        ("  \t", None),
+        (None, None),
+        (math.nan, None),
+        (pd.NA, None),
+        (pd.NaT, None),
+        (1024, "1024"),
+        (1024.0, "1024"),
+        (np.int64(7), "7"),
+        (0.5, "0.5"),
+        (True, "TRUE"),
+        (dt.datetime(2024, 3, 1), "2024-03-01"),
+        (pd.Timestamp("2024-03-01 14:30"), "2024-03-01 14:30:00"),
+        ("合同", "合同"),
+    ],
+)
+def test_cells_become_the_text_a_sheet_shows(value, text):
+    assert text_or_none(value) == text
+
+
+def test_input_files_from_a_folder_of_one_format(tmp_path):
+    for name in ("b.csv", "a.csv", ".hidden.csv", "notes.txt"):
+        (tmp_path / name).write_text("x\n1\n")
+    files, fmt = input_files(tmp_path)
+    assert [f.name for f in files] == ["a.csv", "b.csv"] and fmt == "csv"
+
+    (tmp_path / "c.parquet").write_bytes(b"")
+    with pytest.raises(JobInputError, match="mixes formats"):
+        input_files(tmp_path)
+    with pytest.raises(JobInputError, match="does not exist"):
+        input_files(tmp_path / "missing.csv")
+    with pytest.raises(JobInputError, match=r"\.csv, \.xlsx or \.parquet"):
+        input_files(tmp_path / "notes.txt")
+
+
+def test_output_format_by_extension():
+    assert output_format("/x/out.XLSX", ("csv", "xlsx")) == "xlsx"
+    with pytest.raises(JobInputError, match=r"must end in \.parquet"):
+        output_format("/x/out.csv", ("parquet",))
+
+
+def test_missing_column_lists_the_columns_and_unreadable_file_is_named(tmp_path):
+    pd.DataFrame({"Frage": ["a"], "Antwort": ["b"]}).to_excel(tmp_path / "s.xlsx", index=False)
+    with pytest.raises(JobInputError) as err:
+        require_columns([tmp_path / "s.xlsx"], "xlsx", ["question"])
+    assert str(err.value) == "s.xlsx has no column 'question'. Its columns are: 'Frage', 'Antwort'."
+    with pytest.raises(JobInputError, match="no sheet 'Other'. Its sheets are: 'Sheet1'"):
+        require_columns([tmp_path / "s.xlsx"], "xlsx", ["Frage"], sheet="Other")
+
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"not parquet at all")
+    with pytest.raises(JobInputError, match=r"Cannot read .*broken\.parquet as PARQUET"):
+        require_columns([broken], "parquet", ["x"])
+
+
+def test_atomic_output_renames_on_success_and_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.csv"
+    with pytest.raises(RuntimeError), atomic_output(target) as temporary:
+        temporary.write_text("half")
+        raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+    target.write_text("old")
+    with atomic_output(target) as temporary:
+        assert temporary.parent == tmp_path and temporary.suffix == ".csv"
+        temporary.write_text("new")
+        assert target.read_text() == "old"  # untouched until the block succeeds
+    assert target.read_text() == "new"
+    assert list(tmp_path.iterdir()) == [target]
+
+
+def test_top_k_orders_matches_and_keeps_blank_queries():
+    unit = np.eye(3, dtype=np.float32)
+    corpus = pa.table({
+        "doc": ["x", "blank", "y", "z"],
+        "embedding": pa.array([unit[0], None, unit[1], (unit[0] + unit[1]) / np.sqrt(2)],
+                              type=pa.list_(pa.float32())),
+    })
+    queries = pa.table({
+        "q": ["near x", "empty"],
+        "embedding": pa.array([unit[0], None], type=pa.list_(pa.float32())),
+    })
+    out = top_k(queries, corpus, k=2).to_pydict()
+    assert out["q"] == ["near x", "near x", "empty"]
+    assert out["corpus_doc"] == ["x", "z", None]
+    assert out["corpus_row"] == [0, 3, None]
+    assert out["rank"] == [1, 2, None]
+    assert out["score"][0] == pytest.approx(1.0) and out["score"][1] == pytest.approx(0.7071, abs=1e-4)
+
+
+def test_command_line_errors_are_sentences_not_tracebacks(tmp_path, capsys):
+    pd.DataFrame({"text": ["a"]}).to_csv(tmp_path / "in.csv", index=False)
+    code = main(["embed", "--input", str(tmp_path / "in.csv"), "--column", "text",
+                 "--output", str(tmp_path / "out.csv"), "--model", "bundled:minilm"])
+    assert code == 2
+    assert capsys.readouterr().err.strip().endswith("must end in .parquet.")
+
+    code = main(["embed", "--input", str(tmp_path / "in.csv"), "--column", "text",
+                 "--output", str(tmp_path / "o.parquet"), "--model", "/nowhere/model"])
+    err = capsys.readouterr().err
+    assert code == 2 and "/nowhere/model" in err and "bundled:minilm" in err
+    assert list(tmp_path.iterdir()) == [tmp_path / "in.csv"]
