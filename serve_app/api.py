@@ -16,6 +16,7 @@ import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -30,6 +31,7 @@ from serve_app.errors import (
     ServiceError,
 )
 from serve_app.openapi import openapi_document
+from serve_app.requestlog import RequestMiddleware
 from serve_app.service import EmbeddingService
 from serve_app.vectors import cosine_matrix, cosine_pairwise, to_base64
 
@@ -55,7 +57,10 @@ async def embeddings(request: Request) -> Response:
     body = schemas.parse(schemas.EmbeddingRequest, await read_json(request))
     service.check_model(body.model)
     service.check_dimensions(body.dimensions)
-    texts = schemas.texts_of(body.input, "input", service.args.max_inputs_per_request)
+    texts = schemas.texts_of(
+        body.input, "input", service.args.max_inputs_per_request, service.args.max_input_chars
+    )
+    request.state.texts = len(texts)
     prefix = service.prefix(body.instruction, body.prompt_name)
     result = await service.embed(texts, prefix, body.dimensions)
     encode = to_base64 if body.encoding_format == "base64" else _as_floats
@@ -80,9 +85,10 @@ async def similarity(request: Request) -> Response:
     body = schemas.parse(schemas.SimilarityRequest, await read_json(request))
     service.check_model(body.model)
     service.check_dimensions(body.dimensions)
-    limit = service.args.max_inputs_per_request
-    left = schemas.texts_of(body.left, "left", limit)
-    right = schemas.texts_of(body.right, "right", limit)
+    limit, chars = service.args.max_inputs_per_request, service.args.max_input_chars
+    left = schemas.texts_of(body.left, "left", limit, chars)
+    right = schemas.texts_of(body.right, "right", limit, chars)
+    request.state.texts = len(left) + len(right)
     if body.mode == "pairwise" and len(left) != len(right) and 1 not in (len(left), len(right)):
         raise InvalidRequest(
             f"Pairwise similarity needs lists of the same length (or one text on a side); "
@@ -202,6 +208,7 @@ def _response_headers(truncated: int, started: float, model_ms: float) -> dict[s
 
 async def service_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ServiceError)
+    request.state.error_code = exc.code or exc.error_type
     headers = {}
     if exc.retry_after_s is not None:
         headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
@@ -221,7 +228,10 @@ async def http_error(request: Request, exc: Exception) -> Response:
 
 
 async def unexpected_error(request: Request, exc: Exception) -> Response:
-    logger.exception("Unhandled error on %s %s", request.method, request.url.path)
+    logger.exception(
+        "Unhandled error on %s %s (request_id=%s)", request.method, request.url.path,
+        getattr(request.state, "request_id", "-"),
+    )
     error = ServiceError("The server hit an internal error; the request was not completed.")
     return await service_error(request, error)
 
@@ -238,9 +248,24 @@ ROUTES = [
 
 def create_app(service: EmbeddingService, api_key_digests: list[str] | None = None) -> Starlette:
     """The ASGI app over a service (in process or through Ray); keys, if any, guard /v1."""
+    middleware = []
+    if service.args.cors_origins:
+        # Outermost, so a browser's preflight is answered before the key check.
+        middleware.append(Middleware(
+            CORSMiddleware,
+            allow_origins=service.args.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID", TRUNCATED_HEADER, "Retry-After"],
+            max_age=600,
+        ))
+    middleware += [
+        Middleware(RequestMiddleware, metrics=service.metrics, log_requests=service.args.log_requests),
+        Middleware(APIKeyMiddleware, digests=api_key_digests or []),
+    ]
     app = Starlette(
         routes=ROUTES,
-        middleware=[Middleware(APIKeyMiddleware, digests=api_key_digests or [])],
+        middleware=middleware,
         exception_handlers={
             ServiceError: service_error,
             HTTPException: http_error,

@@ -45,6 +45,7 @@ class APIKeyMiddleware:
         if self._valid(_bearer(scope)):
             await self.app(scope, receive, send)
             return
+        scope.setdefault("state", {})["error_code"] = "invalid_api_key"
         error = Unauthorized(
             "Missing or invalid API key. Send it as 'Authorization: Bearer <key>' "
             "(in Excel: EMBED_API_KEY).",

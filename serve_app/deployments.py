@@ -10,7 +10,6 @@ texts rather than requests.
 # annotation at run time to turn `key=value` arguments into AppArgs.
 import asyncio
 import logging
-import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -24,11 +23,12 @@ from serve_app.api import create_app
 from serve_app.auth import key_digests_from_env
 from serve_app.config import AppArgs
 from serve_app.errors import ModelLoadError, ModelUnavailable, Overloaded
+from serve_app.metrics import Metrics
 from serve_app.modelinfo import ModelSpec, resolve_model
 from serve_app.resources import resolve_gpu_fraction, resolve_max_replicas
 from serve_app.scheduler import ForwardScheduler
 from serve_app.service import EmbeddingService
-from serve_app.warmstart import ensure_zygote, preload_for, py_executable
+from serve_app.warmstart import ensure_zygote, preload_for, py_executable, warm_start_enabled
 
 logger = logging.getLogger("ray.serve")
 
@@ -59,6 +59,7 @@ class Embedder:
 
     def __init__(self, args: dict, spec: dict, gpu_fraction: float) -> None:
         settings = AppArgs.model_validate(args)
+        self._metrics = Metrics()
         self._scheduler: ForwardScheduler | None = None
         self._model = None
         self._failure: str | None = None
@@ -72,21 +73,14 @@ class Embedder:
             )
 
             cpus = settings.cpu_threads or default_cpu_threads()
-            self._model = TextEmbedder(
-                ModelSpec(**spec),
-                max_input_tokens=settings.max_input_tokens,
-                device=settings.device,
-                dtype=settings.dtype,
-                gpu_fraction=gpu_fraction,
-                cpu_threads=cpus,
-                max_batch_tokens=settings.max_batch_tokens,
-            )
+            self._model = TextEmbedder.from_settings(ModelSpec(**spec), settings, gpu_fraction, cpus)
             self._scheduler = ForwardScheduler(
                 self._model.encode,
                 workers=settings.forward_workers
                 or default_forward_workers(self._model.device, cpus),
                 cpus=cpus,
                 max_texts=settings.max_batch_texts,
+                on_pass=self._record_pass,
             )
             self._model.encode(["warm up"])  # first forward pass pays one-off kernel set-up
         except Exception as exc:
@@ -99,6 +93,12 @@ class Embedder:
             "Embedder ready: constructor %.2f s, process start-up before it %.2f s",
             time.perf_counter() - started, _process_age_s() - (time.perf_counter() - started),
         )
+        self._metrics.inc("embed_cold_starts_total")
+        self._metrics.observe("embed_model_load_seconds", _process_age_s())
+
+    def _record_pass(self, texts: int, waited_s: float) -> None:
+        self._metrics.observe("embed_batch_texts", texts)
+        self._metrics.observe("embed_queue_wait_seconds", waited_s)
 
     def describe(self) -> dict:
         """Where this replica runs and what it holds (for operators and tests)."""
@@ -241,16 +241,10 @@ class Ingress:
             ensure_zygote(preload_for(spec["model_type"]), os.getppid())
         app_name = serve.get_replica_context().app_name
         backend = RayBackend(embedder, settings.request_timeout_s, app_name)
-        self._service = EmbeddingService(settings, ModelSpec(**spec), backend)
+        self._service = EmbeddingService(settings, ModelSpec(**spec), backend, Metrics())
 
     def __serve_build_asgi_app__(self):
         return create_app(self._service, self._api_key_digests)
-
-
-def _warm_start(setting: str, gpu_fraction: float) -> bool:
-    if setting == "auto":
-        return sys.platform == "linux" and gpu_fraction == 0
-    return setting == "on"
 
 
 class StartupError(ModelLoadError, click.ClickException):
@@ -282,7 +276,7 @@ def build_app(args: AppArgs) -> Application:
         "metrics_interval_s": args.autoscaling_metrics_interval_s,
     }
     actor_options: dict = {"num_cpus": args.replica_cpus, "num_gpus": gpu}
-    warm = _warm_start(args.warm_start, gpu)
+    warm = warm_start_enabled(args.warm_start, gpu)
     if warm:
         actor_options["runtime_env"] = {"py_executable": py_executable(spec.model_type)}
     embedder = Embedder.options(

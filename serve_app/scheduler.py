@@ -33,13 +33,23 @@ EncodeFn = Callable[[list[str], Callable[[], int]], Encoded]
 class _Job:
     texts: list[str]
     future: asyncio.Future = field(repr=False)
+    queued_at: float = field(default_factory=time.perf_counter)
 
 
 class ForwardScheduler:
     """Runs encode jobs on `workers` threads; a free worker takes everything pending."""
 
-    def __init__(self, encode: EncodeFn, *, workers: int, cpus: int, max_texts: int) -> None:
+    def __init__(
+        self,
+        encode: EncodeFn,
+        *,
+        workers: int,
+        cpus: int,
+        max_texts: int,
+        on_pass: Callable[[int, float], None] | None = None,
+    ) -> None:
         self._encode = encode
+        self._on_pass = on_pass  # (texts in the pass, seconds its oldest job waited)
         self._cpus = cpus
         self.max_texts = max_texts
         self._pending: deque[_Job] = deque()
@@ -56,6 +66,7 @@ class ForwardScheduler:
         if not any(self._busy) and not self._pending and len(texts) <= INLINE_TEXTS:
             # A lone small request runs right here: no hand-off to a thread and back.
             self.batches += 1
+            self._report(len(texts), 0.0)
             return self._timed(texts)
         job = _Job(texts, asyncio.get_running_loop().create_future())
         self._pending.append(job)
@@ -72,8 +83,13 @@ class ForwardScheduler:
                 jobs.append(self._pending.popleft())
             self._busy[worker] = True
             self.batches += 1
+            self._report(size, time.perf_counter() - jobs[0].queued_at)
             self.passes_by_worker[worker] += 1
             asyncio.get_running_loop().create_task(self._run(worker, jobs))
+
+    def _report(self, texts: int, waited_s: float) -> None:
+        if self._on_pass is not None:
+            self._on_pass(texts, waited_s)
 
     def _timed(self, texts: list[str]) -> Encoded:
         started = time.perf_counter()

@@ -149,9 +149,10 @@ def texts_of(value: TextOrTexts, field: str, max_items: int, max_chars: int | No
         )
     for i, text in enumerate(texts):
         where = field if isinstance(value, str) else f"{field}[{i}]"
-        if not text.strip():
+        if not _has_content(text):
             raise InvalidRequest(
-                f"'{where}' is empty or only whitespace; every text must contain something to embed.",
+                f"'{where}' is empty or only whitespace or control characters; every text must "
+                "contain something to embed.",
                 param=where,
             )
         if max_chars is not None and len(text) > max_chars:
@@ -161,6 +162,16 @@ def texts_of(value: TextOrTexts, field: str, max_items: int, max_chars: int | No
                 code="input_too_long",
             )
     return texts
+
+
+def _has_content(text: str) -> bool:
+    """Whether a text holds anything but whitespace and control characters."""
+    stripped = text.strip()
+    if not stripped:
+        return False
+    if stripped[0].isprintable():  # the common case, decided by one character
+        return True
+    return any(ch.isprintable() and not ch.isspace() for ch in stripped)
 
 
 def _first(exc: ValidationError) -> dict:

@@ -14,6 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
+from serve_app.cache import EmbeddingCache
 from serve_app.config import AppArgs
 from serve_app.errors import InvalidRequest, ModelNotFound
 from serve_app.modelinfo import ModelSpec
@@ -63,10 +64,12 @@ class Embeddings:
 class EmbeddingService:
     """The model-facing half of every route."""
 
-    def __init__(self, args: AppArgs, spec: ModelSpec, backend: Backend) -> None:
+    def __init__(self, args: AppArgs, spec: ModelSpec, backend: Backend, metrics=None) -> None:
         self.args = args
         self.spec = spec
         self.backend = backend
+        self.metrics = metrics  # serve_app.metrics.Metrics, or None
+        self.cache = EmbeddingCache(args.model_id, args.cache_max_mb * 1024 * 1024)
 
     @property
     def model_id(self) -> str:
@@ -97,23 +100,53 @@ class EmbeddingService:
         return prompt_prefix(self.spec, self.args, instruction=instruction, prompt_name=prompt_name)
 
     async def embed(self, texts: list[str], prefix: str = "", dimensions: int | None = None) -> Embeddings:
-        """Embed `texts` behind `prefix`; each distinct text goes to the model once."""
+        """Embed `texts` behind `prefix`; each distinct text goes to the model once, if at all."""
         unique: dict[str, int] = {}
         slots = [unique.setdefault(text, len(unique)) for text in texts]
-        distinct = [prefix + text for text in unique]
-        size = self.args.max_batch_texts
-        parts = await asyncio.gather(
-            *(self.backend.embed(distinct[i : i + size]) for i in range(0, len(distinct), size))
-        )
-        vectors = np.concatenate([p.vectors for p in parts]) if len(parts) > 1 else parts[0].vectors
-        tokens = [t for p in parts for t in p.tokens]
-        cut = [c for p in parts for c in p.truncated]
+        distinct = list(unique)
+        keys = [self.cache.key(prefix, text) for text in distinct]
+        found = [self.cache.get(key) for key in keys]
+        missing = [i for i, hit in enumerate(found) if hit is None]
+        vectors = np.empty((len(distinct), self.spec.dimensions), dtype=np.float32)
+        tokens = [0] * len(distinct)
+        cut = [False] * len(distinct)
+        for i, hit in enumerate(found):
+            if hit is not None:
+                vectors[i], tokens[i], cut[i] = hit.vector, hit.tokens, hit.truncated
+        model_ms = 0.0
+        if missing:
+            model_ms = await self._embed_missing(distinct, missing, keys, prefix, vectors, tokens, cut)
+        self._record(len(distinct) - len(missing), missing, tokens, cut)
         return Embeddings(
             vectors=truncate(vectors, dimensions)[slots],
             tokens=[tokens[s] for s in slots],
             truncated=[i for i, s in enumerate(slots) if cut[s]],
-            model_ms=max(p.model_ms for p in parts),
+            model_ms=model_ms,
         )
+
+    async def _embed_missing(self, distinct, missing, keys, prefix, vectors, tokens, cut) -> float:
+        size = self.args.max_batch_texts
+        todo = [prefix + distinct[i] for i in missing]
+        parts = await asyncio.gather(
+            *(self.backend.embed(todo[i : i + size]) for i in range(0, len(todo), size))
+        )
+        position = 0
+        for part in parts:
+            for j in range(len(part.tokens)):
+                i = missing[position]
+                vectors[i], tokens[i], cut[i] = part.vectors[j], part.tokens[j], part.truncated[j]
+                self.cache.put(keys[i], part.vectors[j], part.tokens[j], part.truncated[j])
+                position += 1
+        return max(p.model_ms for p in parts)
+
+    def _record(self, hits: int, missing: list[int], tokens: list[int], cut: list[bool]) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.inc("embed_cache_hits_total", hits)
+        self.metrics.inc("embed_cache_misses_total", len(missing))
+        self.metrics.inc("embed_texts_total", len(missing))
+        self.metrics.inc("embed_tokens_total", sum(tokens[i] for i in missing))
+        self.metrics.inc("embed_truncated_inputs_total", sum(cut[i] for i in missing))
 
 
 class LocalBackend:

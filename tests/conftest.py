@@ -82,8 +82,9 @@ def free_port() -> int:
 class ServeCluster:
     """The session's Ray cluster with Serve on a free loopback port."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, metrics_port: int) -> None:
         self.port = port
+        self.metrics_port = metrics_port  # Ray's Prometheus endpoint on this node
 
     def url(self, app: str) -> str:
         return f"http://127.0.0.1:{self.port}/{app}"
@@ -136,7 +137,9 @@ def serve_cluster():
     os.environ["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(free_port())
     # Each test deletes its app; in production an ingress drains 30 s before it stops.
     os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "1"
+    metrics_port = free_port()
     ray.init(
+        _metrics_export_port=metrics_port,
         num_cpus=4,
         num_gpus=1,  # logical only: CPU torch sees no CUDA, Ray still accounts fractions
         include_dashboard=False,
@@ -145,7 +148,7 @@ def serve_cluster():
     )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield ServeCluster(port)
+    yield ServeCluster(port, metrics_port)
     serve.shutdown()
     ray.shutdown()
 

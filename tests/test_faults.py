@@ -1,0 +1,163 @@
+"""Faults on the real Ray Serve app: a killed model replica, a redeploy, overload, metrics.
+
+Traffic goes to 127.0.0.1 only, from a bounded number of client threads that
+stop by themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections import Counter
+
+import httpx
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+TEXTS = [f"Clause {i}: the tenant shall pay rent on day {i % 28 + 1}." for i in range(64)]
+
+
+class Load:
+    """`clients` threads sending small embedding requests until stopped; records every outcome."""
+
+    def __init__(self, url: str, clients: int = 4, texts: int = 8, pause_s: float = 0.05) -> None:
+        self.url = url
+        self.statuses: Counter[int] = Counter()
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._run, args=(i, texts, pause_s), daemon=True) for i in range(clients)
+        ]
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=120)
+
+    def _run(self, worker: int, texts: int, pause_s: float) -> None:
+        with httpx.Client(timeout=120) as client:
+            n = 0
+            while not self._stop.is_set() and n < 2000:
+                start = (worker * 7 + n) % (len(TEXTS) - texts)
+                try:
+                    response = client.post(f"{self.url}/v1/embeddings", json={"input": TEXTS[start : start + texts]})
+                    self.statuses[response.status_code] += 1
+                    if response.status_code != 200:
+                        self.failures.append(f"{response.status_code} {response.text[:200]}")
+                except httpx.HTTPError as exc:
+                    self.statuses[0] += 1
+                    self.failures.append(f"{type(exc).__name__}: {exc}")
+                n += 1
+                time.sleep(pause_s)
+
+    @property
+    def total(self) -> int:
+        return sum(self.statuses.values())
+
+
+def replica_pid(app: str) -> int:
+    from ray import serve
+
+    handle = serve.get_deployment_handle("Embedder", app_name=app)
+    return handle.describe.remote().result(timeout_s=60)["pid"]
+
+
+def test_killed_model_replica_loses_no_request(serve_cluster):
+    url = serve_cluster.deploy("faults", min_replicas=1, max_replicas=1, cache_max_mb=0)
+    first = replica_pid("faults")
+    with Load(url) as load:
+        serve_cluster.wait_for(lambda: load.total >= 20, 60, "steady load")
+        os.kill(first, signal.SIGKILL)  # the model process dies mid-load
+        killed_at = load.total
+        serve_cluster.wait_for(lambda: replica_pid("faults") != first, 90, "a new replica")
+        serve_cluster.wait_for(lambda: load.total >= killed_at + 40, 90, "load after the restart")
+    assert load.failures == [], load.failures[:5]
+    assert load.statuses[200] == load.total
+    serve_cluster.delete("faults")
+
+
+def test_redeploy_with_changed_settings_under_load_fails_nothing(serve_cluster):
+    from ray import serve
+
+    url = serve_cluster.deploy("redeploy", min_replicas=1, max_replicas=1)
+    before = replica_pid("redeploy")
+    with Load(url, clients=3) as load:
+        serve_cluster.wait_for(lambda: load.total >= 15, 60, "steady load")
+        serve_cluster.deploy("redeploy", min_replicas=1, max_replicas=1, max_input_tokens=128)
+        serve_cluster.wait_for(
+            lambda: serve.status().applications["redeploy"].status == "RUNNING", 120, "the new version")
+        after = load.total
+        serve_cluster.wait_for(lambda: load.total >= after + 20, 60, "load on the new version")
+    assert replica_pid("redeploy") != before  # the model replica really was replaced
+    assert load.failures == [], load.failures[:5]
+    assert load.statuses[200] == load.total
+    models = httpx.get(f"{url}/v1/models").json()
+    assert models["data"][0]["max_input_tokens"] == 128
+    serve_cluster.delete("redeploy")
+
+
+def test_overload_is_503_with_retry_after_and_recovers(serve_cluster):
+    url = serve_cluster.deploy(
+        "overload", min_replicas=1, max_replicas=1, max_ongoing_requests=1, max_queued_requests=1,
+        cache_max_mb=0,
+    )
+    big = [f"{t} {t} {t} {t}" for t in TEXTS]  # slow requests keep the replica busy
+    results: list[httpx.Response] = []
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        response = httpx.post(f"{url}/v1/embeddings", json={"input": big[i % 8 :] + [f"req {i}"]}, timeout=120)
+        with lock:
+            results.append(response)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=180)
+    statuses = Counter(r.status_code for r in results)
+    assert set(statuses) <= {200, 503}, statuses
+    assert statuses[503] >= 1 and statuses[200] >= 1, statuses
+    refused = next(r for r in results if r.status_code == 503)
+    assert int(refused.headers["retry-after"]) >= 1
+    assert refused.json()["error"]["code"] == "overloaded"
+    # It recovers by itself: once the burst is over, requests succeed again.
+    assert httpx.post(f"{url}/v1/embeddings", json={"input": ["after"]}, timeout=60).status_code == 200
+    serve_cluster.delete("overload")
+
+
+def test_metrics_reach_ray_prometheus_endpoint(serve_cluster):
+    url = serve_cluster.deploy("metered", min_replicas=1)
+    for _ in range(3):
+        httpx.post(f"{url}/v1/embeddings", json={"input": ["metered text", "other text"]}, timeout=60)
+    httpx.post(f"{url}/v1/embeddings", json={"input": ""}, timeout=60)
+
+    def value(text: str, name: str, *labels: str) -> float:
+        for line in text.splitlines():
+            if line.startswith(name + "{") and 'application="metered"' in line and all(label in line for label in labels):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    def scrape() -> str | None:
+        # Ray's agents export on intervals of seconds: wait until this app's counts are in.
+        text = httpx.get(f"http://127.0.0.1:{serve_cluster.metrics_port}/metrics", timeout=10).text
+        ready = (value(text, "ray_embed_requests_total", 'status="200"') >= 3
+                 and value(text, "ray_embed_cache_hits_total") >= 4
+                 and "ray_embed_batch_texts_bucket" in text and "ray_embed_cold_starts_total" in text)
+        return text if ready else None
+
+    text = serve_cluster.wait_for(scrape, 90, "this app's metrics in Prometheus format", interval_s=1)
+    # Requests 2 and 3 were answered from the shared cache: 2 texts each.
+    assert value(text, "ray_embed_cache_hits_total") == 4
+    assert value(text, "ray_embed_cache_misses_total") == 2
+    assert value(text, "ray_embed_texts_total") == 2
+    assert value(text, "ray_embed_errors_total", 'code="invalid_request_error"', 'status="400"') == 1
+    serve_cluster.delete("metered")
