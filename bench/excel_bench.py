@@ -23,6 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
 from corpus import sentences  # noqa: E402
+from served import served_app  # noqa: E402
 
 
 def main() -> None:
@@ -33,23 +34,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     opts = parser.parse_args()
 
-    import ray
-    from ray import serve
-
-    from serve_app.config import AppArgs
-    from serve_app.deployments import build_app
-    from serve_app.launch import tuned_environment
-
-    os.environ.update(tuned_environment())
-    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": opts.port})
-    url = f"http://127.0.0.1:{opts.port}/sheet"
-    try:
-        serve.run(build_app(AppArgs(model=opts.model, min_replicas=1)), name="sheet", route_prefix="/sheet")
+    with served_app("sheet", opts.port, model=opts.model, min_replicas=1) as url:
         results = measure(url, opts.rows)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     report(results)
     if opts.json:
         opts.json.parent.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
 from corpus import sentences  # noqa: E402
+from served import served_app  # noqa: E402
 
 
 def main() -> None:
@@ -41,28 +42,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     opts = parser.parse_args()
 
-    import ray
-    from ray import serve
-
-    from serve_app.config import AppArgs
-    from serve_app.deployments import build_app
-    from serve_app.launch import tuned_environment
-
-    os.environ.update(tuned_environment())
-    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": opts.port})
-    url = f"http://127.0.0.1:{opts.port}/load"
     results: dict = {}
-    try:
-        serve.run(build_app(AppArgs(model=opts.model, min_replicas=1)), name="load", route_prefix="/load")
+    with served_app("load", opts.port, model=opts.model, min_replicas=1) as url:
         texts = iter(sentences(200_000, seed=5))
         results["steady_1"] = asyncio.run(open_loop(url, opts.rate, opts.duration, texts, 1))
         results["steady_8"] = asyncio.run(open_loop(url, opts.rate, opts.duration, texts, 8))
         results["burst"] = asyncio.run(burst(url, opts.burst, texts))
         results["kill"] = asyncio.run(open_loop(url, 10, 30, texts, 8, kill_at_s=5))
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     report(results)
     if opts.json:
         opts.json.parent.mkdir(parents=True, exist_ok=True)
