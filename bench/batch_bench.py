@@ -48,7 +48,6 @@ def main() -> None:
     job = run_job(source, target, opts)
     raw_after = run_raw(texts, opts)
     raw_s = (raw_before + raw_after) / 2
-    paired_s = run_raw_paired(texts, opts)
     out = pq.read_table(target)
     assert out.num_rows == len(texts) and out["row"].to_pylist() == list(range(len(texts)))
 
@@ -56,7 +55,6 @@ def main() -> None:
         "rows": len(texts),
         "raw_rows_per_s": len(texts) / raw_s,
         "raw_rows_per_s_before_after": [len(texts) / raw_before, len(texts) / raw_after],
-        "raw_paired_rows_per_s": len(texts) / paired_s,
         "job_rows_per_s": len(texts) / job["work_s"],
         "job_work_s": job["work_s"],
         "ray_start_s": job["ray_start_s"],
@@ -102,26 +100,10 @@ def run_raw(texts: list[str], opts) -> float:
     return time.perf_counter() - started
 
 
-def run_raw_paired(texts: list[str], opts) -> float:
-    """Raw as the job's actor runs it: each batch in two halves side by side (no Ray)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from serve_app.embedder import default_cpu_threads
-
-    threads = max(1, default_cpu_threads() // 2)
-    pool = ThreadPoolExecutor(2)
-    started = time.perf_counter()
-    for i in range(0, len(texts), opts.batch_size):
-        batch = sorted(texts[i : i + opts.batch_size], key=len)
-        list(pool.map(lambda half: _RAW.encode(half, threads=lambda: threads), [batch[0::2], batch[1::2]]))
-    return time.perf_counter() - started
-
-
 def report(r: dict) -> None:
     print(f"\nembed job over {r['rows']} rows (Parquet in, Parquet out)")
     before, after = r["raw_rows_per_s_before_after"]
     print(f"  raw forward passes   {r['raw_rows_per_s']:8.1f} rows/s  (before the job {before:.1f}, after {after:.1f})")
-    print(f"  raw, halves in parallel {r['raw_paired_rows_per_s']:5.1f} rows/s  (how the job's actor runs a batch)")
     print(f"  job                  {r['job_rows_per_s']:8.1f} rows/s  ({r['ratio']:.2f} x raw; "
           f"{r['job_work_s']:.1f} s incl. model load)")
     print(f"  Ray start-up          {r['ray_start_s']:7.1f} s  (whole process {r['process_s']:.1f} s)")
