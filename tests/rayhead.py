@@ -1,0 +1,87 @@
+"""A separate local Ray head for tests that need what `ray start --head` gives: the job and REST APIs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import BUNDLED, free_port
+
+REPO = Path(__file__).resolve().parents[1]
+FINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+class RayHead:
+    """`ray start --head` in a temporary directory, with the job API on a free port."""
+
+    def __init__(self, temp_dir: Path) -> None:
+        self.dashboard_port = free_port()
+        # A local test cluster without token authentication (Ray 2.60 turns it on);
+        # the README shows the token-authenticated way for shared clusters.
+        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+        command = [
+            str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
+            f"--port={free_port()}", f"--dashboard-port={self.dashboard_port}",
+            "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+            f"--ray-client-server-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            "--num-cpus=2", "--num-gpus=0", "--object-store-memory=400000000",
+            f"--temp-dir={temp_dir}", "--disable-usage-stats",
+        ]
+        # Its own process group: Ray's daemons stay in it, so teardown stops exactly this
+        # cluster (`ray stop` would also stop the session's Serve cluster).
+        self.process = subprocess.Popen(
+            command, env=self.env, start_new_session=True,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        self.client = self._connect()
+
+    def _connect(self):
+        from ray.job_submission import JobSubmissionClient
+
+        os.environ["RAY_AUTH_MODE"] = "disabled"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                return JobSubmissionClient(f"http://127.0.0.1:{self.dashboard_port}")
+            except Exception:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise
+                time.sleep(1)
+
+    def submit(self, *args: str, working_dir: bool = False) -> str:
+        runtime_env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}}
+        if working_dir:
+            runtime_env["working_dir"] = str(REPO)
+        entrypoint = " ".join(["python", "-m", "serve_app.batch", *args, "--model", BUNDLED])
+        return self.client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+
+    def wait(self, job_id: str, timeout_s: float = 240) -> str:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            status = str(self.client.get_job_status(job_id)).split(".")[-1]
+            if status in FINAL:
+                return status
+            time.sleep(0.5)
+        self.client.stop_job(job_id)
+        raise AssertionError(f"job {job_id} did not finish within {timeout_s} s")
+
+    def logs(self, job_id: str) -> str:
+        return self.client.get_job_logs(job_id)
+
+    def stop(self) -> None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+        for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.process.wait(wait_s)
+            except subprocess.TimeoutExpired:
+                continue
+        # Daemons may outlive the launcher for a moment; the group signal reached them.

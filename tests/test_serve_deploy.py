@@ -1,0 +1,79 @@
+"""`serve deploy` of an edited config under load, through the CLI and Ray's REST API."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from conftest import BUNDLED, free_port
+from loadgen import Load
+from rayhead import RayHead
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def serve_config(port: int, **args) -> dict:
+    return {
+        "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": [{
+            "name": "embeddings",
+            "route_prefix": "/",
+            "import_path": "serve_app:build_app",
+            "args": {"model": BUNDLED, "gpu_fraction": 0.0, "min_replicas": 1, "max_replicas": 1, **args},
+        }],
+    }
+
+
+def serve_deploy(head: RayHead, config: Path) -> None:
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("serve")), "deploy", str(config),
+         "-a", f"http://127.0.0.1:{head.dashboard_port}"],
+        env=head.env, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def max_input_tokens(url: str) -> int | None:
+    try:
+        return httpx.get(f"{url}/v1/models", timeout=5).json()["data"][0]["max_input_tokens"]
+    except (httpx.HTTPError, KeyError, ValueError):
+        return None
+
+
+def wait_for(predicate, timeout_s: float, what: str):
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def test_serve_deploy_of_an_edited_config_under_load_fails_nothing(tmp_path_factory):
+    head = RayHead(tmp_path_factory.mktemp("rh"))  # short: Unix socket paths have a length limit
+    try:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        config = tmp_path_factory.mktemp("config") / "serve_config.yaml"
+        config.write_text(yaml.safe_dump(serve_config(port, max_input_tokens=256)))
+        serve_deploy(head, config)
+        wait_for(lambda: max_input_tokens(url) == 256, 180, "the first version to answer")
+
+        with Load(url, clients=3) as load:
+            wait_for(lambda: load.total >= 15, 60, "steady load")
+            config.write_text(yaml.safe_dump(serve_config(port, max_input_tokens=128)))  # the edit
+            serve_deploy(head, config)
+            wait_for(lambda: max_input_tokens(url) == 128, 180, "the edited version to answer")
+            after = load.total
+            wait_for(lambda: load.total >= after + 20, 60, "load on the edited version")
+        assert load.failures == [], load.failures[:5]
+        assert load.statuses[200] == load.total >= 35
+    finally:
+        head.stop()
