@@ -20,9 +20,11 @@ class RayHead:
 
     def __init__(self, temp_dir: Path) -> None:
         self.dashboard_port = free_port()
-        # A local test cluster without token authentication (Ray 2.60 turns it on);
-        # the README shows the token-authenticated way for shared clusters.
-        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+        # A local test cluster without token authentication (Ray 2.60 turns it on); the
+        # README shows the token-authenticated way for shared clusters. Serve runs with
+        # Ray's defaults here (Python proxy): the session's tuned settings are left out.
+        base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")}
+        self.env = {**base, "RAY_AUTH_MODE": "disabled"}
         command = [
             str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
             f"--port={free_port()}", f"--dashboard-port={self.dashboard_port}",
