@@ -16,6 +16,7 @@ import os
 import orjson
 
 from serve_app.errors import Unauthorized
+from serve_app.requestlog import app_path
 
 API_KEYS_ENV = "EMBED_API_KEYS"
 PROTECTED_PREFIX = "/v1"
@@ -75,10 +76,7 @@ class APIKeyMiddleware:
 
 
 def _protected(scope) -> bool:
-    path = scope.get("path", "")
-    root = scope.get("root_path", "")
-    if root and path.startswith(root):
-        path = path[len(root) :]
+    path = app_path(scope)
     return path == PROTECTED_PREFIX or path.startswith(PROTECTED_PREFIX + "/")
 
 

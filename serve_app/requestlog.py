@@ -66,12 +66,16 @@ class RequestMiddleware:
             )
 
 
-def route_of(scope) -> str:
-    """The route a path belongs to; anything unknown is 'other' (bounded metric labels)."""
+def app_path(scope) -> str:
+    """The request's path inside the app (Serve mounts it under a route prefix)."""
     path = scope.get("path", "")
     root = scope.get("root_path", "")
-    if root and path.startswith(root):
-        path = path[len(root) :]
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
+def route_of(scope) -> str:
+    """The route a path belongs to; anything unknown is 'other' (bounded metric labels)."""
+    path = app_path(scope)
     for route in KNOWN_ROUTES:
         if path == route or (route == "/v1/models" and path.startswith("/v1/models/")):
             return route

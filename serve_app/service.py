@@ -104,8 +104,11 @@ class EmbeddingService:
         unique: dict[str, int] = {}
         slots = [unique.setdefault(text, len(unique)) for text in texts]
         distinct = list(unique)
-        keys = [self.cache.key(prefix, text) for text in distinct]
-        found = [self.cache.get(key) for key in keys]
+        if self.cache.max_bytes:
+            keys = [self.cache.key(prefix, text) for text in distinct]
+            found = [self.cache.get(key) for key in keys]
+        else:  # cache off: no hashing on the hot path
+            keys, found = [b""] * len(distinct), [None] * len(distinct)
         missing = [i for i, hit in enumerate(found) if hit is None]
         vectors = np.empty((len(distinct), self.spec.dimensions), dtype=np.float32)
         tokens = [0] * len(distinct)

@@ -96,14 +96,15 @@ def run(opts: argparse.Namespace) -> tuple[int, str, dict[str, float]]:
     output = _absolute_output(opts.output)
     _check_inputs(opts, output)
     args = settings(opts)
-    resolve_model(args.model)  # a model that cannot load fails here, before Ray starts work
+    spec = resolve_model(args.model)  # a model that cannot load fails here, before Ray starts
     if opts.batch_size < 1:
         raise JobInputError(f"--batch-size must be at least 1, not {opts.batch_size}.")
     job = JobOptions(
         args=args,
+        spec=spec,
         instruction=opts.instruction,
         prompt_name=opts.prompt_name,
-        dimensions=_dimensions(opts.dimensions, args),
+        dimensions=_dimensions(opts.dimensions, args, spec.dimensions),
         batch_size=opts.batch_size,
         actors=opts.actors,
         sheet=opts.sheet,
@@ -142,12 +143,9 @@ def _check_inputs(opts: argparse.Namespace, output: str) -> None:
         require_columns(files, fmt, columns, opts.sheet)
 
 
-def _dimensions(dimensions: int | None, args: AppArgs) -> int | None:
+def _dimensions(dimensions: int | None, args: AppArgs, full: int) -> int | None:
     if dimensions is None:
         return None
-    from serve_app.modelinfo import resolve_model
-
-    full = resolve_model(args.model).dimensions
     if not args.min_dimensions <= dimensions <= full:
         raise JobInputError(
             f"--dimensions must be between {args.min_dimensions} and {full} for {args.model}, not {dimensions}."

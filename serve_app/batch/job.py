@@ -19,12 +19,12 @@ from serve_app.batch.tables import (
     input_files,
     output_format,
     read_xlsx,
-    require_columns,
     text_or_none,
     texts_of,
     write_table,
 )
 from serve_app.config import AppArgs
+from serve_app.modelinfo import ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ class JobOptions:
     """What every command shares: the model settings and how to run them."""
 
     args: AppArgs
+    spec: ModelSpec  # resolved once, by the command line
     instruction: str | None = None
     prompt_name: str | None = None
     dimensions: int | None = None
@@ -48,21 +49,16 @@ class EmbedRows:
     """A Ray Data actor: loads the model once, then adds embeddings or similarities to batches."""
 
     def __init__(self, args: dict, gpu_fraction: float) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
         from serve_app.embedder import TextEmbedder, default_cpu_threads
         from serve_app.modelinfo import resolve_model
 
         settings = AppArgs.model_validate(args)
         cpus = settings.cpu_threads or default_cpu_threads()
         self.model = TextEmbedder.from_settings(resolve_model(settings.model), settings, gpu_fraction, cpus)
-        # One pass on all cores by default: unlike the service (which overlaps HTTP work),
-        # splitting a batch into halves run side by side measured 15-20% slower inside a
-        # Ray Data actor. `forward_workers` still splits when set. Thread counts are set
-        # per call: Ray Data's threads start from Ray's OMP_NUM_THREADS=1.
-        self.workers = settings.forward_workers or 1
-        self.threads = max(1, cpus // self.workers)
-        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="forward")
+        # One pass on all cores: unlike the service (which overlaps HTTP work), splitting a
+        # batch into halves run side by side measured 15-20% slower inside a Ray Data actor.
+        # Thread counts are set per call: Ray Data's threads start from OMP_NUM_THREADS=1.
+        self.threads = cpus
 
     def __call__(self, batch: pa.Table, task: str, columns: list[str], prefixes: list[str],
                  dimensions: int | None = None) -> pa.Table:
@@ -90,18 +86,7 @@ class EmbedRows:
         return [None if t is None else matrix[unique[t]] for t in texts]
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        """Vectors for `texts`, in parts of similar lengths run side by side."""
-        if self.workers == 1 or len(texts) < 2 * self.workers:
-            return self.model.encode(texts, threads=lambda: self.threads).vectors
-        by_length = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        parts = [by_length[w :: self.workers] for w in range(self.workers)]
-        encoded = self.pool.map(
-            lambda part: self.model.encode([texts[i] for i in part], threads=lambda: self.threads), parts
-        )
-        vectors = np.empty((len(texts), self.model.spec.dimensions), dtype=np.float32)
-        for part, result in zip(parts, encoded, strict=True):
-            vectors[part] = result.vectors
-        return vectors
+        return self.model.encode(texts, threads=lambda: self.threads).vectors
 
 
 def embedding_array(vectors: list[np.ndarray | None]) -> pa.Array:
@@ -212,20 +197,17 @@ def top_k(queries: pa.Table, corpus: pa.Table, k: int, chunk: int = 256) -> pa.T
 
 
 def _prefix(opts: JobOptions, instruction: str | None, prompt_name: str | None) -> str:
-    from serve_app.modelinfo import resolve_model
     from serve_app.prompts import prompt_prefix
 
-    return prompt_prefix(resolve_model(opts.args.model), opts.args,
-                         instruction=instruction, prompt_name=prompt_name)
+    return prompt_prefix(opts.spec, opts.args, instruction=instruction, prompt_name=prompt_name)
 
 
 def _read(path: str, columns: list[str], opts: JobOptions):
-    """A Ray dataset over the input file(s), after checking the columns exist."""
+    """A Ray dataset over the input file(s); their columns were checked before Ray started."""
     import ray
 
     files, fmt = input_files(path)
     files = [f.resolve() for f in files]  # read tasks run elsewhere than the driver's cwd
-    require_columns(files, fmt, columns, opts.sheet)
     if fmt == "parquet":
         return ray.data.read_parquet([str(f) for f in files])
     if fmt == "csv":

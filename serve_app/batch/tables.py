@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pyarrow as pa
 
 from excel_addin.cells import Blank, CellError, cell_text
@@ -67,8 +68,6 @@ def column_names(file: Path, fmt: str, sheet: str | None = None) -> list[str]:
 
             return list(pq.read_schema(file).names)
         if fmt == "csv":
-            import pandas as pd
-
             return [str(c) for c in pd.read_csv(file, nrows=0).columns]
         return [str(c) for c in read_xlsx(file, sheet, nrows=0).columns]
     except JobInputError:
@@ -91,8 +90,6 @@ def require_columns(files: list[Path], fmt: str, wanted: list[str], sheet: str |
 
 def read_xlsx(file: Path, sheet: str | None, nrows: int | None = None):
     """One sheet of a workbook (the first unless named) as a pandas frame."""
-    import pandas as pd
-
     try:
         return pd.read_excel(file, sheet_name=sheet or 0, nrows=nrows, engine="openpyxl")
     except ValueError as exc:
@@ -111,8 +108,6 @@ def text_or_none(value: Any) -> str | None:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
     with contextlib.suppress(TypeError, ValueError):
-        import pandas as pd
-
         if pd.isna(value):
             return None
     if hasattr(value, "to_pydatetime"):  # pandas Timestamp
@@ -174,8 +169,6 @@ def write_table(table: pa.Table, path: Path, fmt: str) -> None:
 
         csv.write_csv(table, path)  # keeps integer columns with nulls as integers
     else:
-        import pandas as pd
-
         # Nullable integers stay integers in the sheet (rank 1, not 1.0).
         nullable = {pa.int64(): pd.Int64Dtype(), pa.int32(): pd.Int32Dtype()}
         table.to_pandas(types_mapper=nullable.get).to_excel(path, index=False, engine="openpyxl")
