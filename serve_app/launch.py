@@ -3,16 +3,18 @@
     python -m serve_app model=bundled:minilm          # offline, the bundled model
     python -m serve_app serve_config.yaml             # the config file as it is
     python -m serve_app serve_config.yaml port=8001 model=/models/qwen3   # with overrides
+    python -m serve_app model=bundled:minilm port=8100   # a second instance beside the first
 
 It runs `serve run` with the environment below (Ray reads these flags only when
-a cluster starts, so a plain `serve run` cannot set them), and stops it
-gracefully on Ctrl-C or SIGTERM.
+a cluster starts, so a plain `serve run` cannot set them), refuses to start if
+a port it would open is taken, and stops it gracefully on Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -32,12 +34,62 @@ FAST_SERVE_ENV = {
 }
 
 
-def tuned_environment(base: dict[str, str] | None = None) -> dict[str, str]:
-    """`base` (default: this process's environment) with the tuned flags, unless already set."""
+# The ports Ray opens beside the service's own in HAProxy mode, as offsets from it: at Serve's
+# default port 8000 they are Ray's defaults. Ray's are fixed numbers, and its fallback proxy
+# binds with SO_REUSEPORT, so two instances on one machine would share it silently and
+# answer each other's requests (404) whenever one has no replica running: at every scale
+# from zero and during a redeploy.
+DEFAULT_PORT = 8000
+SIDE_PORTS = {
+    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": (500, "Serve's fallback proxy"),
+    "RAY_SERVE_HAPROXY_STATS_PORT": (404, "HAProxy's statistics page"),
+    "RAY_SERVE_HAPROXY_METRICS_PORT": (1101, "HAProxy's metrics endpoint"),
+}
+
+
+def tuned_environment(base: dict[str, str] | None = None, port: int = DEFAULT_PORT) -> dict[str, str]:
+    """`base` (default: this process's environment) with the tuned flags and side ports for
+    a service on `port`, each unless already set."""
     env = dict(os.environ if base is None else base)
     for key, value in FAST_SERVE_ENV.items():
         env.setdefault(key, value)
+    if env["RAY_SERVE_ENABLE_HA_PROXY"] == "1":
+        for key, (offset, _) in SIDE_PORTS.items():
+            if 0 < port + offset < 65536:
+                env.setdefault(key, str(port + offset))
     return env
+
+
+def busy_ports(env: dict[str, str], port: int) -> list[str]:
+    """What is already listening on the ports this service would open, in words."""
+    wanted = {port: "the service"}
+    if env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
+        for key, (_, what) in SIDE_PORTS.items():
+            if key in env:
+                wanted.setdefault(int(env[key]), f"{what} ({key})")
+    busy = []
+    for number, what in wanted.items():
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is fine
+            try:
+                probe.bind(("0.0.0.0", number))
+            except OSError:
+                busy.append(f"port {number}, for {what}")
+    return busy
+
+
+def http_port(argv: list[str]) -> int:
+    """The port the service will listen on: `port=`, else the config file's, else Serve's."""
+    for arg in argv:
+        if arg.startswith("port="):
+            return int(arg.split("=", 1)[1])
+    config = next((a for a in argv if a.endswith((".yaml", ".yml"))), None)
+    if config is not None:
+        import yaml
+
+        data = yaml.safe_load(Path(config).read_text()) or {}
+        return int((data.get("http_options") or {}).get("port", DEFAULT_PORT))
+    return DEFAULT_PORT
 
 
 def serve_run_command(argv: list[str]) -> tuple[list[str], Path | None]:
@@ -45,20 +97,25 @@ def serve_run_command(argv: list[str]) -> tuple[list[str], Path | None]:
     config = next((a for a in argv if a.endswith((".yaml", ".yml"))), None)
     overrides = dict(a.split("=", 1) for a in argv if "=" in a)
     base = [sys.executable, "-m", "ray.serve.scripts", "run"]
-    if config is None:
+    if config is None and not {"port", "host"} & overrides.keys():
         return base + ["serve_app:build_app", *(f"{k}={v}" for k, v in overrides.items())], None
-    if not overrides:
+    if config is not None and not overrides:
         return base + [config], None
-    return base + [str(path := _with_overrides(Path(config), overrides))], path
+    return base + [str(path := _with_overrides(config, overrides))], path
 
 
-def _with_overrides(config: Path, overrides: dict[str, str]) -> Path:
-    """A copy of `config` whose first application takes `overrides` (port= and host= go to HTTP)."""
+def _with_overrides(config: str | None, overrides: dict[str, str]) -> Path:
+    """A copy of `config` (or of a one-app config) whose first application takes `overrides`
+    (port= and host= go to HTTP)."""
     import yaml
 
     from serve_app.config import AppArgs
 
-    data = yaml.safe_load(config.read_text())
+    if config is None:
+        app = {"name": "embeddings", "route_prefix": "/", "import_path": "serve_app:build_app"}
+        data = {"applications": [app]}
+    else:
+        data = yaml.safe_load(Path(config).read_text())
     http = data.setdefault("http_options", {})
     for key in ("port", "host"):
         if key in overrides:
@@ -79,11 +136,21 @@ def main(argv: list[str]) -> int:
         print(__doc__.strip())
         return 0
     try:
+        port = http_port(argv)
+        env = tuned_environment(port=port)
+        if busy := busy_ports(env, port):
+            print(
+                f"Error: already in use: {'; '.join(busy)}. Is another instance running on this "
+                "machine? Start this one with port=N (Ray's side ports follow it), or set the "
+                "variable named to a free port.",
+                file=sys.stderr,
+            )
+            return 2
         command, temporary = serve_run_command(argv)
     except (ValueError, OSError) as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 2
-    child = subprocess.Popen(command, env=tuned_environment())
+    child = subprocess.Popen(command, env=env)
 
     def graceful(signum, _frame):
         # serve run shuts the cluster down cleanly (HAProxy included) on SIGINT only.

@@ -248,7 +248,13 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    # A dead process nobody has reaped yet (a zombie) still answers signal 0; in a
+    # container whose init does not reap, a dead raylet would keep its zygote forever.
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _kill(pid: int, signum: int) -> None:

@@ -130,11 +130,11 @@ def serve_cluster():
 
     from serve_app.launch import tuned_environment
 
-    # The production mode (HAProxy ingress, Ray's throughput profile); HAProxy's side
-    # listeners on free ports, so a development server on this machine cannot clash.
-    os.environ.update(tuned_environment())
-    os.environ["RAY_SERVE_HAPROXY_STATS_PORT"] = str(free_port())
-    os.environ["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(free_port())
+    # The production mode (HAProxy ingress, Ray's throughput profile), with Ray's side
+    # ports (fallback proxy, HAProxy's stats and metrics) following the service's free
+    # port, so a development server on this machine cannot clash with the tests.
+    port = free_port()
+    os.environ.update(tuned_environment(port=port))
     # Each test deletes its app; in production an ingress drains 30 s before it stops.
     os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "1"
     metrics_port = free_port()
@@ -146,7 +146,6 @@ def serve_cluster():
         log_to_driver=False,
         configure_logging=False,
     )
-    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield ServeCluster(port, metrics_port)
     serve.shutdown()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -18,13 +19,15 @@ FINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 class RayHead:
     """`ray start --head` in a temporary directory, with the job API on a free port."""
 
-    def __init__(self, temp_dir: Path) -> None:
+    def __init__(self, temp_dir: Path, serve_env: dict[str, str] | None = None) -> None:
+        self.temp_dir = temp_dir
         self.dashboard_port = free_port()
         # A local test cluster without token authentication (Ray 2.60 turns it on); the
         # README shows the token-authenticated way for shared clusters. Serve runs with
-        # Ray's defaults here (Python proxy): the session's tuned settings are left out.
+        # Ray's defaults (Python proxy) unless `serve_env` gives its flags: the session's
+        # own settings are left out.
         base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")}
-        self.env = {**base, "RAY_AUTH_MODE": "disabled"}
+        self.env = {**base, **(serve_env or {}), "RAY_AUTH_MODE": "disabled"}
         command = [
             str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
             f"--port={free_port()}", f"--dashboard-port={self.dashboard_port}",
@@ -76,14 +79,40 @@ class RayHead:
         return self.client.get_job_logs(job_id)
 
     def stop(self) -> None:
+        # Serve first, so HAProxy is stopped by its manager: Ray's workers (and the
+        # HAProxy they start) run outside the `ray start` process group.
+        subprocess.run(
+            [str(Path(sys.executable).with_name("serve")), "shutdown", "--yes",
+             "-a", f"http://127.0.0.1:{self.dashboard_port}"],
+            env=self.env, capture_output=True, timeout=90, check=False,
+        )
+        strays = _processes_of(self.temp_dir)
         os.environ.pop("RAY_AUTH_MODE", None)
         for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
             try:
                 os.killpg(self.process.pid, sig)
             except ProcessLookupError:
-                return
+                break
             try:
                 self.process.wait(wait_s)
+                break
             except subprocess.TimeoutExpired:
                 continue
-        # Daemons may outlive the launcher for a moment; the group signal reached them.
+        for pid in strays:  # warm-start launchers, workers, HAProxy: anything left
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _processes_of(temp_dir: Path) -> list[int]:
+    """Processes whose command line names this cluster's temp dir or its node's HAProxy dir."""
+    marks = [str(temp_dir)]
+    found: dict[int, str] = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
+            found[int(proc.name)] = cmdline.decode(errors="replace")
+    for cmdline in found.values():
+        if marks[0] in cmdline and "--node_id=" in cmdline:  # the raylet names its node
+            node_id = cmdline.split("--node_id=", 1)[1].split()[0]
+            marks.append(f"haproxy-serve/{node_id}")
+    return [pid for pid, cmdline in found.items() if pid != os.getpid() and any(m in cmdline for m in marks)]

@@ -1,12 +1,20 @@
 """`python -m serve_app`: the command it runs and the environment it runs it in."""
 
+import socket
 import subprocess
 import sys
 
 import pytest
 import yaml
 
-from serve_app.launch import FAST_SERVE_ENV, serve_run_command, tuned_environment
+from serve_app.launch import (
+    FAST_SERVE_ENV,
+    SIDE_PORTS,
+    busy_ports,
+    http_port,
+    serve_run_command,
+    tuned_environment,
+)
 
 
 def test_import_path_mode_passes_typed_args():
@@ -47,3 +55,61 @@ def test_tuned_environment_keeps_what_the_operator_set():
 def test_help_runs_without_ray():
     out = subprocess.run([sys.executable, "-m", "serve_app", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "python -m serve_app" in out.stdout
+
+
+def test_side_ports_follow_the_service_port():
+    assert {k: v for k, v in tuned_environment({}).items() if k in SIDE_PORTS} == {
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": "8500",  # Ray's defaults at Serve's default port
+        "RAY_SERVE_HAPROXY_STATS_PORT": "8404",
+        "RAY_SERVE_HAPROXY_METRICS_PORT": "9101",
+    }
+    second = tuned_environment({"RAY_SERVE_HAPROXY_STATS_PORT": "7000"}, port=8001)
+    assert second["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"] == "8501"
+    assert second["RAY_SERVE_HAPROXY_METRICS_PORT"] == "9102"
+    assert second["RAY_SERVE_HAPROXY_STATS_PORT"] == "7000"  # the operator's value stays
+    python_proxy = tuned_environment({"RAY_SERVE_ENABLE_HA_PROXY": "0"}, port=8001)
+    assert not SIDE_PORTS.keys() & python_proxy.keys()
+
+
+def test_http_port_comes_from_the_override_then_the_config_file(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"http_options": {"port": 8123}, "applications": []}))
+    assert http_port([str(config)]) == 8123
+    assert http_port([str(config), "port=8200"]) == 8200
+    assert http_port(["model=bundled:minilm"]) == 8000
+
+
+def test_port_without_a_config_file_goes_to_http_options_not_the_app():
+    command, temporary = serve_run_command(["model=bundled:minilm", "port=8011"])
+    try:
+        config = yaml.safe_load(temporary.read_text())
+        assert command[-1] == str(temporary)
+        assert config["http_options"] == {"port": 8011}
+        assert config["applications"][0]["import_path"] == "serve_app:build_app"
+        assert config["applications"][0]["args"] == {"model": "bundled:minilm"}
+    finally:
+        temporary.unlink()
+
+
+def test_busy_ports_are_named():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = tuned_environment({"RAY_SERVE_HAPROXY_STATS_PORT": str(port)}, port=port - 404)
+        busy = busy_ports(env, port - 404)
+    assert busy == [f"port {port}, for HAProxy's statistics page (RAY_SERVE_HAPROXY_STATS_PORT)"]
+
+
+def test_a_second_instance_on_a_taken_port_stops_with_a_sentence():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run(
+            [sys.executable, "-m", "serve_app", "model=bundled:minilm", f"port={port}"],
+            capture_output=True, text=True, timeout=60,
+        )
+    assert out.returncode == 2
+    assert f"already in use: port {port}, for the service" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -56,10 +56,22 @@ def wait_for(predicate, timeout_s: float, what: str):
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
-def test_serve_deploy_of_an_edited_config_under_load_fails_nothing(tmp_path_factory):
-    head = RayHead(tmp_path_factory.mktemp("rh"))  # short: Unix socket paths have a length limit
+def proxy_env(proxy: str, port: int) -> dict[str, str]:
+    """Serve's flags for each front: Ray's Python proxy, or what `python -m serve_app` sets up
+    for a service on `port` (its side ports follow it, so the session's cluster is not hit)."""
+    if proxy == "python":
+        return {}
+    from serve_app.launch import tuned_environment
+
+    return tuned_environment({}, port=port)
+
+
+@pytest.mark.parametrize("proxy", ["python", "haproxy"])
+def test_serve_deploy_of_an_edited_config_under_load_fails_nothing(proxy, tmp_path_factory):
+    # A short temp dir: Unix socket paths have a length limit.
+    port = free_port()
+    head = RayHead(tmp_path_factory.mktemp("rh"), serve_env=proxy_env(proxy, port))
     try:
-        port = free_port()
         url = f"http://127.0.0.1:{port}"
         config = tmp_path_factory.mktemp("config") / "serve_config.yaml"
         config.write_text(yaml.safe_dump(serve_config(port, max_input_tokens=256)))

@@ -132,3 +132,19 @@ def test_zygote_exits_with_its_parent(tmp_path):
     while os.path.exists(f"/proc/{zygotes[0]}") and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not os.path.exists(f"/proc/{zygotes[0]}")
+
+
+def test_a_dead_parent_left_unreaped_counts_as_gone():
+    # The zygote lives while its raylet does; a raylet that died but was never reaped
+    # (a zombie, in a container whose init does not reap) must not keep it forever.
+    _alive = warmstart._alive
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while _alive(child.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        assert not _alive(child.pid)
+        assert child.poll() is not None  # it was a zombie until now: we had not reaped it
+    finally:
+        child.wait()
+    assert _alive(os.getpid())
