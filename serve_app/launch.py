@@ -97,23 +97,24 @@ def serve_run_command(argv: list[str]) -> tuple[list[str], Path | None]:
     config = next((a for a in argv if a.endswith((".yaml", ".yml"))), None)
     overrides = dict(a.split("=", 1) for a in argv if "=" in a)
     base = [sys.executable, "-m", "ray.serve.scripts", "run"]
-    if config is None and not {"port", "host"} & overrides.keys():
-        return base + ["serve_app:build_app", *(f"{k}={v}" for k, v in overrides.items())], None
     if config is not None and not overrides:
         return base + [config], None
     return base + [str(path := _with_overrides(config, overrides))], path
 
 
 def _with_overrides(config: str | None, overrides: dict[str, str]) -> Path:
-    """A copy of `config` (or of a one-app config) whose first application takes `overrides`
-    (port= and host= go to HTTP)."""
+    """A copy of `config` (or a one-app config on 127.0.0.1:8000) whose first application
+    takes `overrides` (port= and host= go to HTTP)."""
     import yaml
 
     from serve_app.config import AppArgs
 
     if config is None:
+        # Written out rather than `serve run serve_app:build_app`: in HAProxy mode Ray's
+        # default host is all interfaces, and this service stays on this machine unless
+        # told otherwise (host=0.0.0.0), like serve_config.yaml.
         app = {"name": "embeddings", "route_prefix": "/", "import_path": "serve_app:build_app"}
-        data = {"applications": [app]}
+        data = {"http_options": {"host": "127.0.0.1", "port": DEFAULT_PORT}, "applications": [app]}
     else:
         data = yaml.safe_load(Path(config).read_text())
     http = data.setdefault("http_options", {})
@@ -150,14 +151,18 @@ def main(argv: list[str]) -> int:
     except (ValueError, OSError) as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 2
-    child = subprocess.Popen(command, env=env)
+    children: list[subprocess.Popen] = []
 
     def graceful(signum, _frame):
         # serve run shuts the cluster down cleanly (HAProxy included) on SIGINT only.
-        child.send_signal(signal.SIGINT)
+        for child in children:
+            child.send_signal(signal.SIGINT)
 
+    # Handlers first: a caught signal is reset to its default in the child, while an
+    # ignored one stays ignored, and a shell starting us in the background ignores SIGINT.
     signal.signal(signal.SIGTERM, graceful)
     signal.signal(signal.SIGINT, graceful)
+    children.append(child := subprocess.Popen(command, env=env))
     try:
         return child.wait()
     finally:

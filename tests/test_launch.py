@@ -3,6 +3,7 @@
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -17,10 +18,17 @@ from serve_app.launch import (
 )
 
 
-def test_import_path_mode_passes_typed_args():
+def test_without_a_config_file_the_service_stays_on_this_machine():
     command, temporary = serve_run_command(["model=bundled:minilm", "gpu_fraction=0"])
-    assert command[-3:] == ["serve_app:build_app", "model=bundled:minilm", "gpu_fraction=0"]
-    assert temporary is None
+    try:
+        config = yaml.safe_load(temporary.read_text())
+        assert command[-1] == str(temporary)
+        # Not Ray's default: in HAProxy mode that is all interfaces.
+        assert config["http_options"] == {"host": "127.0.0.1", "port": 8000}
+        assert config["applications"][0]["import_path"] == "serve_app:build_app"
+        assert config["applications"][0]["args"] == {"model": "bundled:minilm", "gpu_fraction": 0.0}
+    finally:
+        temporary.unlink()
 
 
 def test_config_file_runs_as_it_is_without_overrides():
@@ -84,7 +92,7 @@ def test_port_without_a_config_file_goes_to_http_options_not_the_app():
     try:
         config = yaml.safe_load(temporary.read_text())
         assert command[-1] == str(temporary)
-        assert config["http_options"] == {"port": 8011}
+        assert config["http_options"] == {"host": "127.0.0.1", "port": 8011}
         assert config["applications"][0]["import_path"] == "serve_app:build_app"
         assert config["applications"][0]["args"] == {"model": "bundled:minilm"}
     finally:
@@ -113,3 +121,49 @@ def test_a_second_instance_on_a_taken_port_stops_with_a_sentence():
     assert out.returncode == 2
     assert f"already in use: port {port}, for the service" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_start_command_serves_on_loopback_and_stops_on_sigterm_from_a_background_shell():
+    import os
+    import signal
+    import time
+
+    import httpx
+    from conftest import free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_SERVE_", "RAY_ADDRESS"))}
+    service = subprocess.Popen(
+        [sys.executable, "-m", "serve_app", "model=bundled:minilm", f"port={port}"],
+        env={**env, "HF_HUB_OFFLINE": "1"},
+        # As a shell starts a background job: SIGINT ignored, which the child inherits.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert service.poll() is None, "the service stopped during start-up"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "no answer within 180 s"
+            time.sleep(1)
+        reply = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"input": "hi"}, timeout=60)
+        assert reply.status_code == 200
+        # Only on loopback (Ray's default in this mode would be every interface).
+        rows = [line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:]]
+        listening = {row[1] for row in rows if row[3] == "0A"}  # state LISTEN
+        assert f"0100007F:{port:04X}" in listening
+        assert f"00000000:{port:04X}" not in listening
+        service.send_signal(signal.SIGTERM)
+        assert service.wait(timeout=90) == 0
+    finally:
+        if service.poll() is None:
+            service.kill()
+    with pytest.raises(httpx.ConnectError):  # HAProxy went with it
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
