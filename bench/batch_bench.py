@@ -4,9 +4,11 @@
     python bench/batch_bench.py --rows 20000 --json bench/results/batch.json
 
 Raw is `TextEmbedder.encode` in this process over the same texts, in the job's
-batch size, with every core. The job is `python -m serve_app.batch embed` run as
-a user runs it (a new process that starts a local Ray), reading a Parquet file
-and writing one; its Ray start-up is reported apart from its work.
+batch size, with every core. The job is `python -m serve_app.batch embed`, reading a
+Parquet file and writing one, run both ways a user runs it: as a process that starts
+a Ray of its own, and submitted with the job API to a `ray start --head` cluster
+(`--working-dir .`, as the README shows). Ray's start-up is reported apart from the
+job's work.
 """
 
 from __future__ import annotations
@@ -43,13 +45,14 @@ def main() -> None:
     source, target = folder / "rows.parquet", folder / "embedded.parquet"
     pq.write_table(pa.table({"row": list(range(len(texts))), "text": texts}), source)
 
-    # This machine's speed drifts over minutes: raw runs before and after the job.
+    # This machine's speed drifts over minutes: raw runs before and after the jobs.
     raw_before = run_raw(texts, opts)
     job = run_job(source, target, opts)
+    check(target, texts)
+    submitted = run_submitted(source, target, opts)
+    check(target, texts)
     raw_after = run_raw(texts, opts)
     raw_s = (raw_before + raw_after) / 2
-    out = pq.read_table(target)
-    assert out.num_rows == len(texts) and out["row"].to_pylist() == list(range(len(texts)))
 
     results = {
         "rows": len(texts),
@@ -59,27 +62,107 @@ def main() -> None:
         "job_work_s": job["work_s"],
         "ray_start_s": job["ray_start_s"],
         "process_s": job["process_s"],
+        "submitted_rows_per_s": len(texts) / submitted["work_s"],
+        "submitted_work_s": submitted["work_s"],
+        "cluster_start_s": submitted["cluster_start_s"],
+        "submitted_total_s": submitted["total_s"],
     }
     results["ratio"] = results["job_rows_per_s"] / results["raw_rows_per_s"]
+    results["submitted_ratio"] = results["submitted_rows_per_s"] / results["raw_rows_per_s"]
     report(results)
     if opts.json:
         opts.json.parent.mkdir(parents=True, exist_ok=True)
         opts.json.write_text(json.dumps(results, indent=2))
 
 
-def run_job(source: Path, target: Path, opts) -> dict:
-    command = [
-        sys.executable, "-m", "serve_app.batch", "embed", "--input", str(source),
+def job_command(source: Path, target: Path, opts, python: str = sys.executable) -> list[str]:
+    return [
+        python, "-m", "serve_app.batch", "embed", "--input", str(source),
         "--column", "text", "--output", str(target), "--model", opts.model,
         "--batch-size", str(opts.batch_size),
     ]
+
+
+def job_timing(log: str) -> tuple[float, float]:
+    found = re.search(r"Ray start-up ([\d.]+) s, embedding and writing ([\d.]+) s", log)
+    return float(found[1]), float(found[2])
+
+
+def run_job(source: Path, target: Path, opts) -> dict:
     started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(job_command(source, target, opts), capture_output=True, text=True)
     process_s = time.perf_counter() - started
     if done.returncode:
         sys.exit(f"the job failed:\n{done.stderr[-3000:]}")
-    found = re.search(r"Ray start-up ([\d.]+) s, embedding and writing ([\d.]+) s", done.stdout)
-    return {"ray_start_s": float(found[1]), "work_s": float(found[2]), "process_s": process_s}
+    ray_start_s, work_s = job_timing(done.stdout)
+    return {"ray_start_s": ray_start_s, "work_s": work_s, "process_s": process_s}
+
+
+def run_submitted(source: Path, target: Path, opts) -> dict:
+    """`ray start --head`, then `ray job submit --working-dir .` through the job API."""
+    import signal
+
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}  # a local single-user cluster
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    dashboard = free_port()
+    started = time.perf_counter()
+    head = subprocess.Popen(
+        [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
+         f"--port={free_port()}", f"--dashboard-port={dashboard}", "--disable-usage-stats",
+         f"--temp-dir={tempfile.mkdtemp(prefix='bb', dir='/tmp')}"],
+        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        from ray.job_submission import JobStatus, JobSubmissionClient
+
+        while True:
+            try:
+                client = JobSubmissionClient(f"http://127.0.0.1:{dashboard}")
+                break
+            except Exception:
+                if head.poll() is not None or time.perf_counter() - started > 120:
+                    raise
+                time.sleep(0.5)
+        cluster_start_s = time.perf_counter() - started
+        submitted = time.perf_counter()
+        job = client.submit_job(
+            entrypoint=" ".join(job_command(source, target, opts, python="python")),
+            runtime_env={"working_dir": str(Path(__file__).resolve().parents[1]),
+                         "env_vars": {"HF_HUB_OFFLINE": "1"}},
+        )
+        while (status := client.get_job_status(job)) not in (
+            JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED
+        ):
+            time.sleep(0.5)
+        total_s = time.perf_counter() - submitted
+        log = client.get_job_logs(job)
+        if status != JobStatus.SUCCEEDED:
+            sys.exit(f"the submitted job ended {status}:\n{log[-3000:]}")
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):  # the cluster's processes, all of them
+            os.killpg(head.pid, sig)
+            try:
+                head.wait(15)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+    return {"cluster_start_s": cluster_start_s, "work_s": job_timing(log)[1], "total_s": total_s}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def check(target: Path, texts: list[str]) -> None:
+    import pyarrow.parquet as pq
+
+    out = pq.read_table(target)
+    assert out.num_rows == len(texts) and out["row"].to_pylist() == list(range(len(texts)))
+    target.unlink()
 
 
 _RAW = None
@@ -107,6 +190,9 @@ def report(r: dict) -> None:
     print(f"  job                  {r['job_rows_per_s']:8.1f} rows/s  ({r['ratio']:.2f} x raw; "
           f"{r['job_work_s']:.1f} s incl. model load)")
     print(f"  Ray start-up          {r['ray_start_s']:7.1f} s  (whole process {r['process_s']:.1f} s)")
+    print(f"  submitted job        {r['submitted_rows_per_s']:8.1f} rows/s  ({r['submitted_ratio']:.2f} x raw; "
+          f"{r['submitted_work_s']:.1f} s incl. model load; {r['submitted_total_s']:.1f} s from submit to done)")
+    print(f"  ray start --head      {r['cluster_start_s']:7.1f} s")
 
 
 if __name__ == "__main__":
