@@ -66,7 +66,7 @@ def main() -> None:
     if not opts.untuned:
         from serve_app.launch import tuned_environment
 
-        os.environ.update(tuned_environment())
+        os.environ.update(tuned_environment(port=opts.port))  # Ray's side ports follow it
     os.environ.update(dict(item.split("=", 1) for item in opts.ray_env))
     ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     serve.start(http_options={"host": "127.0.0.1", "port": opts.port})

@@ -17,7 +17,7 @@ def served_app(name: str, port: int, **args) -> Iterator[str]:
     from serve_app.deployments import build_app
     from serve_app.launch import tuned_environment
 
-    os.environ.update(tuned_environment())
+    os.environ.update(tuned_environment(port=port))  # Ray's side ports follow the port
     ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:

@@ -78,12 +78,17 @@ def busy_ports(env: dict[str, str], port: int) -> list[str]:
     return busy
 
 
+def _split(argv: list[str]) -> tuple[str | None, dict[str, str]]:
+    """Our arguments: the config file, if one is named, and the key=value overrides."""
+    config = next((a for a in argv if a.endswith((".yaml", ".yml"))), None)
+    return config, dict(a.split("=", 1) for a in argv if "=" in a)
+
+
 def http_port(argv: list[str]) -> int:
     """The port the service will listen on: `port=`, else the config file's, else Serve's."""
-    for arg in argv:
-        if arg.startswith("port="):
-            return int(arg.split("=", 1)[1])
-    config = next((a for a in argv if a.endswith((".yaml", ".yml"))), None)
+    config, overrides = _split(argv)
+    if "port" in overrides:
+        return int(overrides["port"])
     if config is not None:
         import yaml
 
@@ -94,8 +99,7 @@ def http_port(argv: list[str]) -> int:
 
 def serve_run_command(argv: list[str]) -> tuple[list[str], Path | None]:
     """The `serve run` command for our arguments, and a temporary config file if one was made."""
-    config = next((a for a in argv if a.endswith((".yaml", ".yml"))), None)
-    overrides = dict(a.split("=", 1) for a in argv if "=" in a)
+    config, overrides = _split(argv)
     base = [sys.executable, "-m", "ray.serve.scripts", "run"]
     if config is not None and not overrides:
         return base + [config], None

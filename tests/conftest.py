@@ -73,6 +73,19 @@ def openai_client(http):
     return openai.OpenAI(base_url="http://testserver/v1", api_key="test-key", http_client=http)
 
 
+def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.25):
+    """`predicate()`'s first true value, polled until `timeout_s`; else a failed assertion."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -106,15 +119,7 @@ class ServeCluster:
         return {k: v for k, v in status.replica_states.items() if v}
 
     def wait_for(self, predicate, timeout_s: float, what: str, interval_s: float = 0.25):
-        import time
-
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(interval_s)
-        raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        return wait_for(predicate, timeout_s, what, interval_s)
 
     def delete(self, app: str) -> None:
         from ray import serve

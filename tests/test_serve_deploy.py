@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import BUNDLED, free_port
+from conftest import BUNDLED, free_port, wait_for
 from loadgen import Load
 from rayhead import RayHead
 
@@ -42,18 +42,6 @@ def max_input_tokens(url: str) -> int | None:
         return httpx.get(f"{url}/v1/models", timeout=5).json()["data"][0]["max_input_tokens"]
     except (httpx.HTTPError, KeyError, ValueError):
         return None
-
-
-def wait_for(predicate, timeout_s: float, what: str):
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def proxy_env(proxy: str, port: int) -> dict[str, str]:
