@@ -4,11 +4,13 @@
     python bench/batch_bench.py --rows 20000 --json bench/results/batch.json
 
 Raw is `TextEmbedder.encode` in this process over the same texts, in the job's
-batch size, with every core. The job is `python -m serve_app.batch embed`, reading a
-Parquet file and writing one, run both ways a user runs it: as a process that starts
-a Ray of its own, and submitted with the job API to a `ray start --head` cluster
-(`--working-dir .`, as the README shows). Ray's start-up is reported apart from the
-job's work.
+batch size, with every core, run before, between and after the two jobs; each job
+is compared with the two raw runs beside it (this machine's speed drifts). The job
+is `python -m serve_app.batch embed`, reading a Parquet file and writing one, run
+both ways a user runs it: as a process that starts a Ray of its own, and submitted
+with the job API to a `ray start --head` cluster (`--working-dir .`, as the README
+shows). Ray's start-up is reported apart from the job's work, which includes the
+model actor's start (the actor's own report of it is printed too).
 """
 
 from __future__ import annotations
@@ -45,30 +47,34 @@ def main() -> None:
     source, target = folder / "rows.parquet", folder / "embedded.parquet"
     pq.write_table(pa.table({"row": list(range(len(texts))), "text": texts}), source)
 
-    # This machine's speed drifts over minutes: raw runs before and after the jobs.
-    raw_before = run_raw(texts, opts)
+    # This machine's speed drifts over minutes: raw runs before, between and after the
+    # jobs, and each job is compared with the two raw runs beside it.
+    raw = [run_raw(texts, opts)]
     job = run_job(source, target, opts)
     check(target, texts)
+    raw.append(run_raw(texts, opts))
     submitted = run_submitted(source, target, opts)
     check(target, texts)
-    raw_after = run_raw(texts, opts)
-    raw_s = (raw_before + raw_after) / 2
+    raw.append(run_raw(texts, opts))
+    rows = len(texts)
 
     results = {
-        "rows": len(texts),
-        "raw_rows_per_s": len(texts) / raw_s,
-        "raw_rows_per_s_before_after": [len(texts) / raw_before, len(texts) / raw_after],
-        "job_rows_per_s": len(texts) / job["work_s"],
+        "rows": rows,
+        "raw_rows_per_s_runs": [rows / s for s in raw],
+        "raw_rows_per_s": rows / (sum(raw) / len(raw)),
+        "job_rows_per_s": rows / job["work_s"],
         "job_work_s": job["work_s"],
+        "job_model_load": job["model_load"],
         "ray_start_s": job["ray_start_s"],
         "process_s": job["process_s"],
-        "submitted_rows_per_s": len(texts) / submitted["work_s"],
+        "submitted_rows_per_s": rows / submitted["work_s"],
         "submitted_work_s": submitted["work_s"],
+        "submitted_model_load": submitted["model_load"],
         "cluster_start_s": submitted["cluster_start_s"],
         "submitted_total_s": submitted["total_s"],
     }
-    results["ratio"] = results["job_rows_per_s"] / results["raw_rows_per_s"]
-    results["submitted_ratio"] = results["submitted_rows_per_s"] / results["raw_rows_per_s"]
+    results["ratio"] = results["job_rows_per_s"] / (rows / ((raw[0] + raw[1]) / 2))
+    results["submitted_ratio"] = results["submitted_rows_per_s"] / (rows / ((raw[1] + raw[2]) / 2))
     report(results)
     if opts.json:
         opts.json.parent.mkdir(parents=True, exist_ok=True)
@@ -88,6 +94,12 @@ def job_timing(log: str) -> tuple[float, float]:
     return float(found[1]), float(found[2])
 
 
+def model_load(log: str) -> str:
+    """What the job's actor said about loading the model: how long, and whether forked warm."""
+    found = re.search(r"loaded in ([\d.]+ s \([^)]*\))", log)
+    return found[1] if found else "not reported"
+
+
 def run_job(source: Path, target: Path, opts) -> dict:
     started = time.perf_counter()
     done = subprocess.run(job_command(source, target, opts), capture_output=True, text=True)
@@ -95,7 +107,8 @@ def run_job(source: Path, target: Path, opts) -> dict:
     if done.returncode:
         sys.exit(f"the job failed:\n{done.stderr[-3000:]}")
     ray_start_s, work_s = job_timing(done.stdout)
-    return {"ray_start_s": ray_start_s, "work_s": work_s, "process_s": process_s}
+    return {"ray_start_s": ray_start_s, "work_s": work_s, "process_s": process_s,
+            "model_load": model_load(done.stdout + done.stderr)}
 
 
 def run_submitted(source: Path, target: Path, opts) -> dict:
@@ -146,7 +159,8 @@ def run_submitted(source: Path, target: Path, opts) -> dict:
                 break
             except subprocess.TimeoutExpired:
                 continue
-    return {"cluster_start_s": cluster_start_s, "work_s": job_timing(log)[1], "total_s": total_s}
+    return {"cluster_start_s": cluster_start_s, "work_s": job_timing(log)[1], "total_s": total_s,
+            "model_load": model_load(log)}
 
 
 def free_port() -> int:
@@ -185,13 +199,14 @@ def run_raw(texts: list[str], opts) -> float:
 
 def report(r: dict) -> None:
     print(f"\nembed job over {r['rows']} rows (Parquet in, Parquet out)")
-    before, after = r["raw_rows_per_s_before_after"]
-    print(f"  raw forward passes   {r['raw_rows_per_s']:8.1f} rows/s  (before the job {before:.1f}, after {after:.1f})")
-    print(f"  job                  {r['job_rows_per_s']:8.1f} rows/s  ({r['ratio']:.2f} x raw; "
-          f"{r['job_work_s']:.1f} s incl. model load)")
+    runs = ", ".join(f"{x:.1f}" for x in r["raw_rows_per_s_runs"])
+    print(f"  raw forward passes   {r['raw_rows_per_s']:8.1f} rows/s  (runs before, between, after the jobs: {runs})")
+    print(f"  job                  {r['job_rows_per_s']:8.1f} rows/s  ({r['ratio']:.2f} x the raw runs beside it; "
+          f"{r['job_work_s']:.1f} s incl. model load {r['job_model_load']})")
     print(f"  Ray start-up          {r['ray_start_s']:7.1f} s  (whole process {r['process_s']:.1f} s)")
-    print(f"  submitted job        {r['submitted_rows_per_s']:8.1f} rows/s  ({r['submitted_ratio']:.2f} x raw; "
-          f"{r['submitted_work_s']:.1f} s incl. model load; {r['submitted_total_s']:.1f} s from submit to done)")
+    print(f"  submitted job        {r['submitted_rows_per_s']:8.1f} rows/s  ({r['submitted_ratio']:.2f} x the raw runs "
+          f"beside it; {r['submitted_work_s']:.1f} s incl. model load {r['submitted_model_load']}; "
+          f"{r['submitted_total_s']:.1f} s from submit to done)")
     print(f"  ray start --head      {r['cluster_start_s']:7.1f} s")
 
 

@@ -143,9 +143,9 @@ class AppArgs(BaseModel):
     warm_start: Literal["auto", "on", "off"] = Field(
         "auto",
         description=(
-            "Fork model replicas from a process that already imported torch (cold start "
-            "~2 s instead of ~6 s on a 2-core CPU). auto: on for CPU replicas; GPU replicas "
-            "stay off until verified on a GPU."
+            "Fork model replicas (and batch-job actors) from a process that already "
+            "imported torch (cold start ~2 s instead of ~6 s on a 2-core CPU). auto: on "
+            "for CPU replicas; GPU replicas stay off until verified on a GPU."
         ),
     )
 

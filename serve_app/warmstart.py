@@ -9,17 +9,24 @@ transformers but never run a tensor op or touched CUDA, to fork the worker,
 the way PyTorch's DataLoader forks its workers. The child becomes the Ray
 worker exactly as `python default_worker.py ...` would have.
 
+A zygote serves the workers of one Ray job only: Ray's core library reads the
+job id (`RAY_JOB_ID`) from the environment once per process, when it is first
+loaded, so a child forked for another job would register under the wrong job
+and be refused. The zygote's address therefore names the job, and a zygote is
+started with the job's id in its environment.
+
 Anything unexpected (no zygote yet, a stale socket, another OS) makes the
 launcher run the worker the ordinary way: slower, never broken.
 
-    python -m serve_app.warmstart WORKER_SCRIPT ARGS...   # what Ray runs
-    python -m serve_app.warmstart --zygote ADDRESS PARENT_PID MODULES
+    python -m serve_app.warmstart [--preload=M,..] [--no-new-zygote] WORKER_SCRIPT ARGS...
+    python -m serve_app.warmstart --zygote ADDRESS PARENT_PID MODULES [OWNER_PID]
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import json
 import os
 import runpy
@@ -32,6 +39,7 @@ import sys
 import time
 
 _HEADER = struct.Struct("!I")
+_forked = False  # set in a worker the zygote forked
 # Imported in the zygote once, shared by every forked worker. Not ray.serve:
 # importing it starts a jemalloc thread, and forking is only safe without busy threads.
 PRELOAD = [
@@ -56,37 +64,91 @@ def warm_start_enabled(setting: str, gpu_fraction: float) -> bool:
     return setting == "on"
 
 
-def py_executable(model_type: str) -> str:
-    """The runtime_env `py_executable` that starts workers through the launcher."""
-    return f"{sys.executable} -m serve_app.warmstart --preload={preload_for(model_type)}"
+def py_executable(model_type: str, *, new_zygote: bool = True) -> str:
+    """The runtime_env `py_executable` that starts workers through the launcher.
+
+    With `new_zygote=False` a launcher that finds no zygote starts its worker cold and
+    leaves none behind: for short-lived jobs, whose zygote lives only as long as the job.
+    """
+    flag = "" if new_zygote else " --no-new-zygote"
+    return f"{sys.executable} -m serve_app.warmstart --preload={preload_for(model_type)}{flag}"
 
 
-def zygote_address(preload: str, parent_pid: int) -> str:
-    """An abstract-namespace socket name, one per Ray node session, interpreter and preload."""
-    key = hashlib.sha1(f"{sys.executable}|{preload}".encode()).hexdigest()[:12]
+def zygote_address(preload: str, parent_pid: int, job_id: str | None = None) -> str:
+    """An abstract-namespace socket name, one per Ray node session, job, interpreter and preload.
+
+    `job_id` defaults to this process's `RAY_JOB_ID`, which Ray sets for its workers.
+    """
+    job = os.environ.get("RAY_JOB_ID", "") if job_id is None else job_id
+    # The interpreter by what it is (`python` and `python3` in one venv are the same),
+    # and the environment by its prefix (two venvs can share one interpreter).
+    interpreter = f"{os.path.realpath(sys.executable)}|{sys.prefix}"
+    key = hashlib.sha1(f"{interpreter}|{preload}|{job}".encode()).hexdigest()[:12]
     return f"\0sheet-embeddings-zygote-{os.getuid()}-{parent_pid}-{key}"
 
 
-def ensure_zygote(preload: str, parent_pid: int) -> bool:
-    """Start a zygote for workers of `parent_pid` (the raylet) unless one answers; True if new."""
+def ensure_zygote(preload: str, parent_pid: int, *, job_id: str | None = None,
+                  owner_pid: int | None = None) -> bool:
+    """Start a zygote for workers of `parent_pid` (the raylet) unless one answers; True if new.
+
+    A Ray worker calls this for its own job. A driver passes its `job_id` (it has no
+    `RAY_JOB_ID`) and its own pid as `owner_pid`: that zygote ends with the driver.
+    """
     if sys.platform != "linux":
         return False
-    address = zygote_address(preload, parent_pid)
+    address = zygote_address(preload, parent_pid, job_id)
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(address)
         return False
     except OSError:
-        start_zygote(address, parent_pid, preload)
+        env = None
+        if job_id is not None:  # what Ray would give the job's workers
+            env = {"RAY_JOB_ID": job_id, "RAY_RAYLET_PID": str(parent_pid)}
+        start_zygote(address, parent_pid, preload, env=env, owner_pid=owner_pid)
         return True
     finally:
         probe.close()
 
 
+def driver_zygote(model_type: str) -> bool:
+    """From a Ray driver: start the zygote for this job's workers on this node; True if new."""
+    import ray
+
+    raylet = local_raylet_pid()
+    if raylet is None:
+        return False
+    job_id = ray.get_runtime_context().get_job_id()
+    return ensure_zygote(preload_for(model_type), raylet, job_id=job_id, owner_pid=os.getpid())
+
+
+def local_raylet_pid() -> int | None:
+    """The raylet of the node this Ray driver runs on: the parent of its workers."""
+    import ray
+
+    wanted = f"--raylet_socket_name={ray._private.worker.global_worker.node.raylet_socket_name}"
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                args = cmdline.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if wanted in args:
+            return int(entry)
+    return None
+
+
+def forked_from_zygote() -> bool:
+    """Whether this process is a worker the zygote forked (its imports were already done)."""
+    return _forked
+
+
 # --- the launcher: what Ray runs instead of `python default_worker.py ...` -----------
 
 
-def launch(preload: str, argv: list[str]) -> None:
+def launch(preload: str, argv: list[str], new_zygote: bool = True) -> None:
     """Have the zygote fork this worker; fall back to running it here."""
     parent = os.getppid()  # the raylet
     address = zygote_address(preload, parent)
@@ -94,7 +156,8 @@ def launch(preload: str, argv: list[str]) -> None:
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         conn.connect(address)
     except OSError:
-        start_zygote(address, parent, preload)
+        if new_zygote:
+            start_zygote(address, parent, preload)
         os.execv(sys.executable, [sys.executable, *argv])
     request = json.dumps({"argv": argv, "env": dict(os.environ), "cwd": os.getcwd()}).encode()
     socket.send_fds(conn, [_HEADER.pack(len(request)) + request], [0, 1, 2])
@@ -114,24 +177,28 @@ def launch(preload: str, argv: list[str]) -> None:
     sys.exit(1)
 
 
-def start_zygote(address: str, parent: int, preload: str) -> None:
-    """Start the zygote in the background for the next worker; never wait for it."""
+def start_zygote(address: str, parent: int, preload: str, *, env: dict[str, str] | None = None,
+                 owner_pid: int | None = None) -> None:
+    """Start the zygote in the background for the next worker; never wait for it.
+
+    It lives while `parent` (the raylet) does, and `owner_pid` too when given.
+    """
     log = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"sheet-embeddings-zygote-{parent}.log")
+    command = [sys.executable, "-m", "serve_app.warmstart", "--zygote", address[1:], str(parent), preload]
+    if owner_pid is not None:
+        command.append(str(owner_pid))
     with open(log, "ab") as out:
         subprocess.Popen(
-            [sys.executable, "-m", "serve_app.warmstart", "--zygote", address[1:], str(parent), preload],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
-            env={**os.environ, "PYTORCH_NVML_BASED_CUDA_CHECK": "1"},
+            command, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
+            env={**os.environ, **(env or {}), "PYTORCH_NVML_BASED_CUDA_CHECK": "1"},
         )
 
 
 # --- the zygote -----------------------------------------------------------------------
 
 
-def serve_zygote(address: str, parent: int, preload: str) -> None:
+def serve_zygote(address: str, parent: int, preload: str, owner: int | None = None) -> None:
     """Import the heavy modules once, then fork a worker for every launcher that asks."""
-    import importlib
-
     # Detach (double fork): Ray kills a worker's child processes when the worker exits,
     # and the zygote must outlive the process that started it.
     if os.fork() > 0:
@@ -152,7 +219,7 @@ def serve_zygote(address: str, parent: int, preload: str) -> None:
             print(f"zygote: cannot preload {module}: {exc!r}", flush=True)
     print(f"zygote {os.getpid()} ready in {time.perf_counter() - started:.2f} s", flush=True)
     children: dict[int, socket.socket] = {}
-    while _alive(parent):
+    while _alive(parent) and (owner is None or _alive(owner)):
         ready, _, _ = select.select([listener], [], [], 0.5)
         _reap(children)
         if not ready:
@@ -201,6 +268,9 @@ def _become_worker(request: dict, fds: list[int]) -> None:
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
+        with contextlib.suppress(Exception):  # a report only: never fail the worker for it
+            # The zygote runs this file as __main__; the worker asks the importable module.
+            importlib.import_module("serve_app.warmstart")._forked = True
         argv = request["argv"]
         sys.argv = list(argv)
         _reset_sys_path(argv[0], request["env"].get("PYTHONPATH", ""))
@@ -264,14 +334,21 @@ def _kill(pid: int, signum: int) -> None:
 
 def main(argv: list[str]) -> None:
     if argv and argv[0] == "--zygote":
-        serve_zygote(argv[1], int(argv[2]), argv[3])
+        serve_zygote(argv[1], int(argv[2]), argv[3], int(argv[4]) if len(argv) > 4 else None)
         return
-    preload = ",".join(PRELOAD)
-    if argv and argv[0].startswith("--preload="):
-        preload, argv = argv[0].split("=", 1)[1], argv[1:]
+    preload, new_zygote = ",".join(PRELOAD), True
+    while argv and argv[0].startswith("--"):  # the launcher's own options, then the worker's command
+        option, argv = argv[0], argv[1:]
+        if option.startswith("--preload="):
+            preload = option.split("=", 1)[1]
+        elif option == "--no-new-zygote":
+            new_zygote = False
+        else:
+            argv = [option, *argv]
+            break
     if sys.platform != "linux" or not argv:
         os.execv(sys.executable, [sys.executable, *argv])
-    launch(preload, argv)
+    launch(preload, argv, new_zygote)
 
 
 if __name__ == "__main__":

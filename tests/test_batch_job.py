@@ -51,6 +51,9 @@ def test_embed_csv_job_with_working_dir_matches_direct_computation(ray_head, tmp
     logs = ray_head.logs(job)
     assert "Running Dataset" in logs or "Dataset" in logs  # Ray Data's progress is in the job log
     assert "Wrote 8 rows" in logs
+    # The actor was forked from the job's warm-start zygote, which ends with the job.
+    assert "loaded in" in logs and "(forked from the warm-start process)" in logs, logs[-3000:]
+    assert_zygotes_gone(ray_head)
 
     table = pq.read_table(output)
     assert table.column_names == ["id", "question", "doc", "embedding"]
@@ -71,8 +74,35 @@ def test_embed_csv_job_with_working_dir_matches_direct_computation(ray_head, tmp
     again = ray_head.submit("embed", "--input", str(tmp_path / "rows.csv"), "--column", "question",
                             "--output", str(output))
     assert ray_head.wait(again) == "SUCCEEDED", ray_head.logs(again)[-3000:]
+    # A second job on the same cluster gets a zygote of its own (one started for the
+    # first job would fork workers that Ray refuses: they carry the first job's id).
+    assert "(forked from the warm-start process)" in ray_head.logs(again), ray_head.logs(again)[-3000:]
+    assert_zygotes_gone(ray_head)
     assert hashlib.sha256(output.read_bytes()).hexdigest() == first
     assert sorted(p.name for p in output.parent.iterdir()) == ["embedded.parquet"]
+
+
+def assert_zygotes_gone(head, timeout_s: float = 15) -> None:
+    """No warm-start zygote of this cluster outlives the job that started it."""
+    from pathlib import Path
+
+    def zygotes() -> list[str]:
+        raylets, found = set(), []
+        for proc in Path("/proc").iterdir():
+            try:
+                args = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            except OSError:
+                continue
+            if args[0].endswith("raylet") and any(str(head.temp_dir) in a for a in args):
+                raylets.add(proc.name)
+            elif "--zygote" in args:
+                found.append(args)
+        return [" ".join(z) for z in found if set(z) & raylets]
+
+    deadline = time.monotonic() + timeout_s
+    while zygotes() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert zygotes() == []
 
 
 def test_similarity_xlsx_round_trip(ray_head, tmp_path, bundled_embedder):

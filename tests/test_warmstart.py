@@ -23,6 +23,7 @@ SCRIPT = textwrap.dedent(
         "marker": os.environ.get("WARM_MARKER"), "path0": sys.path[0],
         "extra_on_path": os.environ.get("EXTRA_DIR") in sys.path,
         "preloaded": "decimal" in sys.modules,
+        "forked": __import__("serve_app.warmstart").warmstart.forked_from_zygote(),
     }), flush=True)
     if "--sleep" in sys.argv:
         import time; time.sleep(60)
@@ -38,10 +39,11 @@ def script(tmp_path):
     return path
 
 
-def launch(script, *args, env_extra=None, preload=PRELOAD, cwd=None, **popen):
+def launch(script, *args, env_extra=None, preload=PRELOAD, cwd=None, new_zygote=True, **popen):
     env = {**os.environ, "WARM_MARKER": "from-launcher", **(env_extra or {})}
+    options = [f"--preload={preload}"] + ([] if new_zygote else ["--no-new-zygote"])
     return subprocess.Popen(
-        [sys.executable, "-m", "serve_app.warmstart", f"--preload={preload}", str(script), *args],
+        [sys.executable, "-m", "serve_app.warmstart", *options, str(script), *args],
         env=env, cwd=cwd, stdout=subprocess.PIPE, text=True, **popen,
     )
 
@@ -87,6 +89,7 @@ def test_worker_is_forked_by_the_zygote_with_the_launchers_world(script, tmp_pat
     assert report["path0"] == str(script.parent)  # as `python worker.py` would set it
     assert report["extra_on_path"] is True  # PYTHONPATH of the worker, not of the zygote
     assert report["preloaded"] is True  # the import was paid once, in the zygote
+    assert report["forked"] is True
     assert "--zygote" in cmdline(report["ppid"])
 
 
@@ -115,6 +118,7 @@ def test_without_a_zygote_the_worker_still_runs(script, tmp_path):
     assert proc.returncode == 5
     report = json.loads(out)
     assert "--zygote" not in cmdline(report["ppid"])
+    assert report["forked"] is False
     wait_for_zygote(preload)  # ... and the next one is warm
 
 
@@ -148,3 +152,106 @@ def test_a_dead_parent_left_unreaped_counts_as_gone():
     finally:
         child.wait()
     assert _alive(os.getpid())
+
+
+def test_the_zygote_address_names_the_job(monkeypatch):
+    monkeypatch.setenv("RAY_JOB_ID", "01000000")
+    mine = warmstart.zygote_address(PRELOAD, 42)
+    assert mine == warmstart.zygote_address(PRELOAD, 42, "01000000")  # a worker's own job
+    assert mine != warmstart.zygote_address(PRELOAD, 42, "02000000")
+    assert mine != warmstart.zygote_address(PRELOAD, 43, "01000000")
+
+
+def zygotes_of(parent_pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                args = cmdline(entry).split()
+            except OSError:
+                continue
+            if "--zygote" in args and str(parent_pid) in args:
+                found.append(int(entry))
+    return found
+
+
+def test_a_zygote_forks_only_workers_of_its_job_and_ends_with_its_owner(script, tmp_path):
+    """Ray's core library reads the job id once per process: a zygote started for job A
+    must never fork a worker of job B (it would register under job A and be refused)."""
+    import json
+
+    parent = os.getpid()  # stands in for the raylet
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # the driver
+    preload = "json,calendar"  # a preload no other test uses
+    try:
+        assert warmstart.ensure_zygote(preload, parent, job_id="0a000000", owner_pid=owner.pid) is True
+        address = warmstart.zygote_address(preload, parent, "0a000000")
+        deadline = time.monotonic() + 20
+        while not zygotes_of(parent) or not any(address[1:] in cmdline(z) for z in zygotes_of(parent)):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        (zygote,) = [z for z in zygotes_of(parent) if address[1:] in cmdline(z)]
+        with open(f"/proc/{zygote}/environ", "rb") as environ:
+            env = dict(item.split(b"=", 1) for item in environ.read().split(b"\0") if b"=" in item)
+        assert env[b"RAY_JOB_ID"] == b"0a000000"  # what Ray's core library will read in its children
+        assert env[b"RAY_RAYLET_PID"] == str(parent).encode()
+
+        reports = {}
+        for job in ("0a000000", "0b000000"):
+            proc = launch(script, "3", preload=f"{preload}", env_extra={"RAY_JOB_ID": job},
+                          new_zygote=False)
+            out, _ = proc.communicate(timeout=30)
+            assert proc.returncode == 3
+            reports[job] = json.loads(out)
+        assert reports["0a000000"]["forked"] is True and reports["0a000000"]["ppid"] == zygote
+        assert reports["0b000000"]["forked"] is False  # another job's worker starts cold ...
+        time.sleep(1.0)
+        assert [z for z in zygotes_of(parent) if z != zygote and preload in cmdline(z)] == []  # ... and starts no zygote
+
+        owner.kill()  # the driver ends: its zygote goes too
+        owner.wait()
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{zygote}") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not os.path.exists(f"/proc/{zygote}")
+    finally:
+        owner.kill()
+        owner.wait()
+
+
+def test_batch_actors_start_warm_only_where_it_applies(monkeypatch):
+    """No zygote for GPU actors, for warm_start=off, or where the job brings its own interpreter."""
+    import json
+
+    from serve_app.batch.job import warm_start_executable
+    from serve_app.config import AppArgs
+    from serve_app.modelinfo import resolve_model
+
+    spec = resolve_model("bundled:minilm")
+    started = []
+    monkeypatch.setattr(warmstart, "driver_zygote", lambda model_type: started.append(model_type))
+    assert warm_start_executable(AppArgs(warm_start="off"), spec, 0.0) is None
+    assert warm_start_executable(AppArgs(), spec, 0.25) is None
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR",
+                       json.dumps({"runtime_env": {"pip": ["requests"], "working_dir": "."}}))
+    assert warm_start_executable(AppArgs(), spec, 0.0) is None
+    assert started == []
+
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"working_dir": "."}}))
+    executable = warm_start_executable(AppArgs(), spec, 0.0)
+    assert executable.split()[:3] == [sys.executable, "-m", "serve_app.warmstart"]
+    assert "--no-new-zygote" in executable.split()  # other nodes start cold, leaving no zygote behind
+    assert started == [spec.model_type]
+
+
+def test_python_and_python3_of_one_environment_share_a_zygote():
+    """Ray starts workers as `python3` where the driver ran `python`: one zygote for both."""
+    import json
+
+    alias = [os.path.join(os.path.dirname(sys.executable), name) for name in ("python", "python3")]
+    alias = [a for a in alias if os.path.exists(a)]
+    if len(alias) < 2 or os.path.realpath(alias[0]) != os.path.realpath(alias[1]):
+        pytest.skip("this environment has no python/python3 pair")
+    code = "import json, sys; from serve_app import warmstart; print(json.dumps(warmstart.zygote_address('m', 1, 'j')))"
+    seen = {json.loads(subprocess.check_output([a, "-c", code], text=True)) for a in alias}
+    assert len(seen) == 1

@@ -49,8 +49,12 @@ class EmbedRows:
     """A Ray Data actor: loads the model once, then adds embeddings or similarities to batches."""
 
     def __init__(self, args: dict, gpu_fraction: float) -> None:
+        import time
+
+        started = time.perf_counter()
         from serve_app.embedder import TextEmbedder, default_cpu_threads
         from serve_app.modelinfo import resolve_model
+        from serve_app.warmstart import forked_from_zygote
 
         settings = AppArgs.model_validate(args)
         cpus = settings.cpu_threads or default_cpu_threads()
@@ -59,6 +63,9 @@ class EmbedRows:
         # batch into halves run side by side measured 15-20% slower inside a Ray Data actor.
         # Thread counts are set per call: Ray Data's threads start from OMP_NUM_THREADS=1.
         self.threads = cpus
+        how = "forked from the warm-start process" if forked_from_zygote() else "cold start"
+        print(f"Model {self.model.spec.name} loaded in {time.perf_counter() - started:.1f} s ({how}).",
+              flush=True)
 
     def __call__(self, batch: pa.Table, task: str, columns: list[str], prefixes: list[str],
                  dimensions: int | None = None) -> pa.Table:
@@ -209,6 +216,11 @@ def _read(path: str, columns: list[str], opts: JobOptions):
     files, fmt = input_files(path)
     files = [f.resolve() for f in files]  # read tasks run elsewhere than the driver's cwd
     if fmt == "parquet":
+        import os
+
+        # Ray Data asks for 32 footer-reading actors, each a Python process to start beside
+        # the model's on a small machine; more than one per file gains nothing.
+        os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", str(min(32, len(files))))
         return ray.data.read_parquet([str(f) for f in files])
     if fmt == "csv":
         from pyarrow import csv
@@ -242,6 +254,10 @@ def _embed(dataset, opts: JobOptions, task: str, columns: list[str], prefixes: l
     actors = opts.actors or _default_actors(gpu_fraction)
     logger.info("Embedding with %d actor(s), %s GPU each, %d rows a batch",
                 actors, gpu_fraction or "no", opts.batch_size)
+    remote_args = {}
+    warm = warm_start_executable(opts.args, opts.spec, gpu_fraction)
+    if warm is not None:
+        remote_args["runtime_env"] = {"py_executable": warm}
     return dataset.map_batches(
         EmbedRows,
         fn_constructor_kwargs={
@@ -255,7 +271,36 @@ def _embed(dataset, opts: JobOptions, task: str, columns: list[str], prefixes: l
         compute=ActorPoolStrategy(size=actors),
         num_cpus=opts.args.replica_cpus,
         num_gpus=gpu_fraction or None,
+        **remote_args,
     )
+
+
+def warm_start_executable(args: AppArgs, spec: ModelSpec, gpu_fraction: float) -> str | None:
+    """Start the embedding actors through a warm-start zygote: their `py_executable`, or None.
+
+    The zygote, started here, imports Ray, torch and transformers (~4.5 s of one core)
+    while Ray Data plans the job and starts its readers on the other cores; each actor
+    on this node is then forked from it with all of that done. The zygote belongs to
+    this job (Ray's core library fixes a process's job id when loaded) and exits with
+    this driver. Actors on other nodes start the ordinary way. None where it does not apply: GPU actors (as for the service),
+    `warm_start=off`, or a job whose runtime environment brings its own interpreter
+    (pip, uv, conda, a container).
+    """
+    import json
+    import os
+
+    from serve_app.warmstart import driver_zygote, py_executable, warm_start_enabled
+
+    if not warm_start_enabled(args.warm_start, gpu_fraction):
+        return None
+    submitted = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
+    if set(submitted) & _OWN_INTERPRETER:
+        return None
+    driver_zygote(spec.model_type)
+    return py_executable(spec.model_type, new_zygote=False)
+
+
+_OWN_INTERPRETER = {"pip", "uv", "conda", "container", "image_uri", "py_executable"}
 
 
 def _default_actors(gpu_fraction: float) -> int:
