@@ -25,6 +25,7 @@ launcher run the worker the ordinary way: slower, never broken.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib
 import json
@@ -126,7 +127,13 @@ def local_raylet_pid() -> int | None:
     """The raylet of the node this Ray driver runs on: the parent of its workers."""
     import ray
 
-    wanted = f"--raylet_socket_name={ray._private.worker.global_worker.node.raylet_socket_name}"
+    return _raylet_pid(ray._private.worker.global_worker.node.raylet_socket_name)
+
+
+@functools.cache
+def _raylet_pid(socket_name: str) -> int | None:
+    """The process serving this raylet socket, found once (a job embeds more than once)."""
+    wanted = f"--raylet_socket_name={socket_name}"
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue

@@ -86,6 +86,27 @@ def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.25):
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
+def command_lines() -> dict[int, list[str]]:
+    """Every process's arguments, by pid (processes that end meanwhile are left out)."""
+    found = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            found[int(proc.name)] = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+    return found
+
+
+def cmdline(pid: int) -> str:
+    """One process's command line, its arguments joined by spaces."""
+    return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
+def zygotes_of(parent_pid: int) -> list[int]:
+    """The warm-start zygotes serving the workers of `parent_pid` (a raylet)."""
+    return [pid for pid, args in command_lines().items() if "--zygote" in args and str(parent_pid) in args]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

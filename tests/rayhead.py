@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import BUNDLED, free_port
+from conftest import BUNDLED, command_lines, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 FINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -106,13 +106,9 @@ class RayHead:
 def _processes_of(temp_dir: Path) -> list[int]:
     """Processes whose command line names this cluster's temp dir or its node's HAProxy dir."""
     marks = [str(temp_dir)]
-    found: dict[int, str] = {}
-    for proc in Path("/proc").glob("[0-9]*"):
-        with contextlib.suppress(OSError):
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
-            found[int(proc.name)] = cmdline.decode(errors="replace")
-    for cmdline in found.values():
-        if marks[0] in cmdline and "--node_id=" in cmdline:  # the raylet names its node
-            node_id = cmdline.split("--node_id=", 1)[1].split()[0]
+    found = {pid: " ".join(args) for pid, args in command_lines().items()}
+    for line in found.values():
+        if marks[0] in line and "--node_id=" in line:  # the raylet names its node
+            node_id = line.split("--node_id=", 1)[1].split()[0]
             marks.append(f"haproxy-serve/{node_id}")
-    return [pid for pid, cmdline in found.items() if pid != os.getpid() and any(m in cmdline for m in marks)]
+    return [pid for pid, line in found.items() if pid != os.getpid() and any(m in line for m in marks)]

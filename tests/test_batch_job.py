@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from conftest import command_lines, wait_for, zygotes_of
 from rayhead import REPO, RayHead
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -84,25 +85,13 @@ def test_embed_csv_job_with_working_dir_matches_direct_computation(ray_head, tmp
 
 def assert_zygotes_gone(head, timeout_s: float = 15) -> None:
     """No warm-start zygote of this cluster outlives the job that started it."""
-    from pathlib import Path
 
-    def zygotes() -> list[str]:
-        raylets, found = set(), []
-        for proc in Path("/proc").iterdir():
-            try:
-                args = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
-            except OSError:
-                continue
-            if args[0].endswith("raylet") and any(str(head.temp_dir) in a for a in args):
-                raylets.add(proc.name)
-            elif "--zygote" in args:
-                found.append(args)
-        return [" ".join(z) for z in found if set(z) & raylets]
+    def zygotes() -> list[int]:
+        raylets = [pid for pid, args in command_lines().items()
+                   if args[0].endswith("raylet") and any(str(head.temp_dir) in a for a in args)]
+        return [z for raylet in raylets for z in zygotes_of(raylet)]
 
-    deadline = time.monotonic() + timeout_s
-    while zygotes() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert zygotes() == []
+    wait_for(lambda: not zygotes(), timeout_s, "the job's zygote to exit with the job")
 
 
 def test_similarity_xlsx_round_trip(ray_head, tmp_path, bundled_embedder):

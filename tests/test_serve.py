@@ -9,7 +9,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from conftest import BUNDLED
+from conftest import BUNDLED, cmdline
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -41,7 +41,7 @@ def test_scale_from_zero_serves_the_first_request_then_returns_to_zero(
     from ray import serve
 
     replica = serve.get_deployment_handle("Embedder", app_name="cold").describe.remote().result()
-    assert "--zygote" in _cmdline(_parent_pid(replica["pid"]))
+    assert "--zygote" in cmdline(_parent_pid(replica["pid"]))
 
     serve_cluster.wait_for(
         lambda: serve_cluster.replicas("cold") == {}, timeout_s=60, what="scale back to zero"
@@ -55,11 +55,6 @@ def test_scale_from_zero_serves_the_first_request_then_returns_to_zero(
 def _parent_pid(pid: int) -> int:
     with open(f"/proc/{pid}/stat") as f:
         return int(f.read().rsplit(")", 1)[1].split()[1])
-
-
-def _cmdline(pid: int) -> str:
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-        return f.read().replace(b"\0", b" ").decode()
 
 
 def test_concurrent_requests_are_batched_and_correct(serve_cluster, bundled_embedder):

@@ -8,6 +8,7 @@ import textwrap
 import time
 
 import pytest
+from conftest import cmdline, zygotes_of
 
 from serve_app import warmstart
 
@@ -63,11 +64,6 @@ def wait_for_zygote(preload=PRELOAD, timeout_s=20, address=None):
         finally:
             probe.close()
     raise AssertionError("zygote never answered")
-
-
-def cmdline(pid):
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-        return f.read().replace(b"\0", b" ").decode()
 
 
 def test_worker_is_forked_by_the_zygote_with_the_launchers_world(script, tmp_path):
@@ -162,19 +158,6 @@ def test_the_zygote_address_names_the_job(monkeypatch):
     assert mine != warmstart.zygote_address(PRELOAD, 43, "01000000")
 
 
-def zygotes_of(parent_pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                args = cmdline(entry).split()
-            except OSError:
-                continue
-            if "--zygote" in args and str(parent_pid) in args:
-                found.append(int(entry))
-    return found
-
-
 def test_a_zygote_forks_only_workers_of_its_job_and_ends_with_its_owner(script, tmp_path):
     """Ray's core library reads the job id once per process: a zygote started for job A
     must never fork a worker of job B (it would register under job A and be refused)."""
@@ -217,8 +200,7 @@ def test_a_zygote_forks_only_workers_of_its_job_and_ends_with_its_owner(script, 
 
 def test_batch_actors_start_warm_only_where_it_applies(monkeypatch):
     """No zygote for GPU actors, for warm_start=off, or where the job brings its own interpreter."""
-    import json
-
+    from serve_app.batch import job
     from serve_app.batch.job import warm_start_executable
     from serve_app.config import AppArgs
     from serve_app.modelinfo import resolve_model
@@ -228,12 +210,12 @@ def test_batch_actors_start_warm_only_where_it_applies(monkeypatch):
     monkeypatch.setattr(warmstart, "driver_zygote", lambda model_type: started.append(model_type))
     assert warm_start_executable(AppArgs(warm_start="off"), spec, 0.0) is None
     assert warm_start_executable(AppArgs(), spec, 0.25) is None
-    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR",
-                       json.dumps({"runtime_env": {"pip": ["requests"], "working_dir": "."}}))
+    runtime_env = {"pip": ["requests"], "working_dir": "."}  # the job's, as Ray reports it
+    monkeypatch.setattr(job, "_job_runtime_env", lambda: runtime_env)
     assert warm_start_executable(AppArgs(), spec, 0.0) is None
     assert started == []
 
-    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"working_dir": "."}}))
+    runtime_env = {"working_dir": "."}
     executable = warm_start_executable(AppArgs(), spec, 0.0)
     assert executable.split()[:3] == [sys.executable, "-m", "serve_app.warmstart"]
     assert "--no-new-zygote" in executable.split()  # other nodes start cold, leaving no zygote behind

@@ -282,25 +282,28 @@ def warm_start_executable(args: AppArgs, spec: ModelSpec, gpu_fraction: float) -
     while Ray Data plans the job and starts its readers on the other cores; each actor
     on this node is then forked from it with all of that done. The zygote belongs to
     this job (Ray's core library fixes a process's job id when loaded) and exits with
-    this driver. Actors on other nodes start the ordinary way. None where it does not apply: GPU actors (as for the service),
-    `warm_start=off`, or a job whose runtime environment brings its own interpreter
-    (pip, uv, conda, a container).
+    this driver. Actors on other nodes start the ordinary way. None where it does not
+    apply: GPU actors (as for the service), `warm_start=off`, or a job whose runtime
+    environment brings its own interpreter (pip, uv, conda, a container).
     """
-    import json
-    import os
-
     from serve_app.warmstart import driver_zygote, py_executable, warm_start_enabled
 
     if not warm_start_enabled(args.warm_start, gpu_fraction):
         return None
-    submitted = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
-    if set(submitted) & _OWN_INTERPRETER:
+    if set(_job_runtime_env()) & _OWN_INTERPRETER:
         return None
     driver_zygote(spec.model_type)
     return py_executable(spec.model_type, new_zygote=False)
 
 
 _OWN_INTERPRETER = {"pip", "uv", "conda", "container", "image_uri", "py_executable"}
+
+
+def _job_runtime_env() -> dict:
+    """This job's runtime environment: what `ray job submit` and `ray.init` gave it."""
+    import ray
+
+    return dict(ray.get_runtime_context().runtime_env)
 
 
 def _default_actors(gpu_fraction: float) -> int:
