@@ -185,7 +185,17 @@ def _model_card(service: EmbeddingService) -> dict:
         "owned_by": "embedding-service",
         "dimensions": service.spec.dimensions,
         "max_input_tokens": min(service.args.max_input_tokens, service.spec.max_tokens),
+        "runtime": _runtime(service),
     }
+
+
+def _runtime(service: EmbeddingService) -> dict:
+    """Device and precision as the last replica that answered reported them."""
+    if service.runtime is not None:
+        return {"device": service.runtime.device, "dtype": service.runtime.dtype,
+                "reason": service.runtime.reason}
+    return {"device": service.args.device, "dtype": service.args.dtype,
+            "reason": "Each model replica decides when it loads; none has answered yet."}
 
 
 def _as_floats(vector: np.ndarray) -> np.ndarray:

@@ -38,7 +38,11 @@ class AppArgs(BaseModel):
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="auto: float16 on a GPU, float32 on a CPU."
+        "auto",
+        description=(
+            "auto: bfloat16 on a CPU where torch reports AMX or AVX512-BF16, else float32; "
+            "bfloat16 on a GPU that supports it, else float16. Pooling stays float32."
+        ),
     )
     max_input_tokens: int = Field(
         8192, ge=8, description="Inputs longer than this are truncated (and reported)."

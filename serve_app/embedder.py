@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from serve_app.modelinfo import ModelSpec
-from serve_app.service import Encoded
+from serve_app.service import Encoded, Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class TextEmbedder:
             torch.cuda.set_per_process_memory_fraction(gpu_fraction, self.device)
         if self.device.type == "cpu" and cpu_threads:
             torch.set_num_threads(cpu_threads)
-        self.dtype = _pick_dtype(dtype, self.device)
+        self.dtype, dtype_reason = choose_dtype(dtype, self.device)
         self.max_tokens = min(max_input_tokens, spec.max_tokens)
         self.max_batch_tokens = max_batch_tokens or default_batch_tokens(self.device)
 
@@ -57,10 +57,11 @@ class TextEmbedder:
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id or 0
-        self._append_eos = self._needs_eos()
+        self._eos_id = self._eos_to_append()
+        self.runtime = Runtime(str(self.device), _dtype_name(self.dtype), dtype_reason)
         logger.info(
-            "Loaded %s on %s (%s), %d dims, pooling=%s, max %d tokens",
-            spec.name, self.device, str(self.dtype).removeprefix("torch."),
+            "Loaded %s on %s in %s (%s), %d dims, pooling=%s, max %d tokens",
+            spec.name, self.device, _dtype_name(self.dtype), dtype_reason,
             spec.dimensions, spec.pooling, self.max_tokens,
         )
 
@@ -95,7 +96,9 @@ class TextEmbedder:
                 self._use_threads(threads())
             vectors[chunk] = self._forward([ids[i] for i in chunk])
             start += rows
-        return Encoded(vectors=vectors, tokens=[len(x) for x in ids], truncated=truncated)
+        return Encoded(
+            vectors=vectors, tokens=[len(x) for x in ids], truncated=truncated, runtime=self.runtime
+        )
 
     def _use_threads(self, wanted: int) -> None:
         # OpenMP thread counts are per calling thread, and a new thread starts from
@@ -107,15 +110,15 @@ class TextEmbedder:
 
     def tokenize(self, texts: list[str]) -> tuple[list[list[int]], list[bool]]:
         """Token ids per text, cut to the limit, and whether each was cut."""
-        limit = self.max_tokens - (1 if self._append_eos else 0)
+        limit = self.max_tokens - (1 if self._eos_id is not None else 0)
         # One token over the limit tells a text that fits from one that was cut.
         ids = self._encode_ids(texts, limit + 1)
         over = [i for i, row in enumerate(ids) if len(row) > limit]
         if over:
             for i, row in zip(over, self._encode_ids([texts[i] for i in over], limit), strict=True):
                 ids[i] = row
-        if self._append_eos:
-            eos = self.tokenizer.eos_token_id
+        if self._eos_id is not None:
+            eos = self._eos_id
             ids = [row if row and row[-1] == eos else row + [eos] for row in ids]
         over_set = set(over)
         return ids, [i in over_set for i in range(len(ids))]
@@ -144,13 +147,24 @@ class TextEmbedder:
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
         return pooled.cpu().numpy()
 
-    def _needs_eos(self) -> bool:
-        """Qwen3-style last-token models must end on EOS; add it if the tokenizer does not."""
-        eos = self.tokenizer.eos_token_id
-        if self.spec.pooling != "lasttoken" or eos is None:
-            return False
-        sample = self.tokenizer("a", add_special_tokens=True)["input_ids"]
-        return not sample or sample[-1] != eos
+    def _eos_to_append(self) -> int | None:
+        """The token a last-token model must end on, if its tokenizer does not add one.
+
+        Qwen3-Embedding's tokenizer appends <|endoftext|> itself, while its
+        `eos_token` is <|im_end|>: appending the tokenizer's EOS again would pool
+        the wrong token. Without such a template the model's own `eos_token_id`
+        (<|endoftext|> for Qwen3-Embedding, as its model card appends) is added.
+        """
+        if self.spec.pooling != "lasttoken":
+            return None
+        marked = self.tokenizer("a", add_special_tokens=True)["input_ids"]
+        plain = self.tokenizer("a", add_special_tokens=False)["input_ids"]
+        if len(marked) > len(plain) and marked[-1] != plain[-1]:
+            return None  # the tokenizer ends every input with a token of its own
+        eos = getattr(self.model.config, "eos_token_id", None)
+        if isinstance(eos, list):
+            eos = eos[0] if eos else None
+        return eos if isinstance(eos, int) else self.tokenizer.eos_token_id
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
@@ -179,10 +193,44 @@ def _pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return _DTYPES[dtype]
+def cpu_bf16_features() -> list[str]:
+    """The CPU features, as torch reports them, that run bfloat16 matrix products natively."""
+    checks = {"AMX": "_is_amx_tile_supported", "AVX512-BF16": "_is_avx512_bf16_supported"}
+    found = []
+    for name, check in checks.items():
+        try:
+            if getattr(torch.cpu, check)():
+                found.append(name)
+        except (AttributeError, RuntimeError):  # an older torch without the check
+            pass
+    return found
+
+
+def choose_dtype(
+    dtype: str, device: torch.device, features: Callable[[], list[str]] = cpu_bf16_features,
+) -> tuple[torch.dtype, str]:
+    """The precision to run the model in, and one sentence saying why."""
+    if dtype != "auto":
+        return _DTYPES[dtype], f"dtype={dtype} was set"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "dtype=auto: bfloat16, which this GPU supports natively"
+        return torch.float16, "dtype=auto: float16, since this GPU has no native bfloat16"
+    if device.type != "cpu":
+        return torch.float32, f"dtype=auto: float32 on {device.type}"
+    native = features()
+    if native:
+        return torch.bfloat16, (
+            f"dtype=auto: bfloat16, since torch reports {' and '.join(native)} on this CPU"
+        )
+    return torch.float32, (
+        "dtype=auto: float32, since torch reports neither AMX nor AVX512-BF16 on this CPU "
+        "(bfloat16 would be emulated, and slower)"
+    )
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def default_batch_tokens(device: torch.device) -> int:

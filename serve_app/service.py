@@ -22,6 +22,15 @@ from serve_app.prompts import prompt_prefix
 from serve_app.vectors import truncate
 
 
+@dataclass(frozen=True)
+class Runtime:
+    """Where and in what precision a replica runs its model, and why (shown by /v1/models)."""
+
+    device: str  # "cpu", "cuda:0"
+    dtype: str  # "bfloat16", "float32", "float16"
+    reason: str  # one sentence, e.g. why dtype=auto chose bfloat16 on this CPU
+
+
 @dataclass
 class Encoded:
     """A model's answer for a list of texts, in input order.
@@ -34,10 +43,12 @@ class Encoded:
     tokens: list[int]  # tokens fed to the model per text, prompt and special tokens included
     truncated: list[bool]  # whether a text was cut to the token limit
     model_ms: float = 0.0  # time in the forward pass that produced these (shared by its batch)
+    runtime: Runtime | None = None  # the replica's device and precision
 
     def slice(self, start: int, end: int) -> Encoded:
         return Encoded(
-            self.vectors[start:end], self.tokens[start:end], self.truncated[start:end], self.model_ms
+            self.vectors[start:end], self.tokens[start:end], self.truncated[start:end],
+            self.model_ms, self.runtime,
         )
 
 
@@ -70,6 +81,7 @@ class EmbeddingService:
         self.backend = backend
         self.metrics = metrics  # serve_app.metrics.Metrics, or None
         self.cache = EmbeddingCache(args.model_id, args.cache_max_mb * 1024 * 1024)
+        self.runtime: Runtime | None = None  # as the last replica that answered reported it
 
     @property
     def model_id(self) -> str:
@@ -134,6 +146,7 @@ class EmbeddingService:
             *(self.backend.embed(todo[i : i + size]) for i in range(0, len(todo), size))
         )
         position = 0
+        self.runtime = parts[-1].runtime or self.runtime
         for part in parts:
             for j in range(len(part.tokens)):
                 i = missing[position]

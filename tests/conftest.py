@@ -28,11 +28,17 @@ def bundled_spec() -> ModelSpec:
     return resolve_model(BUNDLED)
 
 
+# The tests compare vectors across processes and batches to 1e-5, which float32 gives
+# and bfloat16 (dtype=auto on a CPU with AVX512-BF16 or AMX) does not; the bfloat16
+# path has tests of its own (parity bound, dtype choice, a served stand-in).
+REFERENCE_DTYPE = "float32"
+
+
 @pytest.fixture(scope="session")
 def bundled_embedder(bundled_spec):
     from serve_app.embedder import TextEmbedder
 
-    return TextEmbedder(bundled_spec)
+    return TextEmbedder(bundled_spec, dtype=REFERENCE_DTYPE)
 
 
 @pytest.fixture(scope="session")
@@ -40,6 +46,23 @@ def tiny_qwen3_dir(tmp_path_factory) -> Path:
     from tiny_qwen3 import build_tiny_qwen3
 
     return build_tiny_qwen3(tmp_path_factory.mktemp("models") / "tiny-qwen3")
+
+
+@pytest.fixture(scope="session")
+def standin_tokenizer():
+    """Qwen3-Embedding's tokenizer, rebuilt from the Qwen BPE ranks (a few seconds)."""
+    from bench.qwen3_standin import build_tokenizer
+
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def small_standin_dir(tmp_path_factory, standin_tokenizer) -> Path:
+    """The Qwen3-Embedding stand-in with 2 layers and hidden size 128, the real tokenizer."""
+    from bench.qwen3_standin import build_standin
+
+    directory = tmp_path_factory.mktemp("models") / "qwen3-standin-small"
+    return build_standin(directory, layers=2, hidden=128, tokenizer=standin_tokenizer)
 
 
 def make_service(embedder, **overrides):
@@ -129,7 +152,7 @@ class ServeCluster:
 
         from serve_app.deployments import build_app
 
-        settings = {"model": BUNDLED, "gpu_fraction": 0.0, **overrides}
+        settings = {"model": BUNDLED, "gpu_fraction": 0.0, "dtype": REFERENCE_DTYPE, **overrides}
         serve.run(build_app(AppArgs(**settings)), name=app, route_prefix=f"/{app}")
         return self.url(app)
 

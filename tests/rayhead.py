@@ -62,7 +62,8 @@ class RayHead:
         runtime_env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}}
         if working_dir:
             runtime_env["working_dir"] = str(REPO)
-        entrypoint = " ".join(["python", "-m", "serve_app.batch", *args, "--model", BUNDLED])
+        entrypoint = " ".join(["python", "-m", "serve_app.batch", *args, "--model", BUNDLED,
+                               "--dtype", "float32"])  # compared with float32 vectors
         return self.client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
 
     def wait(self, job_id: str, timeout_s: float = 240) -> str:

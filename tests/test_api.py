@@ -260,3 +260,17 @@ def test_health_does_not_touch_the_model(bundled_spec):
     with TestClient(app) as client:
         assert client.get("/health").json()["status"] == "ok"
     assert Counting.calls == 0
+
+
+def test_models_say_which_dtype_the_model_runs_in_and_why(bundled_embedder):
+    from conftest import make_service
+    from starlette.testclient import TestClient
+
+    from serve_app.api import create_app
+
+    with TestClient(create_app(make_service(bundled_embedder))) as http:
+        before = http.get("/v1/models").json()["data"][0]["runtime"]
+        assert before["dtype"] == "auto" and "none has answered yet" in before["reason"]
+        assert http.post("/v1/embeddings", json={"input": "a"}).status_code == 200
+        after = http.get("/v1/models").json()["data"][0]["runtime"]
+    assert after == {"device": "cpu", "dtype": "float32", "reason": "dtype=float32 was set"}

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from serve_app.embedder import TextEmbedder, pool
+from bench.corpus import sentences
+from serve_app.embedder import TextEmbedder, choose_dtype, cpu_bf16_features, pool
 from serve_app.modelinfo import resolve_model
 
 TEXTS = [
@@ -35,7 +36,7 @@ def st_bundled(bundled_spec):
 
 @pytest.fixture(scope="module")
 def tiny(tiny_qwen3_dir):
-    return TextEmbedder(resolve_model(str(tiny_qwen3_dir)))
+    return TextEmbedder(resolve_model(str(tiny_qwen3_dir)), dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +93,7 @@ def test_results_do_not_depend_on_batch_company(bundled_embedder):
 
 
 def test_token_budget_splits_batches_without_changing_results(bundled_spec, bundled_embedder):
-    small = TextEmbedder(bundled_spec, max_batch_tokens=64)
+    small = TextEmbedder(bundled_spec, dtype="float32", max_batch_tokens=64)
     np.testing.assert_allclose(
         small.encode(TEXTS).vectors, bundled_embedder.encode(TEXTS).vectors, atol=1e-5
     )
@@ -119,9 +120,74 @@ def test_vectors_are_unit_length_float32(bundled_embedder):
     np.testing.assert_allclose(np.linalg.norm(result.vectors, axis=1), 1.0, rtol=1e-5)
 
 
-def test_cpu_replica_runs_float32(bundled_embedder):
-    assert bundled_embedder.device.type == "cpu"
-    assert bundled_embedder.dtype == torch.float32
+def test_auto_dtype_is_bfloat16_where_the_cpu_runs_it_natively():
+    dtype, reason = choose_dtype("auto", torch.device("cpu"), features=lambda: ["AVX512-BF16"])
+    assert dtype == torch.bfloat16
+    assert "AVX512-BF16" in reason
+
+
+def test_auto_dtype_is_float32_on_a_cpu_without_bfloat16_units():
+    dtype, reason = choose_dtype("auto", torch.device("cpu"), features=lambda: [])
+    assert dtype == torch.float32
+    assert "neither AMX nor AVX512-BF16" in reason
+
+
+def test_a_set_dtype_wins_over_the_cpu_check():
+    def never_asked():
+        raise AssertionError("the CPU check runs only for dtype=auto")
+
+    assert choose_dtype("float32", torch.device("cpu"), features=never_asked)[0] == torch.float32
+
+
+def test_replica_reports_the_dtype_it_chose_and_why(bundled_spec):
+    embedder = TextEmbedder(bundled_spec)  # dtype=auto, on this machine's CPU
+    expected = torch.bfloat16 if cpu_bf16_features() else torch.float32
+    assert embedder.dtype == expected
+    runtime = embedder.encode(["a"]).runtime
+    assert (runtime.device, runtime.dtype) == ("cpu", str(expected).removeprefix("torch."))
+    assert runtime.reason.startswith("dtype=auto: ")
+
+
+PARITY_TEXTS = [*TEXTS, *sentences(40)]
+
+
+@pytest.mark.parametrize("model", ["bundled", "standin"])
+def test_bfloat16_stays_within_cosine_0999_of_float32(model, bundled_spec, small_standin_dir):
+    spec = bundled_spec if model == "bundled" else resolve_model(str(small_standin_dir))
+    full = TextEmbedder(spec, dtype="float32").encode(PARITY_TEXTS).vectors
+    half = TextEmbedder(spec, dtype="bfloat16").encode(PARITY_TEXTS).vectors
+    assert half.dtype == np.float32  # pooling and normalisation stay in float32
+    assert cosine_rows(full, half).min() >= 0.999
+    # Meaningful only if the texts' vectors differ clearly from one another.
+    similarity = full @ full.T
+    assert similarity[~np.eye(len(PARITY_TEXTS), dtype=bool)].mean() < 0.9
+
+
+def test_standin_inputs_end_with_one_endoftext(small_standin_dir):
+    # Qwen3-Embedding's tokenizer appends <|endoftext|> (151643) itself, while its
+    # eos_token is <|im_end|> (151645): nothing more may be appended.
+    embedder = TextEmbedder(resolve_model(str(small_standin_dir)), max_input_tokens=16)
+    ids, truncated = embedder.tokenize(["hello there", "word " * 100])
+    assert [row[-1] for row in ids] == [151643, 151643]
+    assert all(151645 not in row for row in ids)
+    assert len(ids[1]) == 16 and truncated == [False, True]
+
+
+def test_long_inputs_are_embedded_in_passes_the_token_budget_bounds(small_standin_dir):
+    embedder = TextEmbedder(
+        resolve_model(str(small_standin_dir)), max_input_tokens=8192, max_batch_tokens=1024
+    )
+    widths = []
+    forward = embedder._forward
+    embedder._forward = lambda rows: (widths.append((len(rows), max(map(len, rows)))), forward(rows))[1]
+    texts = ["clause " * 9000, "notice " * 3000, "party " * 700, "a short one", "another short one"]
+    result = embedder.encode(texts)
+    assert result.truncated == [True, False, False, False, False]
+    assert result.tokens[0] == 8192
+    # Every pass holds at most the budget, or one input longer than it alone.
+    assert all(rows == 1 or rows * width <= 1024 for rows, width in widths)
+    assert sum(rows for rows, _ in widths) == len(texts)
+    assert np.isfinite(result.vectors).all()
 
 
 @pytest.mark.parametrize("side", ["left", "right"])

@@ -52,6 +52,26 @@ def test_scale_from_zero_serves_the_first_request_then_returns_to_zero(
     serve_cluster.delete("cold")
 
 
+def test_qwen3_standin_is_served_through_the_openai_client(serve_cluster, small_standin_dir):
+    from serve_app.embedder import TextEmbedder, cpu_bf16_features
+    from serve_app.modelinfo import resolve_model
+
+    model = str(small_standin_dir)
+    url = serve_cluster.deploy("standin", model=model, dtype="auto", min_replicas=1)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120, max_retries=0)
+    texts = ["合同终止的条件是什么？", "Either party may terminate with thirty days' notice."]
+    response = client.embeddings.create(model=model, input=texts)  # base64, as the client asks
+    got = np.array([d.embedding for d in response.data])
+    dtype = "bfloat16" if cpu_bf16_features() else "float32"  # what dtype=auto picks here
+    reference = TextEmbedder(resolve_model(model), dtype=dtype).encode(texts)
+    assert got.shape == (2, 128)
+    assert (got * reference.vectors).sum(axis=1).min() >= 0.999
+    assert response.usage.prompt_tokens == sum(reference.tokens)  # each ends on one EOS
+    runtime = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["runtime"]
+    assert runtime["dtype"] == dtype and runtime["reason"].startswith("dtype=auto: ")
+    serve_cluster.delete("standin")
+
+
 def _parent_pid(pid: int) -> int:
     with open(f"/proc/{pid}/stat") as f:
         return int(f.read().rsplit(")", 1)[1].split()[1])

@@ -49,6 +49,8 @@ def parser() -> argparse.ArgumentParser:
         group.add_argument("--prompt-name", help="query, document or a task named in the config")
         group.add_argument("--dimensions", type=int, help="Matryoshka dimensions (truncate, re-normalise)")
         group.add_argument("--max-input-tokens", type=int)
+        group.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"],
+                           help="auto (default): bfloat16 where the CPU or GPU runs it natively")
         group.add_argument("--gpu-fraction", type=float, help="GPU share per actor; default as the service")
         group.add_argument("--actors", type=int, help="model actors; default one per node (CPU) or per GPU share")
         group.add_argument("--batch-size", type=int, default=256, help="rows per model call (default 256)")
@@ -64,6 +66,7 @@ def settings(opts: argparse.Namespace) -> AppArgs:
             "model": opts.model,
             "max_input_tokens": opts.max_input_tokens,
             "gpu_fraction": opts.gpu_fraction,
+            "dtype": opts.dtype,
         }.items()
         if value is not None
     }
