@@ -76,9 +76,13 @@ class ForwardScheduler:
     def _start_free_workers(self) -> None:
         while self._pending and not all(self._busy):
             worker = self._busy.index(False)  # the lowest free one: its threads are warm
+            # Share what is waiting among the free workers, so that no core idles while
+            # one worker runs a long pass alone (a large model's pass takes seconds).
+            waiting = sum(len(job.texts) for job in self._pending)
+            share = min(self.max_texts, -(-waiting // self._busy.count(False)))
             jobs = [self._pending.popleft()]
             size = len(jobs[0].texts)
-            while self._pending and size + len(self._pending[0].texts) <= self.max_texts:
+            while self._pending and size < share and size + len(self._pending[0].texts) <= self.max_texts:
                 size += len(self._pending[0].texts)
                 jobs.append(self._pending.popleft())
             self._busy[worker] = True

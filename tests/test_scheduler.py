@@ -119,3 +119,22 @@ def test_inline_failure_is_raised_to_the_caller():
 
     with pytest.raises(RuntimeError, match="exploded"):
         run(go())
+
+
+def test_waiting_requests_are_shared_among_free_workers():
+    async def scenario():
+        model = FakeModel(delay_s=0.05)
+        scheduler = ForwardScheduler(model.encode, workers=2, cpus=2, max_texts=128)
+        scheduler._busy = [True, True]  # both workers busy while eight requests queue up
+        tasks = [asyncio.create_task(scheduler.embed([f"t{i}"] * 4)) for i in range(8)]
+        await asyncio.sleep(0)
+        assert len(scheduler._pending) == 8
+        scheduler._busy = [False, False]
+        scheduler._start_free_workers()
+        results = await asyncio.gather(*tasks)
+        assert [r.vectors[0, 0] for r in results] == [float(i) for i in range(8)]
+        return model
+
+    model = run(scenario())
+    # 32 texts waiting, two free workers: 16 each, not 32 on one and none on the other.
+    assert sorted(size for size, _, _ in model.passes) == [16, 16]
