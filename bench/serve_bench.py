@@ -3,12 +3,21 @@
     python bench/serve_bench.py                       # bundled:minilm, the figures in the README
     python bench/serve_bench.py --untuned             # plain Ray Serve settings, for comparison
     python bench/serve_bench.py --json bench/results/serve.json
+    python bench/serve_bench.py --model /tmp/qwen3-standin --texts 192 --rounds 2 \
+        --raw-batches 128 --latency-requests 50 --infinity /path/to/venv/bin/infinity_emb
 
 Raw is the same TextEmbedder in this process, no HTTP, no Ray. Served is the
 Ray Serve app over HTTP on 127.0.0.1, driven by bench/http_client.py in its own
 process (as real clients are), asking for base64 as the official openai client
 does. Raw and served alternate, because this machine's speed drifts over
 minutes. All traffic is local, bounded in count and time.
+
+Raw is measured at the service's defaults (dtype=auto), in float32 (the old
+default, the baseline of the real-model targets), and with two forward workers
+of one thread each (the replica's split on a 2-core CPU); "best raw" is the
+fastest of these. `--infinity` also serves the model with infinity-emb (torch
+engine, bfloat16, its own virtual environment) on the next port and drives it
+with the same client in the same rounds.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from corpus import sentences, short_texts  # noqa: E402
 
 
@@ -47,6 +57,11 @@ def main() -> None:
                         help="plain Ray Serve: without the environment python -m serve_app sets")
     parser.add_argument("--ray-env", action="append", default=[], metavar="KEY=VALUE",
                         help="environment for the local Ray cluster the bench starts (repeatable)")
+    parser.add_argument("--raw-batches", default="16,64,128",
+                        help="raw passes: texts per encode call (comma-separated)")
+    parser.add_argument("--no-float32", action="store_true",
+                        help="skip the float32 raw baseline (it takes a while on a large model)")
+    parser.add_argument("--infinity", help="infinity_emb executable: serve the model with it too")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     opts = parser.parse_args()
 
@@ -74,21 +89,35 @@ def main() -> None:
     try:
         serve.run(build_app(AppArgs.model_validate({"model": opts.model, "min_replicas": 1, **extra})),
                   name="bench", route_prefix="/bench")
-        raw_model = TextEmbedder(resolve_model(opts.model), cpu_threads=default_cpu_threads())
-        # The machine's speed drifts over minutes, so raw and served alternate.
-        raw, served = compare(raw_model, f"{base}/bench", opts, corpus, singles)
-        del raw_model
+        spec = resolve_model(opts.model)
+        raw_model = TextEmbedder(spec, cpu_threads=default_cpu_threads())
+        baseline = None
+        if not opts.no_float32 and raw_model.dtype != torch.float32:
+            baseline = TextEmbedder(spec, dtype="float32", cpu_threads=default_cpu_threads())
+        peer = start_infinity(opts.infinity, opts.model, opts.port + 1) if opts.infinity else None
+        try:
+            # The machine's speed drifts over minutes, so raw and served alternate.
+            raw, served, infinity = compare(
+                raw_model, baseline, f"{base}/bench", peer and peer[1], opts, corpus, singles
+            )
+        finally:
+            if peer:
+                stop(peer[0])
+        served["replica_memory_gb"] = replica_memory_gb("bench")
+        del raw_model, baseline
         gc.collect()
         serve.delete("bench")
         quick = {"idle_timeout_s": 1, "downscale_delay_s": 1, "autoscaling_look_back_s": 2}
         serve.run(build_app(AppArgs.model_validate({"model": opts.model, **quick, **extra})),
                   name="cold", route_prefix="/cold")
         cold = cold_starts(f"{base}/cold", opts.cold_starts)
+        served["cold_replica_memory_gb"] = replica_memory_gb("cold")
     finally:
         serve.shutdown()
         ray.shutdown()
     results = {"model": opts.model, "cpus": os.cpu_count(), "texts": opts.texts,
-               "raw": raw, "served": served, "cold_start_s": cold, "settings": extra,
+               "raw": raw, "served": served, "infinity": infinity, "cold_start_s": cold,
+               "settings": extra,
                "ray_env": opts.ray_env, "tuned": not opts.untuned}
     report(results)
     if opts.json:
@@ -96,15 +125,20 @@ def main() -> None:
         opts.json.write_text(json.dumps(results, indent=2))
 
 
-def compare(model, url: str, opts, corpus: list[str], singles: list[str]):
+def compare(model, baseline, url: str, peer_url: str | None, opts, corpus: list[str],
+            singles: list[str]):
     """Raw passes in this process, served passes from a client process, alternating."""
+    from forward_sweep import run as split_run
 
-    def client(*args: str) -> dict:
+    def client(*args: str, target: str = url) -> dict:
         out = subprocess.run(
-            [sys.executable, str(Path(__file__).parent / "http_client.py"), *args, url],
-            capture_output=True, text=True, check=True, timeout=600,
+            [sys.executable, str(Path(__file__).parent / "http_client.py"), *args, target],
+            capture_output=True, text=True, check=True, timeout=1200,
         )
         return json.loads(out.stdout)
+
+    load = ("throughput", "--texts", str(opts.texts), "--per-request", str(opts.per_request),
+            "--concurrency", str(opts.concurrency))
 
     def raw_pass(size: int) -> float:
         start = time.perf_counter()
@@ -114,19 +148,26 @@ def compare(model, url: str, opts, corpus: list[str], singles: list[str]):
 
     for text in singles[:20]:
         model.encode([text])
-    sizes = sorted({opts.per_request, 64, 128})
+    sizes = sorted({int(size) for size in opts.raw_batches.split(",")})
     raw_rounds: dict[int, list[float]] = {size: [] for size in sizes}
-    served_rounds: list[float] = []
+    split_rounds, float32_rounds, served_rounds, peer_rounds = [], [], [], []
     for r in range(opts.rounds):
         for size in sizes:
             raw_rounds[size].append(raw_pass(size))
-        served_rounds.append(client(
-            "throughput", "--texts", str(opts.texts), "--per-request", str(opts.per_request),
-            "--concurrency", str(opts.concurrency),
-        )["texts_per_s"])
-        print(f"  round {r + 1}: raw " + ", ".join(f"{k}: {v[-1]:.0f}/s" for k, v in raw_rounds.items())
-              + f"; served {served_rounds[-1]:.0f}/s", flush=True)
-    raw_lat, served_lat, ingress_ms, model_ms = [], [], [], []
+        split_rounds.append(split_run(model, corpus, 2, max(1, model_threads() // 2)))
+        if baseline is not None:
+            start = time.perf_counter()
+            baseline.encode(corpus)
+            float32_rounds.append(len(corpus) / (time.perf_counter() - start))
+        served_rounds.append(client(*load)["texts_per_s"])
+        if peer_url:
+            peer_rounds.append(client(*load, target=peer_url)["texts_per_s"])
+        print(f"  round {r + 1}: raw " + ", ".join(f"{k}: {v[-1]:.1f}/s" for k, v in raw_rounds.items())
+              + f", 2 workers: {split_rounds[-1]:.1f}/s"
+              + (f", float32: {float32_rounds[-1]:.1f}/s" if float32_rounds else "")
+              + f"; served {served_rounds[-1]:.1f}/s"
+              + (f"; infinity {peer_rounds[-1]:.1f}/s" if peer_rounds else ""), flush=True)
+    raw_lat, served_lat, ingress_ms, model_ms, peer_lat = [], [], [], [], []
     texts = singles[20:]
     for offset in range(0, len(texts), 25):  # alternate blocks of 25
         for text in texts[offset : offset + 25]:
@@ -137,10 +178,23 @@ def compare(model, url: str, opts, corpus: list[str], singles: list[str]):
         served_lat += block["ms"]
         ingress_ms += block["ingress_ms"]
         model_ms += block["model_ms"]
+        if peer_url:
+            peer_lat += client("latency", "--requests", "25", "--offset", str(offset),
+                               target=peer_url)["ms"]
 
     raw_by_size = {size: statistics.median(v) for size, v in raw_rounds.items()}
-    raw = {"throughput_by_batch": raw_by_size, "throughput": max(raw_by_size.values()),
+    best = {**{f"batches of {k}": v for k, v in raw_by_size.items()},
+            "2 workers x 1 thread": statistics.median(split_rounds)}
+    raw = {"dtype": str(model.dtype).removeprefix("torch."), "throughput_by_batch": raw_by_size,
+           "throughput": max(raw_by_size.values()), "best": max(best.values()), "configs": best,
+           "float32": statistics.median(float32_rounds) if float32_rounds else None,
+           "float32_rounds": float32_rounds,
            "p50_ms": float(np.percentile(raw_lat, 50)), "p95_ms": float(np.percentile(raw_lat, 95))}
+    infinity = None
+    if peer_url:
+        infinity = {"throughput": statistics.median(peer_rounds), "rounds": peer_rounds,
+                    "p50_ms": float(np.percentile(peer_lat, 50)),
+                    "p95_ms": float(np.percentile(peer_lat, 95))}
     served = {"throughput": statistics.median(served_rounds), "rounds": served_rounds,
               "p50_ms": float(np.percentile(served_lat, 50)),
               "p95_ms": float(np.percentile(served_lat, 95)),
@@ -152,7 +206,69 @@ def compare(model, url: str, opts, corpus: list[str], singles: list[str]):
                       float(np.median(np.array(ingress_ms) - np.array(model_ms))),
                   "model forward pass": float(np.median(model_ms)),
               }}
-    return raw, served
+    return raw, served, infinity
+
+
+def model_threads() -> int:
+    from serve_app.embedder import default_cpu_threads
+
+    return default_cpu_threads()
+
+
+def start_infinity(executable: str, model: str, port: int):
+    """infinity-emb serving `model` on 127.0.0.1:`port` (torch engine, bfloat16); (process, URL)."""
+    import httpx
+
+    from serve_app.modelinfo import resolve_model
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "INFINITY_ANONYMOUS_USAGE_STATS": "0", "DO_NOT_TRACK": "1"}
+    command = [executable, "v2", "--model-id", resolve_model(model).source,
+               "--served-model-name", "peer", "--engine", "torch", "--device", "cpu",
+               "--dtype", "bfloat16", "--host", "127.0.0.1", "--port", str(port),
+               "--url-prefix", "/v1", "--batch-size", "32", "--no-bettertransformer",
+               "--no-compile", "--no-vector-disk-cache", "--no-model-warmup"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"infinity_emb exited with {process.returncode}: {' '.join(command)}")
+        try:
+            # /health is not under --url-prefix
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                print(f"  infinity-emb ready on {url}", flush=True)
+                return process, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    stop(process)
+    raise RuntimeError("infinity_emb did not become ready within 300 s")
+
+
+def stop(process) -> None:
+    import signal
+
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def replica_memory_gb(app: str) -> dict:
+    """The Embedder replica's resident and peak memory (GB), from /proc."""
+    from ray import serve
+
+    pid = serve.get_deployment_handle("Embedder", app_name=app).describe.remote().result()["pid"]
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[{"VmRSS": "rss", "VmHWM": "peak"}[key]] = int(value.split()[0]) / 1e6
+    return fields
 
 
 def cold_starts(url: str, count: int) -> list[float]:
@@ -181,10 +297,12 @@ def cold_starts(url: str, count: int) -> list[float]:
 
 
 def report(r: dict) -> None:
-    raw, served, cold = r["raw"], r["served"], r["cold_start_s"]
+    raw, served, cold, peer = r["raw"], r["served"], r["cold_start_s"], r.get("infinity")
+    rate = served["throughput"]
     rows = [
-        ("throughput (texts/s)", f"{raw['throughput']:.0f}", f"{served['throughput']:.0f}",
-         f"{served['throughput'] / raw['throughput']:.2f} x raw"),
+        ("throughput (texts/s)", f"{raw['throughput']:.1f}", f"{rate:.1f}",
+         f"{rate / raw['throughput']:.2f} x raw, {rate / raw['best']:.2f} x best raw"
+         f" ({raw['best']:.1f})"),
         ("single text p50 (ms)", f"{raw['p50_ms']:.1f}", f"{served['p50_ms']:.1f}",
          f"+{served['p50_ms'] - raw['p50_ms']:.1f} ms"),
         ("single text p95 (ms)", f"{raw['p95_ms']:.1f}", f"{served['p95_ms']:.1f}",
@@ -192,11 +310,24 @@ def report(r: dict) -> None:
         ("cold start (s)", "", f"{statistics.median(cold):.2f}",
          "median of " + ", ".join(f"{c:.2f}" for c in cold)),
     ]
-    print(f"\nmodel {r['model']}, {r['cpus']} CPUs, {r['texts']} texts; raw (median of rounds) by batch: "
-          + ", ".join(f"{k}: {v:.0f}/s" for k, v in raw["throughput_by_batch"].items()))
-    print(f"{'':24}{'raw':>10}{'served':>10}  comparison")
+    if raw["float32"]:
+        rows.insert(1, ("float32 raw (texts/s)", f"{raw['float32']:.1f}", "",
+                        f"served = {rate / raw['float32']:.2f} x float32 raw"))
+    if peer:
+        rows.append(("infinity-emb texts/s", "", f"{peer['throughput']:.1f}",
+                     f"ours {rate / peer['throughput']:.2f} x infinity"))
+        rows.append(("infinity-emb p50 (ms)", "", f"{peer['p50_ms']:.1f}",
+                     f"ours {served['p50_ms'] - peer['p50_ms']:+.1f} ms"))
+    for key, label in (("replica_memory_gb", "replica memory (GB)"),
+                       ("cold_replica_memory_gb", "cold replica memory (GB)")):
+        if served.get(key):
+            memory = served[key]
+            rows.append((label, "", f"{memory['rss']:.2f}", f"peak {memory['peak']:.2f}"))
+    print(f"\nmodel {r['model']} ({raw['dtype']}), {r['cpus']} CPUs, {r['texts']} texts; "
+          "raw (median of rounds): " + ", ".join(f"{k}: {v:.1f}/s" for k, v in raw["configs"].items()))
+    print(f"{'':26}{'raw':>10}{'served':>10}  comparison")
     for name, a, b, c in rows:
-        print(f"{name:24}{a:>10}{b:>10}  {c}")
+        print(f"{name:26}{a:>10}{b:>10}  {c}")
     print("served single text, median split (ms): " + "; ".join(
         f"{k} {v:.1f}" for k, v in served["split_ms"].items()))
 

@@ -1,0 +1,69 @@
+"""Does a model keep its vectors in a lower precision? Per-text cosine against float32.
+
+    python bench/dtype_parity.py --model /models/Qwen3-Embedding-0.6B
+    python bench/dtype_parity.py --model bundled:minilm --dtypes bfloat16
+    python bench/dtype_parity.py --model /models/Qwen3-Embedding-0.6B --device cuda --dtypes float16,bfloat16
+
+Embeds the benchmark corpus (English and Chinese legal and support sentences,
+with and without the query instruction) in float32 and in each dtype given,
+through the service's own TextEmbedder, and prints the lowest and mean
+cosine per dtype. Exits 1 if any is below --bound (0.999): then set `dtype:
+float32` (or the dtype that passed) for that model instead of `auto`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).parent))
+
+import numpy as np  # noqa: E402
+from corpus import sentences, short_texts  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="model directory, hub id or bundled:minilm")
+    parser.add_argument("--dtypes", default="bfloat16", help="compared with float32, comma-separated")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--texts", type=int, default=200)
+    parser.add_argument("--bound", type=float, default=0.999)
+    opts = parser.parse_args()
+
+    from serve_app.embedder import TextEmbedder
+    from serve_app.modelinfo import resolve_model
+
+    spec = resolve_model(opts.model)
+    query = spec.prompts.get("query", "")
+    texts = sentences(opts.texts) + [query + t for t in short_texts(opts.texts // 4)]
+    vectors = {}
+    for dtype in ["float32", *opts.dtypes.split(",")]:
+        started = time.perf_counter()
+        embedder = TextEmbedder(spec, device=opts.device, dtype=dtype)
+        vectors[dtype] = embedder.encode(texts).vectors
+        print(f"  {dtype}: {len(texts)} texts in {time.perf_counter() - started:.1f} s", flush=True)
+        del embedder
+    reference = vectors.pop("float32")
+    spread = reference @ reference.T
+    off_diagonal = spread[~np.eye(len(texts), dtype=bool)].mean()
+    print(f"\n{opts.model}: {len(texts)} texts; mean cosine between different texts "
+          f"{off_diagonal:.3f} (near 1 would make this check meaningless)")
+    print(f"{'dtype':10}{'min cosine':>12}{'mean cosine':>13}  vs float32 (bound {opts.bound})")
+    worst = 1.0
+    for dtype, got in vectors.items():
+        cosine = (got * reference).sum(axis=1) / (
+            np.linalg.norm(got, axis=1) * np.linalg.norm(reference, axis=1)
+        )
+        worst = min(worst, float(cosine.min()))
+        verdict = "ok" if cosine.min() >= opts.bound else "BELOW THE BOUND"
+        print(f"{dtype:10}{cosine.min():>12.5f}{cosine.mean():>13.5f}  {verdict}")
+    return 0 if worst >= opts.bound else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
