@@ -150,8 +150,9 @@ def compare(model, baseline, url: str, peer_url: str | None, opts, corpus: list[
         model.encode([text])
     sizes = sorted({int(size) for size in opts.raw_batches.split(",")})
     raw_rounds: dict[int, list[float]] = {size: [] for size in sizes}
-    split_rounds, float32_rounds, served_rounds, peer_rounds = [], [], [], []
+    split_rounds, float32_rounds, served_rounds, peer_rounds, matmul_rounds = [], [], [], [], []
     for r in range(opts.rounds):
+        matmul_rounds.append(matmul_gflops())
         for size in sizes:
             raw_rounds[size].append(raw_pass(size))
         split_rounds.append(split_run(model, corpus, 2, max(1, model_threads() // 2)))
@@ -189,6 +190,8 @@ def compare(model, baseline, url: str, peer_url: str | None, opts, corpus: list[
            "throughput": max(raw_by_size.values()), "best": max(best.values()), "configs": best,
            "float32": statistics.median(float32_rounds) if float32_rounds else None,
            "float32_rounds": float32_rounds,
+           "matmul_gflops": {dt: statistics.median(m[dt] for m in matmul_rounds)
+                             for dt in matmul_rounds[0]},
            "p50_ms": float(np.percentile(raw_lat, 50)), "p95_ms": float(np.percentile(raw_lat, 95))}
     infinity = None
     if peer_url:
@@ -207,6 +210,20 @@ def compare(model, baseline, url: str, peer_url: str | None, opts, corpus: list[
                   "model forward pass": float(np.median(model_ms)),
               }}
     return raw, served, infinity
+
+
+def matmul_gflops() -> dict[str, float]:
+    """This CPU's matrix-product speed per dtype (1,024 x 1,024 by 1,024 x 3,072, all cores)."""
+    speeds = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 3072, dtype=dtype)
+        a @ b
+        start = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        speeds[str(dtype).removeprefix("torch.")] = 10 * 2 * 1024 * 1024 * 3072 / (
+            time.perf_counter() - start) / 1e9
+    return speeds
 
 
 def model_threads() -> int:
@@ -313,6 +330,9 @@ def report(r: dict) -> None:
     if raw["float32"]:
         rows.insert(1, ("float32 raw (texts/s)", f"{raw['float32']:.1f}", "",
                         f"served = {rate / raw['float32']:.2f} x float32 raw"))
+        mm = raw["matmul_gflops"]
+        rows.insert(2, ("matmul GFLOP/s f32/bf16", f"{mm['float32']:.0f}", f"{mm['bfloat16']:.0f}",
+                        f"bfloat16 = {mm['bfloat16'] / mm['float32']:.2f} x float32 on this CPU"))
     if peer:
         rows.append(("infinity-emb texts/s", "", f"{peer['throughput']:.1f}",
                      f"ours {rate / peer['throughput']:.2f} x infinity"))

@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -46,23 +48,33 @@ class TextEmbedder:
             torch.set_num_threads(cpu_threads)
         self.dtype, dtype_reason = choose_dtype(dtype, self.device)
         self.max_tokens = min(max_input_tokens, spec.max_tokens)
-        self.max_batch_tokens = max_batch_tokens or default_batch_tokens(self.device)
+        self.max_batch_tokens = max_batch_tokens or default_batch_tokens(self.device, spec.dimensions)
 
-        self.tokenizer = AutoTokenizer.from_pretrained(spec.source, padding_side=spec.padding_side)
+        started = time.perf_counter()
+        # The tokenizer loads on a second thread while the weights load on this one.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer") as pool:
+            tokenizer = pool.submit(load_tokenizer, spec.source, spec.padding_side)
+            self.model = AutoModel.from_pretrained(spec.source, dtype=self.dtype)
+            self.model = self.model.to(self.device).eval()
+            self.tokenizer = tokenizer.result()
+        self.load_s = time.perf_counter() - started
+        # No KV cache for decoder models (Qwen3): nothing is generated, and filling one
+        # costs 10-15% of a short text's pass and memory besides.
+        self._forward_options = {"use_cache": False} if hasattr(self.model.config, "use_cache") else {}
         # A fast tokenizer is not safe to call from two threads at once ("Already
         # borrowed"); forward passes are, so only tokenising is serialised.
         self._tokenizer_lock = threading.Lock()
         self._thread_state = threading.local()
-        self.model = AutoModel.from_pretrained(spec.source, dtype=self.dtype).to(self.device).eval()
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id or 0
         self._eos_id = self._eos_to_append()
         self.runtime = Runtime(str(self.device), _dtype_name(self.dtype), dtype_reason)
         logger.info(
-            "Loaded %s on %s in %s (%s), %d dims, pooling=%s, max %d tokens",
-            spec.name, self.device, _dtype_name(self.dtype), dtype_reason,
-            spec.dimensions, spec.pooling, self.max_tokens,
+            "Loaded %s on %s in %s (%s) in %.2f s, %d dims, pooling=%s, max %d tokens, "
+            "%d tokens per pass",
+            spec.name, self.device, _dtype_name(self.dtype), dtype_reason, self.load_s,
+            spec.dimensions, spec.pooling, self.max_tokens, self.max_batch_tokens,
         )
 
     @classmethod
@@ -141,7 +153,9 @@ class TextEmbedder:
             input_ids[i, span] = torch.tensor(row, dtype=torch.long)
             mask[i, span] = 1
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        hidden = self.model(
+            input_ids=input_ids, attention_mask=mask, **self._forward_options
+        ).last_hidden_state
         pooled = pool(hidden.float(), mask, self.spec.pooling)
         if self.spec.normalize:
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
@@ -165,6 +179,49 @@ class TextEmbedder:
         if isinstance(eos, list):
             eos = eos[0] if eos else None
         return eos if isinstance(eos, int) else self.tokenizer.eos_token_id
+
+
+# tokenizer_config.json keys with which transformers changes what tokenizer.json says.
+_TOKENIZER_ADJUSTMENTS = ("add_bos_token", "add_eos_token", "add_prefix_space", "legacy", "auto_map")
+_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
+                   "mask_token")
+
+
+def load_tokenizer(source: str, padding_side: str):
+    """The model's fast tokenizer, from its tokenizer.json where that says everything.
+
+    AutoTokenizer parses tokenizer.json again in Python and, for some classes,
+    rebuilds the tokenizer from its vocabulary: about 1 s for Qwen's 151k tokens,
+    holding the interpreter lock while the weights load. The Rust parse takes
+    0.3 s and releases it. Tokenizers whose config asks transformers to adjust
+    them (BOS/EOS flags, prefix spaces, custom code) go through AutoTokenizer.
+    """
+    import json
+    from pathlib import Path
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer_json = Path(source) / "tokenizer.json"
+    try:
+        config = json.loads((Path(source) / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # a hub id, or no readable config: the general way
+        config = None
+    if (not isinstance(config, dict) or not tokenizer_json.is_file()
+            or any(key in config for key in _TOKENIZER_ADJUSTMENTS)):
+        return AutoTokenizer.from_pretrained(source, padding_side=padding_side)
+    fast = Tokenizer.from_file(str(tokenizer_json))
+    specials = {}
+    for key in _SPECIAL_TOKENS:
+        value = config.get(key)
+        if isinstance(value, dict):
+            value = value.get("content")
+        if isinstance(value, str):
+            specials[key] = value
+    return PreTrainedTokenizerFast(
+        tokenizer_object=fast, padding_side=padding_side,
+        model_max_length=config.get("model_max_length", 1_000_000), **specials,
+    )
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
@@ -233,9 +290,16 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def default_batch_tokens(device: torch.device) -> int:
-    """Padded tokens per forward pass: measured best on a 2-core CPU; GPUs want big passes."""
-    return 32768 if device.type == "cuda" else 1024
+def default_batch_tokens(device: torch.device, width: int = 384) -> int:
+    """Padded tokens per forward pass: measured best on a 2-core CPU; GPUs want big passes.
+
+    On a CPU, 1,024 for small models (all-MiniLM-L6-v2) and 2,048 for wide ones
+    (Qwen3-Embedding-0.6B), whose matrix products keep the cores busy for longer
+    passes (bench/forward_sweep.py).
+    """
+    if device.type == "cuda":
+        return 32768
+    return 2048 if width >= 768 else 1024
 
 
 def default_forward_workers(device: torch.device, cpus: int) -> int:

@@ -22,9 +22,12 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from serve_app.service import Encoded
 
 INLINE_TEXTS = 4
+MIN_SPLIT_TEXTS = 8  # per worker: smaller batches stay in one pass
 # encode(texts, threads) -> Encoded; threads() is asked before every forward pass.
 EncodeFn = Callable[[list[str], Callable[[], int]], Encoded]
 
@@ -68,10 +71,21 @@ class ForwardScheduler:
             self.batches += 1
             self._report(len(texts), 0.0)
             return self._timed(texts)
-        job = _Job(texts, asyncio.get_running_loop().create_future())
-        self._pending.append(job)
+        loop = asyncio.get_running_loop()
+        # A batch big enough for every worker is dealt out among them (every n-th text,
+        # so each gets a like mix of lengths): @serve.batch hands over the requests that
+        # arrived together as one call, which would otherwise keep one worker busy alone.
+        pieces = len(self._busy) if len(texts) >= MIN_SPLIT_TEXTS * len(self._busy) else 1
+        jobs = [_Job(texts[i::pieces], loop.create_future()) for i in range(pieces)]
+        self._pending.extend(jobs)
         self._start_free_workers()
-        return await job.future
+        if pieces == 1:
+            return await jobs[0].future
+        parts = await asyncio.gather(*(job.future for job in jobs), return_exceptions=True)
+        for part in parts:
+            if isinstance(part, BaseException):
+                raise part
+        return _interleave(parts)
 
     def _start_free_workers(self) -> None:
         while self._pending and not all(self._busy):
@@ -126,3 +140,15 @@ class ForwardScheduler:
     def shutdown(self) -> None:
         for executor in self._executors:
             executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _interleave(parts: list[Encoded]) -> Encoded:
+    """Undo the every-n-th split: part i holds texts i, i+n, i+2n, ..."""
+    n, total = len(parts), sum(len(p.tokens) for p in parts)
+    vectors = np.empty((total, parts[0].vectors.shape[1]), dtype=parts[0].vectors.dtype)
+    tokens, truncated = [0] * total, [False] * total
+    for i, part in enumerate(parts):
+        vectors[i::n] = part.vectors
+        tokens[i::n] = part.tokens
+        truncated[i::n] = part.truncated
+    return Encoded(vectors, tokens, truncated, max(p.model_ms for p in parts), parts[0].runtime)

@@ -205,3 +205,43 @@ def test_pooling_modes_pick_the_right_tokens(side):
     assert pool(hidden, mask, "lasttoken")[:, 0].tolist() == last
     assert pool(hidden, mask, "mean")[:, 0].tolist() == mean
     assert pool(hidden, mask, "max")[:, 0].tolist() == last
+
+
+@pytest.mark.parametrize("model", ["bundled", "standin", "tiny"])
+def test_fast_tokenizer_load_matches_autotokenizer(model, bundled_spec, small_standin_dir,
+                                                   tiny_qwen3_dir):
+    from transformers import AutoTokenizer
+
+    from serve_app.embedder import load_tokenizer
+
+    spec = {"bundled": bundled_spec, "standin": resolve_model(str(small_standin_dir)),
+            "tiny": resolve_model(str(tiny_qwen3_dir))}[model]
+    ours = load_tokenizer(spec.source, spec.padding_side)
+    reference = AutoTokenizer.from_pretrained(spec.source, padding_side=spec.padding_side)
+    texts = [*TEXTS, *sentences(50), "[CLS] <|im_start|> <|endoftext|> literal specials"]
+    assert ours(texts)["input_ids"] == reference(texts)["input_ids"]
+    for attr in ("eos_token_id", "pad_token_id", "padding_side"):
+        assert getattr(ours, attr) == getattr(reference, attr), attr
+
+
+def test_tokenizers_transformers_adjusts_load_the_general_way(tmp_path, tiny_qwen3_dir,
+                                                              monkeypatch):
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from serve_app import embedder
+
+    directory = tmp_path / "flagged"
+    shutil.copytree(tiny_qwen3_dir, directory)
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    (directory / "tokenizer_config.json").write_text(json.dumps({**config, "add_eos_token": True}))
+    calls = []
+    general = AutoTokenizer.from_pretrained
+    monkeypatch.setattr(embedder.AutoTokenizer, "from_pretrained",
+                        lambda *a, **k: calls.append(a[0]) or general(*a, **k))
+    embedder.load_tokenizer(str(tiny_qwen3_dir), "left")
+    assert calls == []  # nothing to adjust: tokenizer.json alone
+    embedder.load_tokenizer(str(directory), "left")
+    assert calls == [str(directory)]

@@ -138,3 +138,17 @@ def test_waiting_requests_are_shared_among_free_workers():
     model = run(scenario())
     # 32 texts waiting, two free workers: 16 each, not 32 on one and none on the other.
     assert sorted(size for size, _, _ in model.passes) == [16, 16]
+
+
+def test_one_large_batch_is_dealt_out_to_every_worker_and_keeps_its_order():
+    async def scenario():
+        model = FakeModel(delay_s=0.05)
+        scheduler = ForwardScheduler(model.encode, workers=2, cpus=2, max_texts=128)
+        result = await scheduler.embed([f"t{i}" for i in range(40)])
+        return model, scheduler, result
+
+    model, scheduler, result = run(scenario())
+    assert result.vectors[:, 0].tolist() == [float(i) for i in range(40)]
+    assert sorted(size for size, _, _ in model.passes) == [20, 20]
+    assert scheduler.passes_by_worker == [1, 1]
+    assert {threads for _, threads, _ in model.passes} == {1}  # each on its half of the cores
