@@ -267,7 +267,9 @@ def _spread(model) -> None:
                 param.mul_(4.0)
 
 
-def write_sentence_transformers_files(directory: Path, dimensions: int) -> None:
+def write_sentence_transformers_files(
+    directory: Path, dimensions: int, max_seq_length: int = 32768
+) -> None:
     """The sentence-transformers files Qwen3-Embedding ships: last-token pooling, Normalize."""
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
@@ -288,7 +290,7 @@ def write_sentence_transformers_files(directory: Path, dimensions: int) -> None:
     }, indent=2))
     (directory / "2_Normalize").mkdir(exist_ok=True)
     (directory / "sentence_bert_config.json").write_text(
-        json.dumps({"max_seq_length": 32768, "do_lower_case": False}, indent=2)
+        json.dumps({"max_seq_length": max_seq_length, "do_lower_case": False}, indent=2)
     )
     (directory / "config_sentence_transformers.json").write_text(json.dumps({
         "prompts": {"query": QUERY_PROMPT, "document": ""},

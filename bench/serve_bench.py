@@ -130,6 +130,8 @@ def compare(model, baseline, url: str, peer_url: str | None, opts, corpus: list[
     """Raw passes in this process, served passes from a client process, alternating."""
     from forward_sweep import run as split_run
 
+    from serve_app.embedder import default_cpu_threads
+
     def client(*args: str, target: str = url) -> dict:
         out = subprocess.run(
             [sys.executable, str(Path(__file__).parent / "http_client.py"), *args, target],
@@ -155,7 +157,7 @@ def compare(model, baseline, url: str, peer_url: str | None, opts, corpus: list[
         matmul_rounds.append(matmul_gflops())
         for size in sizes:
             raw_rounds[size].append(raw_pass(size))
-        split_rounds.append(split_run(model, corpus, 2, max(1, model_threads() // 2)))
+        split_rounds.append(split_run(model, corpus, 2, max(1, default_cpu_threads() // 2)))
         if baseline is not None:
             start = time.perf_counter()
             baseline.encode(corpus)
@@ -186,7 +188,7 @@ def compare(model, baseline, url: str, peer_url: str | None, opts, corpus: list[
     raw_by_size = {size: statistics.median(v) for size, v in raw_rounds.items()}
     best = {**{f"batches of {k}": v for k, v in raw_by_size.items()},
             "2 workers x 1 thread": statistics.median(split_rounds)}
-    raw = {"dtype": str(model.dtype).removeprefix("torch."), "throughput_by_batch": raw_by_size,
+    raw = {"dtype": model.runtime.dtype, "throughput_by_batch": raw_by_size,
            "throughput": max(raw_by_size.values()), "best": max(best.values()), "configs": best,
            "float32": statistics.median(float32_rounds) if float32_rounds else None,
            "float32_rounds": float32_rounds,
@@ -224,12 +226,6 @@ def matmul_gflops() -> dict[str, float]:
         speeds[str(dtype).removeprefix("torch.")] = 10 * 2 * 1024 * 1024 * 3072 / (
             time.perf_counter() - start) / 1e9
     return speeds
-
-
-def model_threads() -> int:
-    from serve_app.embedder import default_cpu_threads
-
-    return default_cpu_threads()
 
 
 def start_infinity(executable: str, model: str, port: int):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -192,8 +193,7 @@ def _model_card(service: EmbeddingService) -> dict:
 def _runtime(service: EmbeddingService) -> dict:
     """Device and precision as the last replica that answered reported them."""
     if service.runtime is not None:
-        return {"device": service.runtime.device, "dtype": service.runtime.dtype,
-                "reason": service.runtime.reason}
+        return asdict(service.runtime)
     return {"device": service.args.device, "dtype": service.args.dtype,
             "reason": "Each model replica decides when it loads; none has answered yet."}
 

@@ -84,8 +84,7 @@ class Embedder:
             )
             warm = time.perf_counter()
             self._model.encode(["warm up"])  # first forward pass pays one-off kernel set-up
-            logger.info("Weights and tokenizer %.2f s, first forward pass %.2f s",
-                        self._model.load_s, time.perf_counter() - warm)
+            logger.info("First forward pass %.2f s", time.perf_counter() - warm)
         except Exception as exc:
             logger.exception("Model %s failed to load", spec.get("name"))
             self._failure = (

@@ -275,8 +275,6 @@ def choose_dtype(
         if torch.cuda.is_bf16_supported():
             return torch.bfloat16, "dtype=auto: bfloat16, which this GPU supports natively"
         return torch.float16, "dtype=auto: float16, since this GPU has no native bfloat16"
-    if device.type != "cpu":
-        return torch.float32, f"dtype=auto: float32 on {device.type}"
     native = features()
     if native:
         return torch.bfloat16, (

@@ -91,7 +91,8 @@ class ForwardScheduler:
         while self._pending and not all(self._busy):
             worker = self._busy.index(False)  # the lowest free one: its threads are warm
             # Share what is waiting among the free workers, so that no core idles while
-            # one worker runs a long pass alone (a large model's pass takes seconds).
+            # one worker runs a long pass alone (a large model's pass takes seconds);
+            # this is also what keeps the pieces embed() deals out on separate workers.
             waiting = sum(len(job.texts) for job in self._pending)
             share = min(self.max_texts, -(-waiting // self._busy.count(False)))
             jobs = [self._pending.popleft()]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 EOS = "<|endoftext|>"
@@ -73,23 +72,6 @@ def build_tiny_qwen3(directory: Path, *, sentence_transformers: bool = True,
 
 def write_st_files(directory: Path, dimensions: int) -> None:
     """The sentence-transformers layout Qwen3-Embedding ships: last-token pooling, normalise."""
-    modules = [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
-    ]
-    (directory / "modules.json").write_text(json.dumps(modules))
-    (directory / "1_Pooling").mkdir(exist_ok=True)
-    (directory / "1_Pooling" / "config.json").write_text(json.dumps({
-        "word_embedding_dimension": dimensions, "pooling_mode_lasttoken": True,
-        "include_prompt": True,
-    }))
-    (directory / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 512}))
-    (directory / "config_sentence_transformers.json").write_text(json.dumps({
-        "prompts": {
-            "query": "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery:",
-            "document": "",
-        },
-        "default_prompt_name": None,
-        "similarity_fn_name": "cosine",
-    }))
+    from bench.qwen3_standin import write_sentence_transformers_files
+
+    write_sentence_transformers_files(directory, dimensions, max_seq_length=512)
