@@ -19,6 +19,7 @@ import xlwings as xw
 
 from excel_addin.cells import BLANK, Blank, CellError, as_grid, cell_text, flatten, shape
 from excel_addin.client import ServiceError, get_client, load_settings
+from serve_app.vectors import cosine, cosine_matrix
 
 CATEGORY = "Embeddings"
 
@@ -114,7 +115,7 @@ def semantic_search(query, candidates, k=5, instruction=None):
         raise ValueError("the candidates range holds no text.")
     query_vector = _vectors_of([question], _instruction(instruction))[question]
     documents = _vectors_of(texts, None)
-    scores = np.array([float(documents[t] @ query_vector) for t in texts])
+    scores = cosine_matrix(query_vector, np.stack([documents[t] for t in texts]))[0]
     order = np.argsort(-scores, kind="stable")[:top]
     return [[texts[i], float(scores[i])] for i in order]
 
@@ -175,7 +176,7 @@ def _score(a, b, left: dict, right: dict):
         return not_available()
     if isinstance(a, Blank) or isinstance(b, Blank):
         return None
-    return float(np.clip(left[a] @ right[b], -1.0, 1.0))
+    return cosine(left[a], right[b])
 
 
 def _paired_shape(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:

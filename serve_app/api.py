@@ -115,7 +115,7 @@ async def similarity(request: Request) -> Response:
     content = {
         "object": "similarity",
         "mode": body.mode,
-        "data": np.clip(scores, -1.0, 1.0).astype(np.float64),
+        "data": scores.astype(np.float64),
         "model": service.model_id,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         "truncated_left": a.truncated,

@@ -1,4 +1,10 @@
-"""Vector arithmetic on returned embeddings: Matryoshka cuts, cosine, wire encodings."""
+"""Vector arithmetic on returned embeddings: Matryoshka cuts, cosine, wire encodings.
+
+The one similarity kernel: `/v1/similarity`, both Excel add-ins and the batch job
+score with these functions. They normalise their inputs, because a model without a
+Normalize module returns vectors of any length, and a dot product of those is not a
+cosine.
+"""
 
 from __future__ import annotations
 
@@ -21,13 +27,19 @@ def truncate(vectors: np.ndarray, dimensions: int | None) -> np.ndarray:
 
 
 def cosine_pairwise(left: np.ndarray, right: np.ndarray) -> np.ndarray:
-    """Cosine similarity of row i of `left` with row i of `right`."""
-    return np.einsum("ij,ij->i", normalize(left), normalize(right))
+    """Cosine similarity of row i of `left` with row i of `right`, within [-1, 1]."""
+    scores = np.einsum("ij,ij->i", normalize(np.atleast_2d(left)), normalize(np.atleast_2d(right)))
+    return np.clip(scores, -1.0, 1.0)  # rounding can reach 1 + 1e-7
 
 
 def cosine_matrix(left: np.ndarray, right: np.ndarray) -> np.ndarray:
-    """Cosine similarity of every row of `left` with every row of `right`."""
-    return normalize(left) @ normalize(right).T
+    """Cosine similarity of every row of `left` with every row of `right`, within [-1, 1]."""
+    return np.clip(normalize(np.atleast_2d(left)) @ normalize(np.atleast_2d(right)).T, -1.0, 1.0)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine similarity of two vectors."""
+    return float(cosine_pairwise(a, b)[0])
 
 
 def to_base64(vector: np.ndarray) -> str:

@@ -65,6 +65,24 @@ def small_standin_dir(tmp_path_factory, standin_tokenizer) -> Path:
     return build_standin(directory, layers=2, hidden=128, tokenizer=standin_tokenizer)
 
 
+@pytest.fixture(scope="session")
+def unnormalised_dir(tmp_path_factory, bundled_spec) -> Path:
+    """The bundled model without its Normalize module: vectors of any length, as many
+    multilingual sentence-transformers models return them (files linked, not copied)."""
+    import json
+
+    source = Path(bundled_spec.source)
+    directory = tmp_path_factory.mktemp("models") / "minilm-unnormalised"
+    directory.mkdir()
+    for item in source.iterdir():
+        if item.name != "modules.json":
+            (directory / item.name).symlink_to(item)
+    modules = json.loads((source / "modules.json").read_text())
+    kept = [m for m in modules if not m["type"].endswith("Normalize")]
+    (directory / "modules.json").write_text(json.dumps(kept))
+    return directory
+
+
 def make_service(embedder, **overrides):
     from serve_app.service import EmbeddingService, LocalBackend
 

@@ -74,13 +74,10 @@ class EmbedRows:
             return batch.append_column("embedding", embedding_array(vectors))
         left = self.vectors(texts_of(batch[columns[0]]), prefixes[0], dimensions)
         right = self.vectors(texts_of(batch[columns[1]]), prefixes[1], dimensions)
-        scores = [
-            None if a is None or b is None else float(np.dot(a, b)) for a, b in zip(left, right, strict=True)
-        ]
-        return batch.append_column("similarity", pa.array(scores, type=pa.float32()))
+        return batch.append_column("similarity", pair_scores(left, right))
 
     def vectors(self, texts: list[str | None], prefix: str, dimensions: int | None) -> list[np.ndarray | None]:
-        """Unit vectors for the texts, None for blanks; each distinct text is embedded once."""
+        """Vectors for the texts, None for blanks; each distinct text is embedded once."""
         from serve_app.vectors import truncate
 
         unique: dict[str, int] = {}
@@ -94,6 +91,19 @@ class EmbedRows:
 
     def encode(self, texts: list[str]) -> np.ndarray:
         return self.model.encode(texts, threads=lambda: self.threads).vectors
+
+
+def pair_scores(left: list[np.ndarray | None], right: list[np.ndarray | None]) -> pa.Array:
+    """The cosine of each row's two vectors; null where either side had no text."""
+    from serve_app.vectors import cosine_pairwise
+
+    present = [i for i, (a, b) in enumerate(zip(left, right, strict=True)) if a is not None and b is not None]
+    scores: list[float | None] = [None] * len(left)
+    if present:
+        computed = cosine_pairwise(np.stack([left[i] for i in present]), np.stack([right[i] for i in present]))
+        for i, score in zip(present, computed.tolist(), strict=True):
+            scores[i] = score
+    return pa.array(scores, type=pa.float32())
 
 
 def embedding_array(vectors: list[np.ndarray | None]) -> pa.Array:
@@ -159,6 +169,8 @@ def run_search(queries: str, query_column: str, corpus: str, corpus_column: str,
 
 def top_k(queries: pa.Table, corpus: pa.Table, k: int, chunk: int = 256) -> pa.Table:
     """Rows (query columns, rank, score, corpus_row, corpus columns), best match first."""
+    from serve_app.vectors import cosine_matrix
+
     corpus_vectors = corpus["embedding"].to_pylist()
     usable = np.array([i for i, v in enumerate(corpus_vectors) if v is not None], dtype=np.int64)
     matrix = (np.asarray([corpus_vectors[i] for i in usable], dtype=np.float32)
@@ -172,7 +184,7 @@ def top_k(queries: pa.Table, corpus: pa.Table, k: int, chunk: int = 256) -> pa.T
         best = np.zeros((len(block), k), dtype=np.int64)
         best_scores = np.zeros((len(block), k), dtype=np.float32)
         if present and k:
-            sims = np.asarray([block[i] for i in present], dtype=np.float32) @ matrix.T
+            sims = cosine_matrix(np.asarray([block[i] for i in present], dtype=np.float32), matrix)
             top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
             top_scores = np.take_along_axis(sims, top, axis=1)
             order = np.argsort(-top_scores, axis=1, kind="stable")
