@@ -143,6 +143,13 @@ class AppArgs(BaseModel):
     request_timeout_s: float = Field(
         300.0, gt=0, description="Longest a request waits for the model, cold start included."
     )
+    health_check_period_s: float = Field(
+        10.0, gt=0,
+        description=(
+            "How often Ray checks each model replica; one whose model failed to load is "
+            "replaced after three failed checks."
+        ),
+    )
     ingress_replicas: int = Field(1, ge=1)
     warm_start: Literal["auto", "on", "off"] = Field(
         "auto",

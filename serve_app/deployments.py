@@ -10,13 +10,19 @@ texts rather than requests.
 # annotation at run time to turn `key=value` arguments into AppArgs.
 import asyncio
 import logging
+import random
 import time
 from dataclasses import asdict, dataclass
 
 import click
 from ray import serve
+from ray.exceptions import OutOfMemoryError, RayActorError
 from ray.serve import Application
-from ray.serve.exceptions import BackPressureError
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+)
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.api import create_app
@@ -36,9 +42,11 @@ APP_NAME = "embeddings"
 # No access-log line per request (it costs a measurable part of a ~20 ms request on a
 # 2-core machine, and request logs are the operator's choice); warnings still show.
 _LOGGING = {"enable_access_log": False}
-# Ray failures that mean "this replica went away", so the request can go to another.
-_RETRYABLE = ("ActorDiedError", "ActorUnavailableError", "RayActorError", "ReplicaUnavailableError")
-_MAX_ATTEMPTS = 3
+# Ray failures that mean "this replica went away", so the request can go to another
+# (ActorDiedError and ActorUnavailableError are RayActorErrors).
+_REPLICA_LOST = (RayActorError, ReplicaUnavailableError)
+_MAX_ATTEMPTS = 2  # one resend
+_RETRY_BACKOFF_S = 0.5  # times 1 to 2, so that callers that lost one replica spread out
 
 
 @dataclass
@@ -63,6 +71,8 @@ class Embedder:
         self._scheduler: ForwardScheduler | None = None
         self._model = None
         self._failure: str | None = None
+        self._failed_at = 0.0
+        self._health_period_s = settings.health_check_period_s
         started = time.perf_counter()
         try:
             # Heavy imports live here, not at module level, so the ingress stays light.
@@ -86,17 +96,34 @@ class Embedder:
             self._model.encode(["warm up"])  # first forward pass pays one-off kernel set-up
             logger.info("First forward pass %.2f s", time.perf_counter() - warm)
         except Exception as exc:
+            # The traceback (paths included) goes to the replica's log; clients get a
+            # sentence without it, and check_health has Ray replace this replica.
             logger.exception("Model %s failed to load", spec.get("name"))
             self._failure = (
-                f"The model '{spec.get('name')}' failed to load on its replica: "
-                f"{type(exc).__name__}: {exc}"
+                f"The model '{settings.model_id}' failed to load on its replica "
+                f"({type(exc).__name__}); the service is starting a new one. Retry shortly."
             )
+            self._failed_at = time.monotonic()
         logger.info(
             "Embedder ready: constructor %.2f s, process start-up before it %.2f s",
             time.perf_counter() - started, _process_age_s() - (time.perf_counter() - started),
         )
         self._metrics.inc("embed_cold_starts_total")
         self._metrics.observe("embed_model_load_seconds", _process_age_s())
+
+    def check_health(self) -> None:
+        """Ray's health check: a replica whose model failed to load reports unhealthy.
+
+        Ray then replaces it, after one period of grace and three failed checks
+        (`health_check_period_s` each): the back-off between attempts, during which
+        requests get a quick 503 with Retry-After rather than waiting. A transient failure (a file still being
+        copied, memory briefly short) thus heals by itself.
+        """
+        # Healthy for one period first: Ray checks a replica as it starts, and one that
+        # fails then is retried in a tight loop with requests held; this way they get
+        # the 503 meanwhile.
+        if self._failure is not None and time.monotonic() - self._failed_at >= self._health_period_s:
+            raise RuntimeError(self._failure)
 
     def _record_pass(self, texts: int, waited_s: float) -> None:
         self._metrics.observe("embed_batch_texts", texts)
@@ -157,13 +184,22 @@ def _process_age_s() -> float:
 
 
 class RayBackend:
-    """Sends chunks to `Embedder` through a deployment handle, translating Ray's failures."""
+    """Sends chunks to `Embedder` through a deployment handle, translating Ray's failures.
 
-    def __init__(self, handle: DeploymentHandle, timeout_s: float, app_name: str) -> None:
+    A chunk whose replica went away is resent once, after a short back-off, unless
+    Ray says the replica was killed for memory: that chunk may be what killed it,
+    and sending it again would take another replica (and everyone's work on it)
+    down too. A cancelled chunk cancels its Ray request.
+    """
+
+    def __init__(self, handle: DeploymentHandle, timeout_s: float, app_name: str,
+                 health_check_period_s: float = 10.0) -> None:
         self.handle = handle
         self.timeout_s = timeout_s
         self.app_name = app_name
+        self.health_check_period_s = health_check_period_s
         self._state: tuple[float, str] = (0.0, "unknown")
+        self._state_lock = asyncio.Lock()
 
     async def embed(self, texts: list[str]):
         deadline = time.monotonic() + self.timeout_s
@@ -171,13 +207,16 @@ class RayBackend:
             response = self.handle.embed.remote(texts)
             try:
                 result = await asyncio.wait_for(_await(response), deadline - time.monotonic())
+            except asyncio.CancelledError:
+                response.cancel()  # the client left, or a sibling chunk failed
+                raise
             except BackPressureError as exc:
                 raise Overloaded(
                     "The embedding service is at capacity; retry shortly.",
                     code="overloaded",
                     retry_after_s=2,
                 ) from exc
-            except (asyncio.TimeoutError, TimeoutError):
+            except TimeoutError:
                 response.cancel()
                 raise ModelUnavailable(
                     f"The model did not answer within {self.timeout_s:.0f} s "
@@ -185,36 +224,76 @@ class RayBackend:
                     code="model_timeout",
                     retry_after_s=10,
                 ) from None
-            except Exception as exc:
-                # Embedding is idempotent, so work lost with a dying replica is resent.
-                if type(exc).__name__ in _RETRYABLE and attempt < _MAX_ATTEMPTS:
-                    logger.warning("Replica lost mid-request (%s); retrying", type(exc).__name__)
-                    continue
-                raise
+            except DeploymentUnavailableError as exc:
+                raise ModelUnavailable(
+                    "The model could not be started on any replica; the operator should "
+                    "check the service's log.",
+                    code="model_unavailable",
+                    retry_after_s=60,
+                ) from exc
+            except (*_REPLICA_LOST, OutOfMemoryError) as exc:
+                if _killed_for_memory(exc):
+                    raise ModelUnavailable(
+                        "The model's replica ran out of memory on this request and was "
+                        "restarted; send fewer or shorter texts per request.",
+                        code="replica_out_of_memory",
+                        retry_after_s=5,
+                    ) from exc
+                backoff = _RETRY_BACKOFF_S * (1 + random.random())
+                if attempt == _MAX_ATTEMPTS or time.monotonic() + backoff >= deadline:
+                    raise ModelUnavailable(
+                        "The model's replica stopped twice while working on this request; "
+                        "retry shortly.",
+                        code="replica_lost",
+                        retry_after_s=5,
+                    ) from exc
+                # Embedding is idempotent: work lost with a replica is sent once more.
+                logger.warning("Replica lost mid-request (%s); retrying in %.1f s",
+                               type(exc).__name__, backoff)
+                await asyncio.sleep(backoff)
+                continue
             if isinstance(result, Failure):
-                raise ModelUnavailable(result.message, code="model_unavailable", retry_after_s=30)
+                raise ModelUnavailable(
+                    result.message, code="model_unavailable",
+                    retry_after_s=4 * self.health_check_period_s,
+                )
             return result
         raise AssertionError("unreachable")
 
-    def replica_state(self) -> str:
-        """Running Embedder replicas, from the controller (cached; never wakes the model)."""
-        checked, state = self._state
-        if time.monotonic() - checked < 2.0:
+    async def replica_state(self) -> str:
+        """Running Embedder replicas, from the controller (cached; never wakes the model).
+
+        `serve.status()` blocks on a controller call, so it runs on a thread: the
+        ingress's event loop keeps serving while it waits.
+        """
+        async with self._state_lock:
+            checked, state = self._state
+            if time.monotonic() - checked < 2.0:
+                return state
+            state = await asyncio.to_thread(self._replica_state_now)
+            self._state = (time.monotonic(), state)
             return state
+
+    def _replica_state_now(self) -> str:
         try:
             status = serve.status().applications[self.app_name].deployments["Embedder"]
             states = {k: v for k, v in status.replica_states.items() if v}
             running = states.pop("RUNNING", 0)
             if running:
-                state = f"{running} running"
-            elif states:
-                state = ", ".join(f"{v} {k.lower()}" for k, v in sorted(states.items()))
-            else:
-                state = "scaled to zero"
+                return f"{running} running"
+            if states:
+                return ", ".join(f"{v} {k.lower()}" for k, v in sorted(states.items()))
+            return "scaled to zero"
         except Exception:  # status is informative only
-            state = "unknown"
-        self._state = (time.monotonic(), state)
-        return state
+            return "unknown"
+
+
+def _killed_for_memory(exc: BaseException) -> bool:
+    """Whether Ray reports that the replica was killed for lack of memory."""
+    if isinstance(exc, OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return "memory monitor" in text or "out of memory" in text or "low on memory" in text
 
 
 async def _await(response):
@@ -242,7 +321,8 @@ class Ingress:
 
             ensure_zygote(preload_for(spec["model_type"]), os.getppid())
         app_name = serve.get_replica_context().app_name
-        backend = RayBackend(embedder, settings.request_timeout_s, app_name)
+        backend = RayBackend(embedder, settings.request_timeout_s, app_name,
+                             settings.health_check_period_s)
         self._service = EmbeddingService(settings, ModelSpec(**spec), backend, Metrics())
 
     def __serve_build_asgi_app__(self):
@@ -290,7 +370,7 @@ def build_app(args: AppArgs) -> Application:
             "max_batch_texts": args.max_batch_texts,
             "batch_wait_timeout_s": args.batch_wait_timeout_s,
         },
-        health_check_period_s=10,
+        health_check_period_s=args.health_check_period_s,
         graceful_shutdown_timeout_s=30,
         logging_config=_LOGGING,
     ).bind(args.model_dump(), asdict(spec), gpu)

@@ -1,7 +1,9 @@
 """What only Ray does: scaling to zero and back, fractional GPU packing, replica failures."""
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -124,17 +126,39 @@ def test_four_quarter_gpu_replicas_pack_onto_one_gpu(serve_cluster):
     assert ray.get(pending, timeout=60) == "ran"  # released GPU share goes to the waiting task
 
 
-def test_replica_that_cannot_load_answers_503_with_the_reason(serve_cluster, tmp_path, tiny_qwen3_dir):
-    broken = tmp_path / "broken-model"
-    shutil.copytree(tiny_qwen3_dir, broken)
-    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
-    url = serve_cluster.deploy("broken", model=str(broken), min_replicas=1)
-    response = httpx.post(f"{url}/v1/embeddings", json={"input": "hello"}, timeout=120)
-    assert response.status_code == 503
+def test_replica_that_cannot_load_answers_503_then_is_replaced_and_heals(serve_cluster, tmp_path, tiny_qwen3_dir):
+    from ray import serve
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_qwen3_dir, model)
+    weights = model / "model.safetensors"
+    good = weights.read_bytes()
+    url = serve_cluster.deploy("broken", model=str(model), served_model_name="tiny",
+                               min_replicas=1, max_replicas=1, health_check_period_s=0.5)
+    texts = iter(range(10**6))
+
+    def fresh_request():  # a new text each time: the ingress's cache must not answer
+        return httpx.post(f"{url}/v1/embeddings", json={"input": f"text {next(texts)}"}, timeout=120)
+
+    assert fresh_request().status_code == 200
+    handle = serve.get_deployment_handle("Embedder", app_name="broken")
+    first = handle.describe.remote().result(timeout_s=60)["pid"]
+
+    # The replica dies and its replacement finds the weights unreadable (a copy in progress).
+    weights.write_bytes(b"not a safetensors file")
+    os.kill(first, signal.SIGKILL)
+    response = serve_cluster.wait_for(lambda: (r := fresh_request()).status_code == 503 and r,
+                                      120, "the replacement's 503")
     error = response.json()["error"]
-    assert "failed to load" in error["message"] and str(broken) in error["message"]
+    assert "failed to load" in error["message"] and "'tiny'" in error["message"]
+    assert str(tmp_path) not in error["message"]  # no internal paths, no exception text
     assert response.headers["Retry-After"]
     assert httpx.get(f"{url}/health", timeout=10).json()["status"] == "ok"
+
+    weights.write_bytes(good)  # the fault ends: Ray must replace the broken replica
+    serve_cluster.wait_for(
+        lambda: fresh_request().status_code == 200, 120, "a replacement replica that loads the model",
+    )
     serve_cluster.delete("broken")
 
 
