@@ -140,7 +140,8 @@ async def get_model(request: Request) -> Response:
 async def health(request: Request) -> Response:
     """Liveness of the HTTP layer; it never calls (or wakes) the model."""
     service: EmbeddingService = request.app.state.service
-    state = getattr(service.backend, "replica_state", lambda: "in-process")()
+    replica_state = getattr(service.backend, "replica_state", None)
+    state = await replica_state() if replica_state is not None else "in-process"
     return JSONResponse({"status": "ok", "model": service.model_id, "replicas": state})
 
 

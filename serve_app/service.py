@@ -142,8 +142,8 @@ class EmbeddingService:
     async def _embed_missing(self, distinct, missing, keys, prefix, vectors, tokens, cut) -> float:
         size = self.args.max_batch_texts
         todo = [prefix + distinct[i] for i in missing]
-        parts = await asyncio.gather(
-            *(self.backend.embed(todo[i : i + size]) for i in range(0, len(todo), size))
+        parts = await _all_or_nothing(
+            [self.backend.embed(todo[i : i + size]) for i in range(0, len(todo), size)]
         )
         position = 0
         self.runtime = parts[-1].runtime or self.runtime
@@ -163,6 +163,22 @@ class EmbeddingService:
         self.metrics.inc("embed_texts_total", len(missing))
         self.metrics.inc("embed_tokens_total", sum(tokens[i] for i in missing))
         self.metrics.inc("embed_truncated_inputs_total", sum(cut[i] for i in missing))
+
+
+async def _all_or_nothing(coroutines: list) -> list:
+    """Results of all, in order; when one fails (or the caller is cancelled), the others are
+    cancelled rather than left to occupy the model for an answer nobody will read."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        failed = next((t for t in tasks if t in done and not t.cancelled() and t.exception()), None)
+        if failed is not None:
+            raise failed.exception()
+        return [task.result() for task in tasks]
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class LocalBackend:
