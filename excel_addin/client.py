@@ -1,17 +1,31 @@
 """HTTP to the embedding service for the formulas: chunks, dedupe, a cache, readable errors.
 
-Vectors are cached at full width, keyed by server, model, instruction and text,
-so recalculating a sheet whose texts did not change sends no request, and a
-Matryoshka `dimensions` is cut here from the cached vector. Only texts not in
-the cache are sent, each once, in chunks of at most `chunk_size` texts.
+Vectors are cached at full width, keyed by model, instruction and text (one client per
+server URL), so recalculating a sheet whose texts did not change sends no embedding
+request, and a Matryoshka `dimensions` is cut here from the cached vector. Only texts not
+in the cache are sent, each once, in chunks of at most `chunk_size` texts; a text another
+formula is already fetching is awaited, not sent again.
+
+Which model the server runs is learnt from every embeddings answer and, when no answer
+has named it for `model_ttl_s` (30 s), from GET /v1/models, which the ingress answers
+without waking the model. So a sheet that is fully cached costs at most one small GET per
+30 s, and after the server changes model its vectors are fetched afresh within 30 s. If
+that GET fails, the formula shows the error rather than vectors of a model that may be gone.
+
+Formulas run in threads (xlwings' async mode); the lock guards only the bookkeeping,
+never an HTTP call, so a one-cell formula does not wait behind a 10,000-row column.
 """
 
 from __future__ import annotations
 
 import base64
+import math
 import os
 import threading
-from dataclasses import dataclass, replace
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import httpx
@@ -31,6 +45,9 @@ class ServiceError(Exception):
     """A failure the cell shows as one sentence: what failed and what to check."""
 
 
+Key = tuple[str, str | None, str]  # (model, instruction, text)
+
+
 @dataclass(frozen=True)
 class Settings:
     server_url: str = DEFAULTS["server_url"]
@@ -40,6 +57,14 @@ class Settings:
     chunk_size: int = 512
     chunk_chars: int = 2_000_000
     cache_mb: int = 512
+    model_ttl_s: float = 30.0  # how long the served model's name is trusted unasked
+
+    def __repr__(self) -> str:
+        # The key must not reach a log or a traceback: shown only as set or not.
+        shown = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.api_key:
+            shown["api_key"] = "***"
+        return f"Settings({', '.join(f'{name}={value!r}' for name, value in shown.items())})"
 
 
 def load_settings(environ: dict[str, str] | None = None, user_config: dict[str, str] | None = None) -> Settings:
@@ -76,43 +101,122 @@ def _xlwings_user_config() -> dict[str, str]:
 class EmbedClient:
     """Embeds texts through the service, remembering every vector it was given."""
 
-    def __init__(self, settings: Settings, transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        transport: httpx.BaseTransport | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.settings = settings
-        self.requests = 0  # HTTP requests sent, for tests and benchmarks
+        self.requests = 0  # embedding requests (POST /v1/embeddings) sent, for tests and benchmarks
+        self.model_checks = 0  # GET /v1/models sent to learn which model answers
         headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
         self._http = httpx.Client(
             base_url=settings.server_url,
             timeout=httpx.Timeout(settings.timeout_s, connect=10.0),
             headers=headers,
             transport=transport,
-            event_hooks={"request": [self._count]},
         )
+        self._clock = clock
+        # The lock guards the cache, the pending fetches, the model and the counters, and is
+        # never held over an HTTP call: a one-cell formula must not wait behind a long column.
+        self._lock = threading.Lock()
         self._cache: LRUCache = LRUCache(
             maxsize=settings.cache_mb * 1024 * 1024, getsizeof=lambda v: v.nbytes
         )
+        self._pending: dict[Key, Future] = {}  # texts some thread is fetching now
         self._model: str | None = None
-        self._lock = threading.Lock()
+        self._model_seen = -math.inf  # clock() when an answer last named the model
 
-    def _count(self, _request: httpx.Request) -> None:
-        self.requests += 1
+    def __repr__(self) -> str:
+        return f"EmbedClient({self.settings!r})"
 
     def vectors(
         self, texts: list[str], instruction: str | None = None, dimensions: int | None = None
     ) -> dict[str, np.ndarray]:
         """Unit vectors for the distinct `texts`, from the cache where possible."""
         instruction = instruction or None
-        with self._lock:
-            missing = [t for t in dict.fromkeys(texts) if (instruction, t) not in self._cache]
-            for chunk in self._chunks(missing):
-                self._fetch(chunk, instruction)
-            full = {t: self._cache[(instruction, t)] for t in dict.fromkeys(texts)}
-        return {t: _cut(v, dimensions) for t, v in full.items()}
+        distinct = list(dict.fromkeys(texts))
+        model = self._served_model()
+        for _ in range(3):
+            found = self._lookup_or_fetch(distinct, instruction, model)
+            models = {answered for answered, _ in found.values()}
+            if models <= {model}:
+                return {t: _cut(v, dimensions) for t, (_, v) in found.items()}
+            # The server changed model during this call. One sheet must not mix two models'
+            # vectors, so look up again under the model it now serves (what this call fetched
+            # from it is cached already).
+            model = self._served_model()
+        raise ServiceError(
+            f"The embedding server at {self.settings.server_url} answered with several models "
+            f"({', '.join(sorted(models))}) during one calculation. Recalculate once it serves one."
+        )
 
     def info(self) -> dict:
         """The served model and its width, or ServiceError."""
+        with self._lock:
+            self.model_checks += 1
         body = self._call("GET", "/v1/models")
         card = body["data"][0]
+        self._learn(card["id"])
         return {"model": card["id"], "dimensions": card.get("dimensions")}
+
+    def _served_model(self) -> str:
+        """The model the server answers with: remembered for `model_ttl_s`, then asked again."""
+        with self._lock:
+            if self._clock() - self._model_seen < self.settings.model_ttl_s:
+                return self._model
+        return self.info()["model"]
+
+    def _learn(self, model: str) -> None:
+        with self._lock:
+            self._model, self._model_seen = model, self._clock()
+
+    def _lookup_or_fetch(
+        self, texts: list[str], instruction: str | None, model: str
+    ) -> dict[str, tuple[str, np.ndarray]]:
+        """(answering model, vector) for each text: cached, fetched here, or awaited from the
+        thread already fetching it. Vectors are kept here, not read back from the cache, which
+        may have evicted them before the call ends."""
+        found: dict[str, tuple[str, np.ndarray]] = {}
+        awaited: dict[str, Future] = {}
+        mine: dict[str, Future] = {}
+        with self._lock:
+            for text in texts:
+                key = (model, instruction, text)
+                vector = self._cache.get(key)
+                if vector is not None:
+                    found[text] = (model, vector)
+                elif key in self._pending:
+                    awaited[text] = self._pending[key]
+                else:
+                    mine[text] = self._pending[key] = Future()
+        try:
+            for chunk in self._chunks(list(mine)):
+                answered, vectors = self._fetch(chunk, instruction)
+                with self._lock:
+                    for text, vector in zip(chunk, vectors, strict=True):
+                        if vector.nbytes <= self._cache.maxsize:  # else LRUCache raises
+                            self._cache[(answered, instruction, text)] = vector
+                        del self._pending[(model, instruction, text)]
+                        mine.pop(text).set_result((answered, vector))
+                        found[text] = (answered, vector)
+        except BaseException as exc:
+            # Whoever waits for a text this call did not get gets the same error, not a hang.
+            with self._lock:
+                for text in mine:
+                    self._pending.pop((model, instruction, text), None)
+            for future in mine.values():
+                future.set_exception(exc)
+            raise
+        # Only now wait for other threads: each thread fetches all it owns before it waits,
+        # so two calls waiting on each other's texts cannot deadlock.
+        for text, future in awaited.items():
+            try:
+                found[text] = future.result()
+            except ServiceError as exc:
+                raise ServiceError(str(exc)) from None
+        return {text: found[text] for text in texts}
 
     def _chunks(self, texts: list[str]):
         chunk: list[str] = []
@@ -126,18 +230,22 @@ class EmbedClient:
         if chunk:
             yield chunk
 
-    def _fetch(self, texts: list[str], instruction: str | None) -> None:
+    def _fetch(self, texts: list[str], instruction: str | None) -> tuple[str, list[np.ndarray]]:
+        """The answering model and one vector per text, in order."""
         payload: dict[str, Any] = {"input": texts, "encoding_format": "base64"}
         if instruction:
             payload["instruction"] = instruction
+        with self._lock:
+            self.requests += 1
         body = self._call("POST", "/v1/embeddings", json=payload)
-        if body.get("model") != self._model:
-            # Another model now answers at this address: what we remembered is stale.
-            self._cache.clear()
-            self._model = body.get("model")
-        for text, item in zip(texts, body["data"], strict=True):
-            vector = np.frombuffer(base64.b64decode(item["embedding"]), dtype="<f4")
-            self._cache[(instruction, text)] = vector
+        if len(body["data"]) != len(texts):
+            raise ServiceError(
+                f"The embedding server at {self.settings.server_url} answered {len(body['data'])} "
+                f"vectors for {len(texts)} texts. Check that EMBED_SERVER_URL is this service."
+            )
+        model = body.get("model")
+        self._learn(model)
+        return model, [_decode(item["embedding"]) for item in body["data"]]
 
     def _call(self, method: str, path: str, **kwargs) -> dict:
         url = self.settings.server_url
@@ -177,6 +285,11 @@ def _server_message(response: httpx.Response) -> str:
         return response.json()["error"]["message"]
     except Exception:
         return f"HTTP {response.status_code}."
+
+
+def _decode(embedding: str) -> np.ndarray:
+    """A base64 vector as the service sends it: little-endian float32."""
+    return np.frombuffer(base64.b64decode(embedding), dtype="<f4")
 
 
 def _cut(vector: np.ndarray, dimensions: int | None) -> np.ndarray:

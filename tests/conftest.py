@@ -1,4 +1,5 @@
-"""Shared fixtures: the bundled model, a tiny Qwen3, the in-process app, one Ray cluster."""
+"""Shared fixtures: the bundled model, a tiny Qwen3, the in-process app, one Ray cluster, and a
+fake embedding server for the add-in client."""
 
 from __future__ import annotations
 
@@ -9,10 +10,16 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import base64  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -245,3 +252,108 @@ def sheet_env(monkeypatch, excel_servers):
     # No xlwings user config on CI machines; make sure a developer's does not leak in.
     monkeypatch.setattr("excel_addin.client._xlwings_user_config", lambda: {})
     return excel_servers
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand (`clock.now += 31`)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeEmbeddingServer:
+    """OpenAI-shaped /v1/embeddings and /v1/models on 127.0.0.1, for the add-in client's logic.
+
+    A vector is a fixed function of (model, instruction, text); a request carrying a text in
+    `hold` waits until `release` is set, then one carrying a text in `fail` is answered 503.
+    """
+
+    def __init__(self, model: str = "fake-model-a", dimensions: int = 8) -> None:
+        self.model = model
+        self.dimensions = dimensions
+        self.hold: set[str] = set()
+        self.fail: set[str] = set()
+        self.release = threading.Event()
+        self.seen: list[dict] = []  # every request: path, input texts, Authorization header
+        self._arrived = threading.Condition()
+        self._http = ThreadingHTTPServer(("127.0.0.1", 0), _FakeHandler)
+        self._http.daemon_threads = True
+        self._http.fake = self
+        self.url = f"http://127.0.0.1:{self._http.server_address[1]}"
+        self._thread = threading.Thread(target=self._http.serve_forever, daemon=True)
+        self._thread.start()
+
+    def vector(self, text: str, instruction: str | None = None, model: str | None = None):
+        name = f"{model or self.model}\0{instruction}\0{text}".encode()
+        seed = int.from_bytes(hashlib.sha256(name).digest()[:8], "little")
+        v = np.random.default_rng(seed).standard_normal(self.dimensions)
+        return (v / np.linalg.norm(v)).astype("<f4")
+
+    def carrying(self, text: str) -> int:
+        """How many embedding requests carried `text`."""
+        with self._arrived:
+            return sum(text in r["input"] for r in self.seen)
+
+    def wait_for_request(self, carrying: str, timeout_s: float = 10.0) -> None:
+        """Return once a request carrying `carrying` has arrived (it may still be held)."""
+        with self._arrived:
+            if not self._arrived.wait_for(lambda: any(carrying in r["input"] for r in self.seen), timeout_s):
+                raise AssertionError(f"no request carrying {carrying!r} arrived within {timeout_s} s")
+
+    def record(self, entry: dict) -> None:
+        with self._arrived:
+            self.seen.append(entry)
+            self._arrived.notify_all()
+
+    def close(self) -> None:
+        self.release.set()
+        self._http.shutdown()
+        self._http.server_close()
+
+
+class _FakeHandler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        fake = self.server.fake
+        fake.record({"path": self.path, "input": [], "authorization": self.headers.get("Authorization")})
+        if self.path != "/v1/models":
+            return self._answer(404, {"error": {"message": "Not found."}})
+        card = {"id": fake.model, "object": "model", "dimensions": fake.dimensions}
+        self._answer(200, {"object": "list", "data": [card]})
+
+    def do_POST(self) -> None:
+        fake = self.server.fake
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        texts, instruction = body["input"], body.get("instruction")
+        fake.record({"path": self.path, "input": texts, "authorization": self.headers.get("Authorization")})
+        if fake.hold.intersection(texts):
+            fake.release.wait(timeout=30)  # a test that never releases must not hang the run
+        if fake.fail.intersection(texts):
+            return self._answer(503, {"error": {"message": "The model is restarting."}})
+        model = fake.model  # read after the hold: a change meanwhile is what it answers with
+        data = [
+            {"object": "embedding", "index": i,
+             "embedding": base64.b64encode(fake.vector(t, instruction, model).tobytes()).decode()}
+            for i, t in enumerate(texts)
+        ]
+        self._answer(200, {"object": "list", "model": model, "data": data})
+
+    def _answer(self, status: int, content: dict) -> None:
+        raw = json.dumps(content).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def log_message(self, *args) -> None:  # quiet test output
+        pass
+
+
+@pytest.fixture()
+def fake_server():
+    server = FakeEmbeddingServer()
+    yield server
+    server.close()

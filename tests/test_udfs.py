@@ -150,13 +150,3 @@ def test_timeout_is_a_readable_sentence(monkeypatch, sheet_env, serve_cluster):
     assert "EMBED_TIMEOUT_S" in message
     serve_cluster.delete("excel-cold")
 
-
-def test_settings_come_from_env_and_xlwings_config_wins():
-    settings = load_settings(
-        {"EMBED_SERVER_URL": "http://env:8000/", "EMBED_TIMEOUT_S": "60", "EMBED_API_KEY": "k"},
-        {"embed_server_url": "http://conf:9000", "embed_instruction": "Find the clause"},
-    )
-    assert settings.server_url == "http://conf:9000"
-    assert settings.timeout_s == 60.0 and settings.api_key == "k"
-    assert settings.instruction == "Find the clause"
-    assert load_settings({}, {}).timeout_s >= 60  # longer than any cold start

@@ -1,0 +1,143 @@
+"""The add-in's HTTP client against a small OpenAI-shaped server (conftest's FakeEmbeddingServer):
+formulas in threads do not wait for each other, a text in flight is sent once, the cache follows
+the served model, a cache smaller than one call still answers, the API key stays out of reprs;
+and where the settings come from."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from conftest import FakeClock
+
+from excel_addin.client import EmbedClient, ServiceError, Settings, load_settings
+
+DEADLINE_S = 10.0  # for what should take milliseconds; a failing test waits this long, once
+
+
+@pytest.fixture()
+def make_client(fake_server):
+    """EmbedClients pointed at the fake server, closed after the test."""
+    made = []
+
+    def make(clock=None, **settings) -> EmbedClient:
+        extra = {"clock": clock} if clock else {}
+        client = EmbedClient(Settings(server_url=fake_server.url, **settings), **extra)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.close()
+
+
+def test_a_one_text_call_completes_while_a_large_call_is_blocked_in_the_server(fake_server, make_client):
+    client = make_client()
+    column = [f"row {i}" for i in range(2000)]
+    fake_server.hold = {"row 0"}
+    with ThreadPoolExecutor(2) as pool:
+        large = pool.submit(client.vectors, column)
+        fake_server.wait_for_request("row 0")
+        small = pool.submit(client.vectors, ["one cell"])
+        try:
+            vector = small.result(timeout=DEADLINE_S)["one cell"]
+            assert not large.done()  # the column is still held in the server
+        finally:
+            fake_server.release.set()
+        assert set(large.result(timeout=DEADLINE_S)) == set(column)
+    np.testing.assert_array_equal(vector, fake_server.vector("one cell"))
+
+
+def test_a_text_in_flight_in_another_thread_is_sent_once(fake_server, make_client):
+    client = make_client()
+    fake_server.hold = {"shared"}
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(client.vectors, ["shared", "first only"])
+        fake_server.wait_for_request("shared")
+        second = pool.submit(client.vectors, ["shared", "second only"])
+        try:
+            fake_server.wait_for_request("second only")  # the texts nobody fetches it sends itself
+        finally:
+            fake_server.release.set()
+        a, b = first.result(timeout=DEADLINE_S), second.result(timeout=DEADLINE_S)
+    assert fake_server.carrying("shared") == 1
+    np.testing.assert_array_equal(a["shared"], fake_server.vector("shared"))
+    np.testing.assert_array_equal(b["shared"], fake_server.vector("shared"))
+    np.testing.assert_array_equal(b["second only"], fake_server.vector("second only"))
+
+
+def test_a_failed_fetch_gives_the_threads_waiting_for_it_the_same_sentence(fake_server, make_client):
+    client = make_client()
+    fake_server.hold = fake_server.fail = {"shared"}
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(client.vectors, ["shared", "first only"])
+        fake_server.wait_for_request("shared")
+        second = pool.submit(client.vectors, ["shared", "second only"])
+        try:
+            fake_server.wait_for_request("second only")
+        finally:
+            fake_server.release.set()
+        with pytest.raises(ServiceError) as failed_first:
+            first.result(timeout=DEADLINE_S)
+        with pytest.raises(ServiceError) as failed_second:
+            second.result(timeout=DEADLINE_S)  # raises in time: the waiter does not hang
+    assert str(failed_second.value) == str(failed_first.value)
+    assert "busy or unavailable: The model is restarting. Recalculate to retry." in str(failed_second.value)
+    assert fake_server.carrying("shared") == 1
+
+
+def test_a_cached_sheet_is_fetched_again_only_when_the_server_changes_model(fake_server, make_client):
+    clock = FakeClock()
+    client = make_client(clock=clock, model_ttl_s=30.0)
+    sheet = ["termination", "notice period", "renewal"]
+    first = client.vectors(sheet)
+    assert client.requests == 1
+
+    clock.now += 31  # past the time-to-live, same model: the cache answers, no embedding request
+    unchanged = client.vectors(sheet)
+    assert client.requests == 1
+    for text in sheet:
+        np.testing.assert_array_equal(unchanged[text], first[text])
+
+    fake_server.model = "fake-model-b"
+    clock.now += 31  # the next check finds the new model: the sheet gets its vectors
+    fresh = client.vectors(sheet)
+    for text in sheet:
+        np.testing.assert_array_equal(fresh[text], fake_server.vector(text, model="fake-model-b"))
+    assert client.requests == 2
+
+    client.vectors(sheet)  # within the time-to-live: cached, nothing sent
+    assert client.requests == 2
+    assert client.model_checks == 3  # GET /v1/models: the first call, then once per 31 s step
+
+
+def test_a_cache_smaller_than_one_call_evicts_without_error(fake_server, make_client):
+    fake_server.dimensions = 1024  # 4 KiB a vector: 1 MB holds 256 of the 600
+    client = make_client(cache_mb=1, chunk_size=100)
+    texts = [f"clause {i}" for i in range(600)]
+    vectors = client.vectors(texts)
+    assert client.requests == 6  # each text sent once
+    for text in texts:
+        np.testing.assert_array_equal(vectors[text], fake_server.vector(text))
+
+
+def test_the_api_key_is_in_no_repr_and_is_sent_as_a_bearer_token(fake_server, make_client):
+    key = "sk-test-7f3a9c"
+    client = make_client(api_key=key)
+    settings = client.settings
+    for shown in (repr(settings), str(settings), repr(client), repr(client._http.headers)):
+        assert key not in shown
+    assert "api_key='***'" in repr(settings)
+    assert {settings: "usable as a dict key"}[Settings(server_url=fake_server.url, api_key=key)]
+    client.vectors(["x"])
+    assert {r["authorization"] for r in fake_server.seen} == {f"Bearer {key}"}
+
+
+def test_settings_come_from_env_and_xlwings_config_wins():
+    settings = load_settings(
+        {"EMBED_SERVER_URL": "http://env:8000/", "EMBED_TIMEOUT_S": "60", "EMBED_API_KEY": "k"},
+        {"embed_server_url": "http://conf:9000", "embed_instruction": "Find the clause"},
+    )
+    assert settings.server_url == "http://conf:9000"
+    assert settings.timeout_s == 60.0 and settings.api_key == "k"
+    assert settings.instruction == "Find the clause"
+    assert load_settings({}, {}).timeout_s >= 60  # longer than any cold start
