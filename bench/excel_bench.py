@@ -6,7 +6,8 @@
 The formula is called as xlwings calls it (one column argument of 10,000 rows
 each side) against the Ray Serve app on 127.0.0.1. The first calculation is
 compared with the served throughput of bench/serve_bench.py's client, measured
-in the same run; the recalculation must send no request.
+in the same run; the recalculation must send no embedding request (at most one
+GET /v1/models, which checks the served model has not changed).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def measure(url: str, rows: int) -> dict:
     first_requests = client.requests - before
     assert isinstance(first, list) and len(first) == rows, first
 
-    before = client.requests
+    before, checks_before = client.requests, client.model_checks
     start = time.perf_counter()
     again = udfs.embed_sim(left, right)
     recalc_s = time.perf_counter() - start
@@ -78,6 +79,7 @@ def measure(url: str, rows: int) -> dict:
         "first_requests": first_requests,
         "recalc_s": recalc_s,
         "recalc_requests": client.requests - before,
+        "recalc_model_checks": client.model_checks - checks_before,
         "served_texts_per_s": served,
     }
 
@@ -88,7 +90,8 @@ def report(r: dict) -> None:
           f"{r['first_requests']} requests  "
           f"({r['first_texts_per_s'] / r['served_texts_per_s']:.2f} x served throughput "
           f"{r['served_texts_per_s']:.0f}/s, same run)")
-    print(f"  recalculation       {r['recalc_s']:7.2f} s  {r['recalc_requests']} requests")
+    print(f"  recalculation       {r['recalc_s']:7.2f} s  {r['recalc_requests']} requests  "
+          f"({r['recalc_model_checks']} GET /v1/models)")
 
 
 if __name__ == "__main__":
