@@ -15,10 +15,33 @@ loaded, so a child forked for another job would register under the wrong job
 and be refused. The zygote's address therefore names the job, and a zygote is
 started with the job's id in its environment.
 
-Anything unexpected (no zygote yet, a stale socket, another OS) makes the
-launcher run the worker the ordinary way: slower, never broken.
+The address also names the code the zygote imports (`code_fingerprint`: this
+package's sources, where the preloaded libraries are installed), so `serve deploy`
+of new code on a long-lived cluster, or a reinstalled torch, gets a new zygote
+instead of forking workers that run the old code; the old zygote exits with its
+raylet or driver, as any zygote does.
 
-    python -m serve_app.warmstart [--preload=M,..] [--no-new-zygote] WORKER_SCRIPT ARGS...
+What it buys: a CPU replica's cold start 6.3-8.3 s -> 2.3-3.0 s on 2 cores
+(`python bench/serve_bench.py`, README).
+
+Threat model. The zygote runs whatever its peer asks, as the zygote's user, and an
+abstract-namespace socket has no file permissions: any local process can connect.
+So the zygote checks every connection with SO_PEERCRED and closes (and logs) any
+peer whose uid is not its own; root is another uid too. A peer of the same user
+could run that code itself, so the zygote grants it nothing new and takes its
+request (argv, environment, cwd) as given. The launcher checks the zygote the same
+way: a process of another user that bound the name first would otherwise receive
+the worker's environment and stdio; such a squatter can only make workers start cold.
+
+Fallback. Anything unexpected before the worker runs makes the launcher run it the
+ordinary way, slower but never broken: no zygote yet (it starts one for next time),
+one of another user, no answer within REPLY_TIMEOUT_S (a zygote still importing
+answers within it), a connection closed early, another OS. The forked child waits
+for the launcher's go, sent once the launcher holds its pid, so a launcher that gave
+up never has two workers. The zygote reads many requests at once, each within
+REQUEST_TIMEOUT_S, so a peer that connects and says nothing holds up no one.
+
+    python -m serve_app.warmstart [--preload=M,..] [--no-new-zygote] [--reply-timeout=S] WORKER_SCRIPT ARGS...
     python -m serve_app.warmstart --zygote ADDRESS PARENT_PID MODULES [OWNER_PID]
 """
 
@@ -28,6 +51,7 @@ import contextlib
 import functools
 import hashlib
 import importlib
+import importlib.util
 import json
 import os
 import runpy
@@ -40,6 +64,14 @@ import sys
 import time
 
 _HEADER = struct.Struct("!I")
+_CREDENTIALS = struct.Struct("3i")  # struct ucred, as SO_PEERCRED gives it: pid, uid, gid
+_GO = b"g"  # launcher -> forked child: "I have your pid, run"
+_MAX_REQUEST = 1 << 24
+# The launcher's wait for the zygote to fork it: long enough for a zygote that is still
+# importing (~4.5 s of one core) on a busy node, well inside Ray's 60 s for a worker to register.
+REPLY_TIMEOUT_S = 20.0
+# The zygote's wait for a whole request once a peer connects (and a child's for its go).
+REQUEST_TIMEOUT_S = 5.0
 _forked = False  # set in a worker the zygote forked
 # Imported in the zygote once, shared by every forked worker. Not ray.serve:
 # importing it starts a jemalloc thread, and forking is only safe without busy threads.
@@ -76,7 +108,7 @@ def py_executable(model_type: str, *, new_zygote: bool = True) -> str:
 
 
 def zygote_address(preload: str, parent_pid: int, job_id: str | None = None) -> str:
-    """An abstract-namespace socket name, one per Ray node session, job, interpreter and preload.
+    """An abstract-namespace socket name, one per Ray node session, job, interpreter, preload and code.
 
     `job_id` defaults to this process's `RAY_JOB_ID`, which Ray sets for its workers.
     """
@@ -84,8 +116,48 @@ def zygote_address(preload: str, parent_pid: int, job_id: str | None = None) -> 
     # The interpreter by what it is (`python` and `python3` in one venv are the same),
     # and the environment by its prefix (two venvs can share one interpreter).
     interpreter = f"{os.path.realpath(sys.executable)}|{sys.prefix}"
-    key = hashlib.sha1(f"{interpreter}|{preload}|{job}".encode()).hexdigest()[:12]
+    code = code_fingerprint(preload)
+    key = hashlib.sha1(f"{interpreter}|{preload}|{job}|{code}".encode()).hexdigest()[:12]
     return f"\0sheet-embeddings-zygote-{os.getuid()}-{parent_pid}-{key}"
+
+
+def code_fingerprint(preload: str) -> str:
+    """A digest of the code a zygote for `preload` imports: this package's sources, the libraries' installs.
+
+    The package by content (about 150 kB of .py files: 0.5 ms, against 0.13 ms for
+    paths, sizes and mtimes); a library by where its top-level module lies and that file's
+    inode, size and mtime, which a reinstall or an upgrade rewrites (0.2 ms for Ray, torch
+    and transformers; `importlib.metadata` versions would cost 38 ms). It runs in every
+    launcher: 1.1-1.2 ms in a fresh interpreter on 2 cores (0.65 ms warm, `python -m timeit
+    -s "from serve_app import warmstart; p = warmstart.preload_for('bert')"
+    "warmstart.code_fingerprint(p)"`).
+    """
+    digest = hashlib.sha1()
+    package = os.path.dirname(os.path.realpath(__file__))
+    for root, dirs, files in os.walk(package):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+        for name in sorted(f for f in files if f.endswith(".py")):
+            path = os.path.join(root, name)
+            with open(path, "rb") as source:
+                digest.update(f"{path}\0".encode() + source.read() + b"\0")
+    for top in sorted({module.split(".")[0] for module in preload.split(",")} - {os.path.basename(package)}):
+        digest.update(f"{top}|{_install_stamp(top)}\0".encode())
+    return digest.hexdigest()
+
+
+def _install_stamp(module: str) -> str:
+    """Where a top-level module is installed and when that file was written; found without importing it."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.origin:
+        return "missing"
+    try:
+        st = os.stat(spec.origin)
+    except OSError:
+        return spec.origin  # a built-in or frozen module: its name is all there is
+    return f"{spec.origin}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}"
 
 
 def ensure_zygote(preload: str, parent_pid: int, *, job_id: str | None = None,
@@ -99,6 +171,7 @@ def ensure_zygote(preload: str, parent_pid: int, *, job_id: str | None = None,
         return False
     address = zygote_address(preload, parent_pid, job_id)
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(REQUEST_TIMEOUT_S)
     try:
         probe.connect(address)
         return False
@@ -155,33 +228,107 @@ def forked_from_zygote() -> bool:
 # --- the launcher: what Ray runs instead of `python default_worker.py ...` -----------
 
 
-def launch(preload: str, argv: list[str], new_zygote: bool = True) -> None:
-    """Have the zygote fork this worker; fall back to running it here."""
+def launch(preload: str, argv: list[str], new_zygote: bool = True,
+           timeout_s: float = REPLY_TIMEOUT_S) -> None:
+    """Have the zygote fork this worker; on anything unexpected run it here instead."""
     parent = os.getppid()  # the raylet
     address = zygote_address(preload, parent)
+    deadline = time.monotonic() + timeout_s
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.settimeout(timeout_s)
     try:
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         conn.connect(address)
-    except OSError:
-        if new_zygote:
+    except OSError as exc:
+        conn.close()
+        if new_zygote and isinstance(exc, ConnectionRefusedError):  # nobody has the name yet
             start_zygote(address, parent, preload)
-        os.execv(sys.executable, [sys.executable, *argv])
+        _run_here(argv)
+    reply = bytearray()
+    try:
+        child = _ask_for_fork(conn, reply, argv, deadline)
+    except Exception as exc:  # noqa: BLE001 - until the child has its go, a cold start is safe
+        reason = f"no answer within {timeout_s:g} s" if isinstance(exc, TimeoutError) else str(exc)
+        print(f"warm start: {reason}; starting this worker the ordinary way", file=sys.stderr, flush=True)
+        conn.close()  # the child the zygote may have forked sees this and never runs
+        _run_here(argv)
+    _follow(conn, reply, child)
+
+
+def _ask_for_fork(conn: socket.socket, reply: bytearray, argv: list[str], deadline: float) -> int:
+    """Send this worker's request to the zygote; the pid of the child it forked, now told to run."""
+    _pid, uid, _gid = _peer(conn)
+    if uid != os.getuid():
+        raise PermissionError(f"the zygote's socket is held by uid {uid}, not this worker's uid {os.getuid()}")
     request = json.dumps({"argv": argv, "env": dict(os.environ), "cwd": os.getcwd()}).encode()
-    socket.send_fds(conn, [_HEADER.pack(len(request)) + request], [0, 1, 2])
-    reply = conn.makefile("r")
-    first = reply.readline()
-    if not first:  # the zygote went away before forking: run here
-        os.execv(sys.executable, [sys.executable, *argv])
-    child = json.loads(first)["pid"]
+    conn.settimeout(_remaining(deadline))
+    socket.send_fds(conn, [_HEADER.pack(len(request))], [0, 1, 2])  # the stdio travels with the header
+    conn.settimeout(_remaining(deadline))
+    conn.sendall(request)
+    line = _read_line(conn, reply, deadline)
+    if not line:
+        raise ConnectionError("the zygote closed the connection before forking")
+    child = json.loads(line)["pid"]
+    # Past this byte the child runs: no going back to a cold start.
+    conn.settimeout(_remaining(deadline))
+    conn.sendall(_GO)
+    return child
+
+
+def _follow(conn: socket.socket, reply: bytearray, child: int) -> None:
+    """Relay signals to the forked worker until it ends, then leave with its exit code."""
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda s, _f: _kill(child, s))
-    last = reply.readline()
-    if last:
-        code = json.loads(last)["exit"]
+    ended = None  # when the worker was first seen gone without the zygote's report
+    while True:
+        try:
+            line = _read_line(conn, reply, time.monotonic() + 1.0)
+            break
+        except TimeoutError:
+            if _alive(child):
+                continue
+            ended = ended or time.monotonic()
+            if time.monotonic() - ended > REQUEST_TIMEOUT_S:  # a stuck zygote never reports
+                sys.exit(1)
+        except OSError:
+            line = b""
+            break
+    if line:
+        code = json.loads(line)["exit"]
         sys.exit(code if code >= 0 else 128 - code)  # killed by signal N: 128 + N, as a shell says
     while _alive(child):  # zygote gone: follow the child until it ends
         time.sleep(0.5)
     sys.exit(1)
+
+
+def _read_line(conn: socket.socket, buffer: bytearray, deadline: float) -> bytes:
+    """The next line from the zygote, b"" if it hung up; TimeoutError at `deadline`."""
+    while b"\n" not in buffer:
+        conn.settimeout(_remaining(deadline))
+        chunk = conn.recv(4096)
+        if not chunk:
+            return b""
+        buffer += chunk
+    line, _, rest = bytes(buffer).partition(b"\n")
+    buffer[:] = rest
+    return line
+
+
+def _remaining(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("timed out")
+    return left
+
+
+def _run_here(argv: list[str]) -> None:
+    """Become the worker the ordinary way (`python WORKER_SCRIPT ARGS...`)."""
+    os.execv(sys.executable, [sys.executable, *argv])
+
+
+def _peer(conn: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a connected AF_UNIX socket."""
+    raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDENTIALS.size)
+    return _CREDENTIALS.unpack(raw)
 
 
 def start_zygote(address: str, parent: int, preload: str, *, env: dict[str, str] | None = None,
@@ -205,7 +352,7 @@ def start_zygote(address: str, parent: int, preload: str, *, env: dict[str, str]
 
 
 def serve_zygote(address: str, parent: int, preload: str, owner: int | None = None) -> None:
-    """Import the heavy modules once, then fork a worker for every launcher that asks."""
+    """Import the heavy modules once, then fork a worker for every launcher of this user that asks."""
     # Detach (double fork): Ray kills a worker's child processes when the worker exits,
     # and the zygote must outlive the process that started it.
     if os.fork() > 0:
@@ -225,47 +372,120 @@ def serve_zygote(address: str, parent: int, preload: str, owner: int | None = No
         except Exception as exc:  # noqa: BLE001 - a partial preload still saves time
             print(f"zygote: cannot preload {module}: {exc!r}", flush=True)
     print(f"zygote {os.getpid()} ready in {time.perf_counter() - started:.2f} s", flush=True)
+    pending: list[_Pending] = []  # connections whose request is still arriving
     children: dict[int, socket.socket] = {}
     while _alive(parent) and (owner is None or _alive(owner)):
-        ready, _, _ = select.select([listener], [], [], 0.5)
+        ready, _, _ = select.select([listener, *pending], [], [], 0.5)
         _reap(children)
-        if not ready:
-            continue
-        conn, _ = listener.accept()
-        try:
-            request, fds = _receive(conn)
-        except (OSError, ValueError):
-            conn.close()
-            continue
-        pid = os.fork()
-        if pid == 0:
-            listener.close()
-            conn.close()
-            _become_worker(request, fds)
-        for fd in fds:
+        for source in ready:
+            if source is listener:
+                with contextlib.suppress(OSError):
+                    _accept(listener, pending)
+                continue
+            try:
+                request = source.read()
+            except (OSError, ValueError) as exc:  # quiet for a probe or a launcher that gave up
+                if isinstance(exc, ValueError):
+                    print(f"zygote: dropped a request from pid {source.pid}: {exc}", flush=True)
+                _drop(pending, source)
+                continue
+            if request is not None:
+                pending.remove(source)
+                _fork_worker(source, request, listener, pending, children)
+        now = time.monotonic()
+        for late in [p for p in pending if p.deadline < now]:
+            print(f"zygote: dropped pid {late.pid}: no whole request in {REQUEST_TIMEOUT_S:g} s", flush=True)
+            _drop(pending, late)
+
+
+class _Pending:
+    """A launcher's request as it arrives: its stdio descriptors with the header, then a JSON body."""
+
+    def __init__(self, conn: socket.socket, pid: int) -> None:
+        self.conn = conn
+        self.pid = pid
+        self.deadline = time.monotonic() + REQUEST_TIMEOUT_S
+        self.fds: list[int] = []
+        self.data = b""
+
+    def fileno(self) -> int:
+        return self.conn.fileno()
+
+    def read(self) -> dict | None:
+        """Take what has arrived: the request once whole, else None; ValueError if malformed."""
+        if self.fds:
+            data = self.conn.recv(1 << 16)
+        else:  # the descriptors travel with the first bytes
+            data, self.fds, _flags, _addr = socket.recv_fds(self.conn, 1 << 16, 3)
+        if not data:
+            if self.data or self.fds:
+                raise ValueError("cut short")
+            raise ConnectionResetError("closed before sending anything")
+        if len(self.fds) != 3:
+            raise ValueError("no stdio came with it")
+        self.data += data
+        if len(self.data) < _HEADER.size:
+            return None
+        (size,) = _HEADER.unpack_from(self.data)
+        if size > _MAX_REQUEST:
+            raise ValueError(f"{size} bytes is too large")
+        if len(self.data) < _HEADER.size + size:
+            return None
+        return json.loads(self.data[_HEADER.size : _HEADER.size + size])
+
+    def close(self) -> None:
+        for fd in self.fds:
             os.close(fd)
-        children[pid] = conn
-        conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+        self.fds = []
+        self.conn.close()
 
 
-def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
-    data, fds, _flags, _addr = socket.recv_fds(conn, 1 << 16, 3)
-    if len(fds) != 3 or len(data) < _HEADER.size:
-        raise ValueError("malformed launch request")
-    (size,) = _HEADER.unpack_from(data)
-    body = data[_HEADER.size :]
-    while len(body) < size:
-        more = conn.recv(size - len(body))
-        if not more:
-            raise ValueError("launch request cut short")
-        body += more
-    return json.loads(body), fds
+def _accept(listener: socket.socket, pending: list[_Pending]) -> None:
+    """Take a connection if its peer runs as this user: the zygote runs what it is sent."""
+    conn, _ = listener.accept()
+    pid, uid, _gid = _peer(conn)
+    if uid != os.getuid():
+        print(f"zygote: refused pid {pid}: it runs as uid {uid}, this zygote as {os.getuid()}", flush=True)
+        conn.close()
+        return
+    conn.setblocking(False)  # read only what select says has arrived
+    pending.append(_Pending(conn, pid))
 
 
-def _become_worker(request: dict, fds: list[int]) -> None:
-    """In the forked child: take the launcher's stdio, environment and arguments, run the worker."""
+def _drop(pending: list[_Pending], request: _Pending) -> None:
+    pending.remove(request)
+    request.close()
+
+
+def _fork_worker(request: _Pending, body: dict, listener: socket.socket,
+                 pending: list[_Pending], children: dict[int, socket.socket]) -> None:
+    """Fork the worker `request` asked for and tell its launcher the pid."""
+    pid = os.fork()
+    if pid == 0:
+        # Keep nothing of the other launchers: a worker holding their connections would
+        # keep them open after this zygote had gone.
+        listener.close()
+        for other in pending:
+            other.close()
+        for conn in children.values():
+            conn.close()
+        _become_worker(request.conn, body, request.fds)
+    for fd in request.fds:
+        os.close(fd)
+    children[pid] = request.conn
+    with contextlib.suppress(OSError):  # a launcher that left: its child sees that and exits
+        request.conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+
+
+def _become_worker(conn: socket.socket, request: dict, fds: list[int]) -> None:
+    """In the forked child: once the launcher says go, take its stdio, environment and arguments, run the worker."""
     code = 1
     try:
+        # A launcher that gave up waiting runs its worker itself: it closes instead of saying go.
+        conn.settimeout(REQUEST_TIMEOUT_S)
+        if conn.recv(len(_GO)) != _GO:
+            return
+        conn.close()
         os.setsid()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(signum, signal.SIG_DFL)
@@ -343,19 +563,21 @@ def main(argv: list[str]) -> None:
     if argv and argv[0] == "--zygote":
         serve_zygote(argv[1], int(argv[2]), argv[3], int(argv[4]) if len(argv) > 4 else None)
         return
-    preload, new_zygote = ",".join(PRELOAD), True
+    preload, new_zygote, timeout_s = ",".join(PRELOAD), True, REPLY_TIMEOUT_S
     while argv and argv[0].startswith("--"):  # the launcher's own options, then the worker's command
         option, argv = argv[0], argv[1:]
         if option.startswith("--preload="):
             preload = option.split("=", 1)[1]
         elif option == "--no-new-zygote":
             new_zygote = False
+        elif option.startswith("--reply-timeout="):
+            timeout_s = float(option.split("=", 1)[1])
         else:
             argv = [option, *argv]
             break
     if sys.platform != "linux" or not argv:
-        os.execv(sys.executable, [sys.executable, *argv])
-    launch(preload, argv, new_zygote)
+        _run_here(argv)
+    launch(preload, argv, new_zygote, timeout_s)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,21 @@
 """The fork server behind fast cold starts, driven without Ray: launcher, zygote, fallback."""
 
+import contextlib
+import json
 import os
+import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import textwrap
 import time
+import traceback
+from pathlib import Path
 
 import pytest
-from conftest import cmdline, zygotes_of
+from conftest import cmdline, wait_for, zygotes_of
 
 from serve_app import warmstart
 
@@ -40,9 +47,11 @@ def script(tmp_path):
     return path
 
 
-def launch(script, *args, env_extra=None, preload=PRELOAD, cwd=None, new_zygote=True, **popen):
+def launch(script, *args, env_extra=None, preload=PRELOAD, cwd=None, new_zygote=True,
+           reply_timeout=None, **popen):
     env = {**os.environ, "WARM_MARKER": "from-launcher", **(env_extra or {})}
     options = [f"--preload={preload}"] + ([] if new_zygote else ["--no-new-zygote"])
+    options += [] if reply_timeout is None else [f"--reply-timeout={reply_timeout}"]
     return subprocess.Popen(
         [sys.executable, "-m", "serve_app.warmstart", *options, str(script), *args],
         env=env, cwd=cwd, stdout=subprocess.PIPE, text=True, **popen,
@@ -67,15 +76,16 @@ def wait_for_zygote(preload=PRELOAD, timeout_s=20, address=None):
 
 
 def test_worker_is_forked_by_the_zygote_with_the_launchers_world(script, tmp_path):
-    import json
-
     assert warmstart.ensure_zygote(PRELOAD, os.getpid()) is True
     wait_for_zygote()
     assert warmstart.ensure_zygote(PRELOAD, os.getpid()) is False  # one zygote, reused
     extra = tmp_path / "extra"
     extra.mkdir()
+    # The launcher must import this checkout's serve_app, as the zygote did: keep the
+    # runner's PYTHONPATH behind the worker's own directory.
+    pythonpath = os.pathsep.join(filter(None, [str(extra), os.environ.get("PYTHONPATH")]))
     proc = launch(script, "--flag", "7", cwd=tmp_path,
-                  env_extra={"PYTHONPATH": str(extra), "EXTRA_DIR": str(extra)})
+                  env_extra={"PYTHONPATH": pythonpath, "EXTRA_DIR": str(extra)})
     out, _ = proc.communicate(timeout=30)
     report = json.loads(out)
     assert proc.returncode == 7  # the worker's exit code comes back through the launcher
@@ -90,8 +100,6 @@ def test_worker_is_forked_by_the_zygote_with_the_launchers_world(script, tmp_pat
 
 
 def test_terminating_the_launcher_terminates_the_worker(script):
-    import json
-
     warmstart.ensure_zygote(PRELOAD, os.getpid())
     wait_for_zygote()
     proc = launch(script, "--sleep")
@@ -105,8 +113,6 @@ def test_terminating_the_launcher_terminates_the_worker(script):
 
 
 def test_without_a_zygote_the_worker_still_runs(script, tmp_path):
-    import json
-
     # A preload nobody serves yet: the launcher starts a zygote for next time, runs this one itself.
     preload = "json,fractions"
     proc = launch(script, "5", preload=preload)
@@ -118,20 +124,32 @@ def test_without_a_zygote_the_worker_still_runs(script, tmp_path):
     wait_for_zygote(preload)  # ... and the next one is warm
 
 
-def test_zygote_exits_with_its_parent(tmp_path):
+def test_zygote_exits_with_its_parent():
     # A stand-in "raylet": the zygote must not outlive the process whose workers it forks.
     parent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    address = warmstart.zygote_address(PRELOAD, parent.pid)
-    warmstart.start_zygote(address, parent.pid, PRELOAD)
-    time.sleep(1.0)
-    zygotes = subprocess.run(["pgrep", "-f", address[1:]], capture_output=True, text=True).stdout.split()
-    assert len(zygotes) == 1
-    parent.kill()
-    parent.wait()
-    deadline = time.monotonic() + 10
-    while os.path.exists(f"/proc/{zygotes[0]}") and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not os.path.exists(f"/proc/{zygotes[0]}")
+    try:
+        address = warmstart.zygote_address(PRELOAD, parent.pid)
+        warmstart.start_zygote(address, parent.pid, PRELOAD)
+        zygote = wait_for(lambda: listener_pid(address), 20, "the zygote to listen")
+        assert address[1:] in cmdline(zygote)
+    finally:
+        parent.kill()
+        parent.wait()
+    wait_for(lambda: listener_pid(address) is None and not warmstart._alive(zygote), 20,
+             "the zygote to exit with its parent")
+
+
+def listener_pid(address):
+    """The pid of the process listening at `address`, None if nothing answers there."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(address)
+        raw = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return struct.unpack("3i", raw)[0]
+    except OSError:
+        return None
+    finally:
+        probe.close()
 
 
 def test_a_dead_parent_left_unreaped_counts_as_gone():
@@ -161,8 +179,6 @@ def test_the_zygote_address_names_the_job(monkeypatch):
 def test_a_zygote_forks_only_workers_of_its_job_and_ends_with_its_owner(script, tmp_path):
     """Ray's core library reads the job id once per process: a zygote started for job A
     must never fork a worker of job B (it would register under job A and be refused)."""
-    import json
-
     parent = os.getpid()  # stands in for the raylet
     owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # the driver
     preload = "json,calendar"  # a preload no other test uses
@@ -224,8 +240,6 @@ def test_batch_actors_start_warm_only_where_it_applies(monkeypatch):
 
 def test_python_and_python3_of_one_environment_share_a_zygote():
     """Ray starts workers as `python3` where the driver ran `python`: one zygote for both."""
-    import json
-
     alias = [os.path.join(os.path.dirname(sys.executable), name) for name in ("python", "python3")]
     alias = [a for a in alias if os.path.exists(a)]
     if len(alias) < 2 or os.path.realpath(alias[0]) != os.path.realpath(alias[1]):
@@ -233,3 +247,177 @@ def test_python_and_python3_of_one_environment_share_a_zygote():
     code = "import json, sys; from serve_app import warmstart; print(json.dumps(warmstart.zygote_address('m', 1, 'j')))"
     seen = {json.loads(subprocess.check_output([a, "-c", code], text=True)) for a in alias}
     assert len(seen) == 1
+
+
+# --- who may talk to a zygote, and what happens when a peer misbehaves -------------------
+
+NOBODY = 65534
+as_root = pytest.mark.skipif(os.getuid() != 0, reason="runs a peer as another user: needs root")
+
+
+def fork_as_nobody(action):
+    """Run `action(out_fd)` in a forked child of uid and gid nobody; its pid and a file reading `out_fd`."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(read)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            action(write)
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    os.close(write)
+    return pid, os.fdopen(read, "rb")
+
+
+def exit_code(pid):
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+@as_root
+def test_the_zygote_refuses_a_peer_of_another_user(script, tmp_path):
+    preload = "json,numbers"  # a preload no other test uses
+    warmstart.ensure_zygote(preload, os.getpid())
+    address = warmstart.zygote_address(preload, os.getpid())
+    wait_for_zygote(address=address)
+    marker = tmp_path / "ran"
+    intruder = tmp_path / "intruder.py"
+    intruder.write_text(f"open({str(marker)!r}, 'w').close()\n")
+
+    def intrude(out):
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.settimeout(10)
+        conn.connect(address)
+        request = json.dumps({"argv": [str(intruder)], "env": {}, "cwd": "/"}).encode()
+        try:
+            socket.send_fds(conn, [struct.pack("!I", len(request)) + request], [0, 1, 2])
+            reply = conn.recv(4096)
+        except (BrokenPipeError, ConnectionResetError):  # closed before or while it was sent
+            reply = b""
+        os.write(out, b"reply:" + reply)
+
+    pid, out = fork_as_nobody(intrude)
+    with out:
+        assert out.read() == b"reply:"  # closed unanswered: nothing was forked for it
+    assert exit_code(pid) == 0
+    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"sheet-embeddings-zygote-{os.getpid()}.log"
+    wait_for(lambda: f"refused pid {pid}: it runs as uid {NOBODY}" in log.read_text(), 10,
+             "the zygote to log the refusal")
+    proc = launch(script, "2", preload=preload, new_zygote=False)  # its own user is still served
+    report, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 2
+    assert json.loads(report)["forked"] is True
+    assert not marker.exists()
+
+
+@as_root
+def test_a_launcher_starts_cold_rather_than_talk_to_a_zygote_of_another_user(script):
+    """Another user who bound the zygote's name first gets neither the worker's environment nor its stdio."""
+    preload = "json,glob"
+    address = warmstart.zygote_address(preload, os.getpid())
+
+    def squat(out):
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(address)
+        listener.listen(8)
+        os.write(out, b"bound\n")
+        listener.settimeout(30)
+        conn, _ = listener.accept()
+        conn.settimeout(3)
+        received = 0
+        with contextlib.suppress(TimeoutError):  # an old launcher sends, then waits
+            while chunk := conn.recv(1 << 16):
+                received += len(chunk)
+        os.write(out, str(received).encode())
+
+    pid, out = fork_as_nobody(squat)
+    with out:
+        assert out.readline() == b"bound\n"
+        proc = launch(script, "3", preload=preload, new_zygote=False, stderr=subprocess.PIPE)
+        report, err = proc.communicate(timeout=30)
+        received = out.read()
+    assert exit_code(pid) == 0
+    assert received == b"0"  # not one byte of the request went to the squatter
+    assert proc.returncode == 3
+    assert json.loads(report)["forked"] is False
+    assert f"held by uid {NOBODY}" in err
+
+
+def test_peers_that_send_nothing_hold_up_no_worker_and_are_dropped(script):
+    preload = "json,string"
+    warmstart.ensure_zygote(preload, os.getpid())
+    address = warmstart.zygote_address(preload, os.getpid())
+    wait_for_zygote(address=address)
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    half = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        silent.connect(address)
+        half.connect(address)
+        socket.send_fds(half, [b"\0\0"], [0, 1, 2])  # half a header, then nothing
+        # The launcher gives up in 3 s, before the zygote would drop the stuck peers
+        # (REQUEST_TIMEOUT_S): forked means the zygote served it while they were pending.
+        proc = launch(script, "4", preload=preload, new_zygote=False, reply_timeout=3)
+        try:
+            out, _ = proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+        assert proc.returncode == 4
+        assert json.loads(out)["forked"] is True
+        for peer in (silent, half):  # ... and the zygote hangs up on them in time
+            peer.settimeout(warmstart.REQUEST_TIMEOUT_S + 20)
+            assert peer.recv(1) == b""
+    finally:
+        silent.close()
+        half.close()
+
+
+def test_a_launcher_whose_zygote_never_answers_starts_its_worker_cold(script):
+    preload = "json,textwrap"
+    address = warmstart.zygote_address(preload, os.getpid())
+    mute = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # takes connections, never answers
+    mute.bind(address)
+    mute.listen(8)
+    proc = launch(script, "6", preload=preload, new_zygote=False, reply_timeout=1,
+                  stderr=subprocess.PIPE)
+    try:
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+        # Only now: the launcher's stdio, sent with its request, waits in the mute socket's queue.
+        mute.close()
+    out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 6
+    assert json.loads(out)["forked"] is False
+    assert "no answer within 1 s" in err
+
+
+def test_changed_code_gets_a_new_zygote(tmp_path):
+    """After `serve deploy` of new code (or a library upgrade) workers must not fork from the old imports."""
+    package = tmp_path / "serve_app"
+    shutil.copytree(Path(warmstart.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    library = tmp_path / "fakelib" / "__init__.py"
+    library.parent.mkdir()
+    library.write_text("VERSION = 1\n")
+    code = ("from serve_app import warmstart; print(warmstart.__file__);"
+            "print(warmstart.zygote_address('fakelib,serve_app.embedder', 1, 'j')[1:])")
+
+    def address():
+        out = subprocess.check_output([sys.executable, "-c", code], cwd=tmp_path, text=True,
+                                      env={**os.environ, "PYTHONPATH": str(tmp_path)}).split()
+        assert out[0] == str(package / "warmstart.py")  # the copy, not the checkout
+        return out[1]
+
+    first = address()
+    assert address() == first  # the same code: the same zygote
+    embedder = package / "embedder.py"
+    embedder.write_text(embedder.read_text() + "\n# the next release\n")
+    second = address()
+    assert second != first
+    library.write_text("VERSION = 22\n")  # an upgraded library
+    assert address() != second
