@@ -92,9 +92,9 @@ class Embedder:
                 max_texts=settings.max_batch_texts,
                 on_pass=self._record_pass,
             )
-            warm = time.perf_counter()
-            self._model.encode(["warm up"])  # first forward pass pays one-off kernel set-up
-            logger.info("First forward pass %.2f s", time.perf_counter() - warm)
+            # The first forward pass pays one-off kernel set-up, and tells the scheduler
+            # what a pass costs here (whether a short request may run on the loop).
+            logger.info("First forward pass %.2f s", self._scheduler.warm_up(["warm up"]))
         except Exception as exc:
             # The traceback (paths included) goes to the replica's log; clients get a
             # sentence without it, and check_health has Ray replace this replica.

@@ -4,7 +4,8 @@
 wait costs every lone request (an Excel cell recalculating) that many
 milliseconds. Here the wait is zero; instead, texts that arrive while every
 worker is busy pile up, and the next free worker takes all of them at once,
-sorted by length into cache-sized forward passes.
+sorted by length into cache-sized forward passes. Work whose caller was
+cancelled before its pass began is dropped; a pass that has begun runs out.
 
 On a CPU, two workers each run a pass on half the cores; a worker that runs
 alone takes all of them. Thread counts are per calling thread in torch, so each
@@ -27,6 +28,9 @@ import numpy as np
 from serve_app.service import Encoded
 
 INLINE_TEXTS = 4
+# A lone request runs on the event loop only if its pass should take at most this long:
+# meanwhile the replica answers no health check and takes in no request.
+INLINE_MS = 20.0
 MIN_SPLIT_TEXTS = 8  # per worker: smaller batches stay in one pass
 # encode(texts, threads) -> Encoded; threads() is asked before every forward pass.
 EncodeFn = Callable[[list[str], Callable[[], int]], Encoded]
@@ -63,12 +67,18 @@ class ForwardScheduler:
         ]
         self.batches = 0  # passes started, for tests and metrics
         self.passes_by_worker = [0] * workers
+        self.inline_passes = 0
+        # Forward-pass milliseconds per UTF-8 byte of input, learnt from every timed pass;
+        # None until the first. Bytes bound tokens from above for byte-level BPE and
+        # WordPiece alike, so the estimate errs towards the thread.
+        self.ms_per_byte: float | None = None
 
     async def embed(self, texts: list[str]) -> Encoded:
         """Embed `texts`, sharing a pass with whatever else is waiting."""
-        if not any(self._busy) and not self._pending and len(texts) <= INLINE_TEXTS:
-            # A lone small request runs right here: no hand-off to a thread and back.
+        if not any(self._busy) and not self._pending and self._runs_inline(texts):
+            # A lone short request runs right here: no hand-off to a thread and back.
             self.batches += 1
+            self.inline_passes += 1
             self._report(len(texts), 0.0)
             return self._timed(texts)
         loop = asyncio.get_running_loop()
@@ -87,7 +97,15 @@ class ForwardScheduler:
                 raise part
         return _interleave(parts)
 
+    def _runs_inline(self, texts: list[str]) -> bool:
+        """Few texts whose pass, by what earlier passes cost, blocks the loop only briefly."""
+        if len(texts) > INLINE_TEXTS or self.ms_per_byte is None:
+            return False
+        return _utf8_bytes(texts) * self.ms_per_byte <= INLINE_MS
+
     def _start_free_workers(self) -> None:
+        while self._pending and self._pending[0].future.done():
+            self._pending.popleft()  # its caller was cancelled: nobody waits for this work
         while self._pending and not all(self._busy):
             worker = self._busy.index(False)  # the lowest free one: its threads are warm
             # Share what is waiting among the free workers, so that no core idles while
@@ -98,8 +116,10 @@ class ForwardScheduler:
             jobs = [self._pending.popleft()]
             size = len(jobs[0].texts)
             while self._pending and size < share and size + len(self._pending[0].texts) <= self.max_texts:
-                size += len(self._pending[0].texts)
-                jobs.append(self._pending.popleft())
+                job = self._pending.popleft()
+                if not job.future.done():
+                    size += len(job.texts)
+                    jobs.append(job)
             self._busy[worker] = True
             self.batches += 1
             self._report(size, time.perf_counter() - jobs[0].queued_at)
@@ -114,7 +134,14 @@ class ForwardScheduler:
         started = time.perf_counter()
         encoded = self._encode(texts, self._threads)
         encoded.model_ms = (time.perf_counter() - started) * 1000
+        cost = encoded.model_ms / max(1, _utf8_bytes(texts))
+        # A moving average; two workers may write it at once, and either value will do.
+        self.ms_per_byte = cost if self.ms_per_byte is None else 0.7 * self.ms_per_byte + 0.3 * cost
         return encoded
+
+    def warm_up(self, texts: list[str]) -> float:
+        """One pass on this thread (it pays one-off kernel set-up); its seconds."""
+        return self._timed(texts).model_ms / 1000
 
     def _threads(self) -> int:
         return max(1, self._cpus // max(1, sum(self._busy)))
@@ -141,6 +168,10 @@ class ForwardScheduler:
     def shutdown(self) -> None:
         for executor in self._executors:
             executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _utf8_bytes(texts: list[str]) -> int:
+    return sum(len(text.encode("utf-8", "surrogatepass")) for text in texts)
 
 
 def _interleave(parts: list[Encoded]) -> Encoded:

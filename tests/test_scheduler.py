@@ -39,12 +39,13 @@ def test_a_lone_small_request_runs_inline_with_every_core():
 
     async def go():
         scheduler = ForwardScheduler(model.encode, workers=2, cpus=4, max_texts=128)
+        scheduler.warm_up(["t0"])  # as the replica does: what a pass costs
         result = await scheduler.embed(["t1", "t2"])
         return scheduler, result
 
     scheduler, result = run(go())
     assert result.vectors[:, 0].tolist() == [1.0, 2.0]
-    assert model.passes == [(2, 4, "MainThread")]
+    assert model.passes == [(1, 4, "MainThread"), (2, 4, "MainThread")]
     assert scheduler.passes_by_worker == [0, 0]
 
 
@@ -152,3 +153,66 @@ def test_one_large_batch_is_dealt_out_to_every_worker_and_keeps_its_order():
     assert sorted(size for size, _, _ in model.passes) == [20, 20]
     assert scheduler.passes_by_worker == [1, 1]
     assert {threads for _, threads, _ in model.passes} == {1}  # each on its half of the cores
+
+
+# --- which work runs on the event loop, and work nobody waits for -----------------
+
+
+def test_a_few_long_texts_never_run_on_the_event_loop():
+    model = FakeModel()
+    long_text = "t" + "0" * 40_000  # as long in bytes as ~8,192 tokens
+
+    async def go():
+        scheduler = ForwardScheduler(model.encode, workers=2, cpus=2, max_texts=128)
+        scheduler.ms_per_byte = 0.01  # as learnt for a small model: 100 bytes a millisecond
+        await scheduler.embed(["t1"])
+        await scheduler.embed([long_text] * INLINE_TEXTS)
+        return scheduler
+
+    scheduler = run(go())
+    threads = [name for _, _, name in model.passes]
+    assert threads[0] == "MainThread"  # a short text still skips the hand-off
+    assert threads[1].startswith("forward-")  # four long ones go to a worker thread
+    assert scheduler.inline_passes == 1
+
+
+def test_nothing_runs_inline_before_a_pass_was_timed():
+    model = FakeModel()
+
+    async def go():
+        scheduler = ForwardScheduler(model.encode, workers=1, cpus=2, max_texts=128)
+        await scheduler.embed(["t1"])
+        return scheduler
+
+    scheduler = run(go())
+    assert model.passes[0][2].startswith("forward-") and scheduler.ms_per_byte is not None
+
+
+def test_work_whose_caller_was_cancelled_is_dropped_before_its_pass():
+    gate = threading.Event()
+    model = FakeModel()
+    started = threading.Event()
+
+    def gated(texts, threads):
+        started.set()
+        gate.wait(30)
+        return model.encode(texts, threads)
+
+    async def go():
+        scheduler = ForwardScheduler(gated, workers=1, cpus=2, max_texts=128)
+        first = asyncio.create_task(scheduler.embed(["t1"]))
+        while not started.is_set():
+            await asyncio.sleep(0.001)
+        second = asyncio.create_task(scheduler.embed(["t2", "t3"]))
+        await asyncio.sleep(0)  # it is queued behind the busy worker
+        second.cancel()
+        gate.set()
+        await first
+        third = await scheduler.embed(["t4"])  # the scheduler goes on
+        with pytest.raises(asyncio.CancelledError):
+            await second
+        return third
+
+    third = run(go())
+    encoded = [n for n, _, _ in model.passes]
+    assert encoded == [1, 1] and third.vectors[0, 0] == 4.0  # t2, t3 never reached the model
