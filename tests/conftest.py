@@ -13,7 +13,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import base64  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
-import socket  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
@@ -155,10 +154,39 @@ def zygotes_of(parent_pid: int) -> list[int]:
     return [pid for pid, args in command_lines().items() if "--zygote" in args and str(parent_pid) in args]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+# Test servers get ports from a range no one else hands out: above Ray's worker ports
+# (10002-19999), below Serve's direct-ingress HTTP ports (30000-31000) and the kernel's
+# ephemeral range, with room for a service's side ports (up to +1101). A port from bind(0),
+# once released, can go to any process's bind(0) or outgoing connection before the test's
+# server binds it (HAProxy's bind then failed: "Address already in use"); one from here
+# only to another explicit choice, and this session hands none out twice.
+_TEST_PORTS = range(20000, min(28800, max(_ephemeral_low() - 1200, 21000)))
+_handed_out: set[int] = set()
+
+
+def free_port(side_ports: bool = False) -> int:
+    """A port nothing is bound to; with `side_ports`, the ports Ray opens beside a service
+    on it in HAProxy mode (serve_app.launch.SIDE_PORTS) are free too."""
+    import random
+
+    from serve_app.launch import SIDE_PORTS, busy_ports, tuned_environment
+
+    offsets = [0, *(offset for offset, _ in SIDE_PORTS.values())]
+    for _ in range(1000):
+        port = random.SystemRandom().choice(_TEST_PORTS)
+        wanted = {port + offset for offset in offsets}
+        env = tuned_environment({}, port=port) if side_ports else {}
+        if not wanted & _handed_out and not busy_ports(env, port):
+            _handed_out.update(wanted)
+            return port
+    raise RuntimeError(f"no free port in {_TEST_PORTS}")
 
 
 class ServeCluster:
@@ -207,7 +235,7 @@ def serve_cluster():
     # The production mode (HAProxy ingress, Ray's throughput profile), with Ray's side
     # ports (fallback proxy, HAProxy's stats and metrics) following the service's free
     # port, so a development server on this machine cannot clash with the tests.
-    port = free_port()
+    port = free_port(side_ports=True)
     os.environ.update(tuned_environment(port=port))
     # Each test deletes its app; in production an ingress drains 30 s before it stops.
     os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "1"

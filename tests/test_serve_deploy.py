@@ -57,7 +57,7 @@ def proxy_env(proxy: str, port: int) -> dict[str, str]:
 @pytest.mark.parametrize("proxy", ["python", "haproxy"])
 def test_serve_deploy_of_an_edited_config_under_load_fails_nothing(proxy, tmp_path_factory):
     # A short temp dir: Unix socket paths have a length limit.
-    port = free_port()
+    port = free_port(side_ports=True)
     head = RayHead(tmp_path_factory.mktemp("rh"), serve_env=proxy_env(proxy, port))
     try:
         url = f"http://127.0.0.1:{port}"
