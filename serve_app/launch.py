@@ -6,19 +6,28 @@
     python -m serve_app model=bundled:minilm port=8100   # a second instance beside the first
 
 It runs `serve run` with the environment below (Ray reads these flags only when
-a cluster starts, so a plain `serve run` cannot set them), refuses to start if
-a port it would open is taken, and stops it gracefully on Ctrl-C or SIGTERM.
+a cluster starts, so a plain `serve run` cannot set them). It refuses, with one
+line and before Ray starts, a config file that cannot work (a setting AppArgs
+rejects, a model that cannot be found, an import path Python cannot find, YAML
+that does not parse) or a port that is taken. Ctrl-C, SIGTERM (to it or to its
+process group) and SIGHUP (the terminal closing) stop it gracefully, and every
+port it opened is free again when it exits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+from serve_app.preflight import DEFAULT_PORT, check_models, checked_config, read_config
 
 # Measured on a 2-core CPU machine (README, bench/serve_bench.py): single-text p50 went from
 # +34 ms over the raw model to +10 ms, throughput from 0.62x to 0.98x of raw.
@@ -39,7 +48,6 @@ FAST_SERVE_ENV = {
 # binds with SO_REUSEPORT, so two instances on one machine would share it silently and
 # answer each other's requests (404) whenever one has no replica running: at every scale
 # from zero and during a redeploy.
-DEFAULT_PORT = 8000
 SIDE_PORTS = {
     "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": (500, "Serve's fallback proxy"),
     "RAY_SERVE_HAPROXY_STATS_PORT": (404, "HAProxy's statistics page"),
@@ -80,6 +88,11 @@ def busy_ports(env: dict[str, str], port: int) -> list[str]:
 
 def _split(argv: list[str]) -> tuple[str | None, dict[str, str]]:
     """Our arguments: the config file, if one is named, and the key=value overrides."""
+    if stray := [a for a in argv if "=" not in a and not a.endswith((".yaml", ".yml"))]:
+        raise ValueError(
+            f"unexpected argument {stray[0]!r}: give a config file (NAME.yaml) and "
+            "key=value settings, e.g. python -m serve_app serve_config.yaml port=8001."
+        )
     config = next((a for a in argv if a.endswith((".yaml", ".yml"))), None)
     return config, dict(a.split("=", 1) for a in argv if "=" in a)
 
@@ -90,58 +103,141 @@ def http_port(argv: list[str]) -> int:
     if "port" in overrides:
         return int(overrides["port"])
     if config is not None:
-        import yaml
-
-        data = yaml.safe_load(Path(config).read_text()) or {}
-        return int((data.get("http_options") or {}).get("port", DEFAULT_PORT))
+        return int((read_config(config).get("http_options") or {}).get("port", DEFAULT_PORT))
     return DEFAULT_PORT
 
 
 def serve_run_command(argv: list[str]) -> tuple[list[str], Path | None]:
-    """The `serve run` command for our arguments, and a temporary config file if one was made."""
+    """The `serve run` command for our arguments, and a temporary config file if one was made.
+
+    The configuration it gets is checked first (`checked_config`): a ValueError, in one line,
+    rather than a `serve run` that logs the error and runs on with no application.
+    """
+    import yaml
+
     config, overrides = _split(argv)
+    data = checked_config(config, overrides)
     base = [sys.executable, "-m", "ray.serve.scripts", "run"]
     if config is not None and not overrides:
         return base + [config], None
-    return base + [str(path := _with_overrides(config, overrides))], path
-
-
-def _with_overrides(config: str | None, overrides: dict[str, str]) -> Path:
-    """A copy of `config` (or a one-app config on 127.0.0.1:8000) whose first application
-    takes `overrides` (port= and host= go to HTTP)."""
-    import yaml
-
-    from serve_app.config import AppArgs
-
-    if config is None:
-        # Written out rather than `serve run serve_app:build_app`: in HAProxy mode Ray's
-        # default host is all interfaces, and this service stays on this machine unless
-        # told otherwise (host=0.0.0.0), like serve_config.yaml.
-        app = {"name": "embeddings", "route_prefix": "/", "import_path": "serve_app:build_app"}
-        data = {"http_options": {"host": "127.0.0.1", "port": DEFAULT_PORT}, "applications": [app]}
-    else:
-        data = yaml.safe_load(Path(config).read_text())
-    http = data.setdefault("http_options", {})
-    for key in ("port", "host"):
-        if key in overrides:
-            value = overrides.pop(key)
-            http[key] = int(value) if key == "port" else value
-    app = data["applications"][0]
-    app["args"] = AppArgs.model_validate({**(app.get("args") or {}), **overrides}).model_dump(
-        exclude_defaults=True
-    )
     handle, name = tempfile.mkstemp(prefix="serve_config-", suffix=".yaml")
     with os.fdopen(handle, "w") as f:
         yaml.safe_dump(data, f)
-    return Path(name)
+    return base + [name], Path(name)
+
+
+# Every process this run starts (serve run, Ray's daemons and workers, the HAProxy a worker
+# starts, warm-start zygotes) inherits this variable, with a random value unique to the run,
+# in its environment; /proc shows it, so what a run left behind can be told from anything
+# else. It trusts only that: a process of this user carrying the value, which only the
+# run's own processes know. Where there is no /proc (macOS) nothing is found, and a stop
+# relies on serve run's graceful shutdown alone.
+RUN_VARIABLE = "SHEET_EMBEDDINGS_RUN"
+
+
+def processes_of_run(token: str) -> list[int]:
+    """The live processes (Linux /proc) whose environment carries this run's token."""
+    mark = f"{RUN_VARIABLE}={token}".encode()
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            environ = (proc / "environ").read_bytes()
+        except OSError:  # ended meanwhile, or another user's
+            continue
+        if mark in environ.split(b"\0") and int(proc.name) != os.getpid():
+            found.append(int(proc.name))
+    return found
+
+
+def end_leftovers(token: str, grace_s: float = 10.0) -> list[int]:
+    """End what is left of a run after `serve run` exited, SIGTERM then SIGKILL; the pids.
+
+    On a graceful stop nothing is left. When `serve run` dies without shutting Serve down
+    (SIGTERM or SIGHUP straight to it, a crash, SIGKILL), the HAProxy that Serve's manager
+    actor started outlives it, in the worker's own session, holding the service's port.
+    """
+    ended = []
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        if not (pids := processes_of_run(token)):
+            break
+        ended = sorted({*ended, *pids})
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signum)
+        deadline = time.monotonic() + grace_s
+        while processes_of_run(token) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    return ended
+
+
+def _stop_with_parent(parent: int):
+    """A preexec_fn: the child gets SIGINT (serve run's graceful stop) if the launcher dies,
+    even by SIGKILL; it runs in its own session, so nothing else would tell it (Linux)."""
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (AttributeError, OSError):
+        return None
+    PR_SET_PDEATHSIG = 1
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGINT), 0, 0, 0)
+        if os.getppid() != parent:  # the launcher died before the line above
+            os._exit(1)
+
+    return preexec
+
+
+def run(command: list[str], env: dict[str, str]) -> int:
+    """Run `serve run`, stop it gracefully on SIGINT, SIGTERM or SIGHUP, end what it leaves."""
+    token = secrets.token_hex(8)
+    child: subprocess.Popen | None = None
+    pending = False  # a signal came before serve run had started
+
+    def graceful(signum, _frame):
+        # serve run shuts the cluster down cleanly (HAProxy included) on SIGINT only; on
+        # SIGTERM Ray's driver handler exits at once, leaving HAProxy running.
+        nonlocal pending
+        if child is None:
+            pending = True
+        else:
+            child.send_signal(signal.SIGINT)
+
+    # Handlers first: a caught signal is reset to its default in the child, while an
+    # ignored one stays ignored, and a shell starting us in the background ignores SIGINT.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, graceful)
+    try:
+        # Its own session: a signal to our process group (a process manager's SIGTERM, the
+        # terminal's SIGINT or SIGHUP) reaches only us, and serve run gets one SIGINT from
+        # us instead of dying on the group's signal along with Ray's daemons.
+        child = subprocess.Popen(
+            command, env={**env, RUN_VARIABLE: token}, stdin=subprocess.DEVNULL,
+            start_new_session=True, preexec_fn=_stop_with_parent(os.getpid()),
+        )
+        if pending:
+            child.send_signal(signal.SIGINT)
+        return child.wait()
+    finally:
+        if ended := end_leftovers(token):
+            with contextlib.suppress(OSError):  # a terminal that closed
+                print(f"Stopped what serve run left running: pids {ended}.", file=sys.stderr)
 
 
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__.strip())
         return 0
+    temporary = None
     try:
-        port = http_port(argv)
+        try:
+            command, temporary = serve_run_command(argv)
+            check_models(read_config(command[-1]))
+            port = http_port(argv)
+        except (ValueError, OSError) as exc:
+            print(f"Error: {exc}", file=sys.stderr)
+            return 2
         env = tuned_environment(port=port)
         if busy := busy_ports(env, port):
             print(
@@ -151,24 +247,7 @@ def main(argv: list[str]) -> int:
                 file=sys.stderr,
             )
             return 2
-        command, temporary = serve_run_command(argv)
-    except (ValueError, OSError) as exc:
-        print(f"Error: {exc}", file=sys.stderr)
-        return 2
-    children: list[subprocess.Popen] = []
-
-    def graceful(signum, _frame):
-        # serve run shuts the cluster down cleanly (HAProxy included) on SIGINT only.
-        for child in children:
-            child.send_signal(signal.SIGINT)
-
-    # Handlers first: a caught signal is reset to its default in the child, while an
-    # ignored one stays ignored, and a shell starting us in the background ignores SIGINT.
-    signal.signal(signal.SIGTERM, graceful)
-    signal.signal(signal.SIGINT, graceful)
-    children.append(child := subprocess.Popen(command, env=env))
-    try:
-        return child.wait()
+        return run(command, env)
     finally:
         if temporary is not None:
             temporary.unlink(missing_ok=True)

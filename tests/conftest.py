@@ -144,6 +144,19 @@ def command_lines() -> dict[int, list[str]]:
     return found
 
 
+def processes_with(variable: str, value: str) -> list[int]:
+    """The processes whose environment (as they started) has `variable` set to `value`."""
+    mark = f"{variable}={value}".encode()
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if mark in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(int(proc.name))
+        except OSError:  # ended meanwhile, or another user's
+            continue
+    return found
+
+
 def cmdline(pid: int) -> str:
     """One process's command line, its arguments joined by spaces."""
     return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()

@@ -1,21 +1,33 @@
-"""`python -m serve_app`: the command it runs and the environment it runs it in."""
+"""`python -m serve_app`: the command it runs, the environment it runs it in, what it
+refuses before starting, and how it stops."""
 
+import os
+import secrets
+import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
+from conftest import free_port, processes_with, wait_for
 
 from serve_app.launch import (
     FAST_SERVE_ENV,
+    RUN_VARIABLE,
     SIDE_PORTS,
     busy_ports,
+    end_leftovers,
     http_port,
+    processes_of_run,
     serve_run_command,
     tuned_environment,
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_without_a_config_file_the_service_stays_on_this_machine():
@@ -123,36 +135,125 @@ def test_a_second_instance_on_a_taken_port_stops_with_a_sentence():
     assert "Traceback" not in out.stderr
 
 
+def service_env(**extra: str) -> dict[str, str]:
+    """This environment without the session's Ray and Serve settings, offline."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_SERVE_", "RAY_ADDRESS"))}
+    return {**env, "HF_HUB_OFFLINE": "1", **extra}
+
+
+def launch(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess:
+    """`python -m serve_app ARGS` to its end; one still running after `timeout_s` is
+    stopped (Ctrl-C) and fails the test."""
+    service = subprocess.Popen(
+        [sys.executable, "-m", "serve_app", *args], env=service_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        out, err = service.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        service.send_signal(signal.SIGINT)
+        out, err = service.communicate(timeout=120)
+        pytest.fail(f"still running after {timeout_s} s; its last output: {err[-1500:]}")
+    return subprocess.CompletedProcess(service.args, service.returncode, out, err)
+
+
+def config_file(tmp_path: Path, edit) -> Path:
+    """serve_config.yaml with the bundled model on a free port, changed by `edit(config, args)`."""
+    config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    config["http_options"]["port"] = free_port(side_ports=True)
+    args = config["applications"][0]["args"]
+    args["model"] = "bundled:minilm"
+    edit(config, args)
+    path = tmp_path / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def one_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    return lines[0]
+
+
+def test_a_misspelt_setting_in_the_config_file_stops_the_start_with_one_line(tmp_path):
+    path = config_file(tmp_path, lambda _, args: args.update(max_input_tokenz=args.pop("max_input_tokens")))
+    out = launch(str(path))
+    assert out.returncode == 2
+    assert one_line(out.stderr) == (
+        "Error: 'max_input_tokenz' is not a setting (did you mean 'max_input_tokens'?), in "
+        f"application 'embeddings' in {path}. The settings are those of "
+        "serve_app.config.AppArgs; serve_config.yaml lists them."
+    )
+
+
+@pytest.mark.parametrize(
+    "broken, expected",
+    [
+        ("yaml", "is not valid YAML at line 3, column 1: expected ',' or ']'"),
+        ("import_path", "import_path 'serve_ap:build_app' names a module Python cannot find here"),
+        ("model", "Cannot load model '/no/such/model'"),
+        ("value", "gpu_fraction: Input should be less than or equal to 1 (got 3), in application"),
+    ],
+)
+def test_a_config_file_that_cannot_start_stops_the_start_with_one_line(tmp_path, broken, expected):
+    edits = {
+        "import_path": lambda config, _: config["applications"][0].update(import_path="serve_ap:build_app"),
+        "model": lambda _, args: args.update(model="/no/such/model"),
+        "value": lambda _, args: args.update(gpu_fraction=3),
+    }
+    path = config_file(tmp_path, edits.get(broken, lambda *_: None))
+    if broken == "yaml":
+        path.write_text("applications:\n  - name: [embeddings\n")
+    out = launch(str(path))
+    assert out.returncode == 2
+    assert expected in one_line(out.stderr)
+
+
+def test_what_a_run_leaves_behind_is_ended_and_nothing_else():
+    token = secrets.token_hex(8)
+    # In their own sessions, as the HAProxy in a Ray worker's: no signal to ours reaches them.
+    stubborn = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                "print('ignoring SIGTERM', flush=True); time.sleep(300)")
+    left = subprocess.Popen([sys.executable, "-c", stubborn], start_new_session=True,
+                            env={**os.environ, RUN_VARIABLE: token}, stdout=subprocess.PIPE)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"],
+                             start_new_session=True, env={**os.environ, RUN_VARIABLE: token + "0"})
+    try:
+        assert left.stdout.readline() == b"ignoring SIGTERM\n"
+        assert processes_of_run(token) == [left.pid]
+        assert end_leftovers(token, grace_s=1) == [left.pid]
+        assert left.wait(timeout=10) == -signal.SIGKILL  # it ignored SIGTERM
+        assert other.poll() is None
+    finally:
+        left.kill()
+        other.kill()
+        other.wait()
+
+
+def wait_until_serving(service: subprocess.Popen, port: int, timeout_s: float = 180) -> None:
+    def answers() -> bool:
+        assert service.poll() is None, "the service stopped during start-up"
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(answers, timeout_s, f"the service to answer on port {port}", interval_s=1)
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_the_start_command_serves_on_loopback_and_stops_on_sigterm_from_a_background_shell():
-    import os
-    import signal
-    import time
-
-    import httpx
-    from conftest import free_port
-
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_SERVE_", "RAY_ADDRESS"))}
+    port = free_port(side_ports=True)
     service = subprocess.Popen(
         [sys.executable, "-m", "serve_app", "model=bundled:minilm", f"port={port}"],
-        env={**env, "HF_HUB_OFFLINE": "1"},
+        env=service_env(),
         # As a shell starts a background job: SIGINT ignored, which the child inherits.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert service.poll() is None, "the service stopped during start-up"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "no answer within 180 s"
-            time.sleep(1)
+        wait_until_serving(service, port)
         reply = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"input": "hi"}, timeout=60)
         assert reply.status_code == 200
         # Only on loopback (Ray's default in this mode would be every interface).
@@ -167,3 +268,77 @@ def test_the_start_command_serves_on_loopback_and_stops_on_sigterm_from_a_backgr
             service.kill()
     with pytest.raises(httpx.ConnectError):  # HAProxy went with it
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+
+
+class Terminal:
+    """A pseudo-terminal that a command runs in as its session's controlling terminal, as
+    in a terminal window; `close()` hangs it up, as closing the window does."""
+
+    def __init__(self) -> None:
+        self.fd, self.tty = os.openpty()
+        self.output = bytearray()
+        self._closed = threading.Event()
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+
+    def popen(self, command: list[str], env: dict[str, str]) -> subprocess.Popen:
+        import fcntl
+        import termios
+
+        process = subprocess.Popen(
+            command, env=env, stdin=self.tty, stdout=self.tty, stderr=self.tty,
+            start_new_session=True, preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+        )
+        os.close(self.tty)
+        self._reader.start()
+        return process
+
+    def _drain(self) -> None:  # a full terminal would block the command's writes
+        import select
+
+        while not self._closed.is_set():
+            if select.select([self.fd], [], [], 0.1)[0]:
+                try:
+                    self.output += os.read(self.fd, 65536)
+                except OSError:
+                    return
+
+    def close(self) -> None:
+        if not self._closed.is_set():
+            self._closed.set()
+            self._reader.join()
+            os.close(self.fd)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["sigterm_to_its_process_group", "its_terminal_closing"])
+def test_every_port_the_service_opened_is_free_after_it_stops(how):
+    port = free_port(side_ports=True)
+    ports = tuned_environment({}, port=port)  # the service's and Ray's side ports
+    # Every process of this start (Ray's, HAProxy) inherits the variable: what is left shows.
+    test_run = secrets.token_hex(8)
+    command = [sys.executable, "-m", "serve_app", "model=bundled:minilm", f"port={port}"]
+    env = service_env(SHEET_EMBEDDINGS_TEST_RUN=test_run)
+    terminal = Terminal() if how == "its_terminal_closing" else None
+    if terminal is not None:
+        service = terminal.popen(command, env)
+    else:  # its own process group, as a process manager starts a service
+        service = subprocess.Popen(command, env=env, start_new_session=True,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until_serving(service, port)
+        if terminal is not None:
+            terminal.close()  # the terminal sends SIGHUP
+        else:
+            os.killpg(service.pid, signal.SIGTERM)  # the launcher, serve run, Ray's daemons
+        stopped = service.wait(timeout=120)
+        wait_for(lambda: not processes_with("SHEET_EMBEDDINGS_TEST_RUN", test_run), 60,
+                 "every process of the service to end")
+        assert busy_ports(ports, port) == []
+        if terminal is None:  # Serve's own shutdown, as on SIGTERM to the launcher alone
+            assert stopped == 0
+    finally:
+        if terminal is not None:
+            terminal.close()
+        for pid in processes_with("SHEET_EMBEDDINGS_TEST_RUN", test_run):
+            os.kill(pid, signal.SIGKILL)

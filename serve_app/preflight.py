@@ -1,0 +1,148 @@
+"""What `python -m serve_app` checks before anything starts, so that a start that cannot
+succeed stops at once with one line: `serve run` would log the error and run on with no
+application (Serve builds a config file's applications in its controller)."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+from serve_app.config import AppArgs
+
+DEFAULT_PORT = 8000  # Serve's
+# The import paths of this service's builder; their args are AppArgs.
+OUR_BUILDERS = ("serve_app:build_app", "serve_app.deployments:build_app")
+
+
+def read_config(path: str) -> dict:
+    """A Serve config file's contents, or a ValueError that says in one line why it has none."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}.") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "it does not parse"
+        raise ValueError(f"{path} is not valid YAML{where}: {problem}.") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a Serve config file: it holds no `key: value` mapping.")
+    return data
+
+
+def checked_config(config: str | None, overrides: dict[str, str]) -> dict:
+    """What `serve run` gets: `config` (or a one-app config on 127.0.0.1:8000) with
+    `overrides` (port= and host= to HTTP, the rest to the first application), its
+    applications' import paths found and this service's args validated by AppArgs."""
+    if config is None:
+        # Written out rather than `serve run serve_app:build_app`: in HAProxy mode Ray's
+        # default host is all interfaces, and this service stays on this machine unless
+        # told otherwise (host=0.0.0.0), like serve_config.yaml.
+        app = {"name": "embeddings", "route_prefix": "/", "import_path": OUR_BUILDERS[0]}
+        data = {"http_options": {"host": "127.0.0.1", "port": DEFAULT_PORT}, "applications": [app]}
+    else:
+        data = read_config(config)
+    rewritten = config is None or bool(overrides)  # serve run gets a copy, args normalised
+    overrides = dict(overrides)
+    http = data.setdefault("http_options", {})
+    if "host" in overrides:
+        http["host"] = overrides.pop("host")
+    if "port" in overrides:
+        http["port"] = _port_number(overrides.pop("port"))
+    source = config or "the command line"
+    apps = data.get("applications")
+    if not isinstance(apps, list) or not apps or not all(isinstance(a, dict) for a in apps):
+        raise ValueError(
+            f"{source} names no applications: a Serve config file lists them under "
+            "`applications:`, each with an import_path (see serve_config.yaml)."
+        )
+    for index, app in enumerate(apps):
+        where = f"application {app.get('name', index + 1)!r} in {source}"
+        ours = app.get("import_path") in OUR_BUILDERS
+        if not ours:
+            _check_import_path(app, where)
+        if index == 0 and rewritten:
+            args = _app_args({**(app.get("args") or {}), **overrides}, where)
+            app["args"] = args.model_dump(exclude_defaults=True)
+        elif ours:
+            _app_args(app.get("args") or {}, where)
+    return data
+
+
+def _port_number(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"port={value} is not a port number; give one such as port=8001.") from None
+
+
+def _app_args(values: object, where: str) -> AppArgs:
+    """`values` as AppArgs, or a ValueError naming each bad key, in one line."""
+    from pydantic import ValidationError
+
+    try:
+        return AppArgs.model_validate(values)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            key = ".".join(str(part) for part in error["loc"])
+            if error["type"] == "extra_forbidden":
+                close = difflib.get_close_matches(key, list(AppArgs.model_fields), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                problems.append(f"{key!r} is not a setting{hint}")
+            else:
+                message = error["msg"].removeprefix("Value error, ")
+                given = error.get("input")
+                if key and isinstance(given, (str, int, float)):
+                    message += f" (got {given!r})"
+                problems.append(f"{key}: {message}" if key else message)
+        raise ValueError(
+            f"{'; '.join(problems)}, in {where}. The settings are those of "
+            "serve_app.config.AppArgs; serve_config.yaml lists them."
+        ) from None
+
+
+def _check_import_path(app: dict, where: str) -> None:
+    """A ValueError unless Python can find the module of `app`'s import path (an app whose
+    code comes with its runtime_env is left to Ray)."""
+    import importlib.util
+
+    path = app.get("import_path")
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"{where} has no import_path (this service's is {OUR_BUILDERS[0]}).")
+    if path.split(".")[0].split(":")[0] == "serve_app":
+        raise ValueError(
+            f"import_path {path!r} is not this service's builder, in {where}: use {OUR_BUILDERS[0]}."
+        )
+    if app.get("runtime_env"):
+        return
+    module = path.split(":")[0] if ":" in path else path.rpartition(".")[0]
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise ValueError(
+            f"import_path {path!r} names a module Python cannot find here ({module}), in {where}. "
+            f"This service's is {OUR_BUILDERS[0]}."
+        )
+
+
+def check_models(data: dict) -> None:
+    """A ValueError, in the loader's words, for a model of this service's apps that cannot be
+    found: `serve run` would log it and run on with no application."""
+    from serve_app.errors import ModelLoadError
+    from serve_app.modelinfo import resolve_model
+
+    for app in data.get("applications") or []:
+        if app.get("import_path") in OUR_BUILDERS:
+            try:
+                resolve_model(AppArgs.model_validate(app.get("args") or {}).model)
+            except ModelLoadError as exc:
+                raise ValueError(str(exc)) from None
+
+
