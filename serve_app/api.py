@@ -238,13 +238,38 @@ async def http_error(request: Request, exc: Exception) -> Response:
     return await service_error(request, error)
 
 
-async def unexpected_error(request: Request, exc: Exception) -> Response:
-    logger.exception(
-        "Unhandled error on %s %s (request_id=%s)", request.method, request.url.path,
-        getattr(request.state, "request_id", "-"),
-    )
-    error = ServiceError("The server hit an internal error; the request was not completed.")
-    return await service_error(request, error)
+class UnexpectedErrorMiddleware:
+    """Answers an unexpected exception with the generic 500 envelope, inside the other
+    middleware, so that it still carries the request id and CORS headers. (Starlette's
+    own handler for `Exception` runs outside all middleware.)"""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception:
+            request = Request(scope)
+            logger.exception(
+                "Unhandled error on %s %s (request_id=%s)", request.method, request.url.path,
+                scope.get("state", {}).get("request_id", "-"),
+            )
+            if started:  # too late for an answer of our own
+                raise
+            error = ServiceError("The server hit an internal error; the request was not completed.")
+            response = await service_error(request, error)
+            await response(scope, receive, send)
 
 
 ROUTES = [
@@ -273,6 +298,7 @@ def create_app(service: EmbeddingService, api_key_digests: list[str] | None = No
     middleware += [
         Middleware(RequestMiddleware, metrics=service.metrics, log_requests=service.args.log_requests),
         Middleware(APIKeyMiddleware, digests=api_key_digests or []),
+        Middleware(UnexpectedErrorMiddleware),  # innermost: the others see its answer
     ]
     app = Starlette(
         routes=ROUTES,
@@ -280,7 +306,6 @@ def create_app(service: EmbeddingService, api_key_digests: list[str] | None = No
         exception_handlers={
             ServiceError: service_error,
             HTTPException: http_error,
-            Exception: unexpected_error,
         },
     )
     app.state.service = service

@@ -219,11 +219,16 @@ def test_unexpected_failures_are_a_generic_500(bundled_spec):
         async def embed(self, texts):
             raise RuntimeError("secret internal detail")
 
-    app = create_app(EmbeddingService(AppArgs(model=BUNDLED), bundled_spec, Broken()))
+    args = AppArgs(model=BUNDLED, cors_origins=["https://sheet.example"])
+    app = create_app(EmbeddingService(args, bundled_spec, Broken()))
     with TestClient(app, raise_server_exceptions=False) as client:
-        response = client.post("/v1/embeddings", json={"input": "x"})
+        response = client.post("/v1/embeddings", json={"input": "x"},
+                               headers={"X-Request-ID": "req-42", "Origin": "https://sheet.example"})
         error = error_of(response, 500)
         assert "secret" not in response.text and error["type"] == "server_error"
+        # Answered inside the middleware: the client can quote the id, a browser can read it.
+        assert response.headers["x-request-id"] == "req-42"
+        assert response.headers["access-control-allow-origin"] == "https://sheet.example"
 
 
 def test_server_stays_healthy_after_bad_input(http):
