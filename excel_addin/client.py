@@ -32,6 +32,8 @@ import httpx
 import numpy as np
 from cachetools import LRUCache
 
+from serve_app.vectors import truncate
+
 DEFAULTS = {"server_url": "http://127.0.0.1:8000", "timeout_s": 300.0}
 ENV = {
     "server_url": "EMBED_SERVER_URL",
@@ -134,7 +136,7 @@ class EmbedClient:
     def vectors(
         self, texts: list[str], instruction: str | None = None, dimensions: int | None = None
     ) -> dict[str, np.ndarray]:
-        """Unit vectors for the distinct `texts`, from the cache where possible."""
+        """Vectors for the distinct `texts`, from the cache where possible."""
         instruction = instruction or None
         distinct = list(dict.fromkeys(texts))
         model = self._served_model()
@@ -270,6 +272,12 @@ class EmbedClient:
             raise ServiceError(
                 f"The embedding server at {url} refused the API key. Check EMBED_API_KEY."
             )
+        if response.status_code == 404 and not _is_envelope(response):
+            # Ray Serve's front answers 404 in plain text until the application is deployed.
+            raise ServiceError(
+                f"Nothing answers at {url}{path} yet: the embedding service may still be "
+                "starting (recalculate in a few seconds), or EMBED_SERVER_URL names the wrong address."
+            )
         if response.status_code in (429, 503):
             raise ServiceError(f"The embedding server is busy or unavailable: {message} Recalculate to retry.")
         if 400 <= response.status_code < 500:
@@ -278,6 +286,14 @@ class EmbedClient:
 
     def close(self) -> None:
         self._http.close()
+
+
+def _is_envelope(response: httpx.Response) -> bool:
+    """Whether the answer is this service's OpenAI error envelope."""
+    try:
+        return isinstance(response.json().get("error"), dict)
+    except Exception:
+        return False
 
 
 def _server_message(response: httpx.Response) -> str:
@@ -293,11 +309,8 @@ def _decode(embedding: str) -> np.ndarray:
 
 
 def _cut(vector: np.ndarray, dimensions: int | None) -> np.ndarray:
-    """Matryoshka: the first `dimensions` values, re-normalised (as the server does)."""
-    if not dimensions or dimensions >= vector.shape[0]:
-        return vector
-    head = vector[:dimensions]
-    return head / max(float(np.linalg.norm(head)), 1e-12)
+    """Matryoshka: the first `dimensions` values, re-normalised (the server's own kernel)."""
+    return truncate(vector[None, :], dimensions)[0]
 
 
 _clients: dict[Settings, EmbedClient] = {}

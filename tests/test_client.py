@@ -141,3 +141,15 @@ def test_settings_come_from_env_and_xlwings_config_wins():
     assert settings.timeout_s == 60.0 and settings.api_key == "k"
     assert settings.instruction == "Find the clause"
     assert load_settings({}, {}).timeout_s >= 60  # longer than any cold start
+
+
+def test_ray_serves_plain_404_while_starting_is_a_sentence_about_starting():
+    import httpx
+
+    def starting(request: httpx.Request) -> httpx.Response:  # Ray Serve's front before the app is up
+        return httpx.Response(404, text=f"Path '{request.url.path}' not found. Ping http://.../-/routes "
+                                        "for available routes.")
+
+    client = EmbedClient(Settings(server_url="http://127.0.0.1:9"), transport=httpx.MockTransport(starting))
+    with pytest.raises(ServiceError, match="may still be starting"):
+        client.vectors(["a clause"])
