@@ -183,8 +183,8 @@ _RAW = None
 
 
 def run_raw(texts: list[str], opts) -> float:
-    from serve_app.embedder import TextEmbedder, default_cpu_threads
-    from serve_app.modelinfo import resolve_model
+    from serve_app.core.modelinfo import resolve_model
+    from serve_app.model.embedder import TextEmbedder, default_cpu_threads
 
     global _RAW
     if _RAW is None:

@@ -35,8 +35,8 @@ def main() -> int:
     parser.add_argument("--bound", type=float, default=0.999)
     opts = parser.parse_args()
 
-    from serve_app.embedder import TextEmbedder
-    from serve_app.modelinfo import resolve_model
+    from serve_app.core.modelinfo import resolve_model
+    from serve_app.model.embedder import TextEmbedder
 
     spec = resolve_model(opts.model)
     query = spec.prompts.get("query", "")

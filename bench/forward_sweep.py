@@ -39,8 +39,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     opts = parser.parse_args()
 
-    from serve_app.embedder import TextEmbedder, default_cpu_threads
-    from serve_app.modelinfo import resolve_model
+    from serve_app.core.modelinfo import resolve_model
+    from serve_app.model.embedder import TextEmbedder, default_cpu_threads
 
     spec = resolve_model(opts.model)
     corpus = sentences(opts.texts)

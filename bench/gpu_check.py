@@ -165,9 +165,9 @@ def raw_phase(out: dict, model: str, plan: Plan, deadline: float) -> None:
     """Per dtype in this process: texts/s at each batch budget, single-text latency, parity."""
     import torch
 
-    from serve_app.embedder import TextEmbedder
-    from serve_app.modelinfo import resolve_model
-    from serve_app.vectors import cosine_pairwise
+    from serve_app.core.modelinfo import resolve_model
+    from serve_app.core.vectors import cosine_pairwise
+    from serve_app.model.embedder import TextEmbedder
 
     spec = resolve_model(model)
     corpus, singles = sentences(plan.texts), short_texts(plan.singles)
@@ -211,10 +211,10 @@ def served_phase(out: dict, model: str, plan: Plan, port: int, deadline: float) 
     from ray import serve
     from served import served_app
 
-    from serve_app.config import AppArgs
-    from serve_app.deployments import build_app
-    from serve_app.launch import busy_ports, tuned_environment
-    from serve_app.resources import visible_gpus
+    from serve_app.core.config import AppArgs
+    from serve_app.ray_shell.app import build_app
+    from serve_app.ray_shell.launch import busy_ports, tuned_environment
+    from serve_app.ray_shell.resources import visible_gpus
 
     busy = busy_ports(tuned_environment(port=port), port)
     if busy:

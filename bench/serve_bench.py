@@ -68,10 +68,10 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from serve_app.config import AppArgs
-    from serve_app.deployments import build_app
-    from serve_app.embedder import TextEmbedder, default_cpu_threads
-    from serve_app.modelinfo import resolve_model
+    from serve_app.core.config import AppArgs
+    from serve_app.core.modelinfo import resolve_model
+    from serve_app.model.embedder import TextEmbedder, default_cpu_threads
+    from serve_app.ray_shell.app import build_app
 
     corpus = sentences(opts.texts)
     singles = short_texts(opts.latency_requests + 20)
@@ -79,7 +79,7 @@ def main() -> None:
     # is off here; this measures the model path (`--set cache_max_mb=256` to see the cache).
     extra = {"cache_max_mb": 0, **dict(item.split("=", 1) for item in opts.set)}
     if not opts.untuned:
-        from serve_app.launch import tuned_environment
+        from serve_app.ray_shell.launch import tuned_environment
 
         os.environ.update(tuned_environment(port=opts.port))  # Ray's side ports follow it
     os.environ.update(dict(item.split("=", 1) for item in opts.ray_env))
@@ -130,7 +130,7 @@ def compare(model, baseline, url: str, peer_url: str | None, opts, corpus: list[
     """Raw passes in this process, served passes from a client process, alternating."""
     from forward_sweep import run as split_run
 
-    from serve_app.embedder import default_cpu_threads
+    from serve_app.model.embedder import default_cpu_threads
 
     def client(*args: str, target: str = url) -> dict:
         out = subprocess.run(
@@ -232,7 +232,7 @@ def start_infinity(executable: str, model: str, port: int):
     """infinity-emb serving `model` on 127.0.0.1:`port` (torch engine, bfloat16); (process, URL)."""
     import httpx
 
-    from serve_app.modelinfo import resolve_model
+    from serve_app.core.modelinfo import resolve_model
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "INFINITY_ANONYMOUS_USAGE_STATS": "0", "DO_NOT_TRACK": "1"}

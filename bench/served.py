@@ -13,9 +13,9 @@ def served_app(name: str, port: int, **args) -> Iterator[str]:
     import ray
     from ray import serve
 
-    from serve_app.config import AppArgs
-    from serve_app.deployments import build_app
-    from serve_app.launch import tuned_environment
+    from serve_app.core.config import AppArgs
+    from serve_app.ray_shell.app import build_app
+    from serve_app.ray_shell.launch import tuned_environment
 
     os.environ.update(tuned_environment(port=port))  # Ray's side ports follow the port
     ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)

@@ -32,7 +32,7 @@ import httpx
 import numpy as np
 from cachetools import LRUCache
 
-from serve_app.vectors import truncate
+from serve_app.core.vectors import truncate
 
 DEFAULTS = {"server_url": "http://127.0.0.1:8000", "timeout_s": 300.0}
 ENV = {

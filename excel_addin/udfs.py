@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import xlwings as xw
 
-from excel_addin.cells import BLANK, Blank, CellError, as_grid, cell_text, flatten, shape
 from excel_addin.client import ServiceError, get_client, load_settings
-from serve_app.vectors import cosine, cosine_matrix
+from serve_app.core.cells import BLANK, Blank, CellError, as_grid, cell_text, flatten, shape
+from serve_app.core.vectors import cosine, cosine_matrix
 
 CATEGORY = "Embeddings"
 

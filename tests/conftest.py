@@ -23,8 +23,8 @@ import pytest  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from serve_app.config import AppArgs  # noqa: E402
-from serve_app.modelinfo import ModelSpec, resolve_model  # noqa: E402
+from serve_app.core.config import AppArgs  # noqa: E402
+from serve_app.core.modelinfo import ModelSpec, resolve_model  # noqa: E402
 
 BUNDLED = "bundled:minilm"
 
@@ -42,7 +42,7 @@ REFERENCE_DTYPE = "float32"
 
 @pytest.fixture(scope="session")
 def bundled_embedder(bundled_spec):
-    from serve_app.embedder import TextEmbedder
+    from serve_app.model.embedder import TextEmbedder
 
     return TextEmbedder(bundled_spec, dtype=REFERENCE_DTYPE)
 
@@ -90,7 +90,7 @@ def unnormalised_dir(tmp_path_factory, bundled_spec) -> Path:
 
 
 def make_service(embedder, **overrides):
-    from serve_app.service import EmbeddingService, LocalBackend
+    from serve_app.web.service import EmbeddingService, LocalBackend
 
     args = AppArgs(model=embedder.spec.name, **overrides)
     return EmbeddingService(args, embedder.spec, LocalBackend(embedder))
@@ -98,7 +98,7 @@ def make_service(embedder, **overrides):
 
 @pytest.fixture(scope="session")
 def app(bundled_embedder):
-    from serve_app.api import create_app
+    from serve_app.web.api import create_app
 
     return create_app(make_service(bundled_embedder, max_inputs_per_request=64))
 
@@ -186,10 +186,10 @@ _handed_out: set[int] = set()
 
 def free_port(side_ports: bool = False) -> int:
     """A port nothing is bound to; with `side_ports`, the ports Ray opens beside a service
-    on it in HAProxy mode (serve_app.launch.SIDE_PORTS) are free too."""
+    on it in HAProxy mode (serve_app.ray_shell.launch.SIDE_PORTS) are free too."""
     import random
 
-    from serve_app.launch import SIDE_PORTS, busy_ports, tuned_environment
+    from serve_app.ray_shell.launch import SIDE_PORTS, busy_ports, tuned_environment
 
     offsets = [0, *(offset for offset, _ in SIDE_PORTS.values())]
     for _ in range(1000):
@@ -216,7 +216,7 @@ class ServeCluster:
         """Run build_app(AppArgs(...)) as Serve application `app` at /app; returns its URL."""
         from ray import serve
 
-        from serve_app.deployments import build_app
+        from serve_app.ray_shell.app import build_app
 
         settings = {"model": BUNDLED, "gpu_fraction": 0.0, "dtype": REFERENCE_DTYPE, **overrides}
         serve.run(build_app(AppArgs(**settings)), name=app, route_prefix=f"/{app}")
@@ -243,7 +243,7 @@ def serve_cluster():
     import ray
     from ray import serve
 
-    from serve_app.launch import tuned_environment
+    from serve_app.ray_shell.launch import tuned_environment
 
     # The production mode (HAProxy ingress, Ray's throughput profile), with Ray's side
     # ports (fallback proxy, HAProxy's stats and metrics) following the service's free

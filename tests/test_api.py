@@ -7,8 +7,8 @@ import openai
 import pytest
 from conftest import BUNDLED, make_service
 
-from serve_app.api import TRUNCATED_HEADER, create_app
-from serve_app.vectors import normalize
+from serve_app.core.vectors import normalize
+from serve_app.web.api import TRUNCATED_HEADER, create_app
 
 
 def test_openai_client_embeds_a_list(openai_client, bundled_embedder):
@@ -212,8 +212,8 @@ def test_unknown_route_and_wrong_method(http):
 def test_unexpected_failures_are_a_generic_500(bundled_spec):
     from starlette.testclient import TestClient
 
-    from serve_app.config import AppArgs
-    from serve_app.service import EmbeddingService
+    from serve_app.core.config import AppArgs
+    from serve_app.web.service import EmbeddingService
 
     class Broken:
         async def embed(self, texts):
@@ -251,8 +251,8 @@ def test_openapi_document_describes_every_route(http):
 def test_health_does_not_touch_the_model(bundled_spec):
     from starlette.testclient import TestClient
 
-    from serve_app.config import AppArgs
-    from serve_app.service import EmbeddingService
+    from serve_app.core.config import AppArgs
+    from serve_app.web.service import EmbeddingService
 
     class Counting:
         calls = 0
@@ -271,7 +271,7 @@ def test_models_say_which_dtype_the_model_runs_in_and_why(bundled_embedder):
     from conftest import make_service
     from starlette.testclient import TestClient
 
-    from serve_app.api import create_app
+    from serve_app.web.api import create_app
 
     with TestClient(create_app(make_service(bundled_embedder))) as http:
         before = http.get("/v1/models").json()["data"][0]["runtime"]

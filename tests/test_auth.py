@@ -5,8 +5,8 @@ import pytest
 from conftest import BUNDLED, make_service
 from starlette.testclient import TestClient
 
-from serve_app.api import create_app
-from serve_app.auth import key_digests_from_env
+from serve_app.web.api import create_app
+from serve_app.web.auth import key_digests_from_env
 
 
 @pytest.fixture()

@@ -4,7 +4,7 @@ import datetime as dt
 
 import pytest
 
-from excel_addin.cells import BLANK, CellError, as_grid, cell_text, flatten, number_text, shape
+from serve_app.core.cells import BLANK, CellError, as_grid, cell_text, flatten, number_text, shape
 
 
 @pytest.mark.parametrize(

@@ -36,7 +36,7 @@ def test_validation_would_catch_a_broken_config():
 def test_cluster_serve_config_pins_a_gpu_fraction():
     from ray.serve.schema import ServeDeploySchema
 
-    from serve_app.config import AppArgs
+    from serve_app.core.config import AppArgs
 
     schema = ServeDeploySchema.model_validate(load("serve_config.cluster.yaml"))
     args = AppArgs.model_validate(schema.applications[0].args)
@@ -45,7 +45,7 @@ def test_cluster_serve_config_pins_a_gpu_fraction():
 
 
 def test_every_node_starts_with_the_serve_flags_and_token_auth():
-    from serve_app.launch import FAST_SERVE_ENV
+    from serve_app.ray_shell.launch import FAST_SERVE_ENV
 
     config = load()
     for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):

@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from serve_app.config import DEFAULT_MODEL, AppArgs
+from serve_app.core.config import DEFAULT_MODEL, AppArgs
 
 
 def test_defaults_serve_qwen3_with_scale_to_zero():

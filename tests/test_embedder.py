@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from bench.corpus import sentences
-from serve_app.embedder import TextEmbedder, choose_dtype, cpu_bf16_features, pool
-from serve_app.modelinfo import resolve_model
+from serve_app.core.modelinfo import resolve_model
+from serve_app.model.embedder import TextEmbedder, choose_dtype, cpu_bf16_features, pool
 
 TEXTS = [
     "The lessee shall pay rent on the first day of each month.",
@@ -212,7 +212,7 @@ def test_fast_tokenizer_load_matches_autotokenizer(model, bundled_spec, small_st
                                                    tiny_qwen3_dir):
     from transformers import AutoTokenizer
 
-    from serve_app.embedder import load_tokenizer
+    from serve_app.model.embedder import load_tokenizer
 
     spec = {"bundled": bundled_spec, "standin": resolve_model(str(small_standin_dir)),
             "tiny": resolve_model(str(tiny_qwen3_dir))}[model]
@@ -231,7 +231,7 @@ def test_tokenizers_transformers_adjusts_load_the_general_way(tmp_path, tiny_qwe
 
     from transformers import AutoTokenizer
 
-    from serve_app import embedder
+    from serve_app.model import embedder
 
     directory = tmp_path / "flagged"
     shutil.copytree(tiny_qwen3_dir, directory)

@@ -16,9 +16,9 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from starlette.testclient import TestClient
 
-from serve_app.api import create_app
-from serve_app.cache import EmbeddingCache
-from serve_app.metrics import Metrics
+from serve_app.ray_shell.metrics import Metrics
+from serve_app.web.api import create_app
+from serve_app.web.cache import EmbeddingCache
 
 
 def client_for(embedder, **overrides) -> TestClient:

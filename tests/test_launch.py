@@ -15,7 +15,7 @@ import pytest
 import yaml
 from conftest import free_port, processes_with, wait_for
 
-from serve_app.launch import (
+from serve_app.ray_shell.launch import (
     FAST_SERVE_ENV,
     RUN_VARIABLE,
     SIDE_PORTS,
@@ -182,7 +182,7 @@ def test_a_misspelt_setting_in_the_config_file_stops_the_start_with_one_line(tmp
     assert one_line(out.stderr) == (
         "Error: 'max_input_tokenz' is not a setting (did you mean 'max_input_tokens'?), in "
         f"application 'embeddings' in {path}. The settings are those of "
-        "serve_app.config.AppArgs; serve_config.yaml lists them."
+        "serve_app.core.config.AppArgs; serve_config.yaml lists them."
     )
 
 

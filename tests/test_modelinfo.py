@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from serve_app.errors import ModelLoadError
-from serve_app.modelinfo import resolve_model
+from serve_app.core.errors import ModelLoadError
+from serve_app.core.modelinfo import resolve_model
 
 
 def test_bundled_alias_reads_its_sentence_transformers_config(bundled_spec):

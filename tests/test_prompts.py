@@ -1,8 +1,8 @@
 import pytest
 
-from serve_app.config import AppArgs
-from serve_app.errors import InvalidRequest
-from serve_app.prompts import prompt_prefix
+from serve_app.core.config import AppArgs
+from serve_app.core.errors import InvalidRequest
+from serve_app.core.prompts import prompt_prefix
 
 
 def test_instruction_uses_qwen3_format(bundled_spec):
@@ -16,7 +16,7 @@ def test_documents_take_no_prompt(bundled_spec):
 
 
 def test_query_uses_the_models_own_prompt_when_it_names_one(tiny_qwen3_dir):
-    from serve_app.modelinfo import resolve_model
+    from serve_app.core.modelinfo import resolve_model
 
     spec = resolve_model(str(tiny_qwen3_dir))
     assert prompt_prefix(spec, AppArgs(), prompt_name="query") == spec.prompts["query"]

@@ -58,7 +58,7 @@ def test_merges_are_rebuilt_from_ranks_in_rank_order():
 def test_standin_has_the_published_layout(small_standin_dir, standin_tokenizer):
     from transformers import AutoTokenizer
 
-    from serve_app.modelinfo import resolve_model
+    from serve_app.core.modelinfo import resolve_model
 
     config = json.loads((small_standin_dir / "config.json").read_text())
     assert config["rope_theta"] == 1000000 and config["vocab_size"] == VOCAB_SIZE

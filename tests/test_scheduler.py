@@ -7,8 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from serve_app.scheduler import INLINE_TEXTS, ForwardScheduler
-from serve_app.service import Encoded
+from serve_app.core.encoded import Encoded
+from serve_app.model.scheduler import INLINE_TEXTS, ForwardScheduler
 
 
 class FakeModel:

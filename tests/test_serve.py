@@ -55,8 +55,8 @@ def test_scale_from_zero_serves_the_first_request_then_returns_to_zero(
 
 
 def test_qwen3_standin_is_served_through_the_openai_client(serve_cluster, small_standin_dir):
-    from serve_app.embedder import TextEmbedder, cpu_bf16_features
-    from serve_app.modelinfo import resolve_model
+    from serve_app.core.modelinfo import resolve_model
+    from serve_app.model.embedder import TextEmbedder, cpu_bf16_features
 
     model = str(small_standin_dir)
     url = serve_cluster.deploy("standin", model=model, dtype="auto", min_replicas=1)
@@ -187,7 +187,7 @@ def test_serve_config_yaml_is_valid_for_serve_deploy():
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from serve_app.config import AppArgs
+    from serve_app.core.config import AppArgs
 
     with open("serve_config.yaml") as f:
         config = yaml.safe_load(f)

@@ -49,7 +49,7 @@ def proxy_env(proxy: str, port: int) -> dict[str, str]:
     for a service on `port` (its side ports follow it, so the session's cluster is not hit)."""
     if proxy == "python":
         return {}
-    from serve_app.launch import tuned_environment
+    from serve_app.ray_shell.launch import tuned_environment
 
     return tuned_environment({}, port=port)
 

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from conftest import BUNDLED
 
-from serve_app.config import AppArgs
-from serve_app.errors import ModelUnavailable
-from serve_app.modelinfo import resolve_model
-from serve_app.service import EmbeddingService, Encoded
+from serve_app.core.config import AppArgs
+from serve_app.core.encoded import Encoded
+from serve_app.core.errors import ModelUnavailable
+from serve_app.core.modelinfo import resolve_model
+from serve_app.web.service import EmbeddingService
 
 
 class HalfBroken:

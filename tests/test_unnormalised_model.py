@@ -1,6 +1,6 @@
 """A model without a Normalize module: every similarity the product shows is a cosine.
 
-The API, the xlwings formulas and the batch job share one kernel (serve_app.vectors);
+The API, the xlwings formulas and the batch job share one kernel (serve_app.core.vectors);
 with unit vectors a dot product would do, and these tests make sure nothing relies on it.
 """
 
@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 from conftest import REFERENCE_DTYPE, make_service, wait_for
 
-from serve_app.modelinfo import resolve_model
+from serve_app.core.modelinfo import resolve_model
 
 TEXTS = [
     "How much notice is needed to terminate the lease?",
@@ -29,7 +29,7 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def raw_embedder(unnormalised_dir):
-    from serve_app.embedder import TextEmbedder
+    from serve_app.model.embedder import TextEmbedder
 
     embedder = TextEmbedder(resolve_model(str(unnormalised_dir)), dtype=REFERENCE_DTYPE)
     norms = np.linalg.norm(embedder.encode(TEXTS).vectors, axis=1)
@@ -47,7 +47,7 @@ def raw_server(raw_embedder):
     """The service over the unnormalised model on a loopback port, in this process."""
     import uvicorn
 
-    from serve_app.api import create_app
+    from serve_app.web.api import create_app
 
     app = create_app(make_service(raw_embedder))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
@@ -91,7 +91,7 @@ def test_excel_formulas_give_cosines(raw_server, raw_vectors, monkeypatch):
 
 def test_batch_job_scores_are_cosines(unnormalised_dir, raw_vectors):
     from serve_app.batch.job import EmbedRows, top_k
-    from serve_app.config import AppArgs
+    from serve_app.core.config import AppArgs
 
     rows = EmbedRows(AppArgs(model=str(unnormalised_dir), dtype=REFERENCE_DTYPE).model_dump(), 0.0)
     batch = pa.table({"q": [TEXTS[0], TEXTS[0], None], "d": [TEXTS[1], TEXTS[2], TEXTS[3]]})

@@ -2,7 +2,7 @@ import base64
 
 import numpy as np
 
-from serve_app.vectors import cosine_matrix, cosine_pairwise, normalize, to_base64, truncate
+from serve_app.core.vectors import cosine_matrix, cosine_pairwise, normalize, to_base64, truncate
 
 
 def test_truncate_renormalises():

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import cmdline, wait_for, zygotes_of
 
-from serve_app import warmstart
+from serve_app.ray_shell import warmstart
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="warm start is Linux-only")
 
@@ -31,7 +31,7 @@ SCRIPT = textwrap.dedent(
         "marker": os.environ.get("WARM_MARKER"), "path0": sys.path[0],
         "extra_on_path": os.environ.get("EXTRA_DIR") in sys.path,
         "preloaded": "decimal" in sys.modules,
-        "forked": __import__("serve_app.warmstart").warmstart.forked_from_zygote(),
+        "forked": __import__("serve_app.ray_shell.warmstart").ray_shell.warmstart.forked_from_zygote(),
     }), flush=True)
     if "--sleep" in sys.argv:
         import time; time.sleep(60)
@@ -53,7 +53,7 @@ def launch(script, *args, env_extra=None, preload=PRELOAD, cwd=None, new_zygote=
     options = [f"--preload={preload}"] + ([] if new_zygote else ["--no-new-zygote"])
     options += [] if reply_timeout is None else [f"--reply-timeout={reply_timeout}"]
     return subprocess.Popen(
-        [sys.executable, "-m", "serve_app.warmstart", *options, str(script), *args],
+        [sys.executable, "-m", "serve_app.ray_shell.warmstart", *options, str(script), *args],
         env=env, cwd=cwd, stdout=subprocess.PIPE, text=True, **popen,
     )
 
@@ -218,8 +218,8 @@ def test_batch_actors_start_warm_only_where_it_applies(monkeypatch):
     """No zygote for GPU actors, for warm_start=off, or where the job brings its own interpreter."""
     from serve_app.batch import job
     from serve_app.batch.job import warm_start_executable
-    from serve_app.config import AppArgs
-    from serve_app.modelinfo import resolve_model
+    from serve_app.core.config import AppArgs
+    from serve_app.core.modelinfo import resolve_model
 
     spec = resolve_model("bundled:minilm")
     started = []
@@ -233,7 +233,7 @@ def test_batch_actors_start_warm_only_where_it_applies(monkeypatch):
 
     runtime_env = {"working_dir": "."}
     executable = warm_start_executable(AppArgs(), spec, 0.0)
-    assert executable.split()[:3] == [sys.executable, "-m", "serve_app.warmstart"]
+    assert executable.split()[:3] == [sys.executable, "-m", "serve_app.ray_shell.warmstart"]
     assert "--no-new-zygote" in executable.split()  # other nodes start cold, leaving no zygote behind
     assert started == [spec.model_type]
 
@@ -244,7 +244,7 @@ def test_python_and_python3_of_one_environment_share_a_zygote():
     alias = [a for a in alias if os.path.exists(a)]
     if len(alias) < 2 or os.path.realpath(alias[0]) != os.path.realpath(alias[1]):
         pytest.skip("this environment has no python/python3 pair")
-    code = "import json, sys; from serve_app import warmstart; print(json.dumps(warmstart.zygote_address('m', 1, 'j')))"
+    code = "import json, sys; from serve_app.ray_shell import warmstart; print(json.dumps(warmstart.zygote_address('m', 1, 'j')))"
     seen = {json.loads(subprocess.check_output([a, "-c", code], text=True)) for a in alias}
     assert len(seen) == 1
 
@@ -400,22 +400,22 @@ def test_a_launcher_whose_zygote_never_answers_starts_its_worker_cold(script):
 def test_changed_code_gets_a_new_zygote(tmp_path):
     """After `serve deploy` of new code (or a library upgrade) workers must not fork from the old imports."""
     package = tmp_path / "serve_app"
-    shutil.copytree(Path(warmstart.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(Path(warmstart.__file__).parents[1], package, ignore=shutil.ignore_patterns("__pycache__"))
     library = tmp_path / "fakelib" / "__init__.py"
     library.parent.mkdir()
     library.write_text("VERSION = 1\n")
-    code = ("from serve_app import warmstart; print(warmstart.__file__);"
-            "print(warmstart.zygote_address('fakelib,serve_app.embedder', 1, 'j')[1:])")
+    code = ("from serve_app.ray_shell import warmstart; print(warmstart.__file__);"
+            "print(warmstart.zygote_address('fakelib,serve_app.model.embedder', 1, 'j')[1:])")
 
     def address():
         out = subprocess.check_output([sys.executable, "-c", code], cwd=tmp_path, text=True,
                                       env={**os.environ, "PYTHONPATH": str(tmp_path)}).split()
-        assert out[0] == str(package / "warmstart.py")  # the copy, not the checkout
+        assert out[0] == str(package / "ray_shell" / "warmstart.py")  # the copy, not the checkout
         return out[1]
 
     first = address()
     assert address() == first  # the same code: the same zygote
-    embedder = package / "embedder.py"
+    embedder = package / "model" / "embedder.py"
     embedder.write_text(embedder.read_text() + "\n# the next release\n")
     second = address()
     assert second != first

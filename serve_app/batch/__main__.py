@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 from serve_app.batch.tables import JobInputError, JobStopped
-from serve_app.config import AppArgs, config_args
-from serve_app.errors import ModelLoadError, ServiceError
+from serve_app.core.config import AppArgs, config_args
+from serve_app.core.errors import ModelLoadError, ServiceError
 
 
 def parser() -> argparse.ArgumentParser:
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(opts: argparse.Namespace) -> tuple[int, str, dict[str, float]]:
     """Check the arguments and the model, then run the command on Ray."""
     from serve_app.batch.job import JobOptions, run_embed, run_search, run_similarity
-    from serve_app.modelinfo import resolve_model
+    from serve_app.core.modelinfo import resolve_model
 
     output = _absolute_output(opts.output)
     _check_inputs(opts, output)

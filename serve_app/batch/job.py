@@ -23,8 +23,8 @@ from serve_app.batch.tables import (
     texts_of,
     write_table,
 )
-from serve_app.config import AppArgs
-from serve_app.modelinfo import ModelSpec
+from serve_app.core.config import AppArgs
+from serve_app.core.modelinfo import ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +52,9 @@ class EmbedRows:
         import time
 
         started = time.perf_counter()
-        from serve_app.embedder import TextEmbedder, default_cpu_threads
-        from serve_app.modelinfo import resolve_model
-        from serve_app.warmstart import forked_from_zygote
+        from serve_app.core.modelinfo import resolve_model
+        from serve_app.model.embedder import TextEmbedder, default_cpu_threads
+        from serve_app.ray_shell.warmstart import forked_from_zygote
 
         settings = AppArgs.model_validate(args)
         cpus = settings.cpu_threads or default_cpu_threads()
@@ -78,7 +78,7 @@ class EmbedRows:
 
     def vectors(self, texts: list[str | None], prefix: str, dimensions: int | None) -> list[np.ndarray | None]:
         """Vectors for the texts, None for blanks; each distinct text is embedded once."""
-        from serve_app.vectors import truncate
+        from serve_app.core.vectors import truncate
 
         unique: dict[str, int] = {}
         for text in texts:
@@ -95,7 +95,7 @@ class EmbedRows:
 
 def pair_scores(left: list[np.ndarray | None], right: list[np.ndarray | None]) -> pa.Array:
     """The cosine of each row's two vectors; null where either side had no text."""
-    from serve_app.vectors import cosine_pairwise
+    from serve_app.core.vectors import cosine_pairwise
 
     present = [i for i, (a, b) in enumerate(zip(left, right, strict=True)) if a is not None and b is not None]
     scores: list[float | None] = [None] * len(left)
@@ -169,7 +169,7 @@ def run_search(queries: str, query_column: str, corpus: str, corpus_column: str,
 
 def top_k(queries: pa.Table, corpus: pa.Table, k: int, chunk: int = 256) -> pa.Table:
     """Rows (query columns, rank, score, corpus_row, corpus columns), best match first."""
-    from serve_app.vectors import cosine_matrix
+    from serve_app.core.vectors import cosine_matrix
 
     corpus_vectors = corpus["embedding"].to_pylist()
     usable = np.array([i for i, v in enumerate(corpus_vectors) if v is not None], dtype=np.int64)
@@ -216,7 +216,7 @@ def top_k(queries: pa.Table, corpus: pa.Table, k: int, chunk: int = 256) -> pa.T
 
 
 def _prefix(opts: JobOptions, instruction: str | None, prompt_name: str | None) -> str:
-    from serve_app.prompts import prompt_prefix
+    from serve_app.core.prompts import prompt_prefix
 
     return prompt_prefix(opts.spec, opts.args, instruction=instruction, prompt_name=prompt_name)
 
@@ -259,7 +259,7 @@ def _arrow_safe(frame, columns: list[str]):
 def _embed(dataset, opts: JobOptions, task: str, columns: list[str], prefixes: list[str]):
     from ray.data import ActorPoolStrategy, DataContext
 
-    from serve_app.resources import resolve_gpu_fraction
+    from serve_app.ray_shell.resources import resolve_gpu_fraction
 
     DataContext.get_current().execution_options.preserve_order = True
     gpu_fraction = resolve_gpu_fraction(opts.args.gpu_fraction)
@@ -298,7 +298,7 @@ def warm_start_executable(args: AppArgs, spec: ModelSpec, gpu_fraction: float) -
     apply: GPU actors (as for the service), `warm_start=off`, or a job whose runtime
     environment brings its own interpreter (pip, uv, conda, a container).
     """
-    from serve_app.warmstart import driver_zygote, py_executable, warm_start_enabled
+    from serve_app.ray_shell.warmstart import driver_zygote, py_executable, warm_start_enabled
 
     if not warm_start_enabled(args.warm_start, gpu_fraction):
         return None

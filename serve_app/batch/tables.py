@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from excel_addin.cells import Blank, CellError, cell_text
+from serve_app.core.cells import Blank, CellError, cell_text
 
 FORMATS = {".csv": "csv", ".xlsx": "xlsx", ".parquet": "parquet"}
 

@@ -41,8 +41,8 @@ for the launcher's go, sent once the launcher holds its pid, so a launcher that 
 up never has two workers. The zygote reads many requests at once, each within
 REQUEST_TIMEOUT_S, so a peer that connects and says nothing holds up no one.
 
-    python -m serve_app.warmstart [--preload=M,..] [--no-new-zygote] [--reply-timeout=S] WORKER_SCRIPT ARGS...
-    python -m serve_app.warmstart --zygote ADDRESS PARENT_PID MODULES [OWNER_PID]
+    python -m serve_app.ray_shell.warmstart [--preload=M,..] [--no-new-zygote] [--reply-timeout=S] WORKER_SCRIPT ARGS...
+    python -m serve_app.ray_shell.warmstart --zygote ADDRESS PARENT_PID MODULES [OWNER_PID]
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ PRELOAD = [
     "torch",
     "transformers",
     "transformers.modeling_utils",
-    "serve_app.embedder",
+    "serve_app.model.embedder",
 ]
 
 
@@ -104,7 +104,7 @@ def py_executable(model_type: str, *, new_zygote: bool = True) -> str:
     leaves none behind: for short-lived jobs, whose zygote lives only as long as the job.
     """
     flag = "" if new_zygote else " --no-new-zygote"
-    return f"{sys.executable} -m serve_app.warmstart --preload={preload_for(model_type)}{flag}"
+    return f"{sys.executable} -m serve_app.ray_shell.warmstart --preload={preload_for(model_type)}{flag}"
 
 
 def zygote_address(preload: str, parent_pid: int, job_id: str | None = None) -> str:
@@ -129,11 +129,11 @@ def code_fingerprint(preload: str) -> str:
     inode, size and mtime, which a reinstall or an upgrade rewrites (0.2 ms for Ray, torch
     and transformers; `importlib.metadata` versions would cost 38 ms). It runs in every
     launcher: 1.1-1.2 ms in a fresh interpreter on 2 cores (0.65 ms warm, `python -m timeit
-    -s "from serve_app import warmstart; p = warmstart.preload_for('bert')"
+    -s "from serve_app.ray_shell import warmstart; p = warmstart.preload_for('bert')"
     "warmstart.code_fingerprint(p)"`).
     """
     digest = hashlib.sha1()
-    package = os.path.dirname(os.path.realpath(__file__))
+    package = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))  # serve_app/
     for root, dirs, files in os.walk(package):
         dirs[:] = sorted(d for d in dirs if d != "__pycache__")
         for name in sorted(f for f in files if f.endswith(".py")):
@@ -338,7 +338,7 @@ def start_zygote(address: str, parent: int, preload: str, *, env: dict[str, str]
     It lives while `parent` (the raylet) does, and `owner_pid` too when given.
     """
     log = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"sheet-embeddings-zygote-{parent}.log")
-    command = [sys.executable, "-m", "serve_app.warmstart", "--zygote", address[1:], str(parent), preload]
+    command = [sys.executable, "-m", "serve_app.ray_shell.warmstart", "--zygote", address[1:], str(parent), preload]
     if owner_pid is not None:
         command.append(str(owner_pid))
     with open(log, "ab") as out:
@@ -497,7 +497,7 @@ def _become_worker(conn: socket.socket, request: dict, fds: list[int]) -> None:
         os.environ.update(request["env"])
         with contextlib.suppress(Exception):  # a report only: never fail the worker for it
             # The zygote runs this file as __main__; the worker asks the importable module.
-            importlib.import_module("serve_app.warmstart")._forked = True
+            importlib.import_module("serve_app.ray_shell.warmstart")._forked = True
         argv = request["argv"]
         sys.argv = list(argv)
         _reset_sys_path(argv[0], request["env"].get("PYTHONPATH", ""))

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from serve_app.service import Encoded
+from serve_app.core.encoded import Encoded
 
 INLINE_TEXTS = 4
 # A lone request runs on the event loop only if its pass should take at most this long:

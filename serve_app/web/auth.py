@@ -15,8 +15,8 @@ import os
 
 import orjson
 
-from serve_app.errors import Unauthorized
-from serve_app.requestlog import app_path
+from serve_app.core.errors import Unauthorized
+from serve_app.web.requestlog import app_path
 
 API_KEYS_ENV = "EMBED_API_KEYS"
 PROTECTED_PREFIX = "/v1"

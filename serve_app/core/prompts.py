@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from serve_app.config import AppArgs
-from serve_app.errors import InvalidRequest
-from serve_app.modelinfo import ModelSpec
+from serve_app.core.config import AppArgs
+from serve_app.core.errors import InvalidRequest
+from serve_app.core.modelinfo import ModelSpec
 
 
 def prompt_prefix(

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from ray.exceptions import ActorDiedError, ActorUnavailableError, OutOfMemoryError
 
-from serve_app import deployments
-from serve_app.deployments import RayBackend
-from serve_app.errors import ModelUnavailable
-from serve_app.service import Encoded
+from serve_app.core.encoded import Encoded
+from serve_app.core.errors import ModelUnavailable
+from serve_app.ray_shell import transport
+from serve_app.ray_shell.transport import RayBackend
 
 ANSWER = Encoded(np.zeros((1, 4), np.float32), [3], [False])
 
@@ -56,7 +56,7 @@ class FakeHandle:
 
 @pytest.fixture(autouse=True)
 def quick_backoff(monkeypatch):
-    monkeypatch.setattr(deployments, "_RETRY_BACKOFF_S", 0.01, raising=False)
+    monkeypatch.setattr(transport, "_RETRY_BACKOFF_S", 0.01, raising=False)
 
 
 def embed(handle: FakeHandle):
@@ -113,7 +113,7 @@ def test_replica_state_does_not_block_the_event_loop(monkeypatch):
             release.wait(30)  # a slow controller
             raise RuntimeError("controller unreachable")
 
-    monkeypatch.setattr(deployments, "serve", Blocking())
+    monkeypatch.setattr(transport, "serve", Blocking())
     backend = RayBackend(FakeHandle(), 30, "app")
 
     async def scenario():

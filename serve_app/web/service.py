@@ -14,42 +14,13 @@ from typing import Protocol
 
 import numpy as np
 
-from serve_app.cache import EmbeddingCache
-from serve_app.config import AppArgs
-from serve_app.errors import InvalidRequest, ModelNotFound
-from serve_app.modelinfo import ModelSpec
-from serve_app.prompts import prompt_prefix
-from serve_app.vectors import truncate
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """Where and in what precision a replica runs its model, and why (shown by /v1/models)."""
-
-    device: str  # "cpu", "cuda:0"
-    dtype: str  # "bfloat16", "float32", "float16"
-    reason: str  # one sentence, e.g. why dtype=auto chose bfloat16 on this CPU
-
-
-@dataclass
-class Encoded:
-    """A model's answer for a list of texts, in input order.
-
-    It lives here, not beside the model, because the ingress unpickles it: the
-    ingress process must never import torch.
-    """
-
-    vectors: np.ndarray  # float32, (n, dimensions); unit length when the model normalises
-    tokens: list[int]  # tokens fed to the model per text, prompt and special tokens included
-    truncated: list[bool]  # whether a text was cut to the token limit
-    model_ms: float = 0.0  # time in the forward pass that produced these (shared by its batch)
-    runtime: Runtime | None = None  # the replica's device and precision
-
-    def slice(self, start: int, end: int) -> Encoded:
-        return Encoded(
-            self.vectors[start:end], self.tokens[start:end], self.truncated[start:end],
-            self.model_ms, self.runtime,
-        )
+from serve_app.core.config import AppArgs
+from serve_app.core.encoded import Encoded, Runtime
+from serve_app.core.errors import InvalidRequest, ModelNotFound
+from serve_app.core.modelinfo import ModelSpec
+from serve_app.core.prompts import prompt_prefix
+from serve_app.core.vectors import truncate
+from serve_app.web.cache import EmbeddingCache
 
 
 class Backend(Protocol):
@@ -79,7 +50,7 @@ class EmbeddingService:
         self.args = args
         self.spec = spec
         self.backend = backend
-        self.metrics = metrics  # serve_app.metrics.Metrics, or None
+        self.metrics = metrics  # serve_app.ray_shell.metrics.Metrics, or None
         self.cache = EmbeddingCache(args.model_id, args.cache_max_mb * 1024 * 1024)
         self.runtime: Runtime | None = None  # as the last replica that answered reported it
 

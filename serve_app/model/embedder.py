@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from serve_app.modelinfo import ModelSpec
-from serve_app.service import Encoded, Runtime
+from serve_app.core.encoded import Encoded, Runtime
+from serve_app.core.modelinfo import ModelSpec
 
 logger = logging.getLogger(__name__)
 

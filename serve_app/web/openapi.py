@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from serve_app import schemas
+from serve_app.web import schemas
 
 _ERRORS = {
     "400": "Invalid input: empty or blank text, wrong types, dimensions out of range, too many inputs.",

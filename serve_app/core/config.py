@@ -99,7 +99,7 @@ class AppArgs(BaseModel):
         ge=0,
         description=(
             "@serve.batch's wait for more requests. 0: none; requests that arrive while "
-            "the model is busy are pooled anyway (serve_app.scheduler)."
+            "the model is busy are pooled anyway (serve_app.model.scheduler)."
         ),
     )
     max_batch_tokens: int | None = Field(

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from serve_app.config import OFFLINE_MODEL_ALIAS
-from serve_app.errors import ModelLoadError
+from serve_app.core.config import OFFLINE_MODEL_ALIAS
+from serve_app.core.errors import ModelLoadError
 
 Pooling = Literal["mean", "cls", "max", "lasttoken"]
 

@@ -10,7 +10,7 @@ from typing import Literal, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from serve_app.errors import InvalidRequest
+from serve_app.core.errors import InvalidRequest
 
 MAX_INSTRUCTION_CHARS = 4000
 TextOrTexts = Union[str, list[str]]  # noqa: UP007 - a runtime alias pydantic reads

@@ -22,19 +22,19 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from serve_app import schemas
-from serve_app.auth import APIKeyMiddleware
-from serve_app.errors import (
+from serve_app.core.errors import (
     InvalidRequest,
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
     ServiceError,
 )
-from serve_app.openapi import openapi_document
-from serve_app.requestlog import RequestMiddleware
-from serve_app.service import EmbeddingService
-from serve_app.vectors import cosine_matrix, cosine_pairwise, to_base64
+from serve_app.core.vectors import cosine_matrix, cosine_pairwise, to_base64
+from serve_app.web import schemas
+from serve_app.web.auth import APIKeyMiddleware
+from serve_app.web.openapi import openapi_document
+from serve_app.web.requestlog import RequestMiddleware
+from serve_app.web.service import EmbeddingService
 
 logger = logging.getLogger(__name__)
 

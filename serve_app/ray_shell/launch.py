@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from serve_app.preflight import DEFAULT_PORT, check_models, checked_config, read_config
+from serve_app.ray_shell.preflight import DEFAULT_PORT, check_models, checked_config, read_config
 
 # Measured on a 2-core CPU machine (README, bench/serve_bench.py): single-text p50 went from
 # +34 ms over the raw model to +10 ms, throughput from 0.62x to 0.98x of raw.

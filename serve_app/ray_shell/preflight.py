@@ -7,11 +7,11 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
-from serve_app.config import AppArgs
+from serve_app.core.config import AppArgs
 
 DEFAULT_PORT = 8000  # Serve's
 # The import paths of this service's builder; their args are AppArgs.
-OUR_BUILDERS = ("serve_app:build_app", "serve_app.deployments:build_app")
+OUR_BUILDERS = ("serve_app:build_app", "serve_app.ray_shell.deployments:build_app")
 
 
 def read_config(path: str) -> dict:
@@ -102,7 +102,7 @@ def _app_args(values: object, where: str) -> AppArgs:
                 problems.append(f"{key}: {message}" if key else message)
         raise ValueError(
             f"{'; '.join(problems)}, in {where}. The settings are those of "
-            "serve_app.config.AppArgs; serve_config.yaml lists them."
+            "serve_app.core.config.AppArgs; serve_config.yaml lists them."
         ) from None
 
 
@@ -135,8 +135,8 @@ def _check_import_path(app: dict, where: str) -> None:
 def check_models(data: dict) -> None:
     """A ValueError, in the loader's words, for a model of this service's apps that cannot be
     found: `serve run` would log it and run on with no application."""
-    from serve_app.errors import ModelLoadError
-    from serve_app.modelinfo import resolve_model
+    from serve_app.core.errors import ModelLoadError
+    from serve_app.core.modelinfo import resolve_model
 
     for app in data.get("applications") or []:
         if app.get("import_path") in OUR_BUILDERS:

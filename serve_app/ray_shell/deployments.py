@@ -1,0 +1,186 @@
+"""The two Ray Serve deployments: the light HTTP `Ingress` and the `Embedder` model replica.
+
+`Ingress` runs the Starlette app and never imports torch, so it stays up (and
+answers /health) while `Embedder` scales to zero. `Embedder` loads the model in
+its constructor and batches requests dynamically with `@serve.batch`, counting
+texts rather than requests. The app builder is in app.py, the handle calls and
+their failures in transport.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from serve_app.core.config import AppArgs
+from serve_app.core.modelinfo import ModelSpec
+from serve_app.ray_shell.metrics import Metrics
+from serve_app.ray_shell.transport import Failure, RayBackend
+from serve_app.ray_shell.warmstart import ensure_zygote, preload_for
+from serve_app.web.api import create_app
+from serve_app.web.service import EmbeddingService
+
+logger = logging.getLogger("ray.serve")
+
+APP_NAME = "embeddings"
+# No access-log line per request (it costs a measurable part of a ~20 ms request on a
+# 2-core machine, and request logs are the operator's choice); warnings still show.
+_LOGGING = {"enable_access_log": False}
+def count_texts(chunks: list[list[str]]) -> int:
+    """@serve.batch's batch size, in texts rather than requests."""
+    return sum(len(chunk) for chunk in chunks)
+
+
+@serve.deployment(name="Embedder")
+class Embedder:
+    """One model replica: loads the model once, embeds dynamic batches of texts."""
+
+    def __init__(self, args: dict, spec: dict, gpu_fraction: float) -> None:
+        settings = AppArgs.model_validate(args)
+        self._metrics = Metrics()
+        self._scheduler = None  # a ForwardScheduler once the model is loaded
+        self._model = None
+        self._failure: str | None = None
+        self._failed_at = 0.0
+        self._health_period_s = settings.health_check_period_s
+        started = time.perf_counter()
+        try:
+            # Heavy imports live here, not at module level, so the ingress stays light.
+            from serve_app.model.embedder import (
+                TextEmbedder,
+                default_cpu_threads,
+                default_forward_workers,
+            )
+            from serve_app.model.scheduler import ForwardScheduler
+
+            cpus = settings.cpu_threads or default_cpu_threads()
+            self._model = TextEmbedder.from_settings(ModelSpec(**spec), settings, gpu_fraction, cpus)
+            self._scheduler = ForwardScheduler(
+                self._model.encode,
+                workers=settings.forward_workers
+                or default_forward_workers(self._model.device, cpus),
+                cpus=cpus,
+                max_texts=settings.max_batch_texts,
+                on_pass=self._record_pass,
+            )
+            # The first forward pass pays one-off kernel set-up, and tells the scheduler
+            # what a pass costs here (whether a short request may run on the loop).
+            logger.info("First forward pass %.2f s", self._scheduler.warm_up(["warm up"]))
+        except Exception as exc:
+            # The traceback (paths included) goes to the replica's log; clients get a
+            # sentence without it, and check_health has Ray replace this replica.
+            logger.exception("Model %s failed to load", spec.get("name"))
+            self._failure = (
+                f"The model '{settings.model_id}' failed to load on its replica "
+                f"({type(exc).__name__}); the service is starting a new one. Retry shortly."
+            )
+            self._failed_at = time.monotonic()
+        logger.info(
+            "Embedder ready: constructor %.2f s, process start-up before it %.2f s",
+            time.perf_counter() - started, _process_age_s() - (time.perf_counter() - started),
+        )
+        self._metrics.inc("embed_cold_starts_total")
+        self._metrics.observe("embed_model_load_seconds", _process_age_s())
+
+    def check_health(self) -> None:
+        """Ray's health check: a replica whose model failed to load reports unhealthy.
+
+        Ray then replaces it, after one period of grace and three failed checks
+        (`health_check_period_s` each): the back-off between attempts, during which
+        requests get a quick 503 with Retry-After rather than waiting. A transient failure (a file still being
+        copied, memory briefly short) thus heals by itself.
+        """
+        # Healthy for one period first: Ray checks a replica as it starts, and one that
+        # fails then is retried in a tight loop with requests held; this way they get
+        # the 503 meanwhile.
+        if self._failure is not None and time.monotonic() - self._failed_at >= self._health_period_s:
+            raise RuntimeError(self._failure)
+
+    def _record_pass(self, texts: int, waited_s: float) -> None:
+        self._metrics.observe("embed_batch_texts", texts)
+        self._metrics.observe("embed_queue_wait_seconds", waited_s)
+
+    def describe(self) -> dict:
+        """Where this replica runs and what it holds (for operators and tests)."""
+        import os
+
+        import ray
+
+        context = ray.get_runtime_context()
+        return {
+            "pid": os.getpid(),
+            "node_id": context.get_node_id(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "device": str(self._model.device) if self._model else None,
+            "loaded": self._model is not None,
+            "failure": self._failure,
+        }
+
+    def reconfigure(self, config: dict) -> None:
+        """Live batch limits from the deployment's user_config."""
+        self.embed.set_max_batch_size(config["max_batch_texts"])
+        self.embed.set_batch_wait_timeout_s(config["batch_wait_timeout_s"])
+        if self._scheduler is not None:
+            self._scheduler.max_texts = config["max_batch_texts"]
+
+    # @serve.batch groups requests that arrive together; the scheduler behind it decides
+    # when they run, so batches are passed on at once (many may wait there).
+    @serve.batch(
+        max_batch_size=64, batch_wait_timeout_s=0.0, max_concurrent_batches=64,
+        batch_size_fn=count_texts,
+    )
+    async def embed(self, chunks: list[list[str]]) -> list:
+        if self._scheduler is None:
+            return [Failure(self._failure or "The model is not loaded.")] * len(chunks)
+        encoded = await self._scheduler.embed([text for chunk in chunks for text in chunk])
+        results, start = [], 0
+        for chunk in chunks:
+            results.append(encoded.slice(start, start + len(chunk)))
+            start += len(chunk)
+        return results
+
+
+def _process_age_s() -> float:
+    """Seconds since this process started (Linux; 0 elsewhere)."""
+    try:
+        import os
+        from pathlib import Path
+
+        stat = Path(f"/proc/{os.getpid()}/stat").read_text()
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress()
+class Ingress:
+    """The HTTP front: validation, prompts, chunking; no torch."""
+
+    def __init__(
+        self,
+        embedder: DeploymentHandle,
+        args: dict,
+        spec: dict,
+        warm_start: bool = False,
+        api_key_digests: list[str] | None = None,
+    ) -> None:
+        settings = AppArgs.model_validate(args)
+        self._api_key_digests = api_key_digests or []
+        if warm_start:
+            # Have the zygote import torch now, so the first cold start finds it ready.
+            import os
+
+            ensure_zygote(preload_for(spec["model_type"]), os.getppid())
+        app_name = serve.get_replica_context().app_name
+        backend = RayBackend(embedder, settings.request_timeout_s, app_name,
+                             settings.health_check_period_s)
+        self._service = EmbeddingService(settings, ModelSpec(**spec), backend, Metrics())
+
+    def __serve_build_asgi_app__(self):
+        return create_app(self._service, self._api_key_digests)
