@@ -9,6 +9,9 @@ from conftest import BUNDLED, make_service
 
 from serve_app.core.vectors import normalize
 from serve_app.web.api import TRUNCATED_HEADER, create_app
+from serve_app.web.requestlog import REQUEST_ID_HEADER
+
+REQUEST_ID = REQUEST_ID_HEADER.decode()  # what RequestMiddleware adds to every response
 
 
 def test_openai_client_embeds_a_list(openai_client, bundled_embedder):
@@ -231,11 +234,22 @@ def test_unexpected_failures_are_a_generic_500(bundled_spec):
         assert response.headers["access-control-allow-origin"] == "https://sheet.example"
 
 
-def test_server_stays_healthy_after_bad_input(http):
-    http.post("/v1/embeddings", content=b"\x00\x01garbage")
-    http.post("/v1/embeddings", json={"input": ["x"] * 1000})
+def test_server_stays_healthy_after_bad_input(http, bundled_embedder):
+    garbage = http.post("/v1/embeddings", content=b"\x00\x01garbage")
+    error = error_of(garbage, 400)
+    assert error["type"] == "invalid_request_error" and error["code"] == "invalid_json"
+    too_many = http.post("/v1/embeddings", json={"input": ["x"] * 1000})
+    error = error_of(too_many, 400)
+    assert error["type"] == "invalid_request_error" and error["param"] == "input"
+    assert "at most 64" in error["message"]  # the limit it broke, so the caller knows what to send
+    ids = [r.headers.get(REQUEST_ID) for r in (garbage, too_many)]
+    assert all(ids) and ids[0] != ids[1]  # each failure can be found in the server's log
+
     assert http.get("/health").json()["status"] == "ok"
-    assert http.post("/v1/embeddings", json={"input": "still works"}).status_code == 200
+    good = http.post("/v1/embeddings", json={"input": ["still works", "and again"]})
+    assert good.status_code == 200 and good.headers.get(REQUEST_ID)
+    got = np.array([d["embedding"] for d in good.json()["data"]])
+    np.testing.assert_allclose(got, bundled_embedder.encode(["still works", "and again"]).vectors, atol=1e-6)
 
 
 def test_openapi_document_describes_every_route(http):
