@@ -10,24 +10,68 @@ import pytest
 from serve_app.core.encoded import Encoded
 from serve_app.model.scheduler import INLINE_TEXTS, ForwardScheduler
 
+GATE_TIMEOUT_S = 10  # a broken scheduler fails the test rather than hanging it
+
 
 class FakeModel:
-    """Encodes text "t<i>" as the vector [i]; records each pass and its thread count."""
+    """Encodes text "t<i>" as the vector [i]; records each pass and its thread count.
 
-    def __init__(self, delay_s: float = 0.0, fail_on: str | None = None) -> None:
+    A `gated` model's passes on worker threads, once started, wait until the test lets
+    them finish (`finish(n)`), so which jobs share a pass follows from the test's steps,
+    not from how fast this machine is. Inline passes are not gated: they run on the
+    event loop, which would then wait for itself.
+    """
+
+    def __init__(self, delay_s: float = 0.0, fail_on: str | None = None, gated: bool = False) -> None:
         self.delay_s = delay_s
         self.fail_on = fail_on
         self.passes: list[tuple[int, int, str]] = []  # (texts, threads, thread name)
-        self.lock = threading.Lock()
+        self.texts: list[list[str]] = []  # each pass's texts
+        self.lock = threading.Condition()
+        self._finish = threading.Semaphore(0) if gated else None
 
     def encode(self, texts, threads):
         with self.lock:
             self.passes.append((len(texts), threads(), threading.current_thread().name))
+            self.texts.append(list(texts))
+            self.lock.notify_all()
+        gated = self._finish is not None and threading.current_thread() is not threading.main_thread()
+        if gated and not self._finish.acquire(timeout=GATE_TIMEOUT_S):
+            raise TimeoutError("the test never let this pass finish")
         time.sleep(self.delay_s)
         if self.fail_on in texts:
             raise RuntimeError("model exploded")
         vectors = np.array([[float(t[1:])] for t in texts], dtype=np.float32)
         return Encoded(vectors, [1] * len(texts), [False] * len(texts))
+
+    def finish(self, passes: int = 1) -> None:
+        """Let `passes` more gated passes (running or yet to start) return."""
+        for _ in range(passes):
+            self._finish.release()
+
+    async def started(self, passes: int) -> None:
+        """Return once `passes` passes have started, the event loop running meanwhile."""
+
+        def wait() -> bool:
+            with self.lock:
+                return self.lock.wait_for(lambda: len(self.passes) >= passes, GATE_TIMEOUT_S)
+
+        assert await asyncio.to_thread(wait), f"{len(self.passes)} passes started, not {passes}"
+
+
+def numbered(*numbers: int) -> list[str]:
+    return [f"t{i}" for i in numbers]
+
+
+def values(result) -> list[float]:
+    return result.vectors[:, 0].tolist()
+
+
+async def queued(*coroutines):
+    """Tasks for `coroutines`, each of which has reached the scheduler when this returns."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    await asyncio.sleep(0)  # one turn of the loop: each task runs up to its first wait
+    return tasks
 
 
 def run(coro):
@@ -50,39 +94,54 @@ def test_a_lone_small_request_runs_inline_with_every_core():
 
 
 def test_requests_arriving_while_busy_share_passes_and_keep_their_order():
-    model = FakeModel(delay_s=0.05)
-    texts = [[f"t{10 * j + i}" for i in range(INLINE_TEXTS + 1)] for j in range(10)]
+    model = FakeModel(gated=True)
+    size = INLINE_TEXTS + 1  # too many to run inline
+    texts = [[f"t{10 * j + i}" for i in range(size)] for j in range(10)]
 
     async def go():
         scheduler = ForwardScheduler(model.encode, workers=2, cpus=2, max_texts=128)
-        results = await asyncio.gather(*(scheduler.embed(t) for t in texts))
-        return scheduler, results
+        tasks = await queued(*(scheduler.embed(t) for t in texts))
+        await model.started(2)  # the first two requests keep both workers busy ...
+        model.finish(1)
+        await model.started(3)  # ... so the eight that came meanwhile share the next pass
+        model.finish(2)
+        results = await asyncio.wait_for(asyncio.gather(*tasks), GATE_TIMEOUT_S)
+        model.finish(1)
+        alone = await scheduler.embed(numbered(*range(size)))
+        return scheduler, results, alone
 
-    scheduler, results = run(go())
+    scheduler, results, alone = run(go())
     for job, result in zip(texts, results, strict=True):
-        assert result.vectors[:, 0].tolist() == [float(t[1:]) for t in job]
-    assert len(model.passes) < len(texts)  # pooled
-    assert scheduler.passes_by_worker[0] >= 1 and sum(scheduler.passes_by_worker) == len(model.passes)
-    # Two passes at once split the two cores; a pass running alone has both.
-    assert {threads for _, threads, _ in model.passes} <= {1, 2}
-    assert any(threads == 1 for _, threads, _ in model.passes)
+        assert values(result) == [float(t[1:]) for t in job]
+    assert sorted(model.texts[2]) == sorted(t for job in texts[2:] for t in job)
+    assert values(alone) == [float(i) for i in range(size)]
+    # Passes that run side by side split the two cores; a pass running alone has both.
+    assert [(n, threads) for n, threads, _ in model.passes] == [(size, 1), (size, 1), (8 * size, 1), (size, 2)]
+    assert model.passes[-1][2].startswith("forward-0")  # a lone pass goes to worker 0
+    assert sum(scheduler.passes_by_worker) == len(model.passes)
 
 
 def test_a_pass_never_exceeds_max_texts_unless_one_request_is_bigger():
-    model = FakeModel(delay_s=0.02)
+    model = FakeModel(gated=True)
 
     async def go():
         scheduler = ForwardScheduler(model.encode, workers=1, cpus=1, max_texts=12)
-        await asyncio.gather(*(scheduler.embed([f"t{i}"] * 5) for i in range(6)))
-        await scheduler.embed([f"t{i}" for i in range(30)])  # alone and oversized: one pass
+        tasks = await queued(*(scheduler.embed([f"t{i}"] * 5) for i in range(6)))
+        await model.started(1)  # the first request runs; the other five wait, 25 texts
+        model.finish(5)
+        results = await asyncio.wait_for(asyncio.gather(*tasks), GATE_TIMEOUT_S)
+        oversized = await scheduler.embed([f"t{i}" for i in range(30)])  # alone: one pass
+        return results, oversized
 
-    run(go())
-    sizes = [n for n, _, _ in model.passes]
-    assert all(n <= 12 for n in sizes[:-1]) and sizes[-1] == 30
+    results, oversized = run(go())
+    assert [values(r) for r in results] == [[float(i)] * 5 for i in range(6)]
+    assert values(oversized) == [float(i) for i in range(30)]
+    # Whole requests only: 5 + 5 fit under 12, a third would not.
+    assert [n for n, _, _ in model.passes] == [5, 10, 10, 5, 30]
 
 
 def test_lone_requests_use_worker_zero_whose_threads_are_warm():
-    model = FakeModel(delay_s=0.01)
+    model = FakeModel()  # each request awaits the last: the workers are always free
 
     async def go():
         scheduler = ForwardScheduler(model.encode, workers=2, cpus=2, max_texts=128)
@@ -95,20 +154,34 @@ def test_lone_requests_use_worker_zero_whose_threads_are_warm():
 
 
 def test_a_failing_pass_fails_its_requests_and_the_scheduler_goes_on():
-    model = FakeModel(delay_s=0.02, fail_on="t666")
+    model = FakeModel(fail_on="t666", gated=True)
+    size = INLINE_TEXTS + 1  # too many to run inline
+    before = numbered(*range(size))
+    poisoned, beside_it = ["t666", *numbered(*range(11, 10 + size))], numbered(*range(20, 20 + size))
+    after_a, after_b = numbered(*range(30, 30 + size)), numbered(*range(40, 40 + size))
 
     async def go():
         scheduler = ForwardScheduler(model.encode, workers=1, cpus=1, max_texts=128)
-        big = [f"t{i}" for i in range(INLINE_TEXTS + 1)]
-        outcomes = await asyncio.gather(
-            scheduler.embed(big), scheduler.embed(["t666"] + big), return_exceptions=True
+        first = await queued(scheduler.embed(before))
+        await model.started(1)  # pass 1: `before` alone
+        failing = await queued(scheduler.embed(poisoned), scheduler.embed(beside_it))
+        model.finish(1)
+        await model.started(2)  # pass 2: the poisoned request and the one beside it
+        later = await queued(scheduler.embed(after_a), scheduler.embed(after_b))
+        model.finish(2)  # pass 2 raises; pass 3 takes the requests that queued meanwhile
+        outcomes = await asyncio.wait_for(
+            asyncio.gather(*first, *failing, *later, return_exceptions=True), GATE_TIMEOUT_S
         )
-        after = await scheduler.embed(["t7"])
-        return outcomes, after
+        inline = await scheduler.embed(["t7"])
+        return outcomes, inline
 
-    outcomes, after = run(go())
-    assert any(isinstance(o, RuntimeError) for o in outcomes)
-    assert after.vectors[0, 0] == 7.0
+    (ok_before, bad, bad_beside, ok_a, ok_b), inline = run(go())
+    assert model.texts == [before, poisoned + beside_it, after_a + after_b, ["t7"]]
+    assert isinstance(bad, RuntimeError) and isinstance(bad_beside, RuntimeError)
+    assert values(ok_before) == [float(t[1:]) for t in before]
+    assert values(ok_a) == [float(t[1:]) for t in after_a]
+    assert values(ok_b) == [float(t[1:]) for t in after_b]
+    assert values(inline) == [7.0]
 
 
 def test_inline_failure_is_raised_to_the_caller():
@@ -124,7 +197,7 @@ def test_inline_failure_is_raised_to_the_caller():
 
 def test_waiting_requests_are_shared_among_free_workers():
     async def scenario():
-        model = FakeModel(delay_s=0.05)
+        model = FakeModel()  # both passes are handed out at once, before either runs
         scheduler = ForwardScheduler(model.encode, workers=2, cpus=2, max_texts=128)
         scheduler._busy = [True, True]  # both workers busy while eight requests queue up
         tasks = [asyncio.create_task(scheduler.embed([f"t{i}"] * 4)) for i in range(8)]
@@ -143,9 +216,12 @@ def test_waiting_requests_are_shared_among_free_workers():
 
 def test_one_large_batch_is_dealt_out_to_every_worker_and_keeps_its_order():
     async def scenario():
-        model = FakeModel(delay_s=0.05)
+        model = FakeModel(gated=True)
         scheduler = ForwardScheduler(model.encode, workers=2, cpus=2, max_texts=128)
-        result = await scheduler.embed([f"t{i}" for i in range(40)])
+        task = asyncio.ensure_future(scheduler.embed([f"t{i}" for i in range(40)]))
+        await model.started(2)  # both halves run at once: each asked for its threads
+        model.finish(2)
+        result = await asyncio.wait_for(task, GATE_TIMEOUT_S)
         return model, scheduler, result
 
     model, scheduler, result = run(scenario())
