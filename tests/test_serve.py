@@ -82,19 +82,29 @@ def _parent_pid(pid: int) -> int:
 def test_concurrent_requests_are_batched_and_correct(serve_cluster, bundled_embedder):
     import asyncio
 
-    url = serve_cluster.deploy("batched", min_replicas=1, batch_wait_timeout_s=0.05)
+    from ray import serve
+
+    # One replica, so that its counts are every pass these requests took.
+    url = serve_cluster.deploy("batched", min_replicas=1, max_replicas=1, batch_wait_timeout_s=0.05)
+    replica = serve.get_deployment_handle("Embedder", app_name="batched")
+    before = replica.describe.remote().result(timeout_s=60)
     texts = [f"sentence number {i} about contracts" for i in range(40)]
+    requests = [texts[i : i + 4] for i in range(0, 40, 4)]
 
     async def run():
         async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-            replies = await asyncio.gather(
-                *(client.post("/v1/embeddings", json={"input": texts[i : i + 4]}) for i in range(0, 40, 4))
-            )
+            replies = await asyncio.gather(*(client.post("/v1/embeddings", json={"input": r}) for r in requests))
         return [r.json() for r in replies]
 
     bodies = asyncio.run(run())
     got = np.array([d["embedding"] for body in bodies for d in body["data"]])
     np.testing.assert_allclose(got, bundled_embedder.encode(texts).vectors, atol=1e-5)
+    after = replica.describe.remote().result(timeout_s=60)
+    assert after["pid"] == before["pid"]
+    # Every text reached the model, in fewer passes than requests: they shared passes.
+    assert after["texts_embedded"] - before["texts_embedded"] == len(texts)
+    passes = after["forward_passes"] - before["forward_passes"]
+    assert 1 <= passes < len(requests), passes
     serve_cluster.delete("batched")
 
 

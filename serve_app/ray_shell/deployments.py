@@ -117,6 +117,10 @@ class Embedder:
             "device": str(self._model.device) if self._model else None,
             "loaded": self._model is not None,
             "failure": self._failure,
+            # Since the replica started (its warm-up pass aside); Prometheus has them too,
+            # as embed_batch_texts_count and _sum.
+            "forward_passes": int(self._metrics.count("embed_batch_texts_count")),
+            "texts_embedded": int(self._metrics.count("embed_batch_texts_sum")),
         }
 
     def reconfigure(self, config: dict) -> None:

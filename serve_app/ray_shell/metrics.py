@@ -57,7 +57,9 @@ class Metrics:
 
     def observe(self, name: str, value: float, **tags: str) -> None:
         self._instruments[name].observe(value, tags=tags or None)
+        # As a Prometheus histogram exports it: observations in `_count`, their total in `_sum`.
         self.snapshot[(name + "_count", *sorted(tags.items()))] += 1
+        self.snapshot[(name + "_sum", *sorted(tags.items()))] += value
 
     def count(self, name: str, **tags: str) -> float:
         """The total recorded under `name` with these tags (all tags when none given)."""
