@@ -66,10 +66,14 @@ class RayHead:
                                "--dtype", "float32"])  # compared with float32 vectors
         return self.client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
 
+    def status(self, job_id: str) -> str:
+        """The job's status: PENDING, RUNNING, or one of FINAL."""
+        return str(self.client.get_job_status(job_id)).split(".")[-1]
+
     def wait(self, job_id: str, timeout_s: float = 240) -> str:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            status = str(self.client.get_job_status(job_id)).split(".")[-1]
+            status = self.status(job_id)
             if status in FINAL:
                 return status
             time.sleep(0.5)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import sys
-import time
 
 import numpy as np
 import pandas as pd
@@ -152,17 +151,27 @@ def test_stopped_job_leaves_no_output(ray_head, tmp_path):
     sys.path.insert(0, str(REPO / "bench"))
     from corpus import sentences
 
-    pd.DataFrame({"text": sentences(6000, seed=3)}).to_parquet(tmp_path / "big.parquet")
-    output = tmp_path / "big-out.parquet"
-    job = ray_head.submit("embed", "--input", str(tmp_path / "big.parquet"), "--column", "text",
-                          "--output", str(output))
-    deadline = time.monotonic() + 120
-    while "Running Dataset" not in ray_head.logs(job):  # stop it mid-way, rows in flight
-        assert time.monotonic() < deadline, ray_head.logs(job)[-2000:]
-        time.sleep(0.5)
-    time.sleep(3)
-    assert str(ray_head.client.get_job_status(job)).endswith("RUNNING")
-    ray_head.client.stop_job(job)
+    # A folder of sheets: Ray Data makes each one a block and hands them on in order, so
+    # the small first sheet is written while the others are still being embedded.
+    sheets = tmp_path / "sheets"
+    sheets.mkdir()
+    texts = sentences(40 + 9 * 1000, seed=3)
+    parts = [texts[:40]] + [texts[40 + 1000 * i : 40 + 1000 * (i + 1)] for i in range(9)]
+    for i, part in enumerate(parts):
+        pd.DataFrame({"text": part}).to_excel(sheets / f"part-{i}.xlsx", index=False)
+    output = tmp_path / "out" / "embedded.parquet"
+    job = ray_head.submit("embed", "--input", str(sheets), "--column", "text",
+                          "--output", str(output), "--batch-size", "32")
+
+    def written() -> list[str]:
+        assert ray_head.status(job) in ("PENDING", "RUNNING"), ray_head.logs(job)[-2000:]
+        return sorted(p.name for p in output.parent.glob("*"))
+
+    # The writer opens its temporary file when the first embedded rows come back.
+    names = wait_for(written, 180, "the job to start writing its output")
+    assert len(names) == 1 and names[0].startswith(".embedded.partial-"), names
+    ray_head.client.stop_job(job)  # mid-way: part of the output written, the rest in flight
     assert ray_head.wait(job, timeout_s=60) == "STOPPED"
-    time.sleep(1)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.parquet"]
+    # The driver removes its temporary file as it stops: nothing is left under any name.
+    wait_for(lambda: list(output.parent.iterdir()) == [], 10, "the output folder to be left empty")
+    assert "The job was stopped before it finished; no output was written." in ray_head.logs(job)
