@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import signal
 
 import numpy as np
 import pandas as pd
@@ -13,7 +14,9 @@ import pytest
 from serve_app.batch.__main__ import main
 from serve_app.batch.job import top_k
 from serve_app.batch.tables import (
+    STOPPED,
     JobInputError,
+    JobStopped,
     atomic_output,
     input_files,
     output_format,
@@ -96,6 +99,25 @@ def test_atomic_output_renames_on_success_and_leaves_nothing_on_failure(tmp_path
     assert target.read_text() == "new"
     assert list(tmp_path.iterdir()) == [target]
 
+
+
+def test_sigterm_removes_the_temporary_file_and_says_so_before_anything_unwinds(tmp_path, capfd):
+    # Ray sends SIGKILL 3 s after SIGTERM; unwinding a Ray Data pipeline may take longer,
+    # so the file must be gone, and the sentence printed, when the signal arrives.
+    target = tmp_path / "out.parquet"
+    with pytest.raises(JobStopped), atomic_output(target) as temporary:
+        open_writer = temporary.open("wb")
+        open_writer.write(b"half")
+        try:
+            signal.raise_signal(signal.SIGTERM)
+        except JobStopped:
+            assert list(tmp_path.iterdir()) == []  # before any finally ran
+            assert f"error: {STOPPED}" in capfd.readouterr().err
+            raise
+        finally:
+            open_writer.close()
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
 
 def test_top_k_orders_matches_and_keeps_blank_queries():
     unit = np.eye(3, dtype=np.float32)

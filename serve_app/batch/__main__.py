@@ -80,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         rows, output, timing = run(opts)
-    except (JobInputError, ModelLoadError, ServiceError, JobStopped, ValueError) as exc:
+    except JobStopped:
+        return 2  # already said, as the signal arrived
+    except (JobInputError, ModelLoadError, ServiceError, ValueError) as exc:
         print(f"error: {_message(exc)}", file=sys.stderr)
         return 2
     work = timing["work_s"]

@@ -12,6 +12,7 @@ import contextlib
 import math
 import os
 import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -127,13 +128,14 @@ def texts_of(column: pa.ChunkedArray | pa.Array) -> list[str | None]:
 def atomic_output(target: str | Path) -> Iterator[Path]:
     """A temporary path beside `target`, renamed onto it only if the block succeeds.
 
-    SIGTERM (what `ray job stop` sends first) is turned into an exception so the
-    temporary file is removed on the way out.
+    SIGTERM (what `ray job stop` sends first) removes the temporary file at once,
+    says so, and raises `JobStopped`: Ray sends SIGKILL 3 s later, and unwinding a
+    Ray Data pipeline on a busy machine can take longer than that.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(f".{target.stem}.partial-{os.getpid()}{target.suffix}")
-    previous = _raise_on_sigterm()
+    previous = _stop_on_sigterm(temporary)
     try:
         yield temporary
         os.replace(temporary, target)
@@ -144,13 +146,20 @@ def atomic_output(target: str | Path) -> Iterator[Path]:
             signal.signal(signal.SIGTERM, previous)
 
 
+STOPPED = "The job was stopped before it finished; no output was written."
+
+
 class JobStopped(Exception):
-    """The job was asked to stop (SIGTERM)."""
+    """The job was asked to stop (SIGTERM); its message has already been printed."""
 
 
-def _raise_on_sigterm():
+def _stop_on_sigterm(temporary: Path):
     def stop(_signum, _frame):
-        raise JobStopped("The job was stopped before it finished; no output was written.")
+        # An open writer keeps writing to the unlinked file; nothing is left under any name.
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()
+        print(f"error: {STOPPED}", file=sys.stderr, flush=True)
+        raise JobStopped(STOPPED)
 
     try:
         return signal.signal(signal.SIGTERM, stop)
