@@ -268,15 +268,18 @@ def serve_cluster():
 
 
 EXCEL_KEY = "excel-test-key"
+# The names LangChain, LlamaIndex, Haystack, Chroma and Weaviate send by default.
+CLIENT_ALIASES = ["text-embedding-3-small", "text-embedding-ada-002"]
 
 
 @pytest.fixture(scope="session")
 def excel_servers(serve_cluster):
-    """Two warm apps for the spreadsheet tests: one open, one that needs EXCEL_KEY."""
-    open_url = serve_cluster.deploy("excel", min_replicas=1)
+    """Two warm apps for the spreadsheet and client-library tests: one open, with the
+    OpenAI names as aliases; one that needs EXCEL_KEY and takes token ids."""
+    open_url = serve_cluster.deploy("excel", min_replicas=1, model_aliases=CLIENT_ALIASES)
     os.environ["EMBED_API_KEYS"] = EXCEL_KEY  # read by build_app, as in production
     try:
-        keyed_url = serve_cluster.deploy("excel-keyed", min_replicas=1)
+        keyed_url = serve_cluster.deploy("excel-keyed", min_replicas=1, accept_token_ids=True)
     finally:
         del os.environ["EMBED_API_KEYS"]
     yield {"open": open_url, "keyed": keyed_url}

@@ -8,7 +8,7 @@ import pytest
 from conftest import BUNDLED, make_service
 
 from serve_app.core.vectors import normalize
-from serve_app.web.api import TRUNCATED_HEADER, create_app
+from serve_app.web.api import IGNORED_HEADER, TRUNCATED_HEADER, create_app
 from serve_app.web.requestlog import REQUEST_ID_HEADER
 
 REQUEST_ID = REQUEST_ID_HEADER.decode()  # what RequestMiddleware adds to every response
@@ -146,7 +146,10 @@ def error_of(response, status):
         ({"input": ["fine", ""]}, "input[1]"),
         ({"input": 42}, "input"),
         ({"input": ["fine", 7]}, "input[1]"),
-        ({"input": [[1, 2, 3]]}, "input[0]"),
+        ({"input": [[1, 2, 3]]}, "input"),  # token ids: refused unless accept_token_ids
+        ({"input": [1, 2, 3]}, "input"),
+        ({"input": [[1, "two"]]}, "input[0][1]"),
+        ({"input": [1.5, 2]}, "input[0]"),
         ({"input": {"text": "x"}}, "input"),
         ({"input": None}, "input"),
         ({}, "input"),
@@ -155,7 +158,7 @@ def error_of(response, status):
         ({"input": "x", "dimensions": "64"}, "dimensions"),
         ({"input": "x", "dimensions": True}, "dimensions"),
         ({"input": "x", "encoding_format": "int8"}, "encoding_format"),
-        ({"input": "x", "surprise": 1}, "surprise"),
+        ({"input": "x", "dimensions": 8, "surprise": 1}, "dimensions"),  # known fields stay strict
         ({"input": "x", "prompt_name": "nope"}, "prompt_name"),
         ({"input": "x", "prompt_name": "query", "instruction": "y"}, "instruction"),
         ({"input": ["x"] * 65}, "input"),
@@ -293,3 +296,105 @@ def test_models_say_which_dtype_the_model_runs_in_and_why(bundled_embedder):
         assert http.post("/v1/embeddings", json={"input": "a"}).status_code == 200
         after = http.get("/v1/models").json()["data"][0]["runtime"]
     assert after == {"device": "cpu", "dtype": "float32", "reason": "dtype=float32 was set"}
+
+
+# --- what the tools people already use send (issue: LangChain, LlamaIndex, ...) -----------
+
+
+@pytest.fixture(scope="module")
+def lenient(bundled_embedder):
+    """An app with aliases and token ids accepted, as an operator would set them."""
+    from starlette.testclient import TestClient
+
+    service = make_service(bundled_embedder, model_aliases=["text-embedding-3-small", "ada"],
+                           accept_token_ids=True)
+    with TestClient(create_app(service), raise_server_exceptions=False) as client:
+        yield client
+
+
+def test_unknown_fields_are_ignored_named_in_a_header_and_logged_without_values(http, caplog):
+    plain = http.post("/v1/embeddings", json={"input": ["a contract", "a lease"]})
+    assert IGNORED_HEADER not in plain.headers
+    extra = {"truncate_prompt_tokens": 8, "request_id": "secret-value-17", "input_type": "query"}
+    with caplog.at_level("INFO", logger="serve_app.web.api"):
+        reply = http.post("/v1/embeddings", json={"input": ["a contract", "a lease"], **extra})
+    assert reply.status_code == 200, reply.text
+    assert reply.headers[IGNORED_HEADER] == "input_type, request_id, truncate_prompt_tokens"
+    assert reply.json()["data"] == plain.json()["data"]
+    lines = [r.getMessage() for r in caplog.records if "Ignored unknown request fields" in r.getMessage()]
+    assert len(lines) == 1 and "truncate_prompt_tokens" in lines[0]
+    assert "secret-value-17" not in caplog.text and "query" not in lines[0]
+
+
+def test_ignored_field_names_are_bounded_and_safe_for_a_header(http):
+    names = {f"x{i:02d}": i for i in range(25)} | {"é\r\nX-Evil: 1": 0}
+    reply = http.post("/v1/embeddings", json={"input": "a", **names})
+    assert reply.status_code == 200
+    shown = reply.headers[IGNORED_HEADER].split(", ")
+    assert len(shown) == 21 and shown[-1] == "... 6 more"
+    assert "X-Evil" not in reply.headers
+
+
+def test_aliases_are_accepted_listed_and_answered_with_the_served_id(lenient):
+    models = lenient.get("/v1/models").json()["data"]
+    assert [m["id"] for m in models] == [BUNDLED, "text-embedding-3-small", "ada"]
+    assert models[0]["aliases"] == ["text-embedding-3-small", "ada"]
+    assert models[1]["alias_of"] == BUNDLED and models[1]["dimensions"] == 384
+    assert lenient.get("/v1/models/ada").json()["alias_of"] == BUNDLED
+    by_name = {}
+    for name in (BUNDLED, "text-embedding-3-small", None):
+        body = lenient.post("/v1/embeddings", json={"input": "rent", "model": name}).json()
+        assert body["model"] == BUNDLED
+        by_name[name] = body["data"][0]["embedding"]
+    assert by_name[BUNDLED] == by_name["text-embedding-3-small"] == by_name[None]
+
+
+def test_other_model_names_are_404_naming_the_served_id_and_the_setting(lenient):
+    error = error_of(lenient.post("/v1/embeddings", json={"input": "x", "model": "text-embedding-ada-002"}), 404)
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+    assert BUNDLED in error["message"] and "model_aliases" in error["message"]
+
+
+def test_dimensions_wider_than_the_model_is_400_naming_its_width(lenient):
+    # Weaviate sends dimensions 1536 with text-embedding-3-small unless told otherwise.
+    error = error_of(lenient.post("/v1/embeddings", json={
+        "input": "x", "model": "text-embedding-3-small", "dimensions": 1536}), 400)
+    assert error["param"] == "dimensions" and "384 (the full width" in error["message"]
+
+
+def test_embeddings_without_v1_answer_like_v1(http):
+    texts = {"input": ["a lease", "租约"]}
+    v1, bare = http.post("/v1/embeddings", json=texts), http.post("/embeddings", json=texts)
+    assert bare.status_code == 200 and bare.json() == v1.json()
+    assert http.get("/models").json() == http.get("/v1/models").json()
+    doc = http.get("/openapi.json").json()
+    assert doc["paths"]["/embeddings"] == doc["paths"]["/v1/embeddings"]
+    assert doc["components"]["schemas"]["EmbeddingRequest"]["additionalProperties"] is True
+
+
+def test_token_ids_by_default_are_400_saying_what_to_change_in_the_client(http):
+    for body in ({"input": [[9707, 1879], [3923]]}, {"input": [9707, 1879]}):
+        error = error_of(http.post("/v1/embeddings", json=body), 400)
+        assert error["code"] == "token_ids_not_supported" and error["param"] == "input"
+        assert "check_embedding_ctx_length=False" in error["message"]
+        assert "accept_token_ids" in error["message"]
+
+
+def test_accepted_token_ids_embed_as_their_text_with_limits_and_truncation(lenient, bundled_embedder):
+    tokenizer = bundled_embedder.tokenizer
+    text = "The lessee shall pay rent monthly"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    as_text = lenient.post("/v1/embeddings", json={"input": text}).json()
+    for body in ({"input": ids}, {"input": [ids]}, {"input": [tokenizer(text)["input_ids"]]}):
+        reply = lenient.post("/v1/embeddings", json=body).json()
+        np.testing.assert_allclose(reply["data"][0]["embedding"], as_text["data"][0]["embedding"], atol=1e-5)
+        assert reply["usage"] == as_text["usage"]
+    long_ids = tokenizer("word " * 300, add_special_tokens=False)["input_ids"]  # model limit: 256
+    reply = lenient.post("/v1/embeddings", json={"input": [ids, long_ids]})
+    assert reply.json()["truncated"] == [1] and reply.headers[TRUNCATED_HEADER] == "1"
+    assert reply.json()["usage"]["prompt_tokens"] == as_text["usage"]["prompt_tokens"] + 256
+    bad = error_of(lenient.post("/v1/embeddings", json={"input": [[5, 30522]]}), 400)
+    assert bad["param"] == "input[0]" and "0 to 30521" in bad["message"]
+    assert error_of(lenient.post("/v1/embeddings", json={"input": [[]]}), 400)["param"] == "input[0]"
+    assert error_of(lenient.post("/v1/embeddings", json={"input": ids, "instruction": "Find"}),
+                    400)["param"] == "instruction"

@@ -28,8 +28,10 @@ def test_digests_only_never_the_keys():
     [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "alpha-key"},
      {"Authorization": "Basic alpha-key"}, {"Authorization": "Bearer "}],
 )
-def test_v1_routes_need_a_valid_key(guarded, headers):
-    for method, path in [("POST", "/v1/embeddings"), ("POST", "/v1/similarity"), ("GET", "/v1/models")]:
+def test_every_route_but_health_and_openapi_needs_a_valid_key(guarded, headers):
+    routes = [("POST", "/v1/embeddings"), ("POST", "/v1/similarity"), ("GET", "/v1/models"),
+              ("POST", "/embeddings"), ("GET", "/models"), ("GET", "/no/such/route")]
+    for method, path in routes:
         response = guarded.request(method, path, headers=headers, json={"input": "x"})
         assert response.status_code == 401
         assert response.headers["www-authenticate"] == "Bearer"
@@ -42,6 +44,7 @@ def test_each_configured_key_works_and_health_stays_open(guarded):
                              json={"input": "x"})
         assert reply.status_code == 200
     assert guarded.get("/health").status_code == 200
+    assert guarded.get("/openapi.json").status_code == 200
 
 
 def test_official_client_sends_its_key(guarded):

@@ -245,3 +245,33 @@ def test_tokenizers_transformers_adjusts_load_the_general_way(tmp_path, tiny_qwe
     assert calls == []  # nothing to adjust: tokenizer.json alone
     embedder.load_tokenizer(str(directory), "left")
     assert calls == [str(directory)]
+
+
+@pytest.mark.parametrize("model", ["bundled", "standin", "tiny"])
+def test_token_ids_of_a_text_embed_as_that_text(model, bundled_embedder, small_standin_dir, tiny):
+    # With or without the special tokens the tokenizer adds ([CLS]/[SEP] for MiniLM,
+    # <|endoftext|> for Qwen3-Embedding, the model's EOS appended for the tiny Qwen3).
+    from serve_app.core.encoded import TokenIds
+
+    embedder = {"bundled": bundled_embedder, "tiny": tiny,
+                "standin": TextEmbedder(resolve_model(str(small_standin_dir)), dtype="float32")}[model]
+    texts = TEXTS[:4]
+    as_text = embedder.encode(texts)
+    plain = [TokenIds(tuple(embedder.tokenizer(t, add_special_tokens=False)["input_ids"])) for t in texts]
+    marked = [TokenIds(tuple(embedder.tokenizer(t)["input_ids"])) for t in texts]
+    for items in (plain, marked):
+        assert embedder.tokenize(items)[0] == embedder.tokenize(texts)[0]
+        got = embedder.encode(items)
+        np.testing.assert_allclose(got.vectors, as_text.vectors, atol=1e-5)
+        assert got.tokens == as_text.tokens and got.truncated == [False] * 4
+
+
+def test_token_ids_are_cut_to_the_limit_like_text(small_standin_dir):
+    from serve_app.core.encoded import TokenIds
+
+    embedder = TextEmbedder(resolve_model(str(small_standin_dir)), max_input_tokens=16)
+    text = "word " * 100
+    ids = TokenIds(tuple(embedder.tokenizer(text, add_special_tokens=False)["input_ids"]))
+    rows, cut = embedder.tokenize([ids, "short", text])
+    assert rows[0] == rows[2] and len(rows[0]) == 16 and rows[0][-1] == 151643
+    assert cut == [True, False, True]

@@ -36,6 +36,13 @@ class AppArgs(BaseModel):
     served_model_name: str | None = Field(
         None, description="The id clients send as `model`; defaults to `model`."
     )
+    model_aliases: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Other names accepted in `model` and listed by /v1/models, for clients that "
+            "insist on an OpenAI model name (e.g. text-embedding-3-small)."
+        ),
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto",
@@ -76,6 +83,14 @@ class AppArgs(BaseModel):
         100_000, ge=1, description="Longest text accepted, in characters (400 beyond it)."
     )
     max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    accept_token_ids: bool = Field(
+        False,
+        description=(
+            "Take `input` given as token-id arrays as the served model's own ids (as vLLM "
+            "and TEI do). Off: such input is a 400 saying what to change in the client, "
+            "since clients that send ids (LangChain's default) send another model's tokens."
+        ),
+    )
     min_dimensions: int = Field(32, ge=1)
 
     # --- the shared cache, access, logs ------------------------------------
@@ -168,9 +183,9 @@ class AppArgs(BaseModel):
             return json.loads(value) if value.strip() else {}
         return value
 
-    @field_validator("cors_origins", mode="before")
+    @field_validator("cors_origins", "model_aliases", mode="before")
     @classmethod
-    def _origins_from_text(cls, value: Any) -> Any:
+    def _list_from_text(cls, value: Any) -> Any:
         # `python -m serve_app cors_origins=https://a.example,https://b.example`
         if isinstance(value, str):
             return [o.strip() for o in value.split(",") if o.strip()]
@@ -182,6 +197,12 @@ class AppArgs(BaseModel):
         if "{instruction}" not in value:
             raise ValueError("instruction_template must contain '{instruction}'")
         return value
+
+    @model_validator(mode="after")
+    def _aliases_are_other_names(self) -> AppArgs:
+        if self.model_id in self.model_aliases:
+            raise ValueError(f"model_aliases must not repeat the served id '{self.model_id}'")
+        return self
 
     @model_validator(mode="after")
     def _replica_bounds(self) -> AppArgs:

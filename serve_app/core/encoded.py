@@ -1,7 +1,8 @@
-"""What a model replica answers: vectors, token counts, and where and how it ran.
+"""What crosses between the ingress and a model replica: inputs that are not text
+(`TokenIds`), and the answer (vectors, token counts, where and how it ran).
 
-These cross the process boundary from the model replica to the ingress (pickled by
-Ray), so they live here, in the light room, and import nothing heavy.
+They are pickled by Ray across the process boundary, so they live here, in the
+light room, and import nothing heavy.
 """
 
 from __future__ import annotations
@@ -9,6 +10,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """An input given as the served model's own token ids (`accept_token_ids`), not text.
+
+    The replica wraps them in the special tokens its tokenizer adds to a text (unless
+    they are there already) and cuts them to the same limit, so the ids of a text
+    embed as that text does.
+    """
+
+    ids: tuple[int, ...]
+
+
+Item = str | TokenIds  # what a replica is asked to embed
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,7 @@ class ModelSpec:
     padding_side: Literal["left", "right"]
     max_tokens: int  # the model's own limit
     prompts: dict[str, str] = field(default_factory=dict)  # named prompts from the model
+    vocab_size: int | None = None  # token ids run from 0 below this (None: unknown)
 
 
 def resolve_model(name: str) -> ModelSpec:
@@ -121,7 +122,12 @@ def read_spec(name: str, directory: Path, source: str | None = None) -> ModelSpe
         padding_side=padding_side,
         max_tokens=_max_tokens(transformer_dir, text_config, tokenizer_config),
         prompts=prompts,
+        vocab_size=_positive_int(text_config.get("vocab_size")),
     )
+
+
+def _positive_int(value) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def _pooling_mode(name: str, pooling_config: dict, model_type: str) -> Pooling:

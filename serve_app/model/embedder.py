@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from serve_app.core.encoded import Encoded, Runtime
+from serve_app.core.encoded import Encoded, Item, Runtime, TokenIds
 from serve_app.core.modelinfo import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ class TextEmbedder:
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id or 0
         self._eos_id = self._eos_to_append()
+        self._specials = self._special_tokens_around_a_text()
         self.runtime = Runtime(str(self.device), _dtype_name(self.dtype), dtype_reason)
         logger.info(
             "Loaded %s on %s in %s (%s) in %.2f s, %d dims, pooling=%s, max %d tokens, "
@@ -90,8 +91,9 @@ class TextEmbedder:
             max_batch_tokens=settings.max_batch_tokens,
         )
 
-    def encode(self, texts: list[str], threads: Callable[[], int] | None = None) -> Encoded:
-        """Embed `texts` (prompts already applied), longest first in token-budget batches.
+    def encode(self, texts: list[Item], threads: Callable[[], int] | None = None) -> Encoded:
+        """Embed `texts` (prompts already applied; or `TokenIds`), longest first in
+        token-budget batches.
 
         `threads`, if given, says before each forward pass how many CPU threads to use.
         """
@@ -120,20 +122,39 @@ class TextEmbedder:
             torch.set_num_threads(wanted)
             self._thread_state.threads = wanted
 
-    def tokenize(self, texts: list[str]) -> tuple[list[list[int]], list[bool]]:
-        """Token ids per text, cut to the limit, and whether each was cut."""
+    def tokenize(self, texts: list[Item]) -> tuple[list[list[int]], list[bool]]:
+        """Token ids per text (or per `TokenIds`), cut to the limit, and whether each was cut."""
         limit = self.max_tokens - (1 if self._eos_id is not None else 0)
-        # One token over the limit tells a text that fits from one that was cut.
-        ids = self._encode_ids(texts, limit + 1)
-        over = [i for i, row in enumerate(ids) if len(row) > limit]
-        if over:
-            for i, row in zip(over, self._encode_ids([texts[i] for i in over], limit), strict=True):
+        ids: list[list[int]] = [[] for _ in texts]
+        cut = [False] * len(texts)
+        strings = [i for i, text in enumerate(texts) if isinstance(text, str)]
+        if strings:
+            # One token over the limit tells a text that fits from one that was cut.
+            rows = self._encode_ids([texts[i] for i in strings], limit + 1)
+            over = [i for i, row in zip(strings, rows, strict=True) if len(row) > limit]
+            for i, row in zip(strings, rows, strict=True):
                 ids[i] = row
+            if over:
+                for i, row in zip(over, self._encode_ids([texts[i] for i in over], limit), strict=True):
+                    ids[i], cut[i] = row, True
+        for i, text in enumerate(texts):
+            if isinstance(text, TokenIds):
+                ids[i], cut[i] = self._wrap_ids(list(text.ids), limit)
         if self._eos_id is not None:
             eos = self._eos_id
             ids = [row if row and row[-1] == eos else row + [eos] for row in ids]
-        over_set = set(over)
-        return ids, [i in over_set for i in range(len(ids))]
+        return ids, cut
+
+    def _wrap_ids(self, core: list[int], limit: int) -> tuple[list[int], bool]:
+        """Token ids as the tokenizer would give them for their text: its special tokens
+        around them (unless the client sent them), cut to the same limit as a text."""
+        head, tail = self._specials
+        if head and core[: len(head)] == head:
+            core = core[len(head):]
+        if tail and core[-len(tail):] == tail:
+            core = core[: -len(tail)]
+        room = max(0, limit - len(head) - len(tail))
+        return head + core[:room] + tail, len(core) > room
 
     def _encode_ids(self, texts: list[str], max_length: int) -> list[list[int]]:
         with self._tokenizer_lock:
@@ -160,6 +181,16 @@ class TextEmbedder:
         if self.spec.normalize:
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
         return pooled.cpu().numpy()
+
+    def _special_tokens_around_a_text(self) -> tuple[list[int], list[int]]:
+        """The ids the tokenizer puts before and after a text's own ([CLS] and [SEP], or
+        Qwen3-Embedding's <|endoftext|>), learnt from one word."""
+        marked = self.tokenizer("a", add_special_tokens=True)["input_ids"]
+        plain = self.tokenizer("a", add_special_tokens=False)["input_ids"]
+        for start in range(len(marked) - len(plain) + 1):
+            if marked[start : start + len(plain)] == plain:
+                return marked[:start], marked[start + len(plain):]
+        return [], []
 
     def _eos_to_append(self) -> int | None:
         """The token a last-token model must end on, if its tokenizer does not add one.

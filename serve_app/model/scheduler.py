@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from serve_app.core.encoded import Encoded
+from serve_app.core.encoded import Encoded, Item
 
 INLINE_TEXTS = 4
 # A lone request runs on the event loop only if its pass should take at most this long:
@@ -33,12 +33,12 @@ INLINE_TEXTS = 4
 INLINE_MS = 20.0
 MIN_SPLIT_TEXTS = 8  # per worker: smaller batches stay in one pass
 # encode(texts, threads) -> Encoded; threads() is asked before every forward pass.
-EncodeFn = Callable[[list[str], Callable[[], int]], Encoded]
+EncodeFn = Callable[[list[Item], Callable[[], int]], Encoded]
 
 
 @dataclass
 class _Job:
-    texts: list[str]
+    texts: list[Item]
     future: asyncio.Future = field(repr=False)
     queued_at: float = field(default_factory=time.perf_counter)
 
@@ -73,7 +73,7 @@ class ForwardScheduler:
         # WordPiece alike, so the estimate errs towards the thread.
         self.ms_per_byte: float | None = None
 
-    async def embed(self, texts: list[str]) -> Encoded:
+    async def embed(self, texts: list[Item]) -> Encoded:
         """Embed `texts`, sharing a pass with whatever else is waiting."""
         if not any(self._busy) and not self._pending and self._runs_inline(texts):
             # A lone short request runs right here: no hand-off to a thread and back.
@@ -97,7 +97,7 @@ class ForwardScheduler:
                 raise part
         return _interleave(parts)
 
-    def _runs_inline(self, texts: list[str]) -> bool:
+    def _runs_inline(self, texts: list[Item]) -> bool:
         """Few texts whose pass, by what earlier passes cost, blocks the loop only briefly."""
         if len(texts) > INLINE_TEXTS or self.ms_per_byte is None:
             return False
@@ -130,7 +130,7 @@ class ForwardScheduler:
         if self._on_pass is not None:
             self._on_pass(texts, waited_s)
 
-    def _timed(self, texts: list[str]) -> Encoded:
+    def _timed(self, texts: list[Item]) -> Encoded:
         started = time.perf_counter()
         encoded = self._encode(texts, self._threads)
         encoded.model_ms = (time.perf_counter() - started) * 1000
@@ -170,8 +170,10 @@ class ForwardScheduler:
             executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _utf8_bytes(texts: list[str]) -> int:
-    return sum(len(text.encode("utf-8", "surrogatepass")) for text in texts)
+def _utf8_bytes(texts: list[Item]) -> int:
+    # A token id stands for about four bytes of text.
+    return sum(len(text.encode("utf-8", "surrogatepass")) if isinstance(text, str)
+               else 4 * len(text.ids) for text in texts)
 
 
 def _interleave(parts: list[Encoded]) -> Encoded:

@@ -16,6 +16,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.core.config import AppArgs
+from serve_app.core.encoded import Item
 from serve_app.core.modelinfo import ModelSpec
 from serve_app.ray_shell.metrics import Metrics
 from serve_app.ray_shell.transport import Failure, RayBackend
@@ -29,7 +30,7 @@ APP_NAME = "embeddings"
 # No access-log line per request (it costs a measurable part of a ~20 ms request on a
 # 2-core machine, and request logs are the operator's choice); warnings still show.
 _LOGGING = {"enable_access_log": False}
-def count_texts(chunks: list[list[str]]) -> int:
+def count_texts(chunks: list[list[Item]]) -> int:
     """@serve.batch's batch size, in texts rather than requests."""
     return sum(len(chunk) for chunk in chunks)
 
@@ -136,7 +137,7 @@ class Embedder:
         max_batch_size=64, batch_wait_timeout_s=0.0, max_concurrent_batches=64,
         batch_size_fn=count_texts,
     )
-    async def embed(self, chunks: list[list[str]]) -> list:
+    async def embed(self, chunks: list[list[Item]]) -> list:
         if self._scheduler is None:
             return [Failure(self._failure or "The model is not loaded.")] * len(chunks)
         encoded = await self._scheduler.embed([text for chunk in chunks for text in chunk])

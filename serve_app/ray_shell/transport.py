@@ -21,6 +21,7 @@ from ray.serve.exceptions import (
 )
 from ray.serve.handle import DeploymentHandle
 
+from serve_app.core.encoded import Item
 from serve_app.core.errors import ModelUnavailable, Overloaded
 
 logger = logging.getLogger("ray.serve")
@@ -57,7 +58,7 @@ class RayBackend:
         self._state: tuple[float, str] = (0.0, "unknown")
         self._state_lock = asyncio.Lock()
 
-    async def embed(self, texts: list[str]):
+    async def embed(self, texts: list[Item]):
         deadline = time.monotonic() + self.timeout_s
         for attempt in range(1, _MAX_ATTEMPTS + 1):
             response = self.handle.embed.remote(texts)

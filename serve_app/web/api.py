@@ -39,6 +39,7 @@ from serve_app.web.service import EmbeddingService
 logger = logging.getLogger(__name__)
 
 TRUNCATED_HEADER = "X-Truncated-Inputs"
+IGNORED_HEADER = "X-Ignored-Fields"  # request fields this server does not know, ignored
 MAX_MATRIX_CELLS = 1_000_000
 _STARTED = int(time.time())
 
@@ -56,13 +57,25 @@ async def embeddings(request: Request) -> Response:
     started = time.perf_counter()
     service: EmbeddingService = request.app.state.service
     body = schemas.parse(schemas.EmbeddingRequest, await read_json(request))
+    ignored = body.ignored_fields()
+    if ignored:  # names only: values may be anything, texts included
+        logger.info("Ignored unknown request fields %s (request_id=%s)", ", ".join(ignored),
+                    getattr(request.state, "request_id", "-"))
     service.check_model(body.model)
     service.check_dimensions(body.dimensions)
-    texts = schemas.texts_of(
-        body.input, "input", service.args.max_inputs_per_request, service.args.max_input_chars
+    args = service.args
+    texts = schemas.embedding_inputs(
+        body.input, max_items=args.max_inputs_per_request, max_chars=args.max_input_chars,
+        accept_token_ids=args.accept_token_ids, vocab_size=service.spec.vocab_size,
     )
     request.state.texts = len(texts)
-    prefix = service.prefix(body.instruction, body.prompt_name)
+    if not isinstance(texts[0], str) and (body.instruction or body.prompt_name):
+        raise InvalidRequest(
+            "'instruction' and 'prompt_name' apply to text; with token ids, send the prompt's "
+            "tokens as part of each array.",
+            param="instruction" if body.instruction else "prompt_name",
+        )
+    prefix = service.prefix(body.instruction, body.prompt_name) if isinstance(texts[0], str) else ""
     result = await service.embed(texts, prefix, body.dimensions)
     encode = to_base64 if body.encoding_format == "base64" else _as_floats
     data = [
@@ -77,6 +90,8 @@ async def embeddings(request: Request) -> Response:
         "truncated": result.truncated,
     }
     headers = _response_headers(len(result.truncated), started, result.model_ms)
+    if ignored:
+        headers[IGNORED_HEADER] = ", ".join(ignored)
     return JSONResponse(content, headers=headers)
 
 
@@ -128,13 +143,18 @@ async def similarity(request: Request) -> Response:
 
 
 async def list_models(request: Request) -> Response:
-    return JSONResponse({"object": "list", "data": [_model_card(request.app.state.service)]})
+    """The served model first, then one card per alias."""
+    service: EmbeddingService = request.app.state.service
+    cards = [_model_card(service)]
+    cards += [_model_card(service, alias) for alias in service.args.model_aliases]
+    return JSONResponse({"object": "list", "data": cards})
 
 
 async def get_model(request: Request) -> Response:
     service: EmbeddingService = request.app.state.service
-    service.check_model(request.path_params["model"])
-    return JSONResponse(_model_card(service))
+    name = request.path_params["model"]
+    service.check_model(name)
+    return JSONResponse(_model_card(service, name if name in service.args.model_aliases else None))
 
 
 async def health(request: Request) -> Response:
@@ -179,9 +199,9 @@ def _too_large(limit: int) -> PayloadTooLarge:
     )
 
 
-def _model_card(service: EmbeddingService) -> dict:
-    return {
-        "id": service.model_id,
+def _model_card(service: EmbeddingService, alias: str | None = None) -> dict:
+    card = {
+        "id": alias or service.model_id,
         "object": "model",
         "created": _STARTED,
         "owned_by": "embedding-service",
@@ -189,6 +209,11 @@ def _model_card(service: EmbeddingService) -> dict:
         "max_input_tokens": min(service.args.max_input_tokens, service.spec.max_tokens),
         "runtime": _runtime(service),
     }
+    if alias is not None:
+        card["alias_of"] = service.model_id
+    elif service.args.model_aliases:
+        card["aliases"] = list(service.args.model_aliases)
+    return card
 
 
 def _runtime(service: EmbeddingService) -> dict:
@@ -277,6 +302,9 @@ ROUTES = [
     Route("/v1/similarity", similarity, methods=["POST"]),
     Route("/v1/models", list_models, methods=["GET"]),
     Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+    # For clients given a base URL without /v1, as TEI and infinity answer them.
+    Route("/embeddings", embeddings, methods=["POST"]),
+    Route("/models", list_models, methods=["GET"]),
     Route("/health", health, methods=["GET"]),
     Route("/openapi.json", openapi, methods=["GET"]),
 ]
@@ -292,7 +320,7 @@ def create_app(service: EmbeddingService, api_key_digests: list[str] | None = No
             allow_origins=service.args.cors_origins,
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
-            expose_headers=["X-Request-ID", TRUNCATED_HEADER, "Retry-After"],
+            expose_headers=["X-Request-ID", TRUNCATED_HEADER, IGNORED_HEADER, "Retry-After"],
             max_age=600,
         ))
     middleware += [

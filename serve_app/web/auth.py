@@ -1,10 +1,11 @@
-"""Optional API keys: `Authorization: Bearer <key>` on every /v1 route.
+"""Optional API keys: `Authorization: Bearer <key>` on every route but two.
 
 Keys come from EMBED_API_KEYS (comma-separated) in the environment of the process
 that builds the app, never from a config file. Only their SHA-256 digests travel
 to the replicas (Ray keeps a deployment's arguments in its own store), and a
 presented key is compared against every digest in constant time. Keys are never
-logged; /health and /openapi.json stay open.
+logged. Only /health and /openapi.json stay open; everything else, /v1 and the
+/embeddings and /models that clients without /v1 in their base URL call, needs a key.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from serve_app.core.errors import Unauthorized
 from serve_app.web.requestlog import app_path
 
 API_KEYS_ENV = "EMBED_API_KEYS"
-PROTECTED_PREFIX = "/v1"
+OPEN_PATHS = frozenset({"/health", "/openapi.json"})
 
 
 def key_digests_from_env(environ: dict[str, str] | None = None) -> list[str]:
@@ -76,8 +77,7 @@ class APIKeyMiddleware:
 
 
 def _protected(scope) -> bool:
-    path = app_path(scope)
-    return path == PROTECTED_PREFIX or path.startswith(PROTECTED_PREFIX + "/")
+    return app_path(scope) not in OPEN_PATHS
 
 
 def _bearer(scope) -> str | None:

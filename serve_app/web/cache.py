@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 from cachetools import LRUCache
 
+from serve_app.core.encoded import Item, TokenIds
+
 _ENTRY_OVERHEAD = 200  # bytes per entry beyond the vector: key, tuple, LRU bookkeeping
 
 
@@ -36,10 +38,14 @@ class EmbeddingCache:
         self.hits = 0
         self.misses = 0
 
-    def key(self, prefix: str, text: str) -> bytes:
+    def key(self, prefix: str, text: Item) -> bytes:
         digest = hashlib.blake2b(digest_size=20)
-        for part in (self.model, prefix, text):
-            data = part.encode("utf-8", "surrogatepass")
+        if isinstance(text, TokenIds):  # a marker no text part can carry, then the ids
+            parts = (self.model, prefix, b"\xff", np.asarray(text.ids, dtype="<i8").tobytes())
+        else:
+            parts = (self.model, prefix, text)
+        for part in parts:
+            data = part if isinstance(part, bytes) else part.encode("utf-8", "surrogatepass")
             digest.update(len(data).to_bytes(8, "little"))  # no ambiguity between parts
             digest.update(data)
         return digest.digest()

@@ -32,6 +32,21 @@ def openapi_document(model_id: str) -> dict:
         [(m, "validation" if m.__name__.endswith("Request") else "serialization") for m in models],
         ref_template="#/components/schemas/{model}",
     )
+    embeddings = _post(
+        "Embed texts (OpenAI-compatible). Unknown request fields are ignored and named in "
+        "the X-Ignored-Fields response header.",
+        "EmbeddingRequest", "EmbeddingResponse",
+    )
+    embeddings["post"]["responses"]["200"]["headers"] = {
+        "X-Ignored-Fields": {
+            "description": "Request fields this server does not know and ignored, comma-separated.",
+            "schema": {"type": "string"},
+        },
+        "X-Truncated-Inputs": {
+            "description": "How many inputs were cut to max_input_tokens.",
+            "schema": {"type": "string"},
+        },
+    }
     return {
         "openapi": "3.1.0",
         "info": {
@@ -40,15 +55,15 @@ def openapi_document(model_id: str) -> dict:
             "description": f"OpenAI-compatible text embeddings; serving '{model_id}'.",
         },
         "paths": {
-            "/v1/embeddings": _post(
-                "Embed texts (OpenAI-compatible).", "EmbeddingRequest", "EmbeddingResponse"
-            ),
+            "/v1/embeddings": embeddings,
+            "/embeddings": embeddings,  # the same, for clients whose base URL lacks /v1
             "/v1/similarity": _post(
                 "Cosine similarity between two lists of texts, pairwise or as a matrix.",
                 "SimilarityRequest",
                 "SimilarityResponse",
             ),
-            "/v1/models": _get("The served model, first.", "ModelList"),
+            "/v1/models": _get("The served model, first, then one card per alias.", "ModelList"),
+            "/models": _get("The same as /v1/models.", "ModelList"),
             "/v1/models/{model}": {
                 **_get("One model by id.", "ModelCard"),
                 "parameters": [

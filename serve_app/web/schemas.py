@@ -10,23 +10,44 @@ from typing import Literal, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from serve_app.core.encoded import Item, TokenIds
 from serve_app.core.errors import InvalidRequest
 
 MAX_INSTRUCTION_CHARS = 4000
+MAX_IGNORED_NAMES = 20  # unknown fields named back in X-Ignored-Fields and the log
 TextOrTexts = Union[str, list[str]]  # noqa: UP007 - a runtime alias pydantic reads
+# OpenAI's `input` also takes token ids: one array, or a list of arrays.
+EmbeddingInput = Union[str, list[str], list[int], list[list[int]]]  # noqa: UP007
 
 
 class _Strict(BaseModel):
-    # Unknown fields are refused as OpenAI does; no silent type coercion (True is not 1).
+    # Unknown fields are refused; no silent type coercion (True is not 1).
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class EmbeddingRequest(_Strict):
-    """POST /v1/embeddings."""
+class EmbeddingRequest(BaseModel):
+    """POST /v1/embeddings.
 
-    input: TextOrTexts = Field(description="A text or a list of texts to embed.")
-    model: str | None = Field(None, description="The served model id (see /v1/models).")
-    encoding_format: Literal["float", "base64"] = "float"
+    Fields this server does not know (provider options that LiteLLM forwards, vLLM's
+    `truncate_prompt_tokens`, Open WebUI's prefix field, a client's `extra_body`) are
+    ignored, as vLLM, TEI, infinity and Ollama ignore them, and named back in the
+    `X-Ignored-Fields` response header. The fields below are validated strictly.
+    """
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    input: EmbeddingInput = Field(
+        description=(
+            "A text or a list of texts to embed. Token-id arrays are refused unless the "
+            "server sets accept_token_ids, and then taken as the served model's own ids."
+        )
+    )
+    model: str | None = Field(
+        None, description="The served model id or one of its aliases (see /v1/models)."
+    )
+    encoding_format: Literal["float", "base64"] | None = Field(
+        None, description="float (the default) or base64 little-endian float32."
+    )
     dimensions: int | None = Field(
         None, description="Matryoshka: keep the first N dimensions, re-normalised."
     )
@@ -39,6 +60,21 @@ class EmbeddingRequest(_Strict):
     prompt_name: str | None = Field(
         None, max_length=128, description="'query', 'document', or a task named in the config."
     )
+
+    def ignored_fields(self) -> list[str]:
+        """The unknown fields' names (at most MAX_IGNORED_NAMES, each printable and short)."""
+        names = sorted(self.model_extra or {})
+        shown = [_printable_name(name) for name in names[:MAX_IGNORED_NAMES]]
+        if len(names) > MAX_IGNORED_NAMES:
+            shown.append(f"... {len(names) - MAX_IGNORED_NAMES} more")
+        return shown
+
+
+def _printable_name(name: str) -> str:
+    # A header value is latin-1 and one line; names are the client's, so escape them.
+    safe = name.encode("ascii", "backslashreplace").decode("ascii")
+    safe = "".join(ch if ch.isprintable() and ch != "," else "?" for ch in safe)
+    return safe if len(safe) <= 64 else safe[:61] + "..."
 
 
 class SimilarityRequest(_Strict):
@@ -164,6 +200,54 @@ def texts_of(value: TextOrTexts, field: str, max_items: int, max_chars: int | No
     return texts
 
 
+def embedding_inputs(
+    value: EmbeddingInput, *, max_items: int, max_chars: int, accept_token_ids: bool,
+    vocab_size: int | None,
+) -> list[Item]:
+    """The texts, or token-id arrays as `TokenIds`, of an embeddings `input`."""
+    if isinstance(value, str) or not value or isinstance(value[0], str):
+        return texts_of(value, "input", max_items, max_chars)
+    arrays = [value] if isinstance(value[0], int) else value
+    if not accept_token_ids:
+        raise InvalidRequest(
+            "'input' holds token ids, not text. This server embeds text: token ids from a "
+            "client are usually another model's (LangChain's OpenAIEmbeddings sends OpenAI's "
+            "cl100k ids unless created with check_embedding_ctx_length=False), and would "
+            "give wrong vectors. Send the texts themselves; if these are the served model's "
+            "own ids, the operator can set accept_token_ids.",
+            param="input",
+            code="token_ids_not_supported",
+        )
+    if len(arrays) > max_items:
+        raise InvalidRequest(
+            f"'input' has {len(arrays)} token arrays; at most {max_items} are allowed per "
+            "request. Split the list into several requests.",
+            param="input",
+            code="too_many_inputs",
+        )
+    items = []
+    for i, ids in enumerate(arrays):
+        where = "input" if arrays is not value else f"input[{i}]"
+        if not ids:
+            raise InvalidRequest(f"'{where}' is an empty token array.", param=where)
+        if len(ids) > max_chars:
+            raise InvalidRequest(
+                f"'{where}' has {len(ids)} token ids; at most {max_chars} are allowed.",
+                param=where,
+                code="input_too_long",
+            )
+        high = vocab_size if vocab_size is not None else 2**31
+        bad = next((t for t in ids if not 0 <= t < high), None)
+        if bad is not None:
+            raise InvalidRequest(
+                f"'{where}' holds the token id {bad}; the served model's ids run from 0 to "
+                f"{high - 1}.",
+                param=where,
+            )
+        items.append(TokenIds(tuple(ids)))
+    return items
+
+
 def _has_content(text: str) -> bool:
     """Whether a text holds anything but whitespace and control characters."""
     stripped = text.strip()
@@ -185,7 +269,7 @@ def _param(exc: ValidationError) -> str | None:
     for part in loc:
         if isinstance(part, int):
             name += f"[{part}]"
-        elif part in ("str", "list[str]", "function-after", "literal"):
+        elif part in ("str", "function-after", "literal") or str(part).startswith("list["):
             continue  # pydantic's union-branch labels, not field names
         else:
             name += ("." if name else "") + str(part)
@@ -201,6 +285,8 @@ def _describe(exc: ValidationError) -> str:
         return f"Missing required argument: '{param}'."
     if param in ("input", "left", "right"):
         return f"'{param}' must be a string or a list of strings."
-    if (param or "").startswith(("input[", "left[", "right[")):
-        return f"'{param}' must be a string (token-id arrays are not supported; send text)."
+    if (param or "").startswith(("left[", "right[")):
+        return f"'{param}' must be a string."
+    if (param or "").startswith("input["):
+        return f"'{param}' must be a string; a list holds texts only, or token ids only."
     return f"Invalid value for '{param}': {first['msg']}."

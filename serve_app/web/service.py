@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from serve_app.core.config import AppArgs
-from serve_app.core.encoded import Encoded, Runtime
+from serve_app.core.encoded import Encoded, Item, Runtime
 from serve_app.core.errors import InvalidRequest, ModelNotFound
 from serve_app.core.modelinfo import ModelSpec
 from serve_app.core.prompts import prompt_prefix
@@ -26,7 +26,7 @@ from serve_app.web.cache import EmbeddingCache
 class Backend(Protocol):
     """Something that embeds at most `max_batch_texts` prompt-prefixed texts at a time."""
 
-    async def embed(self, texts: list[str]) -> Encoded: ...
+    async def embed(self, texts: list[Item]) -> Encoded: ...
 
 
 @dataclass
@@ -59,11 +59,15 @@ class EmbeddingService:
         return self.args.model_id
 
     def check_model(self, model: str | None) -> None:
-        """Refuse a model name this server does not serve (404, as OpenAI does)."""
-        if model is None or model in (self.model_id, self.args.model):
+        """Refuse a model name this server does not serve (404, as OpenAI does).
+
+        No name, the served id, the model as configured and its aliases all mean the model.
+        """
+        if model is None or model in (self.model_id, self.args.model, *self.args.model_aliases):
             return
         raise ModelNotFound(
-            f"The model '{model}' does not exist on this server. It serves '{self.model_id}'.",
+            f"The model '{model}' does not exist on this server. It serves '{self.model_id}'; "
+            "send that name, or ask the operator to add yours to the setting model_aliases.",
             param="model",
             code="model_not_found",
         )
@@ -75,15 +79,19 @@ class EmbeddingService:
         low, high = self.args.min_dimensions, self.spec.dimensions
         if not low <= dimensions <= high:
             raise InvalidRequest(
-                f"'dimensions' must be between {low} and {high} for '{self.model_id}'; got {dimensions}.",
+                f"'dimensions' must be between {low} and {high} (the full width of "
+                f"'{self.model_id}'); got {dimensions}.",
                 param="dimensions",
             )
 
     def prefix(self, instruction: str | None, prompt_name: str | None) -> str:
         return prompt_prefix(self.spec, self.args, instruction=instruction, prompt_name=prompt_name)
 
-    async def embed(self, texts: list[str], prefix: str = "", dimensions: int | None = None) -> Embeddings:
-        """Embed `texts` behind `prefix`; each distinct text goes to the model once, if at all."""
+    async def embed(self, texts: list[Item], prefix: str = "", dimensions: int | None = None) -> Embeddings:
+        """Embed `texts` behind `prefix`; each distinct text goes to the model once, if at all.
+
+        Token-id inputs (`TokenIds`) take no prefix: a prompt is text.
+        """
         unique: dict[str, int] = {}
         slots = [unique.setdefault(text, len(unique)) for text in texts]
         distinct = list(unique)
@@ -112,7 +120,7 @@ class EmbeddingService:
 
     async def _embed_missing(self, distinct, missing, keys, prefix, vectors, tokens, cut) -> float:
         size = self.args.max_batch_texts
-        todo = [prefix + distinct[i] for i in missing]
+        todo = [_prefixed(prefix, distinct[i]) for i in missing]
         parts = await _all_or_nothing(
             [self.backend.embed(todo[i : i + size]) for i in range(0, len(todo), size)]
         )
@@ -134,6 +142,10 @@ class EmbeddingService:
         self.metrics.inc("embed_texts_total", len(missing))
         self.metrics.inc("embed_tokens_total", sum(tokens[i] for i in missing))
         self.metrics.inc("embed_truncated_inputs_total", sum(cut[i] for i in missing))
+
+
+def _prefixed(prefix: str, item: Item) -> Item:
+    return prefix + item if isinstance(item, str) else item
 
 
 async def _all_or_nothing(coroutines: list) -> list:
