@@ -2,13 +2,14 @@
 
 The real client libraries (openai, LangChain, LlamaIndex, Haystack) run as their own
 docs set them up for an OpenAI-compatible server; tools that cannot run here (Open
-WebUI, LiteLLM, Dify, Weaviate, Elasticsearch, AnythingLLM) are imitated by the
+WebUI, LiteLLM, Dify, Weaviate, Elasticsearch, Chroma, AnythingLLM) are imitated by the
 request bodies they send. Every answer's vectors equal what /v1/embeddings gives for
 the same text, in input order, with `model` and `usage` present.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import importlib.util
 import os
@@ -66,6 +67,13 @@ def test_official_openai_client_default_base64_and_extra_body(server):
     close([d.embedding for d in answer.data], want)
     assert raw.headers["X-Ignored-Fields"] == "priority, truncate_prompt_tokens"
     assert answer.model == BUNDLED and answer.usage.total_tokens == answer.usage.prompt_tokens > 0
+    # A field we know, sent the same way, is applied, not ignored.
+    query = client.embeddings.with_raw_response.create(
+        model=BUNDLED, input=TEXTS[:1], extra_body={"prompt_name": "query"})
+    assert "X-Ignored-Fields" not in query.headers
+    want_query = httpx.post(f"{server}/v1/embeddings", timeout=60,
+                            json={"input": TEXTS[:1], "prompt_name": "query"}).json()["data"][0]
+    close([query.parse().data[0].embedding], np.array([want_query["embedding"]]))
     # A base URL without /v1, as some tools are configured, reaches the same route.
     bare = openai.OpenAI(base_url=server, api_key="unused", max_retries=0)
     close([d.embedding for d in bare.embeddings.create(model=BUNDLED, input=TEXTS).data], want)
@@ -154,6 +162,9 @@ IMITATED = {
     # Elasticsearch's openai inference service with its url setting.
     "elasticsearch": ("/v1/embeddings", {"input": TEXTS, "model": CLIENT_ALIASES[1],
                                         "user": "es-inference"}, None),
+    # Chroma's OpenAIEmbeddingFunction: the openai client with its default model name.
+    "chroma": ("/v1/embeddings", {"input": TEXTS, "model": "text-embedding-ada-002",
+                                 "encoding_format": "base64"}, None),
     # AnythingLLM's generic OpenAI embedder with no model chosen.
     "anythingllm": ("/v1/embeddings", {"input": TEXTS, "model": None}, None),
     # vLLM-style clients.
@@ -172,7 +183,10 @@ def test_imitated_tool_requests_get_the_same_vectors_in_order(server, tool):
     assert answer["model"] == BUNDLED
     assert answer["usage"]["prompt_tokens"] == answer["usage"]["total_tokens"] > 0
     assert [row["index"] for row in answer["data"]] == list(range(len(TEXTS)))
-    close([row["embedding"] for row in answer["data"]], reference(server, TEXTS))
+    vectors = [row["embedding"] for row in answer["data"]]
+    if body.get("encoding_format") == "base64":
+        vectors = [np.frombuffer(base64.b64decode(v), dtype="<f4") for v in vectors]
+    close(vectors, reference(server, TEXTS))
     assert reply.headers.get("X-Ignored-Fields") == ignored
 
 
