@@ -104,6 +104,14 @@ class AppArgs(BaseModel):
     log_requests: bool = Field(
         True, description="One log line per request: id, route, status, texts, ms; never the text."
     )
+    public_url: str | None = Field(
+        None,
+        description=(
+            "The address PCs reach the service at (https://embeddings.office.lan:8443), "
+            "written into the Excel add-in's manifest (/excel/manifest.xml); default: the "
+            "address each request came in on."
+        ),
+    )
 
     # --- batching ----------------------------------------------------------
     max_batch_texts: int = Field(
@@ -189,6 +197,16 @@ class AppArgs(BaseModel):
         # `python -m serve_app cors_origins=https://a.example,https://b.example`
         if isinstance(value, str):
             return [o.strip() for o in value.split(",") if o.strip()]
+        return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url_is_an_origin(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip().rstrip("/")
+        if not value.startswith(("https://", "http://")) or any(c in value for c in ' "<>'):
+            raise ValueError("public_url must be an address such as https://embeddings.office.lan:8443")
         return value
 
     @field_validator("instruction_template")

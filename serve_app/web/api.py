@@ -30,7 +30,7 @@ from serve_app.core.errors import (
     ServiceError,
 )
 from serve_app.core.vectors import cosine_matrix, cosine_pairwise, to_base64
-from serve_app.web import schemas
+from serve_app.web import excel, schemas
 from serve_app.web.auth import APIKeyMiddleware
 from serve_app.web.openapi import openapi_document
 from serve_app.web.requestlog import RequestMiddleware
@@ -306,6 +306,9 @@ ROUTES = [
     Route("/embeddings", embeddings, methods=["POST"]),
     Route("/models", list_models, methods=["GET"]),
     Route("/health", health, methods=["GET"]),
+    # The Office add-in: its manifest and files, open like /health (serve_app.web.excel).
+    Route(f"{excel.PREFIX}/manifest.xml", excel.manifest, methods=["GET"]),
+    Route(excel.PREFIX + "/{name}", excel.addin_file, methods=["GET"]),
     Route("/openapi.json", openapi, methods=["GET"]),
 ]
 

@@ -4,8 +4,9 @@ Keys come from EMBED_API_KEYS (comma-separated) in the environment of the proces
 that builds the app, never from a config file. Only their SHA-256 digests travel
 to the replicas (Ray keeps a deployment's arguments in its own store), and a
 presented key is compared against every digest in constant time. Keys are never
-logged. Only /health and /openapi.json stay open; everything else, /v1 and the
-/embeddings and /models that clients without /v1 in their base URL call, needs a key.
+logged. Only /health, /openapi.json and the Office add-in's files under /excel/ stay
+open; everything else, /v1 and the /embeddings and /models that clients without /v1
+in their base URL call, needs a key.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from serve_app.web.requestlog import app_path
 
 API_KEYS_ENV = "EMBED_API_KEYS"
 OPEN_PATHS = frozenset({"/health", "/openapi.json"})
+OPEN_PREFIXES = ("/excel/",)  # the Office add-in's manifest and static files: no secrets
 
 
 def key_digests_from_env(environ: dict[str, str] | None = None) -> list[str]:
@@ -77,7 +79,8 @@ class APIKeyMiddleware:
 
 
 def _protected(scope) -> bool:
-    return app_path(scope) not in OPEN_PATHS
+    path = app_path(scope)
+    return path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES)
 
 
 def _bearer(scope) -> str | None:

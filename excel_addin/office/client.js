@@ -1,0 +1,368 @@
+/*
+ * HTTP to the embedding service for the Office add-in's formulas: the calls of one
+ * recalculation go out together, each distinct text once, in chunks; a bounded cache
+ * keyed by server, model, instruction and text; a bounded number of requests in
+ * flight; 429 and 503 retried after Retry-After; every failure one readable sentence.
+ *
+ * Excel calls a custom function once per cell, so a filled-down column of 10,000
+ * =EMBED_SIM cells is 10,000 calls, handed over in slices. Each call queues the texts
+ * the cache lacks; a full chunk leaves at once, and the rest when no new text has
+ * arrived for `flushDelayMs`. The add-in's copy of excel_addin/client.py.
+ */
+(function (exports) {
+  "use strict";
+
+  const DEFAULTS = {
+    chunkSize: 512, // texts per request
+    chunkChars: 2000000, // characters per request
+    maxInFlight: 4, // embedding requests at once
+    flushDelayMs: 25, // quiet time before a partial chunk leaves
+    cacheBytes: 256 * 1024 * 1024,
+    timeoutMs: 300000, // longer than a cold start of the model
+    modelTtlMs: 30000, // how long the served model's name is trusted unasked
+    maxRetries: 4, // for 429 and 503
+    maxRetryWaitMs: 30000,
+  };
+
+  class ServiceError extends Error {}
+
+  /** A bytes-bounded LRU of vectors (a Map keeps insertion order: oldest first). */
+  class VectorCache {
+    constructor(maxBytes) {
+      this.maxBytes = maxBytes;
+      this.bytes = 0;
+      this.entries = new Map();
+    }
+    get(key) {
+      const vector = this.entries.get(key);
+      if (vector !== undefined) {
+        this.entries.delete(key);
+        this.entries.set(key, vector);
+      }
+      return vector;
+    }
+    set(key, vector) {
+      if (vector.byteLength > this.maxBytes) return;
+      const old = this.entries.get(key);
+      if (old !== undefined) {
+        this.bytes -= old.byteLength;
+        this.entries.delete(key);
+      }
+      this.entries.set(key, vector);
+      this.bytes += vector.byteLength;
+      for (const [oldest, evicted] of this.entries) {
+        if (this.bytes <= this.maxBytes) break;
+        this.entries.delete(oldest);
+        this.bytes -= evicted.byteLength;
+      }
+    }
+    get size() {
+      return this.entries.size;
+    }
+    clear() {
+      this.entries.clear();
+      this.bytes = 0;
+    }
+  }
+
+  class EmbedClient {
+    /**
+     * @param {object} settings serverUrl (no trailing slash; "" for the page's own origin),
+     *   apiKey (sent as Bearer), fetch (defaults to the global one), and any of DEFAULTS.
+     */
+    constructor(settings) {
+      this.settings = { ...DEFAULTS, ...settings };
+      this.serverUrl = (this.settings.serverUrl || "").replace(/\/+$/, "");
+      this.fetch = this.settings.fetch || globalThis.fetch.bind(globalThis);
+      this.cache = new VectorCache(this.settings.cacheBytes);
+      this.requests = 0; // embedding requests sent (POST /v1/embeddings)
+      this.modelChecks = 0; // GET /v1/models sent to learn the served model
+      this.model = null;
+      this.modelSeen = -Infinity;
+      this.modelAsked = null; // the GET in flight, shared by every caller
+      this.queues = new Map(); // instruction -> Map(text -> deferred)
+      this.pending = new Map(); // cache key -> promise of [model, vector], fetched now
+      this.timer = null;
+      this.inFlight = 0;
+      this.waitingForSlot = [];
+    }
+
+    /** Vectors for the distinct `texts` (Map text -> Float32Array), cached where possible. */
+    async vectors(texts, instruction) {
+      instruction = instruction || "";
+      let model = await this.servedModel();
+      for (let attempt = 0; attempt < 3; attempt += 1) {
+        const [found, answered] = await this.lookupOrFetch(texts, instruction, model);
+        if (answered.size === 0 || (answered.size === 1 && answered.has(model))) return found;
+        // The server changed model during this call: one sheet must not mix two models'
+        // vectors, so look up again under the model it now serves.
+        model = await this.servedModel();
+      }
+      throw new ServiceError(
+        `The embedding server at ${this.where()} answered with several models during one ` +
+        "calculation. Recalculate once it serves one.");
+    }
+
+    async lookupOrFetch(texts, instruction, model) {
+      const found = new Map();
+      const answered = new Set();
+      const awaited = [];
+      for (const text of new Set(texts)) {
+        const key = this.key(model, instruction, text);
+        const vector = this.cache.get(key);
+        if (vector !== undefined) {
+          found.set(text, vector);
+          continue;
+        }
+        let promise = this.pending.get(key);
+        if (promise === undefined) {
+          promise = this.enqueue(instruction, text);
+          this.pending.set(key, promise);
+          const forget = () => this.pending.delete(key);
+          promise.then(forget, forget);
+        }
+        awaited.push(promise.then(([by, v]) => {
+          answered.add(by);
+          found.set(text, v);
+        }));
+      }
+      if (awaited.length) {
+        this.scheduleFlush();
+        await Promise.all(awaited);
+      }
+      return [found, answered];
+    }
+
+    /** The model the server answers with: remembered for modelTtlMs, then asked again. */
+    async servedModel() {
+      if (this.model !== null && Date.now() - this.modelSeen < this.settings.modelTtlMs) {
+        return this.model;
+      }
+      return (await this.info()).model;
+    }
+
+    /** The served model and its width (GET /v1/models), or ServiceError. */
+    async info() {
+      if (this.modelAsked === null) {
+        this.modelChecks += 1;
+        this.modelAsked = this.call("GET", "/v1/models").finally(() => {
+          this.modelAsked = null;
+        });
+      }
+      const body = await this.modelAsked;
+      const card = body.data[0];
+      this.learn(card.id);
+      return { model: card.id, dimensions: card.dimensions };
+    }
+
+    key(model, instruction, text) {
+      // Lengths first, so no two parts can run into each other.
+      return `${this.serverUrl.length}:${this.serverUrl}${model.length}:${model}${instruction.length}:${instruction}${text}`;
+    }
+
+    learn(model) {
+      this.model = model;
+      this.modelSeen = Date.now();
+    }
+
+    enqueue(instruction, text) {
+      let queue = this.queues.get(instruction);
+      if (queue === undefined) {
+        queue = new Map();
+        this.queues.set(instruction, queue);
+      }
+      let deferred = queue.get(text);
+      if (deferred === undefined) {
+        deferred = {};
+        deferred.promise = new Promise((resolve, reject) => {
+          deferred.resolve = resolve;
+          deferred.reject = reject;
+        });
+        queue.set(text, deferred);
+      }
+      return deferred.promise;
+    }
+
+    /** Full chunks leave now; a partial one once the calls have paused for flushDelayMs. */
+    scheduleFlush() {
+      for (const [instruction, queue] of this.queues) {
+        while (queue.size >= this.settings.chunkSize) this.send(instruction, this.take(queue));
+        if (queue.size === 0) this.queues.delete(instruction);
+      }
+      if (this.timer !== null) clearTimeout(this.timer);
+      this.timer = setTimeout(() => {
+        this.timer = null;
+        for (const [instruction, queue] of this.queues) {
+          while (queue.size) this.send(instruction, this.take(queue));
+        }
+        this.queues.clear();
+      }, this.settings.flushDelayMs);
+    }
+
+    take(queue) {
+      const chunk = [];
+      let chars = 0;
+      for (const [text, deferred] of queue) {
+        if (chunk.length && (chunk.length >= this.settings.chunkSize ||
+            chars + text.length > this.settings.chunkChars)) break;
+        chunk.push([text, deferred]);
+        chars += text.length;
+        queue.delete(text);
+      }
+      return chunk;
+    }
+
+    async send(instruction, chunk) {
+      await this.slot();
+      try {
+        const texts = chunk.map(([text]) => text);
+        const payload = { input: texts, encoding_format: "base64" };
+        if (instruction) payload.instruction = instruction;
+        this.requests += 1;
+        const body = await this.call("POST", "/v1/embeddings", payload);
+        if (!Array.isArray(body.data) || body.data.length !== texts.length) {
+          throw new ServiceError(
+            `The embedding server at ${this.where()} answered ${body.data ? body.data.length : 0} ` +
+            `vectors for ${texts.length} texts. Check that the add-in is served by this service.`);
+        }
+        this.learn(body.model);
+        body.data.forEach((item, i) => {
+          const vector = decode(item.embedding);
+          this.cache.set(this.key(body.model, instruction, texts[i]), vector);
+          chunk[i][1].resolve([body.model, vector]);
+        });
+      } catch (error) {
+        for (const [, deferred] of chunk) deferred.reject(error);
+      } finally {
+        this.release();
+      }
+    }
+
+    slot() {
+      if (this.inFlight < this.settings.maxInFlight) {
+        this.inFlight += 1;
+        return Promise.resolve();
+      }
+      return new Promise((resolve) => this.waitingForSlot.push(resolve));
+    }
+
+    release() {
+      const next = this.waitingForSlot.shift();
+      if (next) next();
+      else this.inFlight -= 1;
+    }
+
+    where() {
+      return this.serverUrl || "this add-in's server";
+    }
+
+    /** One HTTP call; 429/503 retried after Retry-After; failures as ServiceError. */
+    async call(method, path, payload) {
+      for (let attempt = 0; ; attempt += 1) {
+        const response = await this.once(method, path, payload);
+        if (response.ok) return response.json();
+        const message = await serverMessage(response);
+        const status = response.status;
+        if ((status === 429 || status === 503) && attempt < this.settings.maxRetries) {
+          await sleep(retryAfterMs(response, this.settings.maxRetryWaitMs));
+          continue;
+        }
+        throw new ServiceError(describe(status, message, this.where(), path, response));
+      }
+    }
+
+    async once(method, path, payload) {
+      const headers = { Accept: "application/json" };
+      if (this.settings.apiKey) headers.Authorization = `Bearer ${this.settings.apiKey}`;
+      if (payload !== undefined) headers["Content-Type"] = "application/json";
+      const controller = new AbortController();
+      const timer = setTimeout(() => controller.abort(), this.settings.timeoutMs);
+      try {
+        return await this.fetch(this.serverUrl + path, {
+          method, headers, signal: controller.signal,
+          body: payload === undefined ? undefined : JSON.stringify(payload),
+        });
+      } catch (error) {
+        if (controller.signal.aborted) {
+          throw new ServiceError(
+            `The embedding server at ${this.where()} did not answer within ` +
+            `${seconds(this.settings.timeoutMs)} s. It may be starting or busy; ` +
+            "recalculate to try again.");
+        }
+        throw new ServiceError(
+          `Cannot reach the embedding server at ${this.where()}. Is it running, and does this ` +
+          "computer trust its certificate?");
+      } finally {
+        clearTimeout(timer);
+      }
+    }
+  }
+
+  function describe(status, message, where, path, response) {
+    if (status === 401) return `The embedding server at ${where} refused the API key. Set it in the add-in's task pane.`;
+    if (status === 404 && !(response.headers.get("content-type") || "").includes("json")) {
+      return `Nothing answers at ${where}${path} yet: the embedding service may still be starting ` +
+        "(recalculate in a few seconds).";
+    }
+    if (status === 429 || status === 503) return `The embedding server is busy or unavailable: ${message} Recalculate to retry.`;
+    if (status >= 400 && status < 500) return `The embedding server refused the request: ${message}`;
+    return `The embedding server at ${where} failed (${status}): ${message}`;
+  }
+
+  async function serverMessage(response) {
+    try {
+      const body = await response.json();
+      return body.error.message;
+    } catch (error) {
+      return `HTTP ${response.status}.`;
+    }
+  }
+
+  function retryAfterMs(response, cap) {
+    const seconds = Number(response.headers.get("retry-after"));
+    return Math.min(cap, Number.isFinite(seconds) && seconds > 0 ? seconds * 1000 : 1000);
+  }
+
+  function seconds(ms) {
+    return ms < 10000 ? (ms / 1000).toFixed(1) : String(Math.round(ms / 1000));
+  }
+
+  function sleep(ms) {
+    return new Promise((resolve) => setTimeout(resolve, ms));
+  }
+
+  /** A base64 vector as the service sends it: little-endian float32. */
+  function decode(text) {
+    const bytes = Uint8Array.from(atob(text), (c) => c.charCodeAt(0));
+    const view = new DataView(bytes.buffer);
+    const vector = new Float32Array(bytes.length / 4);
+    for (let i = 0; i < vector.length; i += 1) vector[i] = view.getFloat32(i * 4, true);
+    return vector;
+  }
+
+  /** Cosine similarity within [-1, 1] (serve_app/core/vectors.py's kernel). */
+  function cosine(a, b) {
+    let dot = 0;
+    let aa = 0;
+    let bb = 0;
+    for (let i = 0; i < a.length; i += 1) {
+      dot += a[i] * b[i];
+      aa += a[i] * a[i];
+      bb += b[i] * b[i];
+    }
+    const score = dot / (Math.max(Math.sqrt(aa), 1e-12) * Math.max(Math.sqrt(bb), 1e-12));
+    return Math.min(1, Math.max(-1, score));
+  }
+
+  /** Matryoshka: the first `dimensions` values, re-normalised. */
+  function truncate(vector, dimensions) {
+    if (!dimensions || dimensions >= vector.length) return vector;
+    const cut = vector.slice(0, dimensions);
+    let norm = 0;
+    for (const x of cut) norm += x * x;
+    norm = Math.max(Math.sqrt(norm), 1e-12);
+    return cut.map((x) => x / norm);
+  }
+
+  Object.assign(exports, { DEFAULTS, EmbedClient, ServiceError, VectorCache, cosine, decode, truncate });
+})(typeof module === "object" && module.exports ? module.exports : (globalThis.SheetClient = {}));

@@ -1,0 +1,207 @@
+/*
+ * The Office add-in's formulas: =EMBED_SIM, =SIM_MATRIX, =SEMANTIC_SEARCH, =EMBED,
+ * =EMBED_INFO, with the same arguments and meaning as the xlwings ones
+ * (excel_addin/udfs.py). A blank input gives a blank output and costs no request, an
+ * error input gives #N/A in its place, and any failure is #VALUE! with one readable
+ * sentence (Excel shows it in the cell's error menu). functions.json describes them
+ * to Excel; a test keeps the two in step.
+ */
+(function (exports) {
+  "use strict";
+
+  const cells = typeof require === "function" ? require("./cells.js") : globalThis.SheetCells;
+  const http = typeof require === "function" ? require("./client.js") : globalThis.SheetClient;
+  const { BLANK, CellError, asGrid, cellText, flatten, shape } = cells;
+
+  const STORAGE_KEYS = { apiKey: "sheet-embeddings.api-key", instruction: "sheet-embeddings.instruction" };
+  const settings = { serverUrl: "", apiKey: "", instruction: "" };
+  let client = null;
+
+  class InputError extends Error {}
+
+  /** The shared client; a new one (and cache) when the server or key changes. */
+  function getClient() {
+    if (client === null) client = new http.EmbedClient(settings);
+    return client;
+  }
+
+  /** Settings for the formulas (the task pane and the tests call this). A change to
+   * anything but the default instruction starts a new client, and so a new cache. */
+  function configure(changes) {
+    const renew = Object.entries(changes).some(([k, v]) => k !== "instruction" && settings[k] !== v);
+    Object.assign(settings, changes);
+    if (renew) client = null;
+    return settings;
+  }
+
+  /** Settings saved by the task pane: OfficeRuntime.storage where Office offers it. */
+  async function loadSettings() {
+    const storage = globalThis.OfficeRuntime && globalThis.OfficeRuntime.storage;
+    const read = async (key) => {
+      if (storage) return storage.getItem(key);
+      return globalThis.localStorage ? globalThis.localStorage.getItem(key) : null;
+    };
+    configure({
+      apiKey: (await read(STORAGE_KEYS.apiKey)) || "",
+      instruction: (await read(STORAGE_KEYS.instruction)) || "",
+    });
+  }
+
+  function notAvailable() {
+    return new CustomFunctions.Error(CustomFunctions.ErrorCode.notAvailable);
+  }
+
+  /** Any failure as #VALUE! with one sentence; never a stack trace. */
+  function readable(name, fn) {
+    return async function (...args) {
+      try {
+        return await fn(...args);
+      } catch (error) {
+        let message;
+        if (error instanceof http.ServiceError) message = error.message;
+        else if (error instanceof InputError) message = `${name}: ${error.message}`;
+        else message = `${name} failed unexpectedly (${error && error.name}: ${error && error.message}).`;
+        throw new CustomFunctions.Error(CustomFunctions.ErrorCode.invalidValue, message);
+      }
+    };
+  }
+
+  /**
+   * Cosine similarity of a and b; ranges give one score per cell pair, and one cell
+   * compares with each.
+   */
+  async function embedSim(a, b, instruction) {
+    const left = asGrid(a);
+    const right = asGrid(b);
+    const [rows, cols] = pairedShape(shape(left), shape(right));
+    const lefts = broadcast(left, rows, cols).map((row) => row.map(cellText));
+    const rights = broadcast(right, rows, cols).map((row) => row.map(cellText));
+    const task = instructionOf(instruction);
+    let queries;
+    let documents;
+    if (!task) {
+      queries = documents = await vectorsOf(flatten(lefts).concat(flatten(rights)), "");
+    } else {
+      [queries, documents] = await Promise.all([
+        vectorsOf(flatten(lefts), task), vectorsOf(flatten(rights), ""),
+      ]);
+    }
+    return lefts.map((row, i) => row.map((cell, j) => score(cell, rights[i][j], queries, documents)));
+  }
+
+  /** All-pairs cosine similarity: one row per text of range1, one column per text of range2. */
+  async function simMatrix(range1, range2, instruction) {
+    const rows = flatten(asGrid(range1)).map(cellText);
+    const cols = flatten(asGrid(range2)).map(cellText);
+    const task = instructionOf(instruction);
+    let rowVectors;
+    let colVectors;
+    if (!task) {
+      rowVectors = colVectors = await vectorsOf(rows.concat(cols), "");
+    } else {
+      [rowVectors, colVectors] = await Promise.all([vectorsOf(rows, task), vectorsOf(cols, "")]);
+    }
+    return rows.map((r) => cols.map((c) => score(r, c, rowVectors, colVectors)));
+  }
+
+  /** The k candidates most similar to query, best first, as rows of (text, score). */
+  async function semanticSearch(query, candidates, k, instruction) {
+    const top = k === null || k === undefined || k === "" ? 5 : wholeNumber(k, "k", 1, 10000);
+    const question = cellText(asGrid(query)[0][0]);
+    if (question === BLANK) return [[""]];
+    if (question instanceof CellError) return [[notAvailable()]];
+    const texts = [...new Set(flatten(asGrid(candidates)).map(cellText))]
+      .filter((t) => typeof t === "string");
+    if (!texts.length) throw new InputError("the candidates range holds no text.");
+    const [queryVectors, documents] = await Promise.all([
+      vectorsOf([question], instructionOf(instruction)), vectorsOf(texts, ""),
+    ]);
+    const target = queryVectors.get(question);
+    const scored = texts.map((text, i) => [i, http.cosine(target, documents.get(text))]);
+    scored.sort((x, y) => y[1] - x[1] || x[0] - y[0]); // best first; ties keep sheet order
+    return scored.slice(0, top).map(([i, s]) => [texts[i], s]);
+  }
+
+  /** The embedding vector of each text, as a row of numbers. */
+  async function embed(text, dimensions, instruction) {
+    const width = dimensions === null || dimensions === undefined || dimensions === ""
+      ? null : wholeNumber(dimensions, "dimensions", 1, 100000);
+    const values = flatten(asGrid(text)).map(cellText);
+    const vectors = await vectorsOf(values, instructionOf(instruction));
+    const sample = vectors.values().next().value;
+    const size = sample ? http.truncate(sample, width).length : 1;
+    return values.map((cell) => {
+      if (cell === BLANK) return new Array(size).fill("");
+      if (cell instanceof CellError) return new Array(size).fill(null).map(notAvailable);
+      return Array.from(http.truncate(vectors.get(cell), width));
+    });
+  }
+
+  /** The embedding server, model and dimension in use, or why it cannot be reached. */
+  async function embedInfo() {
+    const info = await getClient().info();
+    const where = settings.serverUrl || (globalThis.location ? globalThis.location.origin : "");
+    return `${where} · ${info.model} · ${info.dimensions} dimensions`;
+  }
+
+  // --- helpers ----------------------------------------------------------------------
+
+  function instructionOf(instruction) {
+    const text = instruction === null || instruction === undefined ? BLANK : cellText(
+      Array.isArray(instruction) ? asGrid(instruction)[0][0] : instruction);
+    return typeof text === "string" ? text : settings.instruction || "";
+  }
+
+  async function vectorsOf(values, task) {
+    const wanted = values.filter((v) => typeof v === "string");
+    if (!wanted.length) return new Map();
+    return getClient().vectors(wanted, task);
+  }
+
+  function score(a, b, left, right) {
+    if (a instanceof CellError || b instanceof CellError) return notAvailable();
+    if (a === BLANK || b === BLANK) return "";
+    return http.cosine(left.get(a), right.get(b));
+  }
+
+  function pairedShape(a, b) {
+    const same = (x, y) => x[0] === y[0] && x[1] === y[1];
+    if (same(a, b) || same(b, [1, 1])) return a;
+    if (same(a, [1, 1])) return b;
+    throw new InputError(
+      `a and b must have the same shape, or one must be a single cell; got ${a[0]}x${a[1]} and ${b[0]}x${b[1]}.`);
+  }
+
+  function broadcast(grid, rows, cols) {
+    const [r, c] = shape(grid);
+    if (r === rows && c === cols) return grid;
+    return Array.from({ length: rows }, () => new Array(cols).fill(grid[0][0]));
+  }
+
+  function wholeNumber(value, name, low, high) {
+    const number = Number(Array.isArray(value) ? asGrid(value)[0][0] : value);
+    if (typeof value === "boolean" || Number.isNaN(number)) {
+      throw new InputError(`${name} must be a whole number, not '${value}'.`);
+    }
+    if (!Number.isInteger(number) || number < low || number > high) {
+      throw new InputError(`${name} must be a whole number from ${low} to ${high}, not ${value}.`);
+    }
+    return number;
+  }
+
+  const FUNCTIONS = {
+    EMBED_SIM: readable("EMBED_SIM", embedSim),
+    SIM_MATRIX: readable("SIM_MATRIX", simMatrix),
+    SEMANTIC_SEARCH: readable("SEMANTIC_SEARCH", semanticSearch),
+    EMBED: readable("EMBED", embed),
+    EMBED_INFO: readable("EMBED_INFO", embedInfo),
+  };
+
+  /** Register the formulas with Excel (CustomFunctions.associate), once Office is ready. */
+  function register() {
+    for (const [id, fn] of Object.entries(FUNCTIONS)) CustomFunctions.associate(id, fn);
+  }
+
+  Object.assign(exports, { FUNCTIONS, STORAGE_KEYS, configure, getClient, loadSettings, register, settings });
+  if (typeof module !== "object" && typeof CustomFunctions !== "undefined") register();
+})(typeof module === "object" && module.exports ? module.exports : (globalThis.SheetFunctions = {}));

@@ -1,0 +1,221 @@
+// The Office add-in's formulas under Node's test runner, with a stub of Excel's
+// CustomFunctions runtime, against the real service that tests/test_office_addin.py
+// started (ADDIN_SERVER; ADDIN_KEYED_SERVER needs ADDIN_KEY) and with the values the
+// Python add-in gave for the same cells (ADDIN_EXPECTED).
+"use strict";
+
+const test = require("node:test");
+const assert = require("node:assert/strict");
+const http = require("node:http");
+const fs = require("node:fs");
+
+// --- a stub of what Excel provides to a custom-functions runtime ----------------------
+
+class CustomFunctionsError extends Error {
+  constructor(code, message) {
+    super(message || code);
+    this.code = code;
+    this.type = "Error";
+  }
+}
+const registry = {};
+globalThis.CustomFunctions = {
+  Error: CustomFunctionsError,
+  ErrorCode: {
+    invalidValue: "#VALUE!", notAvailable: "#N/A", divisionByZero: "#DIV/0!",
+    invalidNumber: "#NUM!", nullReference: "#NULL!",
+  },
+  associate(id, fn) {
+    registry[id.toUpperCase()] = fn;
+  },
+};
+
+const functions = require("../../excel_addin/office/functions.js");
+const metadata = require("../../excel_addin/office/functions.json");
+functions.register();
+
+const SERVER = process.env.ADDIN_SERVER;
+const expected = process.env.ADDIN_EXPECTED ? JSON.parse(fs.readFileSync(process.env.ADDIN_EXPECTED, "utf8")) : null;
+
+/** Cell values as Excel hands them over: {error} markers become error objects. */
+function asExcel(value) {
+  if (Array.isArray(value)) return value.map(asExcel);
+  if (value !== null && typeof value === "object" && "error" in value) return new CustomFunctionsError(value.error);
+  return value;
+}
+
+/** A formula's value as a plain grid: numbers, "" for blank, {error} for an error value. */
+function plain(value) {
+  if (Array.isArray(value)) return value.map(plain);
+  if (value instanceof CustomFunctionsError) return { error: value.code };
+  return value;
+}
+
+/** One cell's calculation, as Excel makes it: every declared argument (null where the
+ * formula leaves an optional one out), then an invocation object. */
+async function calculate(id, ...args) {
+  const fn = registry[id];
+  assert.ok(fn, `${id} is registered`);
+  const declared = metadata.functions.find((f) => f.id === id).parameters.length;
+  const given = args.map(asExcel).concat(new Array(Math.max(0, declared - args.length)).fill(null));
+  try {
+    return await fn(...given, { address: "Sheet1!A1" });
+  } catch (error) {
+    assert.ok(error instanceof CustomFunctionsError, `a failure is a CustomFunctions.Error, not ${error}`);
+    return error;
+  }
+}
+
+/** Many cells, each its own call, handed over in slices as Excel does. */
+async function calculateColumn(id, rows, slice = 100) {
+  const results = [];
+  for (let i = 0; i < rows.length; i += slice) {
+    for (const args of rows.slice(i, i + slice)) results.push(calculate(id, ...args));
+    await new Promise((resolve) => setTimeout(resolve, 0));
+  }
+  return Promise.all(results);
+}
+
+/** fetch, counting the requests it sends by method and path. */
+function countingFetch() {
+  const counts = {};
+  const fetch = async (url, options) => {
+    const key = `${options.method} ${new URL(url).pathname.replace(/^\/[^/]+(?=\/v1\/)/, "")}`;
+    counts[key] = (counts[key] || 0) + 1;
+    return globalThis.fetch(url, options);
+  };
+  return { fetch, counts };
+}
+
+function assertClose(got, want, where) {
+  if (Array.isArray(want)) {
+    assert.ok(Array.isArray(got), `${where}: an array`);
+    assert.equal(got.length, want.length, `${where}: length`);
+    want.forEach((w, i) => assertClose(got[i], w, `${where}[${i}]`));
+  } else if (typeof want === "number") {
+    assert.equal(typeof got, "number", `${where}: a number, got ${JSON.stringify(got)}`);
+    assert.ok(Math.abs(got - want) <= 1e-5, `${where}: ${got} vs ${want}`);
+  } else {
+    assert.deepEqual(got, want, where);
+  }
+}
+
+// --- the tests -----------------------------------------------------------------------------
+
+test("functions.json lists exactly the registered formulas, each with its code's arity", () => {
+  assert.deepEqual(metadata.functions.map((f) => f.id).sort(), Object.keys(registry).sort());
+  assert.equal(metadata.allowErrorForDataTypeAny, true); // error cells reach the code, for #N/A
+  for (const f of metadata.functions) {
+    assert.ok(f.description.length > 20, `${f.id} has a description`);
+    for (const p of f.parameters) assert.ok(p.description.length > 10, `${f.id}(${p.name}) has one`);
+  }
+});
+
+test("values equal the Python add-in's on the same cells", { skip: !expected }, async () => {
+  functions.configure({ serverUrl: SERVER, apiKey: "", instruction: "", fetch: undefined });
+  for (const [i, c] of expected.cases.entries()) {
+    const got = plain(await calculate(c.function, ...c.args));
+    assertClose(got, c.python, `case ${i} ${c.function}`);
+  }
+});
+
+test("a 2,000-row column of separate cells costs ceil(unique / chunk) requests, and recalculating it none",
+  { skip: !SERVER }, async () => {
+    const { fetch, counts } = countingFetch();
+    functions.configure({ serverUrl: SERVER, apiKey: "", instruction: "", fetch });
+    const chunk = functions.getClient().settings.chunkSize;
+    const rows = Array.from({ length: 2000 }, (_, i) => [
+      [[`Question ${i % 700}: how much notice ends the lease?`]], [[`Clause ${i % 450} on rent`]]]);
+    const unique = 700 + 450;
+    const first = await calculateColumn("EMBED_SIM", rows);
+    assert.ok(first.every((v) => typeof v[0][0] === "number"), "every cell has a score");
+    assert.equal(counts["POST /v1/embeddings"], Math.ceil(unique / chunk));
+    const before = { ...counts };
+    const again = await calculateColumn("EMBED_SIM", rows);
+    assert.deepEqual(again, first);
+    assert.equal(counts["POST /v1/embeddings"], before["POST /v1/embeddings"], "recalculation sends none");
+    assert.equal(counts["GET /v1/models"] || 0, before["GET /v1/models"] || 0);
+  });
+
+/** A local server that answers as the test says; closed when the test ends. */
+async function fakeServer(t, handler) {
+  const server = http.createServer(handler);
+  await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
+  t.after(() => {
+    server.closeAllConnections();
+    server.close();
+  });
+  return `http://127.0.0.1:${server.address().port}`;
+}
+
+function answer(response, status, body, headers = {}) {
+  response.writeHead(status, { "Content-Type": "application/json", ...headers });
+  response.end(JSON.stringify(body));
+}
+
+const MODELS = { object: "list", data: [{ id: "fake-model", dimensions: 4 }] };
+
+test("an unreachable server is a readable #VALUE!", async () => {
+  // A port that was just free: listened on, then closed.
+  const server = http.createServer();
+  await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
+  const url = `http://127.0.0.1:${server.address().port}`;
+  await new Promise((resolve) => server.close(resolve));
+  functions.configure({ serverUrl: url, apiKey: "", fetch: undefined });
+  const error = await calculate("EMBED_SIM", [["a"]], [["b"]]);
+  assert.equal(error.code, "#VALUE!");
+  assert.match(error.message, /^Cannot reach the embedding server at http:\/\/127\.0\.0\.1:\d+\. Is it running/);
+});
+
+test("a refused key says so", { skip: !process.env.ADDIN_KEYED_SERVER }, async () => {
+  functions.configure({ serverUrl: process.env.ADDIN_KEYED_SERVER, apiKey: "wrong-key", fetch: undefined });
+  const error = await calculate("EMBED_SIM", [["a"]], [["b"]]);
+  assert.equal(error.code, "#VALUE!");
+  assert.match(error.message, /refused the API key\. Set it in the add-in's task pane\./);
+  functions.configure({ apiKey: process.env.ADDIN_KEY });
+  assert.equal(typeof (await calculate("EMBED_SIM", [["a"]], [["b"]]))[0][0], "number");
+});
+
+test("503 is retried after Retry-After, and a server that stays busy says so", async (t) => {
+  const posts = [];
+  const url = await fakeServer(t, (request, response) => {
+    if (request.method === "GET") return answer(response, 200, MODELS);
+    posts.push(Date.now());
+    if (request.url.includes("busy") || posts.length === 1) {
+      return answer(response, 503, { error: { message: "The model is busy.", type: "x", param: null, code: "overloaded" } },
+        { "Retry-After": "1" });
+    }
+    const vector = Buffer.from(new Float32Array([1, 0, 0, 0]).buffer).toString("base64");
+    return answer(response, 200, { model: "fake-model", data: [{ embedding: vector }, { embedding: vector }] });
+  });
+  functions.configure({ serverUrl: url, apiKey: "", fetch: undefined, maxRetries: 2 });
+  const score = await calculate("EMBED_SIM", [["a"]], [["b"]]);
+  assert.equal(score[0][0], 1);
+  assert.equal(posts.length, 2);
+  assert.ok(posts[1] - posts[0] >= 900, `waited ${posts[1] - posts[0]} ms for Retry-After: 1`);
+
+  functions.configure({ serverUrl: `${url}/busy` });
+  const error = await calculate("EMBED_SIM", [["c"]], [["d"]]);
+  assert.equal(error.code, "#VALUE!");
+  assert.equal(error.message, "The embedding server is busy or unavailable: The model is busy. Recalculate to retry.");
+  functions.configure({ maxRetries: 4 });
+});
+
+test("a server that does not answer in time is a readable timeout", async (t) => {
+  const url = await fakeServer(t, (request, response) => {
+    if (request.method === "GET") return answer(response, 200, MODELS);
+    // never answers an embedding request
+  });
+  functions.configure({ serverUrl: url, apiKey: "", fetch: undefined, timeoutMs: 300 });
+  const error = await calculate("EMBED", [["a"]]);
+  assert.equal(error.code, "#VALUE!");
+  assert.match(error.message, /did not answer within 0\.3 s\. It may be starting or busy; recalculate/);
+  functions.configure({ timeoutMs: 300000 });
+});
+
+test("bad arguments are a sentence naming the formula", async () => {
+  const error = await calculate("EMBED_SIM", [["a"], ["b"]], [["x", "y", "z"]]);
+  assert.equal(error.message, "EMBED_SIM: a and b must have the same shape, or one must be a single cell; got 2x1 and 1x3.");
+  const k = await calculate("SEMANTIC_SEARCH", "q", [["a"]], 0);
+  assert.equal(k.message, "SEMANTIC_SEARCH: k must be a whole number from 1 to 10000, not 0.");
+});
