@@ -111,6 +111,36 @@ def test_port_without_a_config_file_goes_to_http_options_not_the_app():
         temporary.unlink()
 
 
+
+def test_tls_files_go_to_http_options_and_turn_haproxy_off(tmp_path):
+    for name in ("cert.pem", "key.pem"):
+        (tmp_path / name).write_text("-----BEGIN TEST-----\n")
+    command, temporary = serve_run_command([
+        "model=bundled:minilm", f"tls_certfile={tmp_path / 'cert.pem'}", f"tls_keyfile={tmp_path / 'key.pem'}"])
+    try:
+        config = yaml.safe_load(temporary.read_text())
+        assert config["http_options"]["ssl_certfile"] == str(tmp_path / "cert.pem")
+        assert config["http_options"]["ssl_keyfile"] == str(tmp_path / "key.pem")
+        assert "tls_certfile" not in config["applications"][0]["args"]
+    finally:
+        temporary.unlink()
+    # Serve's HAProxy takes no certificate: Ray's own proxy fronts an HTTPS service.
+    assert tuned_environment({"RAY_SERVE_ENABLE_HA_PROXY": "1"}, tls=True)["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
+    assert tuned_environment({})["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+
+
+def test_tls_files_that_cannot_work_stop_the_start_with_a_sentence(tmp_path):
+    (tmp_path / "cert.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    (tmp_path / "key.der").write_bytes(b"\x30\x82binary")
+    cases = {
+        "needs both tls_certfile and tls_keyfile": [f"tls_certfile={tmp_path / 'cert.pem'}"],
+        "Cannot read ssl_keyfile": [f"tls_certfile={tmp_path / 'cert.pem'}", f"tls_keyfile={tmp_path / 'nope.pem'}"],
+        "is not a PEM file": [f"tls_certfile={tmp_path / 'cert.pem'}", f"tls_keyfile={tmp_path / 'key.der'}"],
+    }
+    for message, overrides in cases.items():
+        with pytest.raises(ValueError, match=message):
+            serve_run_command(["model=bundled:minilm", *overrides])
+
 def test_busy_ports_are_named():
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

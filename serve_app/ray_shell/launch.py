@@ -27,7 +27,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from serve_app.ray_shell.preflight import DEFAULT_PORT, check_models, checked_config, read_config
+from serve_app.ray_shell.preflight import (
+    DEFAULT_PORT,
+    check_models,
+    checked_config,
+    read_config,
+    uses_tls,
+)
 
 # Measured on a 2-core CPU machine (README, bench/serve_bench.py): single-text p50 went from
 # +34 ms over the raw model to +10 ms, throughput from 0.62x to 0.98x of raw.
@@ -55,10 +61,14 @@ SIDE_PORTS = {
 }
 
 
-def tuned_environment(base: dict[str, str] | None = None, port: int = DEFAULT_PORT) -> dict[str, str]:
+def tuned_environment(base: dict[str, str] | None = None, port: int = DEFAULT_PORT,
+                      tls: bool = False) -> dict[str, str]:
     """`base` (default: this process's environment) with the tuned flags and side ports for
-    a service on `port`, each unless already set."""
+    a service on `port`, each unless already set. With `tls`, Ray's own proxy fronts the
+    service: the HAProxy that Serve manages has no way to be given a certificate."""
     env = dict(os.environ if base is None else base)
+    if tls:
+        env["RAY_SERVE_ENABLE_HA_PROXY"] = "0"
     for key, value in FAST_SERVE_ENV.items():
         env.setdefault(key, value)
     if env["RAY_SERVE_ENABLE_HA_PROXY"] == "1":
@@ -233,12 +243,16 @@ def main(argv: list[str]) -> int:
     try:
         try:
             command, temporary = serve_run_command(argv)
-            check_models(read_config(command[-1]))
+            config = read_config(command[-1])
+            check_models(config)
             port = http_port(argv)
         except (ValueError, OSError) as exc:
             print(f"Error: {exc}", file=sys.stderr)
             return 2
-        env = tuned_environment(port=port)
+        env = tuned_environment(port=port, tls=uses_tls(config))
+        if uses_tls(config):
+            print(f"HTTPS on port {port}, through Ray's own proxy (HAProxy, the faster front, "
+                  "cannot carry a certificate).", file=sys.stderr)
         if busy := busy_ports(env, port):
             print(
                 f"Error: already in use: {'; '.join(busy)}. Is another instance running on this "

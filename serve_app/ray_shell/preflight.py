@@ -53,6 +53,10 @@ def checked_config(config: str | None, overrides: dict[str, str]) -> dict:
         http["host"] = overrides.pop("host")
     if "port" in overrides:
         http["port"] = _port_number(overrides.pop("port"))
+    for ours, ray_name in TLS_SETTINGS.items():
+        if ours in overrides:
+            http[ray_name] = str(Path(overrides.pop(ours)).expanduser().resolve())
+    _check_tls(http, config or "the command line")
     source = config or "the command line"
     apps = data.get("applications")
     if not isinstance(apps, list) or not apps or not all(isinstance(a, dict) for a in apps):
@@ -71,6 +75,35 @@ def checked_config(config: str | None, overrides: dict[str, str]) -> dict:
         elif ours:
             _app_args(app.get("args") or {}, where)
     return data
+
+
+# tls_certfile= and tls_keyfile= on the command line are Ray Serve's http_options.
+TLS_SETTINGS = {"tls_certfile": "ssl_certfile", "tls_keyfile": "ssl_keyfile"}
+
+
+def uses_tls(data: dict) -> bool:
+    """Whether a checked config serves HTTPS."""
+    return bool((data.get("http_options") or {}).get("ssl_certfile"))
+
+
+def _check_tls(http: dict, source: str) -> None:
+    """Both files or neither, each readable, else one line saying which."""
+    given = {name: http.get(name) for name in TLS_SETTINGS.values()}
+    if not any(given.values()):
+        return
+    if not all(given.values()):
+        raise ValueError(
+            f"HTTPS needs both tls_certfile and tls_keyfile (ssl_certfile and ssl_keyfile in "
+            f"http_options), in {source}."
+        )
+    for name, path in given.items():
+        try:
+            with open(path, "rb") as f:
+                head = f.read(64)
+        except OSError as exc:
+            raise ValueError(f"Cannot read {name} {path}: {exc.strerror}.") from None
+        if b"-----BEGIN" not in head:
+            raise ValueError(f"{name} {path} is not a PEM file (it should begin with -----BEGIN).")
 
 
 def _port_number(value: str) -> int:
