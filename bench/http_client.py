@@ -2,6 +2,7 @@
 
     python bench/http_client.py throughput URL --concurrency 8 --per-request 16 --texts 2000
     python bench/http_client.py latency URL --requests 25 --offset 0
+    python bench/http_client.py latency https://127.0.0.1:8443 --cafile ca.pem
 
 Prints one JSON object. It asks for base64, as the official openai client does.
 """
@@ -31,11 +32,19 @@ def check(reply: httpx.Response, count: int) -> None:
     np.frombuffer(base64.b64decode(data[0]["embedding"]), dtype="<f4")
 
 
-async def throughput(url: str, texts: int, per_request: int, concurrency: int) -> dict:
+def trust(cafile: str | None):
+    """httpx's verify: the system's CAs, or the one CA file given."""
+    import ssl
+
+    return ssl.create_default_context(cafile=cafile) if cafile else True
+
+
+async def throughput(url: str, texts: int, per_request: int, concurrency: int,
+                     cafile: str | None = None) -> dict:
     corpus = sentences(texts)
     chunks = [corpus[i : i + per_request] for i in range(0, len(corpus), per_request)]
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits, verify=trust(cafile)) as client:
         for chunk in chunks[:concurrency]:  # open the connections
             check(await client.post("/v1/embeddings", json={"input": chunk[:1], "encoding_format": "base64"}), 1)
         queue: asyncio.Queue = asyncio.Queue()
@@ -53,13 +62,13 @@ async def throughput(url: str, texts: int, per_request: int, concurrency: int) -
         return {"texts_per_s": len(corpus) / (time.perf_counter() - start)}
 
 
-def latency(url: str, requests: int, offset: int) -> dict:
+def latency(url: str, requests: int, offset: int, cafile: str | None = None) -> dict:
     """Milliseconds per request, and the server's own split from its Server-Timing header."""
     import re
 
     texts = short_texts(offset + requests + 5)
     out, ingress, model = [], [], []
-    with httpx.Client(base_url=url, timeout=120) as client:
+    with httpx.Client(base_url=url, timeout=120, verify=trust(cafile)) as client:
         for text in texts[:5]:
             check(client.post("/v1/embeddings", json={"input": text, "encoding_format": "base64"}), 1)
         for text in texts[offset + 5 :]:
@@ -82,11 +91,12 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--requests", type=int, default=25)
     parser.add_argument("--offset", type=int, default=0)
+    parser.add_argument("--cafile", help="trust this CA (PEM) for an https:// URL")
     opts = parser.parse_args()
     if opts.what == "throughput":
-        result = asyncio.run(throughput(opts.url, opts.texts, opts.per_request, opts.concurrency))
+        result = asyncio.run(throughput(opts.url, opts.texts, opts.per_request, opts.concurrency, opts.cafile))
     else:
-        result = latency(opts.url, opts.requests, opts.offset)
+        result = latency(opts.url, opts.requests, opts.offset, opts.cafile)
     print(json.dumps(result))
 
 

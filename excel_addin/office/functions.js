@@ -14,10 +14,18 @@
   const { BLANK, CellError, asGrid, cellText, flatten, shape } = cells;
 
   const STORAGE_KEYS = { apiKey: "sheet-embeddings.api-key", instruction: "sheet-embeddings.instruction" };
-  const settings = { serverUrl: "", apiKey: "", instruction: "" };
+  const settings = { serverUrl: defaultServerUrl(), apiKey: "", instruction: "" };
   let client = null;
 
   class InputError extends Error {}
+
+  /** The service that serves this page: the API lives beside /excel/. */
+  function defaultServerUrl() {
+    const here = globalThis.location && globalThis.location.href;
+    if (!here) return "";
+    const at = here.indexOf("/excel/");
+    return at >= 0 ? here.slice(0, at) : globalThis.location.origin;
+  }
 
   /** The shared client; a new one (and cache) when the server or key changes. */
   function getClient() {
