@@ -166,9 +166,10 @@ def test_a_second_instance_on_a_taken_port_stops_with_a_sentence():
 
 
 def service_env(**extra: str) -> dict[str, str]:
-    """This environment without the session's Ray and Serve settings, offline."""
+    """This environment without the session's Ray and Serve settings, offline. A stop waits
+    out the ingress's draining period: 1 s here (30 s by default), as for the session's cluster."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_SERVE_", "RAY_ADDRESS"))}
-    return {**env, "HF_HUB_OFFLINE": "1", **extra}
+    return {**env, "HF_HUB_OFFLINE": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1", **extra}
 
 
 def launch(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess:
