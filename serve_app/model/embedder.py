@@ -68,8 +68,8 @@ class TextEmbedder:
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id or 0
-        self._eos_id = self._eos_to_append()
         self._specials = self._special_tokens_around_a_text()
+        self._eos_id = self._eos_to_append()
         self.runtime = Runtime(str(self.device), _dtype_name(self.dtype), dtype_reason)
         logger.info(
             "Loaded %s on %s in %s (%s) in %.2f s, %d dims, pooling=%s, max %d tokens, "
@@ -202,9 +202,7 @@ class TextEmbedder:
         """
         if self.spec.pooling != "lasttoken":
             return None
-        marked = self.tokenizer("a", add_special_tokens=True)["input_ids"]
-        plain = self.tokenizer("a", add_special_tokens=False)["input_ids"]
-        if len(marked) > len(plain) and marked[-1] != plain[-1]:
+        if self._specials[1]:
             return None  # the tokenizer ends every input with a token of its own
         eos = getattr(self.model.config, "eos_token_id", None)
         if isinstance(eos, list):

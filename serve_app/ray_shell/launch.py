@@ -249,8 +249,9 @@ def main(argv: list[str]) -> int:
         except (ValueError, OSError) as exc:
             print(f"Error: {exc}", file=sys.stderr)
             return 2
-        env = tuned_environment(port=port, tls=uses_tls(config))
-        if uses_tls(config):
+        tls = uses_tls(config)
+        env = tuned_environment(port=port, tls=tls)
+        if tls:
             print(f"HTTPS on port {port}, through Ray's own proxy (HAProxy, the faster front, "
                   "cannot carry a certificate).", file=sys.stderr)
         if busy := busy_ports(env, port):

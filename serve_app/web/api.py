@@ -69,13 +69,14 @@ async def embeddings(request: Request) -> Response:
         accept_token_ids=args.accept_token_ids, vocab_size=service.spec.vocab_size,
     )
     request.state.texts = len(texts)
-    if not isinstance(texts[0], str) and (body.instruction or body.prompt_name):
+    as_text = isinstance(texts[0], str)
+    if not as_text and (body.instruction or body.prompt_name):
         raise InvalidRequest(
             "'instruction' and 'prompt_name' apply to text; with token ids, send the prompt's "
             "tokens as part of each array.",
             param="instruction" if body.instruction else "prompt_name",
         )
-    prefix = service.prefix(body.instruction, body.prompt_name) if isinstance(texts[0], str) else ""
+    prefix = service.prefix(body.instruction, body.prompt_name) if as_text else ""
     result = await service.embed(texts, prefix, body.dimensions)
     encode = to_base64 if body.encoding_format == "base64" else _as_floats
     data = [

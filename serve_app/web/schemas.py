@@ -225,6 +225,7 @@ def embedding_inputs(
             param="input",
             code="too_many_inputs",
         )
+    high = vocab_size if vocab_size is not None else 2**31
     items = []
     for i, ids in enumerate(arrays):
         where = "input" if arrays is not value else f"input[{i}]"
@@ -236,7 +237,6 @@ def embedding_inputs(
                 param=where,
                 code="input_too_long",
             )
-        high = vocab_size if vocab_size is not None else 2**31
         bad = next((t for t in ids if not 0 <= t < high), None)
         if bad is not None:
             raise InvalidRequest(
