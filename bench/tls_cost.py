@@ -1,4 +1,4 @@
-"""What HTTPS costs: the same service over HTTP (HAProxy front) and over HTTPS (Ray's proxy).
+"""What HTTPS costs: the same service over HTTP and over HTTPS, through HAProxy and through Ray's proxy.
 
     python bench/tls_cost.py
     python bench/tls_cost.py --model /tmp/qwen3-standin --texts 200
@@ -6,8 +6,9 @@
 Starts `python -m serve_app` twice on this machine, once plainly and once with a
 certificate made for the run (tls_certfile=, tls_keyfile=), and measures each with the
 same client (bench/http_client.py): one short text at a time (p50, p90) and throughput
-with 8 clients. Serve's HAProxy front takes no certificate, so HTTPS runs through Ray's
-own proxy; the difference is the front and TLS together.
+with 8 clients. HTTPS runs through HAProxy, which `python -m serve_app` gives the
+certificate (serve_app/ray_shell/haproxy_front.py); a third run measures HTTPS through
+Ray's own proxy (RAY_SERVE_ENABLE_HA_PROXY=0), the front before that change.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ def certificate(directory: Path) -> tuple[str, str, str]:
     return str(ca), str(cert), str(key)
 
 
-def start(args: list[str], url: str, cafile: str | None, log: Path) -> subprocess.Popen:
-    service = subprocess.Popen([sys.executable, "-m", "serve_app", *args], cwd=REPO,
+def start(args: list[str], url: str, cafile: str | None, log: Path, env: dict[str, str]) -> subprocess.Popen:
+    service = subprocess.Popen([sys.executable, "-m", "serve_app", *args], cwd=REPO, env={**os.environ, **env},
                                stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     verify = __import__("ssl").create_default_context(cafile=cafile) if cafile else True
     deadline = time.monotonic() + 300
@@ -90,25 +91,29 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ca, cert, key = certificate(Path(tmp))
         common = [f"model={opts.model}", f"port={opts.port}", "min_replicas=1"]
+        tls = common + [f"tls_certfile={cert}", f"tls_keyfile={key}"]
+        https = f"https://127.0.0.1:{opts.port}"
         runs = {
-            "http (HAProxy)": (common, f"http://127.0.0.1:{opts.port}", None),
-            "https (Ray's proxy)": (common + [f"tls_certfile={cert}", f"tls_keyfile={key}"],
-                                    f"https://127.0.0.1:{opts.port}", ca),
+            "http (HAProxy)": (common, f"http://127.0.0.1:{opts.port}", None, {}),
+            "https (HAProxy)": (tls, https, ca, {}),
+            "https (Ray's proxy)": (tls, https, ca, {"RAY_SERVE_ENABLE_HA_PROXY": "0"}),
         }
-        for name, (args, url, cafile) in runs.items():
-            service = start(args, url, cafile, Path(tmp) / "service.log")
+        for name, (args, url, cafile, env) in runs.items():
+            service = start(args, url, cafile, Path(tmp) / "service.log", env)
             try:
                 results[name] = measure(url, cafile, opts)
             finally:
                 stop(service)
-    plain, secure = results["http (HAProxy)"], results["https (Ray's proxy)"]
+    plain = results["http (HAProxy)"]
     print(f"\n{opts.model}: one short text at a time ({opts.requests} requests), then "
           f"{opts.texts} texts from 8 clients")
     print(f"  {'':22} {'p50 ms':>8} {'p90 ms':>8} {'texts/s':>9}")
     for name, r in results.items():
         print(f"  {name:22} {r['p50_ms']:8.1f} {r['p90_ms']:8.1f} {r['texts_per_s']:9.1f}")
-    print(f"  HTTPS costs {secure['p50_ms'] - plain['p50_ms']:+.1f} ms per short text (p50) and "
-          f"{secure['texts_per_s'] / plain['texts_per_s']:.2f}x the throughput")
+    for name in ("https (HAProxy)", "https (Ray's proxy)"):
+        secure = results[name]
+        print(f"  {name} costs {secure['p50_ms'] - plain['p50_ms']:+.1f} ms per short text (p50) and "
+              f"runs at {secure['texts_per_s'] / plain['texts_per_s']:.2f}x the throughput of http")
     if opts.json:
         opts.json.parent.mkdir(parents=True, exist_ok=True)
         opts.json.write_text(json.dumps(results, indent=2))

@@ -238,18 +238,18 @@ class ServeCluster:
 
 
 @pytest.fixture(scope="session")
-def serve_cluster():
+def serve_cluster(tmp_path_factory):
     """One local Ray cluster for every Ray test; its node declares one logical GPU."""
     import ray
     from ray import serve
 
-    from serve_app.ray_shell.launch import tuned_environment
+    from serve_app.ray_shell.launch import front_environment, tuned_environment
 
-    # The production mode (HAProxy ingress, Ray's throughput profile), with Ray's side
-    # ports (fallback proxy, HAProxy's stats and metrics) following the service's free
-    # port, so a development server on this machine cannot clash with the tests.
+    # The production mode (HAProxy ingress through our front, Ray's throughput profile),
+    # with Ray's side ports (fallback proxy, HAProxy's stats and metrics) following the
+    # service's free port, so a development server on this machine cannot clash with the tests.
     port = free_port(side_ports=True)
-    os.environ.update(tuned_environment(port=port))
+    os.environ.update(front_environment(tuned_environment(port=port), tmp_path_factory.mktemp("front")))
     # Each test deletes its app; in production an ingress drains 30 s before it stops.
     os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "1"
     metrics_port = free_port()

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_without_a_config_file_the_service_stays_on_this_machine():
-    command, temporary = serve_run_command(["model=bundled:minilm", "gpu_fraction=0"])
+    command, temporary, _ = serve_run_command(["model=bundled:minilm", "gpu_fraction=0"])
     try:
         config = yaml.safe_load(temporary.read_text())
         assert command[-1] == str(temporary)
@@ -44,12 +44,12 @@ def test_without_a_config_file_the_service_stays_on_this_machine():
 
 
 def test_config_file_runs_as_it_is_without_overrides():
-    command, temporary = serve_run_command(["serve_config.yaml"])
+    command, temporary, _ = serve_run_command(["serve_config.yaml"])
     assert command[-1] == "serve_config.yaml" and temporary is None
 
 
 def test_config_file_with_overrides_gets_a_checked_copy():
-    command, temporary = serve_run_command(["serve_config.yaml", "model=bundled:minilm", "port=8011"])
+    command, temporary, _ = serve_run_command(["serve_config.yaml", "model=bundled:minilm", "port=8011"])
     try:
         config = yaml.safe_load(temporary.read_text())
         assert command[-1] == str(temporary)
@@ -100,7 +100,7 @@ def test_http_port_comes_from_the_override_then_the_config_file(tmp_path):
 
 
 def test_port_without_a_config_file_goes_to_http_options_not_the_app():
-    command, temporary = serve_run_command(["model=bundled:minilm", "port=8011"])
+    command, temporary, _ = serve_run_command(["model=bundled:minilm", "port=8011"])
     try:
         config = yaml.safe_load(temporary.read_text())
         assert command[-1] == str(temporary)
@@ -112,20 +112,29 @@ def test_port_without_a_config_file_goes_to_http_options_not_the_app():
 
 
 
-def test_tls_files_go_to_http_options_and_turn_haproxy_off(tmp_path):
+def test_tls_files_go_to_haproxy_or_else_to_rays_proxy(tmp_path):
     for name in ("cert.pem", "key.pem"):
         (tmp_path / name).write_text("-----BEGIN TEST-----\n")
-    command, temporary = serve_run_command([
-        "model=bundled:minilm", f"tls_certfile={tmp_path / 'cert.pem'}", f"tls_keyfile={tmp_path / 'key.pem'}"])
+    args = ["model=bundled:minilm", f"tls_certfile={tmp_path / 'cert.pem'}", f"tls_keyfile={tmp_path / 'key.pem'}"]
+    # HAProxy ends TLS: the replicas behind it get no certificate.
+    command, temporary, https = serve_run_command(args)
     try:
         config = yaml.safe_load(temporary.read_text())
-        assert config["http_options"]["ssl_certfile"] == str(tmp_path / "cert.pem")
-        assert config["http_options"]["ssl_keyfile"] == str(tmp_path / "key.pem")
+        assert https == (str(tmp_path / "cert.pem"), str(tmp_path / "key.pem"))
+        assert "ssl_certfile" not in config["http_options"] and "ssl_keyfile" not in config["http_options"]
         assert "tls_certfile" not in config["applications"][0]["args"]
     finally:
         temporary.unlink()
-    # Serve's HAProxy takes no certificate: Ray's own proxy fronts an HTTPS service.
-    assert tuned_environment({"RAY_SERVE_ENABLE_HA_PROXY": "1"}, tls=True)["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
+    # Without HAProxy (RAY_SERVE_ENABLE_HA_PROXY=0), Ray's own proxy serves HTTPS.
+    command, temporary, https = serve_run_command(args, haproxy_https=False)
+    try:
+        config = yaml.safe_load(temporary.read_text())
+        assert https is None
+        assert config["http_options"]["ssl_certfile"] == str(tmp_path / "cert.pem")
+        assert config["http_options"]["ssl_keyfile"] == str(tmp_path / "key.pem")
+    finally:
+        temporary.unlink()
+    assert tuned_environment({"RAY_SERVE_ENABLE_HA_PROXY": "1"}, ray_proxy=True)["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
     assert tuned_environment({})["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
 
 
@@ -272,9 +281,27 @@ def wait_until_serving(service: subprocess.Popen, port: int, timeout_s: float = 
     wait_for(answers, timeout_s, f"the service to answer on port {port}", interval_s=1)
 
 
+def answers_until_serving(service: subprocess.Popen, port: int, timeout_s: float = 180) -> list[httpx.Response]:
+    """Every HTTP answer to a one-text embeddings request, sent again and again from the
+    start, up to and including the first 200."""
+    answers = []
+
+    def served() -> bool:
+        assert service.poll() is None, "the service stopped during start-up"
+        try:
+            reply = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"input": "hi"}, timeout=30)
+        except httpx.HTTPError:  # not listening yet, or held while the replica starts
+            return False
+        answers.append(reply)
+        return reply.status_code == 200
+
+    wait_for(served, timeout_s, f"the service to answer on port {port}", interval_s=0.1)
+    return answers
+
+
 @pytest.mark.ray
 @pytest.mark.slow
-def test_the_start_command_serves_on_loopback_and_stops_on_sigterm_from_a_background_shell():
+def test_the_start_command_answers_503_until_ready_serves_on_loopback_and_stops_on_sigterm():
     port = free_port(side_ports=True)
     service = subprocess.Popen(
         [sys.executable, "-m", "serve_app", "model=bundled:minilm", f"port={port}"],
@@ -284,9 +311,12 @@ def test_the_start_command_serves_on_loopback_and_stops_on_sigterm_from_a_backgr
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        wait_until_serving(service, port)
-        reply = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"input": "hi"}, timeout=60)
-        assert reply.status_code == 200
+        answers = answers_until_serving(service, port)
+        # Before the application is deployed: 503 "starting" in the envelope, never a 404.
+        for reply in answers[:-1]:
+            assert (reply.status_code, reply.json()["error"]["code"]) == (503, "starting"), reply.text
+            assert reply.headers["retry-after"] and reply.headers["x-request-id"]
+        assert answers[-1].status_code == 200
         # Only on loopback (Ray's default in this mode would be every interface).
         rows = [line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:]]
         listening = {row[1] for row in rows if row[3] == "0A"}  # state LISTEN

@@ -11,7 +11,9 @@ line and before Ray starts, a config file that cannot work (a setting AppArgs
 rejects, a model that cannot be found, an import path Python cannot find, YAML
 that does not parse) or a port that is taken. Ctrl-C, SIGTERM (to it or to its
 process group) and SIGHUP (the terminal closing) stop it gracefully, and every
-port it opened is free again when it exits.
+port it opened is free again when it exits. Serve's HAProxy runs through
+`haproxy_front`: the service answers 503 "starting" (not Ray's plain 404) until its
+application is deployed, and HTTPS (tls_certfile=, tls_keyfile=) goes through HAProxy too.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,12 +31,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from serve_app.ray_shell import haproxy_front
 from serve_app.ray_shell.preflight import (
     DEFAULT_PORT,
     check_models,
     checked_config,
     read_config,
-    uses_tls,
+    tls_files,
 )
 
 # Measured on a 2-core CPU machine (README, bench/serve_bench.py): single-text p50 went from
@@ -62,12 +67,13 @@ SIDE_PORTS = {
 
 
 def tuned_environment(base: dict[str, str] | None = None, port: int = DEFAULT_PORT,
-                      tls: bool = False) -> dict[str, str]:
+                      ray_proxy: bool = False) -> dict[str, str]:
     """`base` (default: this process's environment) with the tuned flags and side ports for
-    a service on `port`, each unless already set. With `tls`, Ray's own proxy fronts the
-    service: the HAProxy that Serve manages has no way to be given a certificate."""
+    a service on `port`, each unless already set. With `ray_proxy`, Ray's own proxy fronts
+    the service instead of HAProxy (for a key file with a password, which HAProxy cannot
+    be given)."""
     env = dict(os.environ if base is None else base)
-    if tls:
+    if ray_proxy:
         env["RAY_SERVE_ENABLE_HA_PROXY"] = "0"
     for key, value in FAST_SERVE_ENV.items():
         env.setdefault(key, value)
@@ -75,6 +81,31 @@ def tuned_environment(base: dict[str, str] | None = None, port: int = DEFAULT_PO
         for key, (offset, _) in SIDE_PORTS.items():
             if 0 < port + offset < 65536:
                 env.setdefault(key, str(port + offset))
+    return env
+
+
+def front_environment(env: dict[str, str], directory: Path,
+                      tls_files: tuple[str, str] | None = None) -> dict[str, str]:
+    """`env` with Serve's HAProxy run through `haproxy_front` (503 while starting, HTTPS),
+    its files written to `directory` (private: it may hold a copy of the TLS key).
+    Unchanged where Ray's own proxy fronts the service."""
+    if env.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
+        return env
+    env = dict(env)
+    real = env.get("RAY_SERVE_HAPROXY_BINARY_PATH") or haproxy_front.real_binary()
+    script = directory / "haproxy"
+    script.write_text(
+        "#!/bin/sh\n"
+        f"exec {shlex.quote(sys.executable)} -I {shlex.quote(haproxy_front.__file__)} \"$@\"\n"
+    )
+    script.chmod(0o700)
+    env.update({"RAY_SERVE_HAPROXY_BINARY_PATH": str(script), haproxy_front.REAL_BINARY_VARIABLE: real})
+    if tls_files is not None:
+        # HAProxy takes the certificate and its key in one file.
+        pem = directory / "certificate-and-key.pem"
+        pem.touch(mode=0o600)
+        pem.write_bytes(b"\n".join(Path(name).read_bytes().strip() for name in tls_files) + b"\n")
+        env[haproxy_front.CERTIFICATE_VARIABLE] = str(pem)
     return env
 
 
@@ -117,23 +148,34 @@ def http_port(argv: list[str]) -> int:
     return DEFAULT_PORT
 
 
-def serve_run_command(argv: list[str]) -> tuple[list[str], Path | None]:
-    """The `serve run` command for our arguments, and a temporary config file if one was made.
+def serve_run_command(argv: list[str], haproxy_https: bool = True
+                      ) -> tuple[list[str], Path | None, tuple[str, str] | None]:
+    """The `serve run` command for our arguments, a temporary config file if one was made,
+    and the certificate and key HAProxy is to serve HTTPS with.
 
     The configuration it gets is checked first (`checked_config`): a ValueError, in one line,
-    rather than a `serve run` that logs the error and runs on with no application.
+    rather than a `serve run` that logs the error and runs on with no application. With
+    `haproxy_https` (HAProxy fronts the service), an HTTPS config's certificate and key are
+    taken out of http_options for HAProxy: it ends TLS, and the replicas behind it answer
+    plain HTTP on loopback. A key with a password stays with Ray's own proxy.
     """
     import yaml
 
     config, overrides = _split(argv)
     data = checked_config(config, overrides)
+    tls = tls_files(data)
+    http = data.get("http_options") or {}
+    if tls is not None and haproxy_https and not http.get("ssl_keyfile_password"):
+        del http["ssl_certfile"], http["ssl_keyfile"]
+    else:
+        tls = None
     base = [sys.executable, "-m", "ray.serve.scripts", "run"]
-    if config is not None and not overrides:
-        return base + [config], None
+    if config is not None and not overrides and tls is None:
+        return base + [config], None, None
     handle, name = tempfile.mkstemp(prefix="serve_config-", suffix=".yaml")
     with os.fdopen(handle, "w") as f:
         yaml.safe_dump(data, f)
-    return base + [name], Path(name)
+    return base + [name], Path(name), tls
 
 
 # Every process this run starts (serve run, Ray's daemons and workers, the HAProxy a worker
@@ -239,21 +281,19 @@ def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__.strip())
         return 0
-    temporary = None
+    temporary = front = None
     try:
         try:
-            command, temporary = serve_run_command(argv)
+            haproxy = os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", "1") == "1"
+            command, temporary, https = serve_run_command(argv, haproxy_https=haproxy)
             config = read_config(command[-1])
             check_models(config)
             port = http_port(argv)
         except (ValueError, OSError) as exc:
             print(f"Error: {exc}", file=sys.stderr)
             return 2
-        tls = uses_tls(config)
-        env = tuned_environment(port=port, tls=tls)
-        if tls:
-            print(f"HTTPS on port {port}, through Ray's own proxy (HAProxy, the faster front, "
-                  "cannot carry a certificate).", file=sys.stderr)
+        # HTTPS still in http_options: Ray's own proxy serves it.
+        env = tuned_environment(port=port, ray_proxy=tls_files(config) is not None)
         if busy := busy_ports(env, port):
             print(
                 f"Error: already in use: {'; '.join(busy)}. Is another instance running on this "
@@ -262,7 +302,18 @@ def main(argv: list[str]) -> int:
                 file=sys.stderr,
             )
             return 2
+        front = Path(tempfile.mkdtemp(prefix="sheet-embeddings-front-"))
+        try:
+            env = front_environment(env, front, https)
+        except OSError as exc:
+            print(f"Error: cannot set up the HTTP front: {exc}", file=sys.stderr)
+            return 2
+        if https or tls_files(config):
+            via = "HAProxy" if https else "Ray's own proxy"
+            print(f"HTTPS on port {port}, through {via}.", file=sys.stderr)
         return run(command, env)
     finally:
         if temporary is not None:
             temporary.unlink(missing_ok=True)
+        if front is not None:
+            shutil.rmtree(front, ignore_errors=True)

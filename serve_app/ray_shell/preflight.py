@@ -81,9 +81,12 @@ def checked_config(config: str | None, overrides: dict[str, str]) -> dict:
 TLS_SETTINGS = {"tls_certfile": "ssl_certfile", "tls_keyfile": "ssl_keyfile"}
 
 
-def uses_tls(data: dict) -> bool:
-    """Whether a checked config serves HTTPS."""
-    return bool((data.get("http_options") or {}).get("ssl_certfile"))
+def tls_files(data: dict) -> tuple[str, str] | None:
+    """A checked config's certificate and key files, when it serves HTTPS."""
+    http = data.get("http_options") or {}
+    if not http.get("ssl_certfile"):
+        return None
+    return http["ssl_certfile"], http["ssl_keyfile"]
 
 
 def _check_tls(http: dict, source: str) -> None:

