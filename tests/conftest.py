@@ -184,6 +184,16 @@ _TEST_PORTS = range(20000, min(28800, max(_ephemeral_low() - 1200, 21000)))
 _handed_out: set[int] = set()
 
 
+def service_env(**extra: str) -> dict[str, str]:
+    """For a `python -m serve_app` a test starts: this environment without the session
+    cluster's Ray, Serve and front settings (its side ports, its HAProxy front), offline.
+    A stop waits out the ingress's draining period: 1 s here (30 s by default), as for the
+    session's cluster."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RAY_SERVE_", "RAY_ADDRESS", "SHEET_EMBEDDINGS_"))}
+    return {**env, "HF_HUB_OFFLINE": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1", **extra}
+
+
 def free_port(side_ports: bool = False) -> int:
     """A port nothing is bound to; with `side_ports`, the ports Ray opens beside a service
     on it in HAProxy mode (serve_app.ray_shell.launch.SIDE_PORTS) are free too."""

@@ -16,7 +16,7 @@ import pytest
 
 from serve_app.ray_shell import haproxy_front
 from serve_app.ray_shell.launch import front_environment, tuned_environment
-from tests.conftest import free_port, wait_for
+from conftest import free_port, wait_for
 
 
 def ray_config(directory: Path, port: int, routes: bool) -> Path:
@@ -169,3 +169,16 @@ def test_the_front_script_execs_the_real_binary_with_the_edited_file(tmp_path):
 def test_ray_proxy_mode_is_left_alone(tmp_path):
     env = tuned_environment({"RAY_SERVE_ENABLE_HA_PROXY": "0"})
     assert front_environment(env, tmp_path) == env
+
+
+def test_a_front_set_up_twice_still_runs_the_real_binary(tmp_path):
+    """An environment that already has a front (a service started from another's shell)
+    must not make the front exec itself."""
+    first = front(tmp_path)
+    (tmp_path / "again").mkdir()
+    second = front_environment(first, tmp_path / "again")
+    assert second[haproxy_front.REAL_BINARY_VARIABLE] == first[haproxy_front.REAL_BINARY_VARIABLE]
+    config = ray_config(tmp_path, free_port(), routes=False)
+    checked = subprocess.run([second["RAY_SERVE_HAPROXY_BINARY_PATH"], "-c", "-f", str(config)],
+                             env=second, capture_output=True, text=True, timeout=30)
+    assert checked.returncode == 0, checked.stderr

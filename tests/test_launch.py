@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import free_port, processes_with, wait_for
+from conftest import free_port, processes_with, service_env, wait_for
 
 from serve_app.ray_shell.launch import (
     FAST_SERVE_ENV,
@@ -172,13 +172,6 @@ def test_a_second_instance_on_a_taken_port_stops_with_a_sentence():
     assert out.returncode == 2
     assert f"already in use: port {port}, for the service" in out.stderr
     assert "Traceback" not in out.stderr
-
-
-def service_env(**extra: str) -> dict[str, str]:
-    """This environment without the session's Ray and Serve settings, offline. A stop waits
-    out the ingress's draining period: 1 s here (30 s by default), as for the session's cluster."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_SERVE_", "RAY_ADDRESS"))}
-    return {**env, "HF_HUB_OFFLINE": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1", **extra}
 
 
 def launch(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess:

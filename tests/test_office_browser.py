@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import free_port, wait_for
+from conftest import free_port, service_env, wait_for
 
 from bench.certificates import make_certificate
 
@@ -81,10 +81,8 @@ def https_service(tmp_path_factory):
     command = [sys.executable, "-m", "serve_app", "model=bundled:minilm", f"port={port}",
                f"tls_certfile={cert}", f"tls_keyfile={key}", "min_replicas=1"]
     log = (directory / "service.log").open("w")
-    # Stopping waits out the ingress's draining period: 1 s here, as for the session's cluster.
-    env = {**os.environ, "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
     service = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True, env=env)
+                               start_new_session=True, env=service_env())
     base = f"https://127.0.0.1:{port}"
 
     def ready() -> bool:

@@ -92,7 +92,10 @@ def front_environment(env: dict[str, str], directory: Path,
     if env.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
         return env
     env = dict(env)
-    real = env.get("RAY_SERVE_HAPROXY_BINARY_PATH") or haproxy_front.real_binary()
+    # The operator's own HAProxy if they named one; a front of ours already set up (an
+    # environment passed down) names the real binary behind it.
+    real = (env.get(haproxy_front.REAL_BINARY_VARIABLE) or env.get("RAY_SERVE_HAPROXY_BINARY_PATH")
+            or haproxy_front.real_binary())
     script = directory / "haproxy"
     script.write_text(
         "#!/bin/sh\n"
