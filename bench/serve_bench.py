@@ -16,8 +16,9 @@ Raw is measured at the service's defaults (dtype=auto), in float32 (the old
 default, the baseline of the real-model targets), and with two forward workers
 of one thread each (the replica's split on a 2-core CPU); "best raw" is the
 fastest of these. `--infinity` also serves the model with infinity-emb (torch
-engine, bfloat16, its own virtual environment) on the next port and drives it
-with the same client in the same rounds.
+engine, in the dtype ours picks on this CPU unless `--infinity-dtype` says otherwise,
+its own virtual environment) on the next port and drives it with the same client in
+the same rounds.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def main() -> None:
     parser.add_argument("--no-float32", action="store_true",
                         help="skip the float32 raw baseline (it takes a while on a large model)")
     parser.add_argument("--infinity", help="infinity_emb executable: serve the model with it too")
+    parser.add_argument("--infinity-dtype", help="infinity's --dtype (default: the one dtype=auto picks here)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     opts = parser.parse_args()
 
@@ -94,7 +96,10 @@ def main() -> None:
         baseline = None
         if not opts.no_float32 and raw_model.dtype != torch.float32:
             baseline = TextEmbedder(spec, dtype="float32", cpu_threads=default_cpu_threads())
-        peer = start_infinity(opts.infinity, opts.model, opts.port + 1) if opts.infinity else None
+        # The peer runs in the dtype ours chose on this CPU (bfloat16 where it is fast, float32
+        # elsewhere: emulated bfloat16 is several times slower), unless told otherwise.
+        peer_dtype = opts.infinity_dtype or str(raw_model.dtype).removeprefix("torch.")
+        peer = start_infinity(opts.infinity, opts.model, opts.port + 1, peer_dtype) if opts.infinity else None
         try:
             # The machine's speed drifts over minutes, so raw and served alternate.
             raw, served, infinity = compare(
@@ -116,6 +121,7 @@ def main() -> None:
         serve.shutdown()
         ray.shutdown()
     results = {"model": opts.model, "cpus": os.cpu_count(), "texts": opts.texts,
+               "infinity_dtype": peer_dtype if opts.infinity else None,
                "raw": raw, "served": served, "infinity": infinity, "cold_start_s": cold,
                "settings": extra,
                "ray_env": opts.ray_env, "tuned": not opts.untuned}
@@ -228,8 +234,8 @@ def matmul_gflops() -> dict[str, float]:
     return speeds
 
 
-def start_infinity(executable: str, model: str, port: int):
-    """infinity-emb serving `model` on 127.0.0.1:`port` (torch engine, bfloat16); (process, URL)."""
+def start_infinity(executable: str, model: str, port: int, dtype: str):
+    """infinity-emb serving `model` on 127.0.0.1:`port` (torch engine, `dtype`); (process, URL)."""
     import httpx
 
     from serve_app.core.modelinfo import resolve_model
@@ -238,7 +244,7 @@ def start_infinity(executable: str, model: str, port: int):
            "INFINITY_ANONYMOUS_USAGE_STATS": "0", "DO_NOT_TRACK": "1"}
     command = [executable, "v2", "--model-id", resolve_model(model).source,
                "--served-model-name", "peer", "--engine", "torch", "--device", "cpu",
-               "--dtype", "bfloat16", "--host", "127.0.0.1", "--port", str(port),
+               "--dtype", dtype, "--host", "127.0.0.1", "--port", str(port),
                "--url-prefix", "/v1", "--batch-size", "32", "--no-bettertransformer",
                "--no-compile", "--no-vector-disk-cache", "--no-model-warmup"]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,

@@ -92,6 +92,24 @@ def test_results_do_not_depend_on_batch_company(bundled_embedder):
     assert cosine_rows(alone, together).min() >= 0.99999
 
 
+def test_a_pass_takes_its_new_thread_share_at_the_next_block(bundled_embedder):
+    """When another worker starts (or ends) during a long pass, the running pass moves to
+    its new share of the cores at its next transformer block, not when it ends."""
+    import torch
+
+    answers = iter([2] + [1] * 100)  # the pass starts alone; then a second worker starts
+    seen = []
+    last = bundled_embedder.model.encoder.layer[-1]
+    handle = last.register_forward_pre_hook(lambda _m, _a: seen.append(torch.get_num_threads()))
+    try:
+        bundled_embedder.encode(["a lease of the ground floor"], lambda: next(answers))
+    finally:
+        handle.remove()
+        bundled_embedder.encode(["reset"], lambda: 1)
+    assert seen == [1]
+    assert bundled_embedder._thread_state.source is None  # nothing kept after the call
+
+
 def test_token_budget_splits_batches_without_changing_results(bundled_spec, bundled_embedder):
     small = TextEmbedder(bundled_spec, dtype="float32", max_batch_tokens=64)
     np.testing.assert_allclose(

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import free_port, wait_for
 
 from serve_app.ray_shell import haproxy_front
 from serve_app.ray_shell.launch import front_environment, tuned_environment
-from conftest import free_port, wait_for
 
 
 def ray_config(directory: Path, port: int, routes: bool) -> Path:

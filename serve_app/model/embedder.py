@@ -65,6 +65,9 @@ class TextEmbedder:
         # borrowed"); forward passes are, so only tokenising is serialised.
         self._tokenizer_lock = threading.Lock()
         self._thread_state = threading.local()
+        if self.device.type == "cpu":
+            for block in _blocks(self.model):
+                block.register_forward_pre_hook(self._recheck_threads)
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id or 0
@@ -95,8 +98,24 @@ class TextEmbedder:
         """Embed `texts` (prompts already applied; or `TokenIds`), longest first in
         token-budget batches.
 
-        `threads`, if given, says before each forward pass how many CPU threads to use.
+        `threads`, if given, says how many CPU threads to use: before each forward pass and
+        again before each transformer block, so that a pass running when another worker
+        starts or ends moves to its new share within one block instead of holding more
+        threads than there are cores (or fewer) until it ends: a large model's pass takes
+        seconds.
         """
+        if self.device.type == "cpu":
+            self._thread_state.source = threads
+        try:
+            return self._encode(texts, threads)
+        finally:
+            self._thread_state.source = None
+
+    def _recheck_threads(self, _module, _args) -> None:
+        if (source := getattr(self._thread_state, "source", None)) is not None:
+            self._use_threads(source())
+
+    def _encode(self, texts: list[Item], threads: Callable[[], int] | None) -> Encoded:
         ids, truncated = self.tokenize(texts)
         vectors = np.empty((len(texts), self.spec.dimensions), dtype=np.float32)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
@@ -333,6 +352,15 @@ def default_batch_tokens(device: torch.device) -> int:
 def default_forward_workers(device: torch.device, cpus: int) -> int:
     """Parallel forward passes per replica: two on a multi-core CPU, one on a GPU."""
     return 2 if device.type == "cpu" and cpus >= 2 else 1
+
+
+def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """A transformer's repeated blocks: its largest ModuleList (Qwen3's `layers`, BERT's
+    `encoder.layer`); none for a model without one."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 1]
+    if not lists:
+        return []
+    return list(max(lists, key=lambda blocks: sum(p.numel() for p in blocks.parameters())))
 
 
 def default_cpu_threads() -> int:

@@ -9,7 +9,8 @@ cancelled before its pass began is dropped; a pass that has begun runs out.
 
 On a CPU, two workers each run a pass on half the cores; a worker that runs
 alone takes all of them. Thread counts are per calling thread in torch, so each
-worker sets its own before every pass. Each worker is one fixed thread, and a
+worker sets its own before every pass, and again before every transformer block
+(TextEmbedder.encode): a pass keeps to its share as the other worker starts or stops. Each worker is one fixed thread, and a
 lone request always goes to worker 0: another thread's OpenMP team would still
 be spinning from its last pass (measured: +3.4 ms per request).
 """
@@ -32,7 +33,7 @@ INLINE_TEXTS = 4
 # meanwhile the replica answers no health check and takes in no request.
 INLINE_MS = 20.0
 MIN_SPLIT_TEXTS = 8  # per worker: smaller batches stay in one pass
-# encode(texts, threads) -> Encoded; threads() is asked before every forward pass.
+# encode(texts, threads) -> Encoded; threads() is asked before every forward pass and block.
 EncodeFn = Callable[[list[Item], Callable[[], int]], Encoded]
 
 
