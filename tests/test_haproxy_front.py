@@ -68,7 +68,7 @@ def run_haproxy(tmp_path):
 
 
 def front(tmp_path: Path, tls: tuple[str, str] | None = None) -> dict[str, str]:
-    directory = tmp_path / "front"
+    directory = tmp_path / "the front"  # a space, as a TMPDIR may have
     directory.mkdir()
     return front_environment(tuned_environment({"PATH": os.environ["PATH"]}), directory, tls)
 
@@ -145,7 +145,7 @@ def test_edits_are_made_once_and_each_is_in_the_configuration(tmp_path):
     edited, notes = haproxy_front.edit_config(text, "/etc/service/both.pem")
     assert notes == []
     assert "status 404" not in edited and "status 503" in edited
-    assert "ssl crt /etc/service/both.pem" in edited
+    assert 'ssl crt "/etc/service/both.pem"' in edited
     assert haproxy_front.edit_config(edited, "/etc/service/both.pem") == (edited, [])
 
 

@@ -85,9 +85,7 @@ def edit_config(text: str, certificate: str | None = None) -> tuple[str, list[st
         if bind_line is None:
             notes.append("no bind line in frontend http_frontend: HTTPS not set up")
         else:
-            if any(ch.isspace() for ch in certificate):
-                raise ValueError(f"HAProxy cannot take a certificate path with spaces: {certificate!r}")
-            lines[bind_line] += f" ssl crt {certificate}  {_MARK} HTTPS"
+            lines[bind_line] += f' ssl crt "{certificate}"  {_MARK} HTTPS'
     if default_rule is None:
         notes.append("Ray's 404 rule in backend default_backend not found: answers left as Ray's")
     else:

@@ -85,10 +85,11 @@ def tuned_environment(base: dict[str, str] | None = None, port: int = DEFAULT_PO
 
 
 def front_environment(env: dict[str, str], directory: Path,
-                      tls_files: tuple[str, str] | None = None) -> dict[str, str]:
+                      certificate: tuple[str, str] | None = None) -> dict[str, str]:
     """`env` with Serve's HAProxy run through `haproxy_front` (503 while starting, HTTPS),
-    its files written to `directory` (private: it may hold a copy of the TLS key).
-    Unchanged where Ray's own proxy fronts the service."""
+    its files written to `directory` (private: it may hold a copy of the TLS key);
+    `certificate`: the (certificate, key) files for HTTPS. Unchanged where Ray's own proxy
+    fronts the service."""
     if env.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
         return env
     env = dict(env)
@@ -103,11 +104,11 @@ def front_environment(env: dict[str, str], directory: Path,
     )
     script.chmod(0o700)
     env.update({"RAY_SERVE_HAPROXY_BINARY_PATH": str(script), haproxy_front.REAL_BINARY_VARIABLE: real})
-    if tls_files is not None:
+    if certificate is not None:
         # HAProxy takes the certificate and its key in one file.
         pem = directory / "certificate-and-key.pem"
         pem.touch(mode=0o600)
-        pem.write_bytes(b"\n".join(Path(name).read_bytes().strip() for name in tls_files) + b"\n")
+        pem.write_bytes(b"\n".join(Path(name).read_bytes().strip() for name in certificate) + b"\n")
         env[haproxy_front.CERTIFICATE_VARIABLE] = str(pem)
     return env
 
