@@ -260,7 +260,7 @@ class EmbedClient:
             ) from None
         except httpx.TimeoutException:
             raise ServiceError(
-                f"The embedding server at {url} did not answer within {self.settings.timeout_s:.0f} s. "
+                f"The embedding server at {url} did not answer within {self.settings.timeout_s:g} s. "
                 "It may be starting or busy; recalculate to try again, or raise EMBED_TIMEOUT_S."
             ) from None
         except httpx.HTTPError as exc:
