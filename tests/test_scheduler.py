@@ -292,3 +292,28 @@ def test_work_whose_caller_was_cancelled_is_dropped_before_its_pass():
     third = run(go())
     encoded = [n for n, _, _ in model.passes]
     assert encoded == [1, 1] and third.vectors[0, 0] == 4.0  # t2, t3 never reached the model
+
+
+def test_an_idle_scheduler_with_a_wait_gathers_what_arrives_meanwhile_into_one_pass():
+    """batch_wait_timeout_s: the first request on an idle scheduler waits that long for
+    company, and everything that came meanwhile shares its pass (even a small request,
+    which would otherwise run inline at once). Without a wait, the first would have run
+    alone, inline, at once."""
+    model = FakeModel()
+    model.encode(["t0"], lambda: 1)  # a timed pass would let a small request run inline
+    model.passes.clear(), model.texts.clear()
+
+    async def go():
+        scheduler = ForwardScheduler(model.encode, workers=2, cpus=2, max_texts=128, wait_s=0.05)
+        scheduler.ms_per_byte = 0.0  # small requests would run inline without the wait
+        first = await queued(scheduler.embed(numbered(1)))
+        assert model.passes == []  # waiting for company
+        later = await queued(scheduler.embed(numbered(2, 3)), scheduler.embed(numbered(4)))
+        return await asyncio.wait_for(asyncio.gather(*first, *later), GATE_TIMEOUT_S)
+
+    results = run(go())
+    assert [values(r) for r in results] == [[1.0], [2.0, 3.0], [4.0]]
+    # Gathered, then shared between the two free workers; none ran alone or inline.
+    assert sorted(t for texts in model.texts for t in texts) == numbered(1, 2, 3, 4)
+    assert len(model.passes) == 2
+    assert all(name.startswith("forward-") for _, _, name in model.passes)

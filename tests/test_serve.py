@@ -206,3 +206,41 @@ def test_serve_config_yaml_is_valid_for_serve_deploy():
     assert app.import_path == "serve_app:build_app"
     AppArgs.model_validate(app.args)  # every arg is a typed setting
     json.dumps(config)
+
+
+def test_a_short_request_is_answered_without_waiting_for_a_long_one_beside_it(bundled_spec):
+    """The model replica answers each request when its own texts are done: a one-text
+    request sent together with a 600-text one does not wait for the other's passes
+    (@serve.batch, used before, answered a group only when all of it was done)."""
+    import asyncio
+    from dataclasses import asdict
+
+    from serve_app.ray_shell.deployments import Embedder
+
+    replica = Embedder.func_or_class(
+        {"model": BUNDLED, "gpu_fraction": 0.0, "dtype": "float32"}, asdict(bundled_spec), 0.0)
+    embedded = []  # texts of each pass, as it finishes
+    encode = replica._scheduler._encode
+
+    def counting(texts, threads):
+        encoded = encode(texts, threads)
+        embedded.append(len(texts))
+        return encoded
+
+    replica._scheduler._encode = counting
+    done_when = {}  # texts embedded when each request was answered
+
+    async def send(name: str, texts: list[str]):
+        result = await replica.embed(texts)
+        done_when[name] = sum(embedded)
+        return result
+
+    async def both():
+        return await asyncio.gather(
+            send("short", ["one short clause"]),
+            send("long", [f"clause {i}: the tenant pays the rent monthly" for i in range(600)]))
+
+    short, long = asyncio.run(both())
+    assert len(short.vectors) == 1 and len(long.vectors) == 600
+    assert done_when["short"] < 600 < done_when["long"], done_when
+    replica._scheduler.shutdown()

@@ -115,14 +115,15 @@ class AppArgs(BaseModel):
 
     # --- batching ----------------------------------------------------------
     max_batch_texts: int = Field(
-        128, ge=1, description="Most texts in one dynamic batch (Ray Serve @serve.batch)."
+        128, ge=1, description="Most texts in one forward pass's pool (serve_app.model.scheduler)."
     )
     batch_wait_timeout_s: float = Field(
         0.0,
         ge=0,
         description=(
-            "@serve.batch's wait for more requests. 0: none; requests that arrive while "
-            "the model is busy are pooled anyway (serve_app.model.scheduler)."
+            "How long an idle model replica waits for more requests before a forward "
+            "pass. 0: none; requests that arrive while the model is busy are pooled "
+            "anyway (serve_app.model.scheduler)."
         ),
     )
     max_batch_tokens: int | None = Field(

@@ -1,11 +1,12 @@
-"""Continuous batching behind @serve.batch: no wait when a worker is free, pooling when not.
+"""Continuous batching for the model replica: no wait when a worker is free, pooling when not.
 
-@serve.batch gathers requests that arrive together, but its wait is fixed: any
-wait costs every lone request (an Excel cell recalculating) that many
-milliseconds. Here the wait is zero; instead, texts that arrive while every
-worker is busy pile up, and the next free worker takes all of them at once,
-sorted by length into cache-sized forward passes. Work whose caller was
-cancelled before its pass began is dropped; a pass that has begun runs out.
+A fixed wait for more requests (as @serve.batch has) costs every lone request
+(an Excel cell recalculating) that many milliseconds. Here the wait is zero by
+default; instead, texts that arrive while every worker is busy pile up, and the
+next free worker takes all of them at once, sorted by length into cache-sized
+forward passes. Each request is answered as soon as its own texts are done, not
+when everything it shared passes with is. Work whose caller was cancelled before
+its pass began is dropped; a pass that has begun runs out.
 
 On a CPU, two workers each run a pass on half the cores; a worker that runs
 alone takes all of them. Thread counts are per calling thread in torch, so each
@@ -54,12 +55,17 @@ class ForwardScheduler:
         workers: int,
         cpus: int,
         max_texts: int,
+        wait_s: float = 0.0,
         on_pass: Callable[[int, float], None] | None = None,
     ) -> None:
         self._encode = encode
         self._on_pass = on_pass  # (texts in the pass, seconds its oldest job waited)
         self._cpus = cpus
         self.max_texts = max_texts
+        # How long an idle scheduler waits for company before it starts a pass (the
+        # batch_wait_timeout_s setting); 0: it starts at once.
+        self.wait_s = wait_s
+        self._gathering = False
         self._pending: deque[_Job] = deque()
         self._busy = [False] * workers
         self._executors = [
@@ -76,20 +82,25 @@ class ForwardScheduler:
 
     async def embed(self, texts: list[Item]) -> Encoded:
         """Embed `texts`, sharing a pass with whatever else is waiting."""
-        if not any(self._busy) and not self._pending and self._runs_inline(texts):
+        if not self.wait_s and not any(self._busy) and not self._pending and self._runs_inline(texts):
             # A lone short request runs right here: no hand-off to a thread and back.
             self.batches += 1
             self.inline_passes += 1
             self._report(len(texts), 0.0)
             return self._timed(texts)
         loop = asyncio.get_running_loop()
-        # A batch big enough for every worker is dealt out among them (every n-th text,
-        # so each gets a like mix of lengths): @serve.batch hands over the requests that
-        # arrived together as one call, which would otherwise keep one worker busy alone.
+        # A request big enough for every worker is dealt out among them (every n-th text,
+        # so each gets a like mix of lengths), which would otherwise keep one worker
+        # busy alone.
         pieces = len(self._busy) if len(texts) >= MIN_SPLIT_TEXTS * len(self._busy) else 1
         jobs = [_Job(texts[i::pieces], loop.create_future()) for i in range(pieces)]
         self._pending.extend(jobs)
-        self._start_free_workers()
+        if self.wait_s and not any(self._busy):
+            if not self._gathering:  # the first arrival waits for company
+                self._gathering = True
+                loop.call_later(self.wait_s, self._gathered)
+        else:
+            self._start_free_workers()
         if pieces == 1:
             return await jobs[0].future
         parts = await asyncio.gather(*(job.future for job in jobs), return_exceptions=True)
@@ -97,6 +108,10 @@ class ForwardScheduler:
             if isinstance(part, BaseException):
                 raise part
         return _interleave(parts)
+
+    def _gathered(self) -> None:
+        self._gathering = False
+        self._start_free_workers()
 
     def _runs_inline(self, texts: list[Item]) -> bool:
         """Few texts whose pass, by what earlier passes cost, blocks the loop only briefly."""
