@@ -11,9 +11,10 @@ its pass began is dropped; a pass that has begun runs out.
 On a CPU, two workers each run a pass on half the cores; a worker that runs
 alone takes all of them. Thread counts are per calling thread in torch, so each
 worker sets its own before every pass, and again before every transformer block
-(TextEmbedder.encode): a pass keeps to its share as the other worker starts or stops. Each worker is one fixed thread, and a
-lone request always goes to worker 0: another thread's OpenMP team would still
-be spinning from its last pass (measured: +3.4 ms per request).
+(TextEmbedder.encode): a pass keeps to its share as the other worker starts or
+stops. Each worker is one fixed thread, and a lone request always goes to worker
+0: another thread's OpenMP team would still be spinning from its last pass
+(measured: +3.4 ms per request).
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ APP_NAME = "embeddings"
 _LOGGING = {"enable_access_log": False}
 @serve.deployment(name="Embedder")
 class Embedder:
-    """One model replica: loads the model once, embeds dynamic batches of texts."""
+    """One model replica: loads the model once, embeds requests in shared forward passes."""
 
     def __init__(self, args: dict, spec: dict, gpu_fraction: float) -> None:
         settings = AppArgs.model_validate(args)
@@ -129,9 +129,9 @@ class Embedder:
             self._scheduler.wait_s = config["batch_wait_timeout_s"]
 
     # No @serve.batch: it answers the requests it groups only when the whole group is
-    # done, so on a 2-core CPU the clients of one group waited for the slowest pass and
-    # resent together, and a worker idled at every such turn (served 0.84x the best raw
-    # configuration on the Qwen3 stand-in). The scheduler pools waiting texts itself.
+    # done, so a one-cell request that arrived beside a long column waited for all of
+    # the column's passes. The scheduler pools waiting texts into shared passes itself
+    # and answers each request when its own texts are done.
     async def embed(self, texts: list[Item]):
         if self._scheduler is None:
             return Failure(self._failure or "The model is not loaded.")

@@ -17,7 +17,9 @@ If Ray's template ever changes so that a line is not found, that edit is skipped
 configuration stays Ray's own) and one line says so on HAProxy's stderr log. The edits
 are idempotent: Ray rewrites the file on each reload and this runs again.
 
-Only the standard library is imported: this runs on every HAProxy start and reload.
+It runs on every HAProxy start and reload, so it imports only the standard library and
+two light modules of ours: the error envelope (core.errors) and the request-id rule
+(web.requestlog), so that the front answers exactly as the API does.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ import os
 import shutil
 import sys
 
+from serve_app.core.errors import ModelUnavailable, NotFound, ServiceError
+from serve_app.web.requestlog import SANE_ID_PATTERN
+
 REAL_BINARY_VARIABLE = "SHEET_EMBEDDINGS_HAPROXY_BINARY"
 CERTIFICATE_VARIABLE = "SHEET_EMBEDDINGS_HAPROXY_PEM"
 RETRY_AFTER_S = 2
@@ -35,28 +40,25 @@ _ROUTER_404 = "http-request return status 404"
 _MARK = "# sheet-embeddings:"
 
 
-def _envelope(message: str, error_type: str, code: str) -> str:
-    return json.dumps({"error": {"message": message, "type": error_type, "param": None, "code": code}},
-                      separators=(",", ":"))
-
-
-STARTING_BODY = _envelope(
+STARTING = ModelUnavailable(
     "The embedding service is starting: its application is being deployed. Retry in a few "
     "seconds (see Retry-After), or wait for GET /health to answer 200.",
-    "service_unavailable_error", "starting",
+    code="starting", retry_after_s=RETRY_AFTER_S,
 )
-NOT_FOUND_BODY = _envelope(
-    "No such route. The API is under /v1 (see GET /openapi.json).", "invalid_request_error", "not_found",
-)
+NOT_FOUND = NotFound("No such route. The API is under /v1 (see GET /openapi.json).", code="not_found")
 
 
-def _answers(status: int, body: str, extra_headers: str = "") -> list[str]:
-    """HAProxy rules answering `status` with the JSON `body` and an X-Request-ID: the
-    client's own when it is sane (the rule the API applies), else a fresh UUID."""
+def _answers(error: ServiceError) -> list[str]:
+    """HAProxy rules answering `error` in the OpenAI envelope, with its Retry-After if it
+    has one and an X-Request-ID: the client's own when it is sane (the API's rule), else
+    a fresh UUID."""
+    body = json.dumps(error.to_dict(), separators=(",", ":"))
     assert "'" not in body  # the body goes in single quotes, where HAProxy escapes nothing
-    common = f"http-request return status {status} content-type application/json{extra_headers}"
+    common = f"http-request return status {error.status_code} content-type application/json"
+    if error.retry_after_s is not None:
+        common += f" hdr Retry-After {error.retry_after_s:g}"
     return [
-        "acl sane_request_id req.hdr(x-request-id) -m reg ^[A-Za-z0-9._:-]{1,128}$",
+        f"acl sane_request_id req.hdr(x-request-id) -m reg {SANE_ID_PATTERN}",
         f"{common} hdr X-Request-ID %[req.hdr(x-request-id)] string '{body}' if sane_request_id",
         f"{common} hdr X-Request-ID %[uuid] string '{body}'",
     ]
@@ -91,11 +93,9 @@ def edit_config(text: str, certificate: str | None = None) -> tuple[str, list[st
     else:
         indent = lines[default_rule][: len(lines[default_rule]) - len(lines[default_rule].lstrip())]
         if _has_routes(lines):
-            rules = _answers(404, NOT_FOUND_BODY)
-            why = "an unknown route, in the OpenAI envelope"
+            rules, why = _answers(NOT_FOUND), "an unknown route, in the OpenAI envelope"
         else:
-            rules = _answers(503, STARTING_BODY, f" hdr Retry-After {RETRY_AFTER_S}")
-            why = "no application has a route yet: the service is starting"
+            rules, why = _answers(STARTING), "no application has a route yet: the service is starting"
         lines[default_rule: default_rule + 1] = [f"{indent}{_MARK} {why}"] + [indent + r for r in rules]
     return "\n".join(lines), notes
 

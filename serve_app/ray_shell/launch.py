@@ -288,7 +288,7 @@ def main(argv: list[str]) -> int:
     temporary = front = None
     try:
         try:
-            haproxy = os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", "1") == "1"
+            haproxy = tuned_environment()["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
             command, temporary, https = serve_run_command(argv, haproxy_https=haproxy)
             config = read_config(command[-1])
             check_models(config)

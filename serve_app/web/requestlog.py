@@ -17,7 +17,9 @@ import uuid
 logger = logging.getLogger("ray.serve.embeddings.requests")
 
 REQUEST_ID_HEADER = b"x-request-id"
-_SANE_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+# A client's id is echoed only if it matches (the HAProxy front applies the same rule).
+SANE_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+_SANE_ID = re.compile(SANE_ID_PATTERN.encode())
 KNOWN_ROUTES = ("/v1/embeddings", "/v1/similarity", "/v1/models", "/health", "/openapi.json")
 
 
