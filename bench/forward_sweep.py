@@ -33,7 +33,9 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--texts", type=int, default=192)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--dtypes", default="float32,bfloat16,bfloat16-packed",
+                        help="-packed: with the linear weights packed for oneDNN (model.packing)")
+    parser.add_argument("--single", type=int, default=15, help="one-text passes per dtype and round")
     parser.add_argument("--batch-tokens", default="512,1024,2048,4096")
     parser.add_argument("--splits", default="1x2,2x1", help="workers x threads each")
     parser.add_argument("--json", type=Path)
@@ -45,7 +47,12 @@ def main() -> None:
     spec = resolve_model(opts.model)
     corpus = sentences(opts.texts)
     cpus = default_cpu_threads()
-    models = {dt: TextEmbedder(spec, dtype=dt, cpu_threads=cpus) for dt in opts.dtypes.split(",")}
+    models = {}
+    for name in opts.dtypes.split(","):
+        models[name] = TextEmbedder(spec, dtype=name.removesuffix("-packed"), cpu_threads=cpus,
+                                    pack_cpu_weights=name.endswith("-packed"))
+        if name.endswith("-packed"):
+            print(models[name].pack_weights(), flush=True)
     for model in models.values():
         model.encode(corpus[:8])
     settings = [
@@ -57,7 +64,10 @@ def main() -> None:
     if "float32" in models:  # float32 is only the baseline: one setting, the old default
         settings = [s for s in settings if s[0] != "float32" or s[1:] == (1024, (2, 1))]
     results: dict[str, list[float]] = {}
+    single: dict[str, list[float]] = {}
     for r in range(opts.rounds):
+        for dt, model in models.items():
+            single.setdefault(dt, []).extend(one_text_ms(model, corpus[: opts.single], cpus))
         for dt, tokens, (workers, threads) in settings:
             model = models[dt]
             model.max_batch_tokens = tokens
@@ -71,9 +81,24 @@ def main() -> None:
     print(f"{'setting':34}{'texts/s':>10}{'x float32':>11}")
     for key, rate in sorted(table.items(), key=lambda kv: -kv[1]):
         print(f"{key:34}{rate:>10.2f}{rate / base:>11.2f}")
+    if opts.single:
+        print(f"\n{'one short text, p50':34}{'ms':>10}")
+        for dt, times in single.items():
+            print(f"{dt:34}{statistics.median(times):>10.1f}")
     if opts.json:
         opts.json.parent.mkdir(parents=True, exist_ok=True)
-        opts.json.write_text(json.dumps({"model": opts.model, "rounds": results}, indent=2))
+        opts.json.write_text(json.dumps({"model": opts.model, "rounds": results, "one_text_ms": single},
+                                        indent=2))
+
+
+def one_text_ms(model, texts: list[str], threads: int) -> list[float]:
+    """Milliseconds per pass of one text, as a lone request runs (all cores)."""
+    times = []
+    for text in texts:
+        started = time.perf_counter()
+        model.encode([text], threads=lambda: threads)
+        times.append((time.perf_counter() - started) * 1000)
+    return times
 
 
 def run(model, corpus: list[str], workers: int, threads: int) -> float:

@@ -41,6 +41,19 @@ import torch  # noqa: E402
 from corpus import sentences, short_texts  # noqa: E402
 
 
+def wait_until_packed(app: str, timeout_s: float = 120.0) -> None:
+    """Wait for the app's replica to finish packing its weights in the background."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("Embedder", app_name=app)
+    deadline = time.monotonic() + timeout_s
+    while not handle.describe.remote().result()["weights_packed"]:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the served replica had not packed its weights after {timeout_s:.0f} s")
+        time.sleep(0.2)
+    print("served: the replica's weights are packed", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="bundled:minilm")
@@ -93,6 +106,9 @@ def main() -> None:
                   name="bench", route_prefix="/bench")
         spec = resolve_model(opts.model)
         raw_model = TextEmbedder(spec, cpu_threads=default_cpu_threads())
+        print(f"raw: {raw_model.pack_weights()}", flush=True)  # as the replica does, once ready
+        if raw_model.weights_packed:
+            wait_until_packed("bench")
         baseline = None
         if not opts.no_float32 and raw_model.dtype != torch.float32:
             baseline = TextEmbedder(spec, dtype="float32", cpu_threads=default_cpu_threads())

@@ -11,6 +11,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
+import torch
 from conftest import BUNDLED, cmdline
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -65,12 +66,27 @@ def test_qwen3_standin_is_served_through_the_openai_client(serve_cluster, small_
     response = client.embeddings.create(model=model, input=texts)  # base64, as the client asks
     got = np.array([d.embedding for d in response.data])
     dtype = "bfloat16" if cpu_bf16_features() else "float32"  # what dtype=auto picks here
-    reference = TextEmbedder(resolve_model(model), dtype=dtype).encode(texts)
+    reference_model = TextEmbedder(resolve_model(model), dtype=dtype)
+    reference = reference_model.encode(texts)
     assert got.shape == (2, 128)
     assert (got * reference.vectors).sum(axis=1).min() >= 0.999
     assert response.usage.prompt_tokens == sum(reference.tokens)  # each ends on one EOS
     runtime = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["runtime"]
     assert runtime["dtype"] == dtype and runtime["reason"].startswith("dtype=auto: ")
+    # Once ready, the replica packs its bfloat16 weights for oneDNN in the background; the
+    # packed layers give the same embeddings.
+    from ray import serve
+
+    from serve_app.model.packing import can_pack
+
+    replica = serve.get_deployment_handle("Embedder", app_name="standin")
+    if can_pack(reference_model.model, torch.device("cpu"), reference_model.dtype) is None:
+        serve_cluster.wait_for(lambda: replica.describe.remote().result(timeout_s=30)["weights_packed"],
+                               timeout_s=60, what="the replica's weights packed")
+        again = client.embeddings.create(model=model, input=texts)
+        assert (np.array([d.embedding for d in again.data]) * reference.vectors).sum(axis=1).min() >= 0.999
+    else:
+        assert not replica.describe.remote().result(timeout_s=30)["weights_packed"]
     serve_cluster.delete("standin")
 
 

@@ -57,6 +57,14 @@ class AppArgs(BaseModel):
     cpu_threads: int | None = Field(
         None, ge=1, description="torch threads on a CPU replica; default: all CPUs."
     )
+    pack_cpu_weights: bool = Field(
+        True,
+        description=(
+            "On a CPU running bfloat16, lay out the linear layers' weights for oneDNN once, "
+            "in the background after the replica is ready, instead of at every call "
+            "(2.6x throughput, one short text in about half the time, for Qwen3-Embedding-0.6B)."
+        ),
+    )
     forward_workers: int | None = Field(
         None,
         ge=1,

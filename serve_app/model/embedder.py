@@ -38,8 +38,11 @@ class TextEmbedder:
         gpu_fraction: float | None = None,
         cpu_threads: int | None = None,
         max_batch_tokens: int | None = None,
+        pack_cpu_weights: bool = True,
     ) -> None:
         self.spec = spec
+        self._pack_cpu_weights = pack_cpu_weights
+        self.weights_packed = False
         self.device = _pick_device(device)
         if self.device.type == "cuda" and gpu_fraction:
             # Ray does not police GPU memory: hold this process to the share it asked for.
@@ -92,7 +95,36 @@ class TextEmbedder:
             gpu_fraction=gpu_fraction,
             cpu_threads=cpu_threads,
             max_batch_tokens=settings.max_batch_tokens,
+            pack_cpu_weights=settings.pack_cpu_weights,
         )
+
+    def pack_weights(self) -> str:
+        """Lay out the linear layers' weights for this CPU once (`model.packing`), unless
+        the settings or the hardware say otherwise; one sentence saying what happened.
+
+        Safe while other threads run passes: a layer is swapped whole, and the model is
+        checked against its own plain answer after the first block.
+        """
+        from serve_app.model.packing import can_pack, pack_linears
+
+        if not self._pack_cpu_weights:
+            return "Linear weights not packed: pack_cpu_weights is off"
+        if self.weights_packed:
+            return "Linear weights already packed"
+        if (why_not := can_pack(self.model, self.device, self.dtype)) is not None:
+            return f"Linear weights not packed: {why_not}"
+        probe = ["A sentence of ordinary length, to check the packed layers against the plain ones."]
+        want = self.encode(probe).vectors[0]
+
+        def same_answer() -> bool:
+            got = self.encode(probe).vectors[0]
+            return float(got @ want) >= 0.9999 * float(np.linalg.norm(got) * np.linalg.norm(want))
+
+        layers, seconds = pack_linears(self.model, _blocks(self.model), same_answer)
+        self.weights_packed = layers > 0
+        if not self.weights_packed:
+            return "Linear weights not packed: the packed layers failed their check (see the warning)"
+        return f"Packed {layers} linear layers' weights for oneDNN in {seconds:.2f} s"
 
     def encode(self, texts: list[Item], threads: Callable[[], int] | None = None) -> Encoded:
         """Embed `texts` (prompts already applied; or `TokenIds`), longest first in
