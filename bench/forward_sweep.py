@@ -33,8 +33,9 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--texts", type=int, default=192)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--dtypes", default="float32,bfloat16,bfloat16-packed",
-                        help="-packed: with the linear weights packed for oneDNN (model.packing)")
+    parser.add_argument("--dtypes", default="float32,bfloat16,bfloat16+pack,bfloat16+pack+rows",
+                        help="+pack: linear weights packed for oneDNN (model.packing); "
+                             "+rows: short texts share rows (model.rows)")
     parser.add_argument("--single", type=int, default=15, help="one-text passes per dtype and round")
     parser.add_argument("--batch-tokens", default="512,1024,2048,4096")
     parser.add_argument("--splits", default="1x2,2x1", help="workers x threads each")
@@ -49,10 +50,11 @@ def main() -> None:
     cpus = default_cpu_threads()
     models = {}
     for name in opts.dtypes.split(","):
-        models[name] = TextEmbedder(spec, dtype=name.removesuffix("-packed"), cpu_threads=cpus,
-                                    pack_cpu_weights=name.endswith("-packed"))
-        if name.endswith("-packed"):
-            print(models[name].pack_weights(), flush=True)
+        dtype, *ways = name.split("+")
+        models[name] = model = TextEmbedder(spec, dtype=dtype, cpu_threads=cpus,
+                                            pack_cpu_weights="pack" in ways, share_rows="rows" in ways)
+        if ways:
+            print(f"{name}: {' '.join(model.speed_up())}", flush=True)
     for model in models.values():
         model.encode(corpus[:8])
     settings = [

@@ -14,6 +14,8 @@ import pytest
 import torch
 from conftest import BUNDLED, cmdline
 
+from bench.corpus import sentences
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 # Fast scaling for tests: the production defaults wait minutes before scaling to zero.
@@ -73,20 +75,21 @@ def test_qwen3_standin_is_served_through_the_openai_client(serve_cluster, small_
     assert response.usage.prompt_tokens == sum(reference.tokens)  # each ends on one EOS
     runtime = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["runtime"]
     assert runtime["dtype"] == dtype and runtime["reason"].startswith("dtype=auto: ")
-    # Once ready, the replica packs its bfloat16 weights for oneDNN in the background; the
-    # packed layers give the same embeddings.
+    # Once ready, the replica turns on its CPU fast paths in the background: short texts
+    # sharing rows, and bfloat16 weights packed for oneDNN where this CPU has them; the
+    # same embeddings come back.
     from ray import serve
 
     from serve_app.model.packing import can_pack
 
     replica = serve.get_deployment_handle("Embedder", app_name="standin")
-    if can_pack(reference_model.model, torch.device("cpu"), reference_model.dtype) is None:
-        serve_cluster.wait_for(lambda: replica.describe.remote().result(timeout_s=30)["weights_packed"],
-                               timeout_s=60, what="the replica's weights packed")
-        again = client.embeddings.create(model=model, input=texts)
-        assert (np.array([d.embedding for d in again.data]) * reference.vectors).sum(axis=1).min() >= 0.999
-    else:
-        assert not replica.describe.remote().result(timeout_s=30)["weights_packed"]
+    packs = can_pack(reference_model.model, torch.device("cpu"), reference_model.dtype) is None
+    serve_cluster.wait_for(lambda: replica.describe.remote().result(timeout_s=30)["rows_shared"],
+                           timeout_s=60, what="the replica's rows shared")
+    assert replica.describe.remote().result(timeout_s=30)["weights_packed"] == packs
+    again = client.embeddings.create(model=model, input=[*texts, *sentences(20)])
+    want = reference_model.encode([*texts, *sentences(20)]).vectors
+    assert (np.array([d.embedding for d in again.data]) * want).sum(axis=1).min() >= 0.999
     serve_cluster.delete("standin")
 
 

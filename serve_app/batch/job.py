@@ -64,10 +64,10 @@ class EmbedRows:
         # Thread counts are set per call: Ray Data's threads start from OMP_NUM_THREADS=1.
         self.threads = cpus
         # A job runs for minutes: its weights are packed before the first batch, not beside it.
-        packed = self.model.pack_weights()
+        fast_paths = " ".join(self.model.speed_up())
         how = "forked from the warm-start process" if forked_from_zygote() else "cold start"
         print(f"Model {self.model.spec.name} loaded in {time.perf_counter() - started:.1f} s ({how}). "
-              f"{packed}.", flush=True)
+              f"{fast_paths}", flush=True)
 
     def __call__(self, batch: pa.Table, task: str, columns: list[str], prefixes: list[str],
                  dimensions: int | None = None) -> pa.Table:

@@ -65,6 +65,14 @@ class AppArgs(BaseModel):
             "(2.6x throughput, one short text in about half the time, for Qwen3-Embedding-0.6B)."
         ),
     )
+    share_rows: bool = Field(
+        True,
+        description=(
+            "On a CPU, lay short texts end to end in rows of a forward pass, each attending "
+            "only to itself, instead of padding each to the longest (checked against padding "
+            "once the replica is ready)."
+        ),
+    )
     forward_workers: int | None = Field(
         None,
         ge=1,

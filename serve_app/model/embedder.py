@@ -39,10 +39,13 @@ class TextEmbedder:
         cpu_threads: int | None = None,
         max_batch_tokens: int | None = None,
         pack_cpu_weights: bool = True,
+        share_rows: bool = True,
     ) -> None:
         self.spec = spec
         self._pack_cpu_weights = pack_cpu_weights
+        self._share_rows = share_rows
         self.weights_packed = False
+        self.rows_shared = False  # several short texts per row of a pass (model.rows)
         self.device = _pick_device(device)
         if self.device.type == "cuda" and gpu_fraction:
             # Ray does not police GPU memory: hold this process to the share it asked for.
@@ -96,7 +99,41 @@ class TextEmbedder:
             cpu_threads=cpu_threads,
             max_batch_tokens=settings.max_batch_tokens,
             pack_cpu_weights=settings.pack_cpu_weights,
+            share_rows=settings.share_rows,
         )
+
+    def speed_up(self) -> list[str]:
+        """Turn on the CPU fast paths that check out here (packed weights, shared rows);
+        a sentence on each. Safe while other threads run passes; called once the
+        replica is ready, since each takes a moment."""
+        return [self.pack_weights(), self.share_rows()]
+
+    def share_rows(self) -> str:
+        """Run short texts several to a row (`model.rows`) if, on a few texts, that gives
+        what padding each gives; one sentence saying what happened."""
+        from serve_app.model.rows import plan_passes
+
+        if not self._share_rows:
+            return "Rows not shared: share_rows is off"
+        if self.device.type != "cpu":
+            return "Rows not shared: not on a CPU (GPU passes keep padding; not measured there)"
+        attention = getattr(self.model.config, "_attn_implementation", None)
+        if attention not in ("sdpa", "eager"):
+            return f"Rows not shared: {attention} attention takes no block mask"
+        ids, _ = self.tokenize(_ROW_CHECK_TEXTS)
+        try:
+            want = self._forward(ids)
+            (rows,) = plan_passes([len(x) for x in ids], budget=10**6, row_tokens=10**6)
+            got = self._forward_rows([[ids[i] for i in row] for row in rows])
+            order = [i for row in rows for i in row]
+            want = want[order]
+        except Exception as exc:  # a model whose forward takes no 4-D mask or positions
+            return f"Rows not shared: the model refused a block mask ({type(exc).__name__})"
+        cosines = (want * got).sum(1) / (np.linalg.norm(want, axis=1) * np.linalg.norm(got, axis=1))
+        if not np.all(cosines >= 0.999):
+            return f"Rows not shared: they changed an embedding (cosine {cosines.min():.4f} to padding's)"
+        self.rows_shared = True
+        return f"Short texts share rows of a pass (cosine to padding at least {cosines.min():.5f})"
 
     def pack_weights(self) -> str:
         """Lay out the linear layers' weights for this CPU once (`model.packing`), unless
@@ -150,6 +187,20 @@ class TextEmbedder:
     def _encode(self, texts: list[Item], threads: Callable[[], int] | None) -> Encoded:
         ids, truncated = self.tokenize(texts)
         vectors = np.empty((len(texts), self.spec.dimensions), dtype=np.float32)
+        if self.rows_shared:
+            from serve_app.model.rows import plan_passes
+
+            for rows in plan_passes([len(x) for x in ids], self.max_batch_tokens):
+                if threads is not None and self.device.type == "cpu":
+                    self._use_threads(threads())
+                flat = [i for row in rows for i in row]
+                if len(flat) == len(rows):  # a text per row: padding's mask is the cheaper one
+                    vectors[flat] = self._forward([ids[i] for i in flat])
+                else:
+                    vectors[flat] = self._forward_rows([[ids[i] for i in row] for row in rows])
+            return Encoded(
+                vectors=vectors, tokens=[len(x) for x in ids], truncated=truncated, runtime=self.runtime
+            )
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
         start = 0
         while start < len(order):
@@ -233,6 +284,27 @@ class TextEmbedder:
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
         return pooled.cpu().numpy()
 
+    @torch.inference_mode()
+    def _forward_rows(self, rows: list[list[list[int]]]) -> np.ndarray:
+        """Vectors for texts laid end to end in rows (`model.rows`), in order of appearance."""
+        from serve_app.model.rows import pool_segments, row_inputs
+
+        # Decoder models (last-token pooling) attend causally, encoders both ways; the
+        # check in share_rows() catches a model for which that guess is wrong.
+        input_ids, mask, positions, segments = row_inputs(
+            rows, self.pad_id, causal=self.spec.pooling == "lasttoken"
+        )
+        if self.model.config._attn_implementation == "eager":  # additive, in the model's dtype
+            mask = torch.zeros(mask.shape, dtype=self.dtype).masked_fill(~mask, torch.finfo(self.dtype).min)
+        hidden = self.model(
+            input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
+            position_ids=positions.to(self.device), **self._forward_options,
+        ).last_hidden_state
+        pooled = pool_segments(hidden.float(), segments, self.spec.pooling)
+        if self.spec.normalize:
+            pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+        return pooled.cpu().numpy()
+
     def _special_tokens_around_a_text(self) -> tuple[list[int], list[int]]:
         """The ids the tokenizer puts before and after a text's own ([CLS] and [SEP], or
         Qwen3-Embedding's <|endoftext|>), learnt from one word."""
@@ -259,6 +331,15 @@ class TextEmbedder:
         if isinstance(eos, list):
             eos = eos[0] if eos else None
         return eos if isinstance(eos, int) else self.tokenizer.eos_token_id
+
+
+# Texts of different lengths and scripts, for checking shared rows against padding.
+_ROW_CHECK_TEXTS = [
+    "The contract may be terminated by either party with thirty days' written notice.",
+    "合同任何一方可提前三十天书面通知终止本合同。",
+    "Reset password",
+    "How do I export last quarter's invoices to a spreadsheet?",
+]
 
 
 # tokenizer_config.json keys with which transformers may change what tokenizer.json says

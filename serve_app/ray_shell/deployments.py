@@ -69,10 +69,10 @@ class Embedder:
             # The first forward pass pays one-off kernel set-up, and tells the scheduler
             # what a pass costs here (whether a short request may run on the loop).
             logger.info("First forward pass %.2f s", self._scheduler.warm_up(["warm up"]))
-            # After the replica is ready, not before: packing takes a second or two of
-            # memory writes, which would lengthen every cold start; meanwhile the plain
-            # layers serve.
-            threading.Thread(target=self._pack_weights, name="pack-weights", daemon=True).start()
+            # After the replica is ready, not before: packing the weights takes a second or
+            # two of memory writes and the row check two passes, which would lengthen every
+            # cold start; meanwhile the plain paths serve.
+            threading.Thread(target=self._speed_up, name="speed-up", daemon=True).start()
         except Exception as exc:
             # The traceback (paths included) goes to the replica's log; clients get a
             # sentence without it, and check_health has Ray replace this replica.
@@ -89,11 +89,12 @@ class Embedder:
         self._metrics.inc("embed_cold_starts_total")
         self._metrics.observe("embed_model_load_seconds", _process_age_s())
 
-    def _pack_weights(self) -> None:
+    def _speed_up(self) -> None:
         try:
-            logger.info(self._model.pack_weights())
+            for sentence in self._model.speed_up():
+                logger.info(sentence)
         except Exception:  # the plain layers keep serving
-            logger.exception("Packing the linear weights failed; the plain layers keep serving")
+            logger.exception("Turning on the CPU fast paths failed; the plain paths keep serving")
 
     def check_health(self) -> None:
         """Ray's health check: a replica whose model failed to load reports unhealthy.
@@ -127,6 +128,7 @@ class Embedder:
             "device": str(self._model.device) if self._model else None,
             "loaded": self._model is not None,
             "weights_packed": bool(self._model and self._model.weights_packed),
+            "rows_shared": bool(self._model and self._model.rows_shared),
             "failure": self._failure,
             # Since the replica started (its warm-up pass aside); Prometheus has them too,
             # as embed_batch_texts_count and _sum.
