@@ -41,17 +41,19 @@ import torch  # noqa: E402
 from corpus import sentences, short_texts  # noqa: E402
 
 
-def wait_until_packed(app: str, timeout_s: float = 120.0) -> None:
-    """Wait for the app's replica to finish packing its weights in the background."""
+def wait_until_sped_up(app: str, raw_model, timeout_s: float = 120.0) -> None:
+    """Wait for the app's replica to turn on the fast paths the raw model has (it does so
+    in the background once ready)."""
     from ray import serve
 
     handle = serve.get_deployment_handle("Embedder", app_name=app)
+    want = {"weights_packed": raw_model.weights_packed, "rows_shared": raw_model.rows_shared}
     deadline = time.monotonic() + timeout_s
-    while not handle.describe.remote().result()["weights_packed"]:
+    while {k: handle.describe.remote().result()[k] for k in want} != want:
         if time.monotonic() > deadline:
-            raise SystemExit(f"the served replica had not packed its weights after {timeout_s:.0f} s")
+            raise SystemExit(f"the served replica had not turned on {want} after {timeout_s:.0f} s")
         time.sleep(0.2)
-    print("served: the replica's weights are packed", flush=True)
+    print(f"served: the replica's fast paths are on as the raw model's: {want}", flush=True)
 
 
 def main() -> None:
@@ -106,9 +108,8 @@ def main() -> None:
                   name="bench", route_prefix="/bench")
         spec = resolve_model(opts.model)
         raw_model = TextEmbedder(spec, cpu_threads=default_cpu_threads())
-        print(f"raw: {raw_model.pack_weights()}", flush=True)  # as the replica does, once ready
-        if raw_model.weights_packed:
-            wait_until_packed("bench")
+        print(f"raw: {' '.join(raw_model.speed_up())}", flush=True)  # as the replica does, once ready
+        wait_until_sped_up("bench", raw_model)
         baseline = None
         if not opts.no_float32 and raw_model.dtype != torch.float32:
             baseline = TextEmbedder(spec, dtype="float32", cpu_threads=default_cpu_threads())
