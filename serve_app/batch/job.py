@@ -63,7 +63,8 @@ class EmbedRows:
         # batch into halves run side by side measured 15-20% slower inside a Ray Data actor.
         # Thread counts are set per call: Ray Data's threads start from OMP_NUM_THREADS=1.
         self.threads = cpus
-        # A job runs for minutes: its weights are packed before the first batch, not beside it.
+        # A job runs for minutes: its CPU fast paths (packed weights, shared rows) go on
+        # before the first batch, not beside it as in a replica.
         fast_paths = " ".join(self.model.speed_up())
         how = "forked from the warm-start process" if forked_from_zygote() else "cold start"
         print(f"Model {self.model.spec.name} loaded in {time.perf_counter() - started:.1f} s ({how}). "

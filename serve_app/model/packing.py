@@ -2,11 +2,11 @@
 
 torch's bfloat16 `Linear` on a CPU hands oneDNN a plain row-major weight, and
 oneDNN reorders it into its blocked layout on every call: for a short text that
-reorder is most of the work (the weights are read twice, once to copy them). Packing
-each weight once (what inductor's weight freezing and IPEX do) measured, on the
-Qwen3-Embedding-0.6B stand-in on the 2-core AVX512-BF16 machine, 7.2 -> 19-21
-texts/s raw and one short text 143 -> 77 ms, with identical embeddings
-(`bench/forward_sweep.py --pack`).
+reorder is a large part of the work (the weights are read twice, once to copy
+them). Packing each weight once (what inductor's weight freezing and IPEX do)
+measured, on the Qwen3-Embedding-0.6B stand-in on the 2-core AVX512-BF16 machine,
+one short text 150.6 -> 103.0 ms raw and throughput 17.9 -> 18.6 texts/s, with
+bit-identical embeddings (`bench/forward_sweep.py`, `bfloat16` against `bfloat16+pack`).
 
 The ops are torch's own (`torch.ops.mkldnn`), though private ones; so a packed
 layer is checked against the plain one when packing starts, and any failure
@@ -111,7 +111,8 @@ def _linears(scope: torch.nn.Module):
 
 def _verify_once(linear: torch.nn.Linear) -> None:
     """The packed op against torch's own on a few random rows."""
-    rows = torch.randn(3, linear.in_features, dtype=linear.weight.dtype)
+    seeded = torch.Generator().manual_seed(0)  # not the process's own random state
+    rows = torch.randn(3, linear.in_features, generator=seeded).to(linear.weight.dtype)
     with torch.inference_mode():
         want = torch.nn.functional.linear(rows, linear.weight, linear.bias).float()
         got = PackedLinear(linear)(rows).float()
@@ -148,7 +149,8 @@ def _release(weight: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
     safetensors file stays resident as long as anything else from that file is
     mapped (the embedding table is); MADV_DONTNEED drops this weight's pages from
     the process, and should anything read them again, the kernel reads them back
-    from the file, unchanged, so this is safe even while a pass still uses them.
+    from the file. Loaded weights are never written, so what is read back is what
+    was there: safe even while a pass that began before the swap still uses them.
     """
     start = weight.data_ptr()
     end = start + weight.numel() * weight.element_size()
