@@ -11,6 +11,7 @@ import torch
 
 from bench.corpus import sentences
 from serve_app.core.modelinfo import resolve_model
+from serve_app.core.vectors import cosine_pairwise
 from serve_app.model.embedder import TextEmbedder
 from serve_app.model.packing import PackedLinear, can_pack, pack_linears
 
@@ -27,10 +28,6 @@ def _linear_kinds(model: torch.nn.Module) -> tuple[int, int]:
     modules = list(model.modules())
     return (sum(type(m) is torch.nn.Linear for m in modules),
             sum(isinstance(m, PackedLinear) for m in modules))
-
-
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
 def test_only_bfloat16_weights_on_a_cpu_are_packed(small_standin_dir):
@@ -54,7 +51,7 @@ def test_packed_layers_give_the_plain_models_embeddings(name, bundled_spec, smal
     linears = _linear_kinds(model.model)[0]
     assert model.pack_weights().startswith(f"Packed {linears} linear layers")
     assert model.weights_packed and _linear_kinds(model.model) == (0, linears)
-    assert _cosines(plain, model.encode(TEXTS).vectors).min() >= 0.9999
+    assert cosine_pairwise(plain, model.encode(TEXTS).vectors).min() >= 0.9999
     assert model.pack_weights() == "Linear weights already packed"
 
 
@@ -92,7 +89,7 @@ def test_packing_beside_running_passes_changes_no_answer(small_standin_dir):
         worker.join(timeout=60)
     assert model.weights_packed and len(answers) >= 2
     for vectors in answers:
-        assert _cosines(reference, vectors).min() >= 0.9999
+        assert cosine_pairwise(reference, vectors).min() >= 0.9999
 
 
 def _mapped_rss_kb(path_suffix: str) -> int:

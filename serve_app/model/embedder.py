@@ -111,7 +111,7 @@ class TextEmbedder:
     def share_rows(self) -> str:
         """Run short texts several to a row (`model.rows`) if, on a few texts, that gives
         what padding each gives; one sentence saying what happened."""
-        from serve_app.model.rows import plan_passes
+        from serve_app.core.vectors import cosine_pairwise
 
         if not self._share_rows:
             return "Rows not shared: share_rows is off"
@@ -123,13 +123,10 @@ class TextEmbedder:
         ids, _ = self.tokenize(_ROW_CHECK_TEXTS)
         try:
             want = self._forward(ids)
-            (rows,) = plan_passes([len(x) for x in ids], budget=10**6, row_tokens=10**6)
-            got = self._forward_rows([[ids[i] for i in row] for row in rows])
-            order = [i for row in rows for i in row]
-            want = want[order]
+            got = self._forward_rows([ids])  # all of them in one row, in order
         except Exception as exc:  # a model whose forward takes no 4-D mask or positions
             return f"Rows not shared: the model refused a block mask ({type(exc).__name__})"
-        cosines = (want * got).sum(1) / (np.linalg.norm(want, axis=1) * np.linalg.norm(got, axis=1))
+        cosines = cosine_pairwise(want, got)
         if not np.all(cosines >= 0.999):
             return f"Rows not shared: they changed an embedding (cosine {cosines.min():.4f} to padding's)"
         self.rows_shared = True
@@ -142,6 +139,7 @@ class TextEmbedder:
         Safe while other threads run passes: a layer is swapped whole, and the model is
         checked against its own plain answer after the first block.
         """
+        from serve_app.core.vectors import cosine
         from serve_app.model.packing import can_pack, pack_linears
 
         if not self._pack_cpu_weights:
@@ -154,8 +152,7 @@ class TextEmbedder:
         want = self.encode(probe).vectors[0]
 
         def same_answer() -> bool:
-            got = self.encode(probe).vectors[0]
-            return float(got @ want) >= 0.9999 * float(np.linalg.norm(got) * np.linalg.norm(want))
+            return cosine(self.encode(probe).vectors[0], want) >= 0.9999
 
         layers, seconds = pack_linears(self.model, _blocks(self.model), same_answer)
         self.weights_packed = layers > 0
@@ -187,31 +184,17 @@ class TextEmbedder:
     def _encode(self, texts: list[Item], threads: Callable[[], int] | None) -> Encoded:
         ids, truncated = self.tokenize(texts)
         vectors = np.empty((len(texts), self.spec.dimensions), dtype=np.float32)
-        if self.rows_shared:
-            from serve_app.model.rows import plan_passes
+        from serve_app.model.rows import padded_passes, plan_passes
 
-            for rows in plan_passes([len(x) for x in ids], self.max_batch_tokens):
-                if threads is not None and self.device.type == "cpu":
-                    self._use_threads(threads())
-                flat = [i for row in rows for i in row]
-                if len(flat) == len(rows):  # a text per row: padding's mask is the cheaper one
-                    vectors[flat] = self._forward([ids[i] for i in flat])
-                else:
-                    vectors[flat] = self._forward_rows([[ids[i] for i in row] for row in rows])
-            return Encoded(
-                vectors=vectors, tokens=[len(x) for x in ids], truncated=truncated, runtime=self.runtime
-            )
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
-        start = 0
-        while start < len(order):
-            # Sorted by length, so the first row of a chunk sets its padded width.
-            width = len(ids[order[start]])
-            rows = max(1, self.max_batch_tokens // max(width, 1))
-            chunk = order[start : start + rows]
+        plan = plan_passes if self.rows_shared else padded_passes
+        for rows in plan([len(x) for x in ids], self.max_batch_tokens):
             if threads is not None and self.device.type == "cpu":
                 self._use_threads(threads())
-            vectors[chunk] = self._forward([ids[i] for i in chunk])
-            start += rows
+            flat = [i for row in rows for i in row]
+            if len(flat) == len(rows):  # a text per row: padding's mask is the cheaper one
+                vectors[flat] = self._forward([ids[i] for i in flat])
+            else:
+                vectors[flat] = self._forward_rows([[ids[i] for i in row] for row in rows])
         return Encoded(
             vectors=vectors, tokens=[len(x) for x in ids], truncated=truncated, runtime=self.runtime
         )
@@ -287,7 +270,7 @@ class TextEmbedder:
     @torch.inference_mode()
     def _forward_rows(self, rows: list[list[list[int]]]) -> np.ndarray:
         """Vectors for texts laid end to end in rows (`model.rows`), in order of appearance."""
-        from serve_app.model.rows import pool_segments, row_inputs
+        from serve_app.model.rows import row_inputs, segment_masks
 
         # Decoder models (last-token pooling) attend causally, encoders both ways; the
         # check in share_rows() catches a model for which that guess is wrong.
@@ -300,7 +283,9 @@ class TextEmbedder:
             input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
             position_ids=positions.to(self.device), **self._forward_options,
         ).last_hidden_state
-        pooled = pool_segments(hidden.float(), segments, self.spec.pooling)
+        # Each text pooled by the same rule as a padded row, over its own tokens only.
+        rows_of, masks = segment_masks(segments, hidden.shape[1])
+        pooled = pool(hidden[rows_of.to(self.device)].float(), masks.to(self.device), self.spec.pooling)
         if self.spec.normalize:
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
         return pooled.cpu().numpy()

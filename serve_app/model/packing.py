@@ -19,7 +19,9 @@ about one block above its steady state.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
+import mmap
 import sys
 import time
 from collections.abc import Callable
@@ -85,9 +87,10 @@ def pack_linears(
         done: list[tuple[torch.nn.Module, str, torch.nn.Linear]] = []
         try:
             for parent, name, linear in list(_linears(scope)):
+                layer = PackedLinear(linear)
                 if packed == 0 and not done:
-                    _verify_once(linear)
-                setattr(parent, name, PackedLinear(linear))
+                    _verify(layer, linear)
+                setattr(parent, name, layer)
                 done.append((parent, name, linear))
             if index == 0 and not check():
                 raise RuntimeError("the packed model's embedding differs from the plain one's")
@@ -109,13 +112,13 @@ def _linears(scope: torch.nn.Module):
                 yield parent, name, child
 
 
-def _verify_once(linear: torch.nn.Linear) -> None:
+def _verify(layer: PackedLinear, linear: torch.nn.Linear) -> None:
     """The packed op against torch's own on a few random rows."""
     seeded = torch.Generator().manual_seed(0)  # not the process's own random state
     rows = torch.randn(3, linear.in_features, generator=seeded).to(linear.weight.dtype)
     with torch.inference_mode():
         want = torch.nn.functional.linear(rows, linear.weight, linear.bias).float()
-        got = PackedLinear(linear)(rows).float()
+        got = layer(rows).float()
     if not torch.allclose(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().max())):
         raise RuntimeError("the packed linear op disagrees with torch's own")
 
@@ -138,8 +141,12 @@ def _file_mappings() -> list[tuple[int, int]]:
     return ranges
 
 
-_PAGE = 4096
-_MADV_DONTNEED = 4
+_MADV_DONTNEED = 4  # Linux's value
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def _release(weight: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
@@ -156,8 +163,8 @@ def _release(weight: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
     end = start + weight.numel() * weight.element_size()
     if not any(low <= start and end <= high for low, high in mapped):
         return
-    first = -(-start // _PAGE) * _PAGE  # whole pages only: the neighbours' edges stay
-    last = end // _PAGE * _PAGE
+    page = mmap.PAGESIZE
+    first = -(-start // page) * page  # whole pages only: the neighbours' edges stay
+    last = end // page * page
     if last > first:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+        _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)

@@ -65,6 +65,19 @@ def plan_passes(lengths: list[int], budget: int, row_tokens: int = ROW_TOKENS) -
     return passes
 
 
+def padded_passes(lengths: list[int], budget: int) -> list[list[list[int]]]:
+    """The same texts one to a row, padded: longest first, as many rows of the pass's
+    longest as fit `budget` (at least one)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    passes = []
+    start = 0
+    while start < len(order):
+        rows = max(1, budget // max(lengths[order[start]], 1))
+        passes.append([[i] for i in order[start : start + rows]])
+        start += rows
+    return passes
+
+
 def row_inputs(
     rows: list[list[list[int]]], pad_id: int, causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[Segment]]:
@@ -93,14 +106,11 @@ def row_inputs(
     return input_ids, mask[:, None], positions, segments
 
 
-def pool_segments(hidden: torch.Tensor, segments: list[Segment], mode: str) -> torch.Tensor:
-    """One vector per segment, in segment order: pooled over that text's tokens only."""
-    if mode == "lasttoken":
-        return hidden[[s.row for s in segments], [s.end - 1 for s in segments]]
-    if mode == "cls":
-        return hidden[[s.row for s in segments], [s.start for s in segments]]
-    if mode == "mean":
-        return torch.stack([hidden[s.row, s.start:s.end].mean(dim=0) for s in segments])
-    if mode == "max":
-        return torch.stack([hidden[s.row, s.start:s.end].max(dim=0).values for s in segments])
-    raise ValueError(f"unknown pooling mode {mode!r}")
+def segment_masks(segments: list[Segment], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For pooling each text over its own tokens (embedder.pool): the row each lies in,
+    and a (texts, width) mask of its tokens in that row."""
+    rows = torch.tensor([s.row for s in segments], dtype=torch.long)
+    masks = torch.zeros((len(segments), width), dtype=torch.long)
+    for n, s in enumerate(segments):
+        masks[n, s.start:s.end] = 1
+    return rows, masks
