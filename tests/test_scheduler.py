@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from serve_app.core.encoded import Encoded
-from serve_app.model.scheduler import INLINE_TEXTS, ForwardScheduler
+from serve_app.model.scheduler import ForwardScheduler
 
 GATE_TIMEOUT_S = 10  # a broken scheduler fails the test rather than hanging it
 
@@ -16,10 +16,9 @@ GATE_TIMEOUT_S = 10  # a broken scheduler fails the test rather than hanging it
 class FakeModel:
     """Encodes text "t<i>" as the vector [i]; records each pass and its thread count.
 
-    A `gated` model's passes on worker threads, once started, wait until the test lets
-    them finish (`finish(n)`), so which jobs share a pass follows from the test's steps,
-    not from how fast this machine is. Inline passes are not gated: they run on the
-    event loop, which would then wait for itself.
+    A `gated` model's passes, once started, wait until the test lets them finish
+    (`finish(n)`), so which jobs share a pass follows from the test's steps, not from
+    how fast this machine is.
     """
 
     def __init__(self, delay_s: float = 0.0, fail_on: str | None = None, gated: bool = False) -> None:
@@ -35,8 +34,7 @@ class FakeModel:
             self.passes.append((len(texts), threads(), threading.current_thread().name))
             self.texts.append(list(texts))
             self.lock.notify_all()
-        gated = self._finish is not None and threading.current_thread() is not threading.main_thread()
-        if gated and not self._finish.acquire(timeout=GATE_TIMEOUT_S):
+        if self._finish is not None and not self._finish.acquire(timeout=GATE_TIMEOUT_S):
             raise TimeoutError("the test never let this pass finish")
         time.sleep(self.delay_s)
         if self.fail_on in texts:
@@ -78,24 +76,56 @@ def run(coro):
     return asyncio.run(coro)
 
 
-def test_a_lone_small_request_runs_inline_with_every_core():
+def test_the_warm_up_and_a_lone_small_request_run_on_worker_zero_with_every_core():
     model = FakeModel()
 
     async def go():
         scheduler = ForwardScheduler(model.encode, workers=2, cpus=4, max_texts=128)
-        scheduler.warm_up(["t0"])  # as the replica does: what a pass costs
+        scheduler.warm_up(["t0"])  # as the replica does, on the thread that loaded the model
         result = await scheduler.embed(["t1", "t2"])
         return scheduler, result
 
     scheduler, result = run(go())
     assert result.vectors[:, 0].tolist() == [1.0, 2.0]
-    assert model.passes == [(1, 4, "MainThread"), (2, 4, "MainThread")]
-    assert scheduler.passes_by_worker == [0, 0]
+    assert [(n, threads) for n, threads, _ in model.passes] == [(1, 4), (2, 4)]
+    assert all(name.startswith("forward-0") for _, _, name in model.passes)
+    assert scheduler.passes_by_worker == [1, 0]
+
+
+def test_a_given_home_thread_becomes_worker_zero():
+    from serve_app.model.scheduler import home_thread
+
+    home = home_thread()
+    loaded_on = home.submit(lambda: threading.current_thread().name).result()  # "the model"
+    model = FakeModel()
+
+    async def go():
+        scheduler = ForwardScheduler(model.encode, workers=2, cpus=2, max_texts=128, home=home)
+        await scheduler.embed(["t1"])
+        scheduler.shutdown()
+
+    run(go())
+    assert model.passes == [(1, 2, loaded_on)]
+
+
+def test_worker_zero_takes_what_the_others_leave_and_the_others_keep_their_share():
+    scheduler = ForwardScheduler(FakeModel().encode, workers=2, cpus=4, max_texts=128)
+    shares = {}
+    for busy in ([True, False], [True, True], [False, True]):
+        scheduler._busy = busy
+        shares[tuple(busy)] = (scheduler._threads(0), scheduler._threads(1))
+    assert shares[(True, False)][0] == 4  # alone: every core
+    assert shares[(True, True)] == (2, 2)
+    assert shares[(False, True)][1] == 2  # worker 1 alone still keeps to its share
+    two_cores = ForwardScheduler(FakeModel().encode, workers=2, cpus=2, max_texts=128)
+    two_cores._busy = [False, True]
+    assert two_cores._threads(1) == 1  # one thread: it starts no OpenMP team of its own
+    scheduler.shutdown(), two_cores.shutdown()
 
 
 def test_requests_arriving_while_busy_share_passes_and_keep_their_order():
     model = FakeModel(gated=True)
-    size = INLINE_TEXTS + 1  # too many to run inline
+    size = 5
     texts = [[f"t{10 * j + i}" for i in range(size)] for j in range(10)]
 
     async def go():
@@ -146,7 +176,7 @@ def test_lone_requests_use_worker_zero_whose_threads_are_warm():
     async def go():
         scheduler = ForwardScheduler(model.encode, workers=2, cpus=2, max_texts=128)
         for i in range(5):
-            await scheduler.embed([f"t{i}"] * (INLINE_TEXTS + 1))
+            await scheduler.embed([f"t{i}"] * 5)
         return scheduler
 
     scheduler = run(go())
@@ -155,7 +185,7 @@ def test_lone_requests_use_worker_zero_whose_threads_are_warm():
 
 def test_a_failing_pass_fails_its_requests_and_the_scheduler_goes_on():
     model = FakeModel(fail_on="t666", gated=True)
-    size = INLINE_TEXTS + 1  # too many to run inline
+    size = 5
     before = numbered(*range(size))
     poisoned, beside_it = ["t666", *numbered(*range(11, 10 + size))], numbered(*range(20, 20 + size))
     after_a, after_b = numbered(*range(30, 30 + size)), numbered(*range(40, 40 + size))
@@ -172,19 +202,20 @@ def test_a_failing_pass_fails_its_requests_and_the_scheduler_goes_on():
         outcomes = await asyncio.wait_for(
             asyncio.gather(*first, *failing, *later, return_exceptions=True), GATE_TIMEOUT_S
         )
-        inline = await scheduler.embed(["t7"])
-        return outcomes, inline
+        model.finish(1)
+        after = await scheduler.embed(["t7"])
+        return outcomes, after
 
-    (ok_before, bad, bad_beside, ok_a, ok_b), inline = run(go())
+    (ok_before, bad, bad_beside, ok_a, ok_b), after = run(go())
     assert model.texts == [before, poisoned + beside_it, after_a + after_b, ["t7"]]
     assert isinstance(bad, RuntimeError) and isinstance(bad_beside, RuntimeError)
     assert values(ok_before) == [float(t[1:]) for t in before]
     assert values(ok_a) == [float(t[1:]) for t in after_a]
     assert values(ok_b) == [float(t[1:]) for t in after_b]
-    assert values(inline) == [7.0]
+    assert values(after) == [7.0]
 
 
-def test_inline_failure_is_raised_to_the_caller():
+def test_a_lone_failing_request_hears_of_its_failure():
     model = FakeModel(fail_on="t1")
 
     async def go():
@@ -231,37 +262,25 @@ def test_one_large_batch_is_dealt_out_to_every_worker_and_keeps_its_order():
     assert {threads for _, threads, _ in model.passes} == {1}  # each on its half of the cores
 
 
-# --- which work runs on the event loop, and work nobody waits for -----------------
+# --- nothing runs on the event loop, and work nobody waits for -------------------
 
 
-def test_a_few_long_texts_never_run_on_the_event_loop():
+def test_no_pass_runs_on_the_event_loop():
+    """Not even a lone short text: the loop's thread would keep an OpenMP team of its
+    own beside worker 0's (see the scheduler's docstring), and meanwhile the replica
+    answers no health check."""
     model = FakeModel()
     long_text = "t" + "0" * 40_000  # as long in bytes as ~8,192 tokens
 
     async def go():
         scheduler = ForwardScheduler(model.encode, workers=2, cpus=2, max_texts=128)
-        scheduler.ms_per_byte = 0.01  # as learnt for a small model: 100 bytes a millisecond
         await scheduler.embed(["t1"])
-        await scheduler.embed([long_text] * INLINE_TEXTS)
-        return scheduler
+        await scheduler.embed(["t2"])
+        await scheduler.embed([long_text] * 4)
 
-    scheduler = run(go())
-    threads = [name for _, _, name in model.passes]
-    assert threads[0] == "MainThread"  # a short text still skips the hand-off
-    assert threads[1].startswith("forward-")  # four long ones go to a worker thread
-    assert scheduler.inline_passes == 1
-
-
-def test_nothing_runs_inline_before_a_pass_was_timed():
-    model = FakeModel()
-
-    async def go():
-        scheduler = ForwardScheduler(model.encode, workers=1, cpus=2, max_texts=128)
-        await scheduler.embed(["t1"])
-        return scheduler
-
-    scheduler = run(go())
-    assert model.passes[0][2].startswith("forward-") and scheduler.ms_per_byte is not None
+    run(go())
+    assert len(model.passes) == 3
+    assert all(name.startswith("forward-0") for _, _, name in model.passes)
 
 
 def test_work_whose_caller_was_cancelled_is_dropped_before_its_pass():
@@ -296,16 +315,12 @@ def test_work_whose_caller_was_cancelled_is_dropped_before_its_pass():
 
 def test_an_idle_scheduler_with_a_wait_gathers_what_arrives_meanwhile_into_one_pass():
     """batch_wait_timeout_s: the first request on an idle scheduler waits that long for
-    company, and everything that came meanwhile shares its pass (even a small request,
-    which would otherwise run inline at once). Without a wait, the first would have run
-    alone, inline, at once."""
+    company, and everything that came meanwhile shares its pass. Without a wait, the
+    first would have run alone, at once."""
     model = FakeModel()
-    model.encode(["t0"], lambda: 1)  # a timed pass would let a small request run inline
-    model.passes.clear(), model.texts.clear()
 
     async def go():
         scheduler = ForwardScheduler(model.encode, workers=2, cpus=2, max_texts=128, wait_s=0.05)
-        scheduler.ms_per_byte = 0.0  # small requests would run inline without the wait
         first = await queued(scheduler.embed(numbered(1)))
         assert model.passes == []  # waiting for company
         later = await queued(scheduler.embed(numbered(2, 3)), scheduler.embed(numbered(4)))
@@ -313,7 +328,7 @@ def test_an_idle_scheduler_with_a_wait_gathers_what_arrives_meanwhile_into_one_p
 
     results = run(go())
     assert [values(r) for r in results] == [[1.0], [2.0, 3.0], [4.0]]
-    # Gathered, then shared between the two free workers; none ran alone or inline.
+    # Gathered, then shared between the two free workers; none ran alone.
     assert sorted(t for texts in model.texts for t in texts) == numbered(1, 2, 3, 4)
     assert len(model.passes) == 2
     assert all(name.startswith("forward-") for _, _, name in model.passes)

@@ -12,7 +12,7 @@ import numpy as np
 import openai
 import pytest
 import torch
-from conftest import BUNDLED, cmdline
+from conftest import BUNDLED, cmdline, wait_for
 
 from bench.corpus import sentences
 
@@ -263,3 +263,44 @@ def test_a_short_request_is_answered_without_waiting_for_a_long_one_beside_it(bu
     assert len(short.vectors) == 1 and len(long.vectors) == 600
     assert done_when["short"] < 600 < done_when["long"], done_when
     replica._scheduler.shutdown()
+
+
+def test_only_one_thread_of_a_replica_runs_torch_on_several_cores(bundled_spec):
+    """With GNU OpenMP each thread that runs torch on several cores keeps a team of its
+    own threads; two such teams on two cores made every pass half as slow again
+    (bench/omp_team.py). Loading, the warm-up pass, the speed-up checks, a lone request
+    and pooled ones on both workers: only worker 0's thread may use more than one."""
+    import asyncio
+    import threading
+    from dataclasses import asdict
+
+    from serve_app.ray_shell.deployments import Embedder
+
+    several = set()  # names of the threads that ran a module on more than one torch thread
+
+    def note(module, args):
+        if torch.get_num_threads() > 1:
+            several.add(threading.current_thread().name)
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(note)
+    replica = None
+    try:
+        replica = Embedder.func_or_class(
+            {"model": BUNDLED, "gpu_fraction": 0.0, "cpu_threads": 2}, asdict(bundled_spec), 0.0)
+        wait_for(lambda: not any(t.name == "speed-up" for t in threading.enumerate()), 120,
+                 "the replica's speed-up thread to finish")
+
+        async def traffic():
+            alone = await replica.embed(["one short clause"])
+            pooled = await asyncio.gather(
+                *(replica.embed([f"clause {i}.{j}: the tenant pays" for j in range(20)]) for i in range(4)))
+            return alone, pooled
+
+        alone, pooled = asyncio.run(traffic())
+    finally:
+        hook.remove()
+        if replica is not None and replica._scheduler is not None:
+            replica._scheduler.shutdown()
+    assert len(alone.vectors) == 1 and [len(p.vectors) for p in pooled] == [20] * 4
+    assert replica._scheduler.passes_by_worker[1] > 0  # the pooled requests used both workers
+    assert len(several) == 1 and next(iter(several)).startswith("forward-0"), several

@@ -102,10 +102,13 @@ class TextEmbedder:
             share_rows=settings.share_rows,
         )
 
-    def speed_up(self) -> list[str]:
+    def speed_up(self, threads: int | None = None) -> list[str]:
         """Turn on the CPU fast paths that check out here (packed weights, shared rows);
         a sentence on each. Safe while other threads run passes; called once the
-        replica is ready, since each takes a moment."""
+        replica is ready, since each takes a moment. `threads`: torch threads for the
+        work on this thread (a replica's speed-up thread takes 1: see the scheduler)."""
+        if threads is not None and self.device.type == "cpu":
+            self._use_threads(threads)
         return [self.pack_weights(), self.share_rows()]
 
     def share_rows(self) -> str:

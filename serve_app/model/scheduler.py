@@ -8,13 +8,18 @@ forward passes. Each request is answered as soon as its own texts are done, not
 when everything it shared passes with is. Work whose caller was cancelled before
 its pass began is dropped; a pass that has begun runs out.
 
-On a CPU, two workers each run a pass on half the cores; a worker that runs
-alone takes all of them. Thread counts are per calling thread in torch, so each
-worker sets its own before every pass, and again before every transformer block
-(TextEmbedder.encode): a pass keeps to its share as the other worker starts or
-stops. Each worker is one fixed thread, and a lone request always goes to worker
-0: another thread's OpenMP team would still be spinning from its last pass
-(measured: +3.4 ms per request).
+On a CPU, two workers each run a pass on their share of the cores. Each worker is
+one fixed thread, and torch never runs on any other with more than one thread:
+with GNU OpenMP every thread that runs a parallel region keeps a team of its own,
+and once the teams hold more threads than there are CPUs each of the hundreds of
+parallel regions in a pass wakes its team from a sleep (bench/omp_team.py:
+all-MiniLM-L6-v2's pass for one text 4.0 -> 7.6 ms). So the model is loaded and
+warmed up on worker 0's thread (`home`), a lone request always goes to worker 0,
+which takes every core the other workers leave it, and the other workers keep to
+their fixed share (one thread on two cores, which starts no team at all). Thread
+counts are per calling thread in torch, so each worker sets its own before every
+pass, and again before every transformer block (TextEmbedder.encode): a pass
+keeps to its share as the other worker starts or stops.
 """
 
 from __future__ import annotations
@@ -30,10 +35,6 @@ import numpy as np
 
 from serve_app.core.encoded import Encoded, Item
 
-INLINE_TEXTS = 4
-# A lone request runs on the event loop only if its pass should take at most this long:
-# meanwhile the replica answers no health check and takes in no request.
-INLINE_MS = 20.0
 MIN_SPLIT_TEXTS = 8  # per worker: smaller batches stay in one pass
 # encode(texts, threads) -> Encoded; threads() is asked before every forward pass and block.
 EncodeFn = Callable[[list[Item], Callable[[], int]], Encoded]
@@ -58,7 +59,10 @@ class ForwardScheduler:
         max_texts: int,
         wait_s: float = 0.0,
         on_pass: Callable[[int, float], None] | None = None,
+        home: ThreadPoolExecutor | None = None,
     ) -> None:
+        """`home`: the one-thread executor that loaded the model, which becomes worker 0
+        (see the module's docstring); one of the scheduler's own if not given."""
         self._encode = encode
         self._on_pass = on_pass  # (texts in the pass, seconds its oldest job waited)
         self._cpus = cpus
@@ -69,26 +73,15 @@ class ForwardScheduler:
         self._gathering = False
         self._pending: deque[_Job] = deque()
         self._busy = [False] * workers
-        self._executors = [
+        self._executors = [home or home_thread()] + [
             ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"forward-{i}")
-            for i in range(workers)
+            for i in range(1, workers)
         ]
         self.batches = 0  # passes started, for tests and metrics
         self.passes_by_worker = [0] * workers
-        self.inline_passes = 0
-        # Forward-pass milliseconds per UTF-8 byte of input, learnt from every timed pass;
-        # None until the first. Bytes bound tokens from above for byte-level BPE and
-        # WordPiece alike, so the estimate errs towards the thread.
-        self.ms_per_byte: float | None = None
 
     async def embed(self, texts: list[Item]) -> Encoded:
         """Embed `texts`, sharing a pass with whatever else is waiting."""
-        if not self.wait_s and not any(self._busy) and not self._pending and self._runs_inline(texts):
-            # A lone short request runs right here: no hand-off to a thread and back.
-            self.batches += 1
-            self.inline_passes += 1
-            self._report(len(texts), 0.0)
-            return self._timed(texts)
         loop = asyncio.get_running_loop()
         # A request big enough for every worker is dealt out among them (every n-th text,
         # so each gets a like mix of lengths), which would otherwise keep one worker
@@ -114,17 +107,11 @@ class ForwardScheduler:
         self._gathering = False
         self._start_free_workers()
 
-    def _runs_inline(self, texts: list[Item]) -> bool:
-        """Few texts whose pass, by what earlier passes cost, blocks the loop only briefly."""
-        if len(texts) > INLINE_TEXTS or self.ms_per_byte is None:
-            return False
-        return _utf8_bytes(texts) * self.ms_per_byte <= INLINE_MS
-
     def _start_free_workers(self) -> None:
         while self._pending and self._pending[0].future.done():
             self._pending.popleft()  # its caller was cancelled: nobody waits for this work
         while self._pending and not all(self._busy):
-            worker = self._busy.index(False)  # the lowest free one: its threads are warm
+            worker = self._busy.index(False)  # the lowest free one: 0 may take every core
             # Share what is waiting among the free workers, so that no core idles while
             # one worker runs a long pass alone (a large model's pass takes seconds);
             # this is also what keeps the pieces embed() deals out on separate workers.
@@ -147,27 +134,28 @@ class ForwardScheduler:
         if self._on_pass is not None:
             self._on_pass(texts, waited_s)
 
-    def _timed(self, texts: list[Item]) -> Encoded:
+    def _timed(self, texts: list[Item], worker: int) -> Encoded:
         started = time.perf_counter()
-        encoded = self._encode(texts, self._threads)
+        encoded = self._encode(texts, lambda: self._threads(worker))
         encoded.model_ms = (time.perf_counter() - started) * 1000
-        cost = encoded.model_ms / max(1, _utf8_bytes(texts))
-        # A moving average; two workers may write it at once, and either value will do.
-        self.ms_per_byte = cost if self.ms_per_byte is None else 0.7 * self.ms_per_byte + 0.3 * cost
         return encoded
 
     def warm_up(self, texts: list[str]) -> float:
-        """One pass on this thread (it pays one-off kernel set-up); its seconds."""
-        return self._timed(texts).model_ms / 1000
+        """One pass on worker 0 (it pays one-off kernel set-up), waited for; its seconds."""
+        return self._executors[0].submit(self._timed, texts, 0).result().model_ms / 1000
 
-    def _threads(self) -> int:
-        return max(1, self._cpus // max(1, sum(self._busy)))
+    def _threads(self, worker: int) -> int:
+        share = max(1, self._cpus // len(self._busy))
+        if worker:
+            return share
+        others = sum(self._busy[1:])
+        return max(1, self._cpus - share * others)
 
     async def _run(self, worker: int, jobs: list[_Job]) -> None:
         texts = [text for job in jobs for text in job.texts]
         loop = asyncio.get_running_loop()
         try:
-            encoded = await loop.run_in_executor(self._executors[worker], self._timed, texts)
+            encoded = await loop.run_in_executor(self._executors[worker], self._timed, texts, worker)
         except Exception as exc:  # every caller in the pass hears about it
             for job in jobs:
                 if not job.future.done():
@@ -187,10 +175,9 @@ class ForwardScheduler:
             executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _utf8_bytes(texts: list[Item]) -> int:
-    # A token id stands for about four bytes of text.
-    return sum(len(text.encode("utf-8", "surrogatepass")) if isinstance(text, str)
-               else 4 * len(text.ids) for text in texts)
+def home_thread() -> ThreadPoolExecutor:
+    """The thread that loads a model and then runs worker 0's passes."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward-0")
 
 
 def _interleave(parts: list[Encoded]) -> Encoded:

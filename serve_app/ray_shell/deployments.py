@@ -53,10 +53,15 @@ class Embedder:
                 default_cpu_threads,
                 default_forward_workers,
             )
-            from serve_app.model.scheduler import ForwardScheduler
+            from serve_app.model.scheduler import ForwardScheduler, home_thread
 
             cpus = settings.cpu_threads or default_cpu_threads()
-            self._model = TextEmbedder.from_settings(ModelSpec(**spec), settings, gpu_fraction, cpus)
+            # Loaded on the thread that then runs worker 0's passes: torch on a second
+            # thread with several cores would slow every pass (see the scheduler).
+            home = home_thread()
+            self._model = home.submit(
+                TextEmbedder.from_settings, ModelSpec(**spec), settings, gpu_fraction, cpus
+            ).result()
             self._scheduler = ForwardScheduler(
                 self._model.encode,
                 workers=settings.forward_workers
@@ -65,13 +70,13 @@ class Embedder:
                 max_texts=settings.max_batch_texts,
                 wait_s=settings.batch_wait_timeout_s,
                 on_pass=self._record_pass,
+                home=home,
             )
-            # The first forward pass pays one-off kernel set-up, and tells the scheduler
-            # what a pass costs here (whether a short request may run on the loop).
+            # The first forward pass pays one-off kernel set-up.
             logger.info("First forward pass %.2f s", self._scheduler.warm_up(["warm up"]))
             # After the replica is ready, not before: packing the weights takes a second or
             # two of memory writes and the row check two passes, which would lengthen every
-            # cold start; meanwhile the plain paths serve.
+            # cold start; meanwhile the plain paths serve. On one core, for the reason above.
             threading.Thread(target=self._speed_up, name="speed-up", daemon=True).start()
         except Exception as exc:
             # The traceback (paths included) goes to the replica's log; clients get a
@@ -91,7 +96,7 @@ class Embedder:
 
     def _speed_up(self) -> None:
         try:
-            for sentence in self._model.speed_up():
+            for sentence in self._model.speed_up(threads=1):
                 logger.info(sentence)
         except Exception:  # the plain layers keep serving
             logger.exception("Turning on the CPU fast paths failed; the plain paths keep serving")
