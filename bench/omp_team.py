@@ -4,7 +4,7 @@
     python bench/omp_team.py --model /tmp/qwen3-standin --texts 30
 
 Why: the replica's model pass measured slower than the same pass raw (all-MiniLM-L6-v2
-14.3 vs 7.5 ms). The replica runs torch on several threads (its constructor, the
+14.3 vs 7.5 ms). The replica then ran torch on several threads (its constructor, the
 speed-up thread, the event loop's inline path, one per forward worker). With GNU
 OpenMP (torch's CPU build here) every such thread that ran a parallel region keeps
 its own team; once the teams hold more threads than there are CPUs, libgomp cuts
@@ -15,7 +15,9 @@ Three variants, each embedding the same texts one at a time with 2 threads: a
 model loaded and run on one thread while no other thread has run torch (the fix's
 shape: all of the replica's torch calls on one thread); a model loaded on the main
 thread and run there (once the first variant's thread has ended); and that model
-run on a second thread (the replica's case today). Per variant: p50 ms and
+run on a second thread (the replica's case before the fix: now it loads the model on
+forward worker 0's thread, and no other thread runs torch on more than one core; see
+serve_app/model/scheduler.py). Per variant: p50 ms and
 CPU seconds of the busiest threads of the process.
 """
 
