@@ -304,3 +304,21 @@ def test_only_one_thread_of_a_replica_runs_torch_on_several_cores(bundled_spec):
     assert len(alone.vectors) == 1 and [len(p.vectors) for p in pooled] == [20] * 4
     assert replica._scheduler.passes_by_worker[1] > 0  # the pooled requests used both workers
     assert len(several) == 1 and next(iter(several)).startswith("forward-0"), several
+
+
+def test_the_ingress_sends_to_the_model_as_its_own_ray_settings_say(serve_cluster, monkeypatch):
+    """A handle carries the transport of the process that built the app; a driver that
+    imported Ray before setting RAY_SERVE_THROUGHPUT_OPTIMIZED (as this test process
+    and the benchmarks did) builds one that uses actor calls on a cluster set up for
+    gRPC. The ingress re-decides by its own (the cluster's) settings."""
+    from ray.serve._private import constants
+    from ray.serve.handle import DeploymentHandle
+
+    from serve_app.ray_shell.transport import handle_for_this_replica
+
+    built = DeploymentHandle("Embedder", "transport-check").options(_by_reference=True)
+    monkeypatch.setattr(constants, "RAY_SERVE_USE_GRPC_BY_DEFAULT", True)
+    assert handle_for_this_replica(built).handle_options._by_reference is False
+    monkeypatch.setattr(constants, "RAY_SERVE_USE_GRPC_BY_DEFAULT", False)
+    grpc_built = built.options(_by_reference=False)
+    assert handle_for_this_replica(grpc_built).handle_options._by_reference is True

@@ -22,7 +22,7 @@ from serve_app.core.config import AppArgs
 from serve_app.core.encoded import Item
 from serve_app.core.modelinfo import ModelSpec
 from serve_app.ray_shell.metrics import Metrics
-from serve_app.ray_shell.transport import Failure, RayBackend
+from serve_app.ray_shell.transport import Failure, RayBackend, handle_for_this_replica
 from serve_app.ray_shell.warmstart import ensure_zygote, preload_for
 from serve_app.web.api import create_app
 from serve_app.web.service import EmbeddingService
@@ -192,8 +192,8 @@ class Ingress:
 
             ensure_zygote(preload_for(spec["model_type"]), os.getppid())
         app_name = serve.get_replica_context().app_name
-        backend = RayBackend(embedder, settings.request_timeout_s, app_name,
-                             settings.health_check_period_s)
+        backend = RayBackend(handle_for_this_replica(embedder), settings.request_timeout_s,
+                             app_name, settings.health_check_period_s)
         self._service = EmbeddingService(settings, ModelSpec(**spec), backend, Metrics())
 
     def __serve_build_asgi_app__(self):

@@ -1,7 +1,9 @@
 """Calls from the ingress to the `Embedder` deployment, and what Ray's failures become.
 
 A chunk whose replica went away is resent once, after a short back-off, unless Ray
-says the replica was killed for memory. Ray's failures are matched by type.
+says the replica was killed for memory. Ray's failures are matched by type. The calls
+go over gRPC or as Ray actor calls as the ingress's own Ray settings say, not as the
+process that built the app happened to be set up (`handle_for_this_replica`).
 """
 
 from __future__ import annotations
@@ -151,6 +153,23 @@ def _killed_for_memory(exc: BaseException) -> bool:
         return True
     text = str(exc).lower()
     return "memory monitor" in text or "out of memory" in text or "low on memory" in text
+
+
+def handle_for_this_replica(handle: DeploymentHandle, grpc: bool | None = None) -> DeploymentHandle:
+    """`handle`, sending over gRPC or as Ray actor calls as this replica's Ray settings say.
+
+    A handle carries its transport from the process that built the app: the driver of
+    `serve run`, a benchmark, or Serve's controller for `serve deploy`. A driver whose
+    environment lacks RAY_SERVE_THROUGHPUT_OPTIMIZED (or imported Ray before setting it)
+    builds handles that use actor calls, even on a cluster started for gRPC; so the
+    ingress decides by its own environment, which is the cluster's. `grpc`: None reads
+    Ray's setting (RAY_SERVE_USE_GRPC_BY_DEFAULT, on under the throughput profile).
+    """
+    if grpc is None:
+        from ray.serve._private.constants import RAY_SERVE_USE_GRPC_BY_DEFAULT
+
+        grpc = RAY_SERVE_USE_GRPC_BY_DEFAULT
+    return handle.options(_by_reference=not grpc)
 
 
 async def _await(response):
