@@ -306,7 +306,7 @@ def test_only_one_thread_of_a_replica_runs_torch_on_several_cores(bundled_spec):
     assert len(several) == 1 and next(iter(several)).startswith("forward-0"), several
 
 
-def test_the_ingress_sends_to_the_model_as_its_own_ray_settings_say(serve_cluster, monkeypatch):
+def test_the_ingress_handle_is_remade_for_the_transport_of_its_own_ray_settings(serve_cluster, monkeypatch):
     """A handle carries the transport of the process that built the app; a driver that
     imported Ray before setting RAY_SERVE_THROUGHPUT_OPTIMIZED (as this test process
     and the benchmarks did) builds one that uses actor calls on a cluster set up for

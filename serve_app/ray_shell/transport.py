@@ -155,21 +155,19 @@ def _killed_for_memory(exc: BaseException) -> bool:
     return "memory monitor" in text or "out of memory" in text or "low on memory" in text
 
 
-def handle_for_this_replica(handle: DeploymentHandle, grpc: bool | None = None) -> DeploymentHandle:
+def handle_for_this_replica(handle: DeploymentHandle) -> DeploymentHandle:
     """`handle`, sending over gRPC or as Ray actor calls as this replica's Ray settings say.
 
     A handle carries its transport from the process that built the app: the driver of
     `serve run`, a benchmark, or Serve's controller for `serve deploy`. A driver whose
     environment lacks RAY_SERVE_THROUGHPUT_OPTIMIZED (or imported Ray before setting it)
     builds handles that use actor calls, even on a cluster started for gRPC; so the
-    ingress decides by its own environment, which is the cluster's. `grpc`: None reads
-    Ray's setting (RAY_SERVE_USE_GRPC_BY_DEFAULT, on under the throughput profile).
+    ingress decides by its own environment, which is the cluster's: Ray's
+    RAY_SERVE_USE_GRPC_BY_DEFAULT, on under the throughput profile.
     """
-    if grpc is None:
-        from ray.serve._private.constants import RAY_SERVE_USE_GRPC_BY_DEFAULT
+    from ray.serve._private import constants  # read at the call: Ray sets it at import
 
-        grpc = RAY_SERVE_USE_GRPC_BY_DEFAULT
-    return handle.options(_by_reference=not grpc)
+    return handle.options(_by_reference=not constants.RAY_SERVE_USE_GRPC_BY_DEFAULT)
 
 
 async def _await(response):
