@@ -1,12 +1,22 @@
 """The model path against sentence-transformers, the reference implementation."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 
 from bench.corpus import sentences
 from serve_app.core.modelinfo import resolve_model
-from serve_app.model.embedder import TextEmbedder, choose_dtype, cpu_bf16_features, pool
+from serve_app.model.embedder import (
+    TextEmbedder,
+    bf16_matmul_speedup,
+    choose_dtype,
+    cpu_bf16_features,
+    pool,
+)
 
 TEXTS = [
     "The lessee shall pay rent on the first day of each month.",
@@ -139,15 +149,49 @@ def test_vectors_are_unit_length_float32(bundled_embedder):
 
 
 def test_auto_dtype_is_bfloat16_where_the_cpu_runs_it_natively():
-    dtype, reason = choose_dtype("auto", torch.device("cpu"), features=lambda: ["AVX512-BF16"])
+    dtype, reason = choose_dtype("auto", torch.device("cpu"), features=lambda: ["AVX512-BF16"],
+                                 speedup=lambda: 4.2)
     assert dtype == torch.bfloat16
-    assert "AVX512-BF16" in reason
+    assert "AVX512-BF16" in reason and "4.2x" in reason
 
 
 def test_auto_dtype_is_float32_on_a_cpu_without_bfloat16_units():
-    dtype, reason = choose_dtype("auto", torch.device("cpu"), features=lambda: [])
+    def never_asked():
+        raise AssertionError("no probe where torch reports no bfloat16 units")
+
+    dtype, reason = choose_dtype("auto", torch.device("cpu"), features=lambda: [],
+                                 speedup=never_asked)
     assert dtype == torch.float32
     assert "neither AMX nor AVX512-BF16" in reason
+
+
+def test_auto_dtype_is_float32_where_the_units_are_reported_but_bfloat16_runs_slower():
+    dtype, reason = choose_dtype("auto", torch.device("cpu"), features=lambda: ["AVX512-BF16"],
+                                 speedup=lambda: 0.25)
+    assert dtype == torch.float32
+    assert "AVX512-BF16" in reason and "0.25x" in reason
+
+
+def test_the_bfloat16_probe_runs_on_one_thread_and_gives_the_callers_count_back():
+    # The replica's home thread runs it between setting its own count and its first pass.
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert bf16_matmul_speedup() > 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not cpu_bf16_features(), reason="this CPU has no bfloat16 units to hide")
+def test_auto_dtype_is_float32_when_onednn_is_capped_below_the_cpus_bfloat16_units():
+    # torch still reports the units; only a product shows that bfloat16 is emulated.
+    script = ("import torch\nfrom serve_app.model.embedder import choose_dtype, cpu_bf16_features\n"
+              "print(bool(cpu_bf16_features()), choose_dtype('auto', torch.device('cpu'))[0])")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, check=True, timeout=120).stdout.split()
+    assert out == ["True", "torch.float32"]
 
 
 def test_a_set_dtype_wins_over_the_cpu_check():
