@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--cold-starts", type=int, default=3)
     parser.add_argument("--port", type=int, default=8123)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra AppArgs setting for the served app (repeatable)")
+                        help="extra AppArgs setting for the served app (repeatable); a dtype is also raw's")
     parser.add_argument("--untuned", action="store_true",
                         help="plain Ray Serve: without the environment python -m serve_app sets")
     parser.add_argument("--ray-env", action="append", default=[], metavar="KEY=VALUE",
@@ -82,6 +82,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     opts = parser.parse_args()
 
+    # Ray is imported before the tuned environment is set, on purpose: Ray reads its
+    # settings at import, and under the throughput profile a handle's router runs on the
+    # caller's event loop, which this driver's blocking calls (describe, status) do not
+    # have. The cluster it starts, and so the app, gets the tuned environment.
     import ray
     from ray import serve
 
@@ -107,7 +111,10 @@ def main() -> None:
         serve.run(build_app(AppArgs.model_validate({"model": opts.model, "min_replicas": 1, **extra})),
                   name="bench", route_prefix="/bench")
         spec = resolve_model(opts.model)
-        raw_model = TextEmbedder(spec, cpu_threads=default_cpu_threads())
+        # Raw runs in the dtype the served app is given (`--set dtype=float32` compares the
+        # float32 path, as a CPU without fast bfloat16 runs it), else in auto's choice.
+        raw_model = TextEmbedder(spec, dtype=extra.get("dtype", "auto"),
+                                 cpu_threads=default_cpu_threads())
         print(f"raw: {' '.join(raw_model.speed_up())}", flush=True)  # as the replica does, once ready
         wait_until_sped_up("bench", raw_model)
         baseline = None
@@ -148,9 +155,16 @@ def main() -> None:
         opts.json.write_text(json.dumps(results, indent=2))
 
 
+# The served app's processes, by a marker in their command line (Ray names an actor's
+# process after it); everything else on the machine is "other processes".
+SERVED_GROUPS = {"model replica": "ServeReplica:bench:Embedder",
+                 "ingress": "ServeReplica:bench:Ingress", "HAProxy": "haproxy"}
+
+
 def compare(model, baseline, url: str, peer_url: str | None, opts, corpus: list[str],
             singles: list[str]):
     """Raw passes in this process, served passes from a client process, alternating."""
+    from cpu_share import CpuShare, cpu_share
     from forward_sweep import run as split_run
 
     from serve_app.model.embedder import default_cpu_threads
@@ -176,6 +190,7 @@ def compare(model, baseline, url: str, peer_url: str | None, opts, corpus: list[
     sizes = sorted({int(size) for size in opts.raw_batches.split(",")})
     raw_rounds: dict[int, list[float]] = {size: [] for size in sizes}
     split_rounds, float32_rounds, served_rounds, peer_rounds, matmul_rounds = [], [], [], [], []
+    served_cpu = CpuShare(len(os.sched_getaffinity(0)))  # where the cores' time went, served
     for r in range(opts.rounds):
         matmul_rounds.append(matmul_gflops())
         for size in sizes:
@@ -185,7 +200,9 @@ def compare(model, baseline, url: str, peer_url: str | None, opts, corpus: list[
             start = time.perf_counter()
             baseline.encode(corpus)
             float32_rounds.append(len(corpus) / (time.perf_counter() - start))
-        served_rounds.append(client(*load)["texts_per_s"])
+        with cpu_share(SERVED_GROUPS) as share:
+            served_rounds.append(client(*load)["texts_per_s"])
+        served_cpu.add(share)
         if peer_url:
             peer_rounds.append(client(*load, target=peer_url)["texts_per_s"])
         print(f"  round {r + 1}: raw " + ", ".join(f"{k}: {v[-1]:.1f}/s" for k, v in raw_rounds.items())
@@ -224,6 +241,7 @@ def compare(model, baseline, url: str, peer_url: str | None, opts, corpus: list[
                     "p50_ms": float(np.percentile(peer_lat, 50)),
                     "p95_ms": float(np.percentile(peer_lat, 95))}
     served = {"throughput": statistics.median(served_rounds), "rounds": served_rounds,
+              "cpu_share": served_cpu.fractions(),
               "p50_ms": float(np.percentile(served_lat, 50)),
               "p95_ms": float(np.percentile(served_lat, 95)),
               # Medians of the server's Server-Timing split for the same requests.
@@ -367,6 +385,10 @@ def report(r: dict) -> None:
     print(f"{'':26}{'raw':>10}{'served':>10}  comparison")
     for name, a, b, c in rows:
         print(f"{name:26}{a:>10}{b:>10}  {c}")
+    if served.get("cpu_share"):
+        from cpu_share import describe
+
+        print(f"served rounds, share of the CPUs' time: {describe(served['cpu_share'])}")
     print("served single text, median split (ms): " + "; ".join(
         f"{k} {v:.1f}" for k, v in served["split_ms"].items()))
 

@@ -17,7 +17,11 @@ def served_app(name: str, port: int, **args) -> Iterator[str]:
     from serve_app.ray_shell.app import build_app
     from serve_app.ray_shell.launch import tuned_environment
 
-    os.environ.update(tuned_environment(port=port))  # Ray's side ports follow the port
+    # Set after Ray is imported, on purpose: the cluster started below (and so the app) gets
+    # the tuned environment, while this driver keeps Ray's defaults, which its blocking
+    # handle calls need (under the throughput profile a handle's router runs on the
+    # caller's event loop). Ray's side ports follow the port.
+    os.environ.update(tuned_environment(port=port))
     ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
