@@ -47,9 +47,9 @@ def _children_cpu_seconds() -> float:
 
 @dataclass
 class CpuShare:
-    """Seconds of CPU per group over `wall_s` on `cpus` cores."""
+    """Seconds of CPU per group over `wall_s` on `cpus` cores (this process's, by default)."""
 
-    cpus: int
+    cpus: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
     wall_s: float = 0.0
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -73,7 +73,7 @@ def cpu_share(groups: dict[str, str], children: str = "client") -> Iterator[CpuS
     """Measure the block: processes whose command line contains a group's marker count to
     it, every other process to "other processes", and this process's children that ended
     in the block (a client run with subprocess) to `children`."""
-    share = CpuShare(len(os.sched_getaffinity(0)))
+    share = CpuShare()
     before, children_before = process_cpu_seconds(), _children_cpu_seconds()
     started = time.perf_counter()
     try:

@@ -190,7 +190,7 @@ def compare(model, baseline, url: str, peer_url: str | None, opts, corpus: list[
     sizes = sorted({int(size) for size in opts.raw_batches.split(",")})
     raw_rounds: dict[int, list[float]] = {size: [] for size in sizes}
     split_rounds, float32_rounds, served_rounds, peer_rounds, matmul_rounds = [], [], [], [], []
-    served_cpu = CpuShare(len(os.sched_getaffinity(0)))  # where the cores' time went, served
+    served_cpu = CpuShare()  # where the cores' time went in the served rounds
     for r in range(opts.rounds):
         matmul_rounds.append(matmul_gflops())
         for size in sizes:

@@ -172,7 +172,7 @@ def test_auto_dtype_is_float32_where_the_units_are_reported_but_bfloat16_runs_sl
     assert "AVX512-BF16" in reason and "0.25x" in reason
 
 
-def test_the_bfloat16_probe_runs_on_one_thread_and_gives_the_callers_count_back():
+def test_the_bfloat16_probe_gives_the_callers_thread_count_back():
     # The replica's home thread runs it between setting its own count and its first pass.
     before = torch.get_num_threads()
     torch.set_num_threads(2)
