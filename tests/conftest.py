@@ -411,3 +411,20 @@ def fake_server():
     server = FakeEmbeddingServer()
     yield server
     server.close()
+
+
+@pytest.fixture()
+def fake_nvidia_smi(tmp_path, monkeypatch):
+    """install(listing): an `nvidia-smi` printing `listing` is the only program on PATH
+    (None: there is none), for bench/gpu_check.py's readings on a machine without a GPU."""
+
+    def install(listing: str | None) -> None:
+        bin_dir = tmp_path / "fake-bin"
+        bin_dir.mkdir(exist_ok=True)
+        if listing is not None:
+            script = bin_dir / "nvidia-smi"
+            script.write_text(f"#!/bin/sh\nprintf '%s' '{listing}'\n")
+            script.chmod(0o755)
+        monkeypatch.setenv("PATH", str(bin_dir))
+
+    return install

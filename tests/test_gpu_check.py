@@ -1,0 +1,56 @@
+"""bench/gpu_check.py's GPU memory verdicts, which only a machine with a GPU would otherwise run.
+
+Device time is lent in minutes, so the parts of the check that read nvidia-smi and judge each
+replica against its share are tested here on made-up readings (pure logic; the rest of the
+script runs end to end with --cpu-dry-run). nvidia-smi is a fake on PATH (conftest.py).
+"""
+
+from __future__ import annotations
+
+from bench import gpu_check
+
+
+def test_nvidia_smi_readings_are_summed_per_pid_and_unreadable_lines_skipped(fake_nvidia_smi):
+    # A process on two GPUs is listed twice; "[N/A]" is what some drivers and containers give.
+    fake_nvidia_smi("123, 500\n123, 20\n456, [N/A]\n789, 300\n")
+    assert gpu_check.gpu_memory_by_pid() == {123: 520.0, 789: 300.0}
+
+
+def test_no_nvidia_smi_gives_no_readings_instead_of_failing_the_run(fake_nvidia_smi):
+    fake_nvidia_smi(None)
+    assert gpu_check.gpu_memory_by_pid() == {}
+
+
+def _result(peaks: dict, **extra) -> dict:
+    return {"plan": {"device": "cuda"}, "total_mib": 16000.0, "context_mib": 500.0,
+            "served": {"replicas": [{"pid": 11}, {"pid": 12}], "peak_mib": peaks, **extra}}
+
+
+def test_each_replica_is_judged_against_its_share_with_the_cuda_context_counted():
+    rows = gpu_check.memory_rows(_result({11: 3900.0, 12: 4100.0}))
+    by_name = {name: (measured, target, met) for name, measured, target, met in rows}
+    # A quarter of a 16,000 MiB card is 4,000 MiB, the context included.
+    assert by_name["replica 11 peak, context incl."] == ("3900 MiB (3400 beyond it)", "<= 4000 MiB", "yes")
+    assert by_name["replica 12 peak, context incl."] == ("4100 MiB (3600 beyond it)", "<= 4000 MiB", "NO")
+    assert by_name["CUDA context alone"][0] == "500 MiB"
+
+
+def test_a_replica_nvidia_smi_did_not_list_is_unknown_not_passed():
+    rows = gpu_check.memory_rows(_result({11: 3900.0}))
+    assert ("replica 12 peak, context incl.", "not measured", "<= 4000 MiB", "unknown") in rows
+
+
+def test_without_per_process_readings_the_cards_growth_is_shared_out():
+    # In a container nvidia-smi may list no pids at all: the whole card's use is all there is.
+    within = gpu_check.memory_rows(_result({"device": 9000.0}, card_before_mib=1000.0))
+    assert ("card's growth / replicas", "4000 MiB", "<= 4000 MiB", "yes") in within
+    over = gpu_check.memory_rows(_result({"device": 9200.0}, card_before_mib=1000.0))
+    assert ("card's growth / replicas", "4100 MiB", "<= 4000 MiB", "NO") in over
+
+
+def test_the_dry_run_reports_resident_memory_and_skips_the_gpu_share():
+    result = _result({11: 700.0, 12: 650.0})
+    result["plan"]["device"] = "cpu"
+    rows = gpu_check.memory_rows(result)
+    assert rows == [("replica 11 peak RSS (not GPU)", "700 MiB", "GPU share: skipped", "skipped"),
+                    ("replica 12 peak RSS (not GPU)", "650 MiB", "GPU share: skipped", "skipped")]
