@@ -148,9 +148,14 @@ def test_vectors_are_unit_length_float32(bundled_embedder):
     np.testing.assert_allclose(np.linalg.norm(result.vectors, axis=1), 1.0, rtol=1e-5)
 
 
+def _auto_on_a_cpu_reporting_bf16_units(speedup: float):
+    """choose_dtype("auto") where torch reports AVX512-BF16 and the probe measures `speedup`."""
+    return choose_dtype("auto", torch.device("cpu"), features=lambda: ["AVX512-BF16"],
+                        speedup=lambda: speedup)
+
+
 def test_auto_dtype_is_bfloat16_where_the_cpu_runs_it_natively():
-    dtype, reason = choose_dtype("auto", torch.device("cpu"), features=lambda: ["AVX512-BF16"],
-                                 speedup=lambda: 4.2)
+    dtype, reason = _auto_on_a_cpu_reporting_bf16_units(4.2)
     assert dtype == torch.bfloat16
     assert "AVX512-BF16" in reason and "4.2x" in reason
 
@@ -166,8 +171,7 @@ def test_auto_dtype_is_float32_on_a_cpu_without_bfloat16_units():
 
 
 def test_auto_dtype_is_float32_where_the_units_are_reported_but_bfloat16_runs_slower():
-    dtype, reason = choose_dtype("auto", torch.device("cpu"), features=lambda: ["AVX512-BF16"],
-                                 speedup=lambda: 0.25)
+    dtype, reason = _auto_on_a_cpu_reporting_bf16_units(0.25)
     assert dtype == torch.float32
     assert "AVX512-BF16" in reason and "0.25x" in reason
 
