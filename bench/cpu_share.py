@@ -40,6 +40,16 @@ def process_cpu_seconds() -> dict[int, tuple[float, str]]:
     return out
 
 
+def thread_cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user and system) per thread id of this process."""
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        out[tid] = (int(fields[11]) + int(fields[12])) / _TICKS
+    return out
+
+
 def _children_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime

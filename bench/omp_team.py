@@ -36,29 +36,19 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
 from corpus import short_texts  # noqa: E402
-
-
-def _thread_cpu_s() -> dict[str, float]:
-    """CPU seconds (user + system) per thread id of this process."""
-    out = {}
-    tick = os.sysconf("SC_CLK_TCK")
-    for tid in os.listdir(f"/proc/{os.getpid()}/task"):
-        with open(f"/proc/{os.getpid()}/task/{tid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        out[tid] = (int(fields[11]) + int(fields[12])) / tick
-    return out
+from cpu_share import thread_cpu_seconds  # noqa: E402
 
 
 def _measure(model, texts: list[str], threads: int) -> tuple[float, list[float]]:
     for text in texts[:5]:  # the first passes on a thread set its team up
         model.encode([text], lambda: threads)
-    before = _thread_cpu_s()
+    before = thread_cpu_seconds()
     ms = []
     for text in texts[5:]:
         started = time.perf_counter()
         model.encode([text], lambda: threads)
         ms.append((time.perf_counter() - started) * 1000)
-    after = _thread_cpu_s()
+    after = thread_cpu_seconds()
     busiest = sorted((after[t] - before.get(t, 0.0) for t in after), reverse=True)[:3]
     return statistics.median(ms), [round(s, 2) for s in busiest]
 
