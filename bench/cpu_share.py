@@ -35,8 +35,7 @@ def process_cpu_seconds() -> dict[int, tuple[float, str]]:
         except OSError:  # it ended meanwhile
             continue
         name = stat[stat.find("(") + 1 : stat.rfind(")")]
-        fields = stat[stat.rfind(")") + 2 :].split()
-        out[int(entry)] = ((int(fields[11]) + int(fields[12])) / _TICKS, command or name)
+        out[int(entry)] = (_stat_cpu_seconds(stat), command or name)
     return out
 
 
@@ -44,10 +43,18 @@ def thread_cpu_seconds() -> dict[str, float]:
     """CPU seconds (user and system) per thread id of this process."""
     out = {}
     for tid in os.listdir("/proc/self/task"):
-        with open(f"/proc/self/task/{tid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        out[tid] = (int(fields[11]) + int(fields[12])) / _TICKS
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                out[tid] = _stat_cpu_seconds(f.read())
+        except OSError:  # the thread ended meanwhile
+            continue
     return out
+
+
+def _stat_cpu_seconds(stat: str) -> float:
+    """User plus system CPU seconds from a /proc stat line (the name may hold spaces)."""
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
 def _children_cpu_seconds() -> float:
