@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from corpus import sentences, short_texts  # noqa: E402
+from served import bench_environment  # noqa: E402
 
 
 def wait_until_sped_up(app: str, raw_model, timeout_s: float = 120.0) -> None:
@@ -100,9 +101,7 @@ def main() -> None:
     # is off here; this measures the model path (`--set cache_max_mb=256` to see the cache).
     extra = {"cache_max_mb": 0, **dict(item.split("=", 1) for item in opts.set)}
     if not opts.untuned:
-        from serve_app.ray_shell.launch import tuned_environment
-
-        os.environ.update(tuned_environment(port=opts.port))  # Ray's side ports follow it
+        os.environ.update(bench_environment(opts.port))  # Ray's side ports follow it
     os.environ.update(dict(item.split("=", 1) for item in opts.ray_env))
     ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     serve.start(http_options={"host": "127.0.0.1", "port": opts.port})

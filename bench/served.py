@@ -15,13 +15,12 @@ def served_app(name: str, port: int, **args) -> Iterator[str]:
 
     from serve_app.core.config import AppArgs
     from serve_app.ray_shell.app import build_app
-    from serve_app.ray_shell.launch import tuned_environment
 
     # Set after Ray is imported, on purpose: the cluster started below (and so the app) gets
     # the tuned environment, while this driver keeps Ray's defaults, which its blocking
     # handle calls need (under the throughput profile a handle's router runs on the
     # caller's event loop). Ray's side ports follow the port.
-    os.environ.update(tuned_environment(port=port))
+    os.environ.update(bench_environment(port))
     ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
@@ -30,3 +29,15 @@ def served_app(name: str, port: int, **args) -> Iterator[str]:
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def bench_environment(port: int) -> dict[str, str]:
+    """This process's environment with the service's tuned Ray settings for `port`, less the
+    ingress's 30 s drain: Serve keeps a stopping ingress up that long for load balancers to
+    let go of it, while a benchmark's app takes no traffic by then, and each delete and the
+    shut-down would wait for it."""
+    from serve_app.ray_shell.launch import tuned_environment
+
+    env = tuned_environment(port=port)
+    env.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
+    return env
