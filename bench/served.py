@@ -32,12 +32,10 @@ def served_app(name: str, port: int, **args) -> Iterator[str]:
 
 
 def bench_environment(port: int) -> dict[str, str]:
-    """This process's environment with the service's tuned Ray settings for `port`, less the
-    ingress's 30 s drain: Serve keeps a stopping ingress up that long for load balancers to
-    let go of it, while a benchmark's app takes no traffic by then, and each delete and the
-    shut-down would wait for it."""
+    """This process's environment with the service's tuned Ray settings for `port`, but a 1 s
+    drain of a stopping ingress (the service's is 5 s, Serve's 30 s): a benchmark's app takes
+    no traffic when it is deleted, and each delete and the shut-down wait out the drain."""
     from serve_app.ray_shell.launch import tuned_environment
 
-    env = tuned_environment(port=port)
-    env.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
-    return env
+    drain = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
+    return tuned_environment({**drain, **os.environ}, port=port)

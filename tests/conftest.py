@@ -187,8 +187,8 @@ _handed_out: set[int] = set()
 def service_env(**extra: str) -> dict[str, str]:
     """For a `python -m serve_app` a test starts: this environment without the session
     cluster's Ray, Serve and front settings (its side ports, its HAProxy front), offline.
-    A stop waits out the ingress's draining period: 1 s here (30 s by default), as for the
-    session's cluster."""
+    A stop waits out the ingress's draining period: 1 s here (the service's is 5 s), as for
+    the session's cluster."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("RAY_SERVE_", "RAY_ADDRESS", "SHEET_EMBEDDINGS_"))}
     return {**env, "HF_HUB_OFFLINE": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1", **extra}
@@ -260,7 +260,7 @@ def serve_cluster(tmp_path_factory):
     # service's free port, so a development server on this machine cannot clash with the tests.
     port = free_port(side_ports=True)
     os.environ.update(front_environment(tuned_environment(port=port), tmp_path_factory.mktemp("front")))
-    # Each test deletes its app; in production an ingress drains 30 s before it stops.
+    # Each test deletes its app; in production an ingress drains 5 s before it stops.
     os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "1"
     metrics_port = free_port()
     ray.init(

@@ -44,6 +44,16 @@ def max_input_tokens(url: str) -> int | None:
         return None
 
 
+def ingress_replicas(head: RayHead) -> int | None:
+    """How many replicas the app's ingress has, stopping ones included (Ray's REST API)."""
+    try:
+        details = httpx.get(f"http://127.0.0.1:{head.dashboard_port}/api/serve/applications/",
+                            timeout=5).json()
+        return len(details["applications"]["embeddings"]["deployments"]["Ingress"]["replicas"])
+    except (httpx.HTTPError, KeyError, ValueError):
+        return None
+
+
 def proxy_env(proxy: str, port: int) -> dict[str, str]:
     """Serve's flags for each front: Ray's Python proxy, or what `python -m serve_app` sets up
     for a service on `port` (its side ports follow it, so the session's cluster is not hit)."""
@@ -71,6 +81,8 @@ def test_serve_deploy_of_an_edited_config_under_load_fails_nothing(proxy, tmp_pa
             config.write_text(yaml.safe_dump(serve_config(port, max_input_tokens=128)))  # the edit
             serve_deploy(head, config)
             wait_for(lambda: max_input_tokens(url) == 128, 180, "the edited version to answer")
+            # Past the old ingress's drain and stop, which HAProxy must have let go of by then.
+            wait_for(lambda: ingress_replicas(head) == 1, 120, "the old ingress replica to stop")
             after = load.total
             wait_for(lambda: load.total >= after + 20, 60, "load on the edited version")
         assert load.failures == [], load.failures[:5]

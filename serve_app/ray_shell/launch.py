@@ -51,6 +51,11 @@ FAST_SERVE_ENV = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     # ... but keep Serve's own messages (start-up, warnings) on the terminal.
     "RAY_SERVE_LOG_TO_STDERR": "1",
+    # A stopping ingress replica stays up this long (Serve's default: 30 s, for cloud load
+    # balancers that address replicas themselves). Here only Serve's own HAProxy does, which
+    # the controller reconfigures as soon as the replica stops; the default made every
+    # Ctrl-C wait 34 s. tests/test_serve_deploy.py redeploys under load past this drain.
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
 }
 
 
