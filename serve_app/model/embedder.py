@@ -51,8 +51,7 @@ class TextEmbedder:
         self.rows_shared = False  # several short texts per row of a pass (model.rows)
         self.device = _pick_device(device)
         if self.device.type == "cuda" and gpu_fraction:
-            # Ray does not police GPU memory: hold this process to the share it asked for.
-            torch.cuda.set_per_process_memory_fraction(gpu_fraction, self.device)
+            hold_to_gpu_share(gpu_fraction, self.device)
         if self.device.type == "cpu":
             tokenize_on_the_calling_thread()
             if cpu_threads:
@@ -404,6 +403,13 @@ def _pick_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device=cuda was asked for, but this process sees no CUDA GPU")
     return torch.device(device)
+
+
+def hold_to_gpu_share(fraction: float, device: torch.device) -> None:
+    """Cap this process's CUDA allocator at `fraction` of the card: Ray does not police GPU
+    memory, so a replica holds itself to the share it asked for."""
+    # torch refuses a device without an index (a plain "cuda"); None means the current one.
+    torch.cuda.set_per_process_memory_fraction(float(fraction), device.index)
 
 
 def cpu_bf16_features() -> list[str]:
