@@ -23,12 +23,14 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import os
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name, parse_wheel_filename
 
 # Our direct dependencies that the GPU check imports, pinned below to this environment's
 # versions so the GPU runs the code the tests ran here.
@@ -62,27 +64,25 @@ def main() -> None:
                         help="the archive to write (default .gpu/site.tar.xz, ignored by git)")
     parser.add_argument("--have", nargs="*", default=list(HAVE),
                         help="distributions the target has already (default: a CUDA torch image's)")
-    parser.add_argument("--keep", nargs="*", default=[],
-                        help="carry these even if listed as unused")
     opts = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # progress lines at once, also through a pipe
 
-    skip = {normal(name) for name in [*opts.have, *UNUSED]} - {normal(k) for k in opts.keep}
+    skip = {canonicalize_name(name) for name in [*opts.have, *UNUSED]}
     with tempfile.TemporaryDirectory(prefix="gpu-bundle-") as scratch:
         wheels, site = Path(scratch, "wheels"), Path(scratch, "site")
-        say(f"downloading wheels for CPython {opts.python} on Linux x86-64 ...")
+        print(f"downloading wheels for CPython {opts.python} on Linux x86-64 ...")
         pip("download", "--dest", str(wheels), *target_flags(opts.python), *pinned(DIRECT))
         downloaded = sorted(wheels.glob("*.whl"))
-        carried = [w for w in downloaded if normal(w.name.split("-")[0]) not in skip]
-        left = [w.name.split("-")[0] for w in downloaded if w not in carried]
-        say(f"  {len(carried)} wheels carried; left out: {', '.join(left)}")
+        names = {w: parse_wheel_filename(w.name)[0] for w in downloaded}
+        carried = [w for w in downloaded if names[w] not in skip]
+        left = [names[w] for w in downloaded if w not in carried]
+        print(f"  {len(carried)} wheels carried; left out: {', '.join(left)}")
         pip("install", "--no-deps", "--no-compile", "--target", str(site),
             *target_flags(opts.python), *map(str, carried))
         for relative in UNUSED_PATHS:
             shutil.rmtree(site / relative, ignore_errors=True)
-        for cache in list(site.rglob("__pycache__")):
-            shutil.rmtree(cache, ignore_errors=True)
         shutil.rmtree(site / "bin", ignore_errors=True)  # console scripts name this machine's Python
-        say(f"  unpacked: {tree_mb(site):.0f} MB; compressing (a minute or two) ...")
+        print(f"  unpacked: {tree_mb(site):.0f} MB; compressing (a minute or two) ...")
         opts.out.parent.mkdir(parents=True, exist_ok=True)
         partial = opts.out.with_name(opts.out.name + ".partial")
         subprocess.run(["tar", "-C", str(site), "-cf", str(partial), "-I", "xz -T0 -6", "."],
@@ -90,17 +90,18 @@ def main() -> None:
         partial.replace(opts.out)
     size = opts.out.stat().st_size
     room = CARRY_LIMIT - size
-    say(f"{opts.out}: {size / 2**20:.1f} MiB; a lent machine's call carries 64 MiB with the "
-        f"working tree, so {room / 2**20:.1f} MiB are left for it"
-        + ("" if room > 4 * 2**20 else ": TOO LARGE, leave more out (--have)"))
-    sys.exit(0 if room > 4 * 2**20 else 1)
+    fits = room > 4 * 2**20  # the working tree and what the check writes
+    print(f"{opts.out}: {size / 2**20:.1f} MiB; a lent machine's call carries 64 MiB with the "
+          f"working tree, so {room / 2**20:.1f} MiB are left for it"
+          + ("" if fits else ": TOO LARGE, leave more out (--have)"))
+    sys.exit(0 if fits else 1)
 
 
 def pinned(requirements: tuple[str, ...]) -> list[str]:
     """Each requirement at the version installed here, where it is installed here."""
     out = []
     for requirement in requirements:
-        name = re.split(r"[\[<>=]", requirement)[0]
+        name = Requirement(requirement).name
         try:
             out.append(f"{requirement}=={importlib.metadata.version(name)}")
         except importlib.metadata.PackageNotFoundError:
@@ -122,19 +123,9 @@ def pip(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "pip", *args, "-q"], check=True, env=env)
 
 
-def normal(name: str) -> str:
-    """A distribution's name as PEP 503 compares it."""
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
 def tree_mb(root: Path) -> float:
     """Megabytes of files under `root`."""
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) / 1e6
-
-
-def say(message: str) -> None:
-    """One progress line, at once."""
-    print(message, flush=True)
 
 
 if __name__ == "__main__":
