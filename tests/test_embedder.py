@@ -201,6 +201,23 @@ def test_a_gpu_replica_caps_its_allocator_through_torchs_own_argument_checks(mon
     assert capped == [(0.25, 0), (0.5, 1)]
 
 
+def test_a_replica_with_no_gpu_share_runs_on_the_cpu_though_it_sees_a_gpu(monkeypatch, bundled_spec):
+    # Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for an actor that asked for no GPU, so such a
+    # replica on a GPU node sees the card; it must not take a GPU that Ray did not give it.
+    from serve_app.core.config import AppArgs
+    from serve_app.model.embedder import _pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    settings = AppArgs(model="bundled:minilm")  # device: auto
+    embedder = TextEmbedder.from_settings(bundled_spec, settings, gpu_fraction=0.0, cpu_threads=1)
+    assert embedder.device.type == "cpu"
+    assert embedder.encode(["still answers"]).vectors.shape == (1, 384)
+    # With a share, or outside Ray (no share asked), auto still means the GPU.
+    assert _pick_device("auto", 0.25).type == "cuda"
+    assert _pick_device("auto", None).type == "cuda"
+    assert _pick_device("cuda", 0.0).type == "cuda"
+
+
 def test_auto_dtype_is_bfloat16_where_the_cpu_runs_it_natively():
     dtype, reason = _auto_on_a_cpu_reporting_bf16_units(4.2)
     assert dtype == torch.bfloat16

@@ -43,7 +43,13 @@ class AppArgs(BaseModel):
             "insist on an OpenAI model name (e.g. text-embedding-3-small)."
         ),
     )
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description=(
+            "auto: the GPU where the replica has a share of one (gpu_fraction above 0), else "
+            "the CPU, also on a GPU node."
+        ),
+    )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto",
         description=(

@@ -49,7 +49,7 @@ class TextEmbedder:
         self._share_rows = share_rows
         self.weights_packed = False
         self.rows_shared = False  # several short texts per row of a pass (model.rows)
-        self.device = _pick_device(device)
+        self.device = _pick_device(device, gpu_fraction)
         if self.device.type == "cuda" and gpu_fraction:
             hold_to_gpu_share(gpu_fraction, self.device)
         if self.device.type == "cpu":
@@ -397,8 +397,19 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
 
 
-def _pick_device(device: str) -> torch.device:
+def _pick_device(device: str, gpu_fraction: float | None = None) -> torch.device:
+    """auto: the GPU where this process sees one, unless Ray gave it no share of one.
+
+    `gpu_fraction` is the share a replica or batch actor asked Ray for (None outside Ray).
+    Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for an actor that asked for no GPU, so a
+    replica with gpu_fraction 0 on a GPU node sees a card it did not reserve and that no cap
+    holds it to; it runs on the CPU, as its resources say. device=cuda is taken as asked.
+    """
     if device == "auto":
+        if gpu_fraction == 0 and torch.cuda.is_available():
+            logger.info("A GPU is visible, but this process asked Ray for no share of one "
+                        "(gpu_fraction 0): running on the CPU.")
+            return torch.device("cpu")
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device=cuda was asked for, but this process sees no CUDA GPU")
