@@ -100,6 +100,7 @@ def main() -> None:
         results.update(gpu=torch.cuda.get_device_name(0), gpus=torch.cuda.device_count(),
                        context_mib=context_mib())
         results["total_mib"] = torch.cuda.mem_get_info()[1] / 2**20
+        results["compute_mode"] = compute_mode()
         if results["gpus"] > 1:
             print("  note: several GPUs are visible; CUDA_VISIBLE_DEVICES=0 measures one card")
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as scratch:
@@ -107,8 +108,13 @@ def main() -> None:
         results["model"] = opts.model or f"Qwen3-Embedding-0.6B stand-in, {plan.layers} layers"
         results["raw"] = phase("raw", raw_phase, model, plan, started + 0.35 * opts.budget_s)
         save(opts.json, results)  # kept if the served part hangs and the run is killed
-        results["served"] = phase("served", served_phase, model, plan, opts.port,
-                                  started + opts.budget_s)
+        refused = sharing_refused(results.get("compute_mode"))
+        if refused:
+            say(f"served: skipped: {refused}")
+            results["served"] = {"error": refused}
+        else:
+            results["served"] = phase("served", served_phase, model, plan, opts.port,
+                                      started + opts.budget_s)
     table = report(results)
     save(opts.json, {**results, "table": table})
     sys.exit(1 if any(row[3] == "NO" for row in table) else 0)
@@ -297,6 +303,25 @@ def describe_replicas(app: str, count: int, deadline: float) -> list[dict]:
     return sorted(found.values(), key=lambda r: r["pid"])
 
 
+def compute_mode() -> str | None:
+    """The GPU's compute mode as nvidia-smi reports it (Default, Exclusive_Process, Prohibited)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=compute_mode", "--format=csv,noheader"],
+                             capture_output=True, text=True, check=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (out.strip().splitlines() or [None])[0]
+
+
+def sharing_refused(mode: str | None) -> str | None:
+    """Why replicas cannot share a card in this compute mode, or None where they can."""
+    if mode and mode.strip().lower().startswith(("exclusive", "prohibited")):
+        return (f"the GPU's compute mode is {mode.strip()}, which lets at most one process use "
+                f"it, so {REPLICAS} replicas cannot share it; `nvidia-smi -c DEFAULT` (as root) "
+                "allows sharing")
+    return None
+
+
 def gpu_memory_by_pid() -> dict[int, float]:
     """MiB per process on the GPUs, CUDA context included, as nvidia-smi reports it."""
     try:
@@ -478,6 +503,8 @@ def ms(row: dict) -> str:
 def report(r: dict) -> list[tuple[str, str, str, str]]:
     """Print the one table, after the progress lines; return its rows."""
     where = f"{r.get('gpu', 'CPU dry run')}, {r['cpus']} CPUs, torch {r['torch']}"
+    if r.get("compute_mode"):
+        where += f", compute mode {r['compute_mode']}"
     print(f"\nmodel {r['model']} on {where}")
     table = rows(r)
     width = max(len(row[0]) for row in table) + 2

@@ -54,3 +54,14 @@ def test_the_dry_run_reports_resident_memory_and_skips_the_gpu_share():
     rows = gpu_check.memory_rows(result)
     assert rows == [("replica 11 peak RSS (not GPU)", "700 MiB", "GPU share: skipped", "skipped"),
                     ("replica 12 peak RSS (not GPU)", "650 MiB", "GPU share: skipped", "skipped")]
+
+
+def test_a_card_that_admits_one_process_is_named_before_the_replicas_try_to_share_it(fake_nvidia_smi):
+    fake_nvidia_smi(None)
+    assert gpu_check.compute_mode() is None and gpu_check.sharing_refused(None) is None
+    fake_nvidia_smi("Exclusive_Process\n")
+    assert gpu_check.compute_mode() == "Exclusive_Process"
+    reason = gpu_check.sharing_refused(gpu_check.compute_mode())
+    assert "Exclusive_Process" in reason and "4 replicas cannot share it" in reason
+    fake_nvidia_smi("Default\n")
+    assert gpu_check.sharing_refused(gpu_check.compute_mode()) is None
