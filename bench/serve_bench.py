@@ -138,7 +138,7 @@ def main() -> None:
         quick = {"idle_timeout_s": 1, "downscale_delay_s": 1, "autoscaling_look_back_s": 2}
         serve.run(build_app(AppArgs.model_validate({"model": opts.model, **quick, **extra})),
                   name="cold", route_prefix="/cold")
-        cold = cold_starts(f"{base}/cold", opts.cold_starts)
+        cold, steps = cold_starts(f"{base}/cold", opts.cold_starts)
         served["cold_replica_memory_gb"] = replica_memory_gb("cold")
     finally:
         serve.shutdown()
@@ -146,6 +146,7 @@ def main() -> None:
     results = {"model": opts.model, "cpus": os.cpu_count(), "texts": opts.texts,
                "infinity_dtype": peer_dtype if opts.infinity else None,
                "raw": raw, "served": served, "infinity": infinity, "cold_start_s": cold,
+               "cold_start_steps_s": steps,
                "settings": extra,
                "ray_env": opts.ray_env, "tuned": not opts.untuned}
     report(results)
@@ -324,16 +325,19 @@ def replica_memory_gb(app: str) -> dict:
     return fields
 
 
-def cold_starts(url: str, count: int) -> list[float]:
-    """Seconds from request to answer, each time after the model has scaled to zero."""
+def cold_starts(url: str, count: int) -> tuple[list[float], list[dict]]:
+    """Seconds from request to answer, each time after the model has scaled to zero; and
+    each one's steps, from the replica's own account of its start (describe())."""
     import httpx
     from ray import serve
+
+    embedder = serve.get_deployment_handle("Embedder", app_name="cold")
 
     def replicas() -> dict:
         states = serve.status().applications["cold"].deployments["Embedder"].replica_states
         return {k: v for k, v in states.items() if v}
 
-    times = []
+    times, steps = [], []
     for i in range(count):
         deadline = time.monotonic() + 120
         while replicas():
@@ -341,12 +345,31 @@ def cold_starts(url: str, count: int) -> list[float]:
                 raise RuntimeError("the model never scaled to zero")
             time.sleep(0.5)
         time.sleep(3)  # well past the last replica, as after a real idle period
-        start = time.perf_counter()
+        sent, start = time.time(), time.perf_counter()
         reply = httpx.post(f"{url}/v1/embeddings", json={"input": f"cold start {i}"}, timeout=120)
         reply.raise_for_status()
         times.append(time.perf_counter() - start)
-        print(f"  cold start {i + 1}: {times[-1]:.2f} s", flush=True)
-    return times
+        steps.append(cold_start_steps(embedder.describe.remote().result()["startup"], sent, times[-1]))
+        print(f"  cold start {i + 1}: {times[-1]:.2f} s (" + ", ".join(
+            f"{k} {v:.2f}" for k, v in steps[-1].items()) + ")", flush=True)
+    return times, steps
+
+
+def cold_start_steps(startup: dict, sent: float, total_s: float) -> dict[str, float]:
+    """A cold start's seconds per step: from the request to the replica's process (the
+    autoscaler, Ray's scheduling, the fork), the replica's own steps, then to the answer."""
+    steps = {
+        "request to replica process": startup["process_started_at"] - sent,
+        "process to constructor": startup["before_constructor_s"],
+        "imports": startup.get("imports_s", 0.0),
+        "weights and tokenizer": startup.get("weights_s", 0.0),
+        "other model set-up": startup.get("model_s", 0.0) - startup.get("weights_s", 0.0),
+        "first pass": startup.get("first_pass_s", 0.0),
+    }
+    steps["rest of the constructor"] = startup["constructor_s"] - sum(
+        startup.get(k, 0.0) for k in ("imports_s", "model_s", "first_pass_s"))
+    steps["ready to answer"] = sent + total_s - startup["ready_at"]  # the steps add up to total_s
+    return steps
 
 
 def report(r: dict) -> None:
@@ -390,6 +413,10 @@ def report(r: dict) -> None:
         print(f"served rounds, share of the CPUs' time: {describe(served['cpu_share'])}")
     print("served single text, median split (ms): " + "; ".join(
         f"{k} {v:.1f}" for k, v in served["split_ms"].items()))
+    if r.get("cold_start_steps_s"):
+        steps = r["cold_start_steps_s"]
+        print("cold start, median steps (s): " + "; ".join(
+            f"{k} {statistics.median(step[k] for step in steps):.2f}" for k in steps[0]))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import httpx
 import numpy as np
@@ -47,6 +48,10 @@ def test_scale_from_zero_serves_the_first_request_then_returns_to_zero(
 
     replica = serve.get_deployment_handle("Embedder", app_name="cold").describe.remote().result()
     assert "--zygote" in cmdline(_parent_pid(replica["pid"]))
+    # The replica's own account of its start, step by step (the cold-start benchmark's).
+    startup = replica["startup"]
+    assert all(v >= 0 for k, v in startup.items() if k.endswith("_s")) and startup["weights_s"] > 0
+    assert startup["process_started_at"] < startup["ready_at"] < time.time()
 
     serve_cluster.wait_for(
         lambda: serve_cluster.replicas("cold") == {}, timeout_s=60, what="scale back to zero"

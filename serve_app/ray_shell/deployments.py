@@ -46,6 +46,10 @@ class Embedder:
         self._failed_at = 0.0
         self._health_period_s = settings.health_check_period_s
         started = time.perf_counter()
+        age = _process_age_s()
+        # The replica's start, step by step, for operators and the cold-start benchmark
+        # (describe()): when its process started, and seconds per step since.
+        self._startup = {"process_started_at": time.time() - age, "before_constructor_s": age}
         try:
             # Heavy imports live here, not at module level, so the ingress stays light.
             from serve_app.model.embedder import (
@@ -55,13 +59,17 @@ class Embedder:
             )
             from serve_app.model.scheduler import ForwardScheduler, home_thread
 
+            self._startup["imports_s"] = time.perf_counter() - started
             cpus = settings.cpu_threads or default_cpu_threads()
             # Loaded on the thread that then runs worker 0's passes: torch on a second
             # thread with several cores would slow every pass (see the scheduler).
             home = home_thread()
+            loading = time.perf_counter()
             self._model = home.submit(
                 TextEmbedder.from_settings, ModelSpec(**spec), settings, gpu_fraction, cpus
             ).result()
+            self._startup["model_s"] = time.perf_counter() - loading
+            self._startup["weights_s"] = self._model.load_s  # weights and tokenizer, side by side
             self._scheduler = ForwardScheduler(
                 self._model.encode,
                 workers=settings.forward_workers
@@ -73,7 +81,7 @@ class Embedder:
                 home=home,
             )
             # The first forward pass pays one-off kernel set-up.
-            logger.info("First forward pass %.2f s", self._scheduler.warm_up(["warm up"]))
+            self._startup["first_pass_s"] = self._scheduler.warm_up(["warm up"])
             # After the replica is ready, not before: packing the weights takes a second or
             # two of memory writes and the row check two passes, which would lengthen every
             # cold start; meanwhile the plain paths serve. On one core, for the reason above.
@@ -87,9 +95,12 @@ class Embedder:
                 f"({type(exc).__name__}); the service is starting a new one. Retry shortly."
             )
             self._failed_at = time.monotonic()
+        self._startup["constructor_s"] = time.perf_counter() - started
+        self._startup["ready_at"] = time.time()
         logger.info(
-            "Embedder ready: constructor %.2f s, process start-up before it %.2f s",
-            time.perf_counter() - started, _process_age_s() - (time.perf_counter() - started),
+            "Embedder ready in %.2f s since its process started: %s", _process_age_s(),
+            ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.2f} s"
+                      for k, v in self._startup.items() if k.endswith("_s")),
         )
         self._metrics.inc("embed_cold_starts_total")
         self._metrics.observe("embed_model_load_seconds", _process_age_s())
@@ -135,6 +146,7 @@ class Embedder:
             "weights_packed": bool(self._model and self._model.weights_packed),
             "rows_shared": bool(self._model and self._model.rows_shared),
             "failure": self._failure,
+            "startup": self._startup,
             # Since the replica started (its warm-up pass aside); Prometheus has them too,
             # as embed_batch_texts_count and _sum.
             "forward_passes": int(self._metrics.count("embed_batch_texts_count")),
