@@ -47,7 +47,8 @@ def test_scale_from_zero_serves_the_first_request_then_returns_to_zero(
     from ray import serve
 
     replica = serve.get_deployment_handle("Embedder", app_name="cold").describe.remote().result()
-    assert "--zygote" in cmdline(_parent_pid(replica["pid"]))
+    zygote = cmdline(_parent_pid(replica["pid"]))
+    assert "--zygote" in zygote and "ray.serve" in zygote  # Serve's imports paid there too
     # The replica's own account of its start, step by step (the cold-start benchmark's).
     startup = replica["startup"]
     assert all(v >= 0 for k, v in startup.items() if k.endswith("_s")) and startup["weights_s"] > 0

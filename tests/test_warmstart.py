@@ -99,6 +99,22 @@ def test_worker_is_forked_by_the_zygote_with_the_launchers_world(script, tmp_pat
     assert "--zygote" in cmdline(report["ppid"])
 
 
+def test_a_zygote_that_preloads_pyarrow_forks_without_jemallocs_background_thread(script):
+    # ray.serve imports pandas, and so pyarrow, whose jemalloc starts a background thread
+    # unless told not to: a fork beside a running thread can inherit a held lock.
+    preload = "pyarrow,json"  # a preload no other test uses
+    proc = launch(script, "0", preload=preload)  # starts that zygote; the next one is forked
+    proc.communicate(timeout=60)
+    wait_for_zygote(preload, timeout_s=60)
+    proc = launch(script, "0", preload=preload, new_zygote=False)
+    report = json.loads(proc.communicate(timeout=60)[0])
+    assert report["forked"] is True
+    zygote = report["ppid"]
+    threads = [Path(f"/proc/{zygote}/task/{tid}/comm").read_text().strip()
+               for tid in os.listdir(f"/proc/{zygote}/task")]
+    assert "pyarrow" in cmdline(zygote) and "jemalloc_bg_thd" not in threads, threads
+
+
 def test_terminating_the_launcher_terminates_the_worker(script):
     warmstart.ensure_zygote(PRELOAD, os.getpid())
     wait_for_zygote()
