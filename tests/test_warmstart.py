@@ -31,6 +31,7 @@ SCRIPT = textwrap.dedent(
         "marker": os.environ.get("WARM_MARKER"), "path0": sys.path[0],
         "extra_on_path": os.environ.get("EXTRA_DIR") in sys.path,
         "preloaded": "decimal" in sys.modules,
+        "frozen": __import__("gc").get_freeze_count(),
         "forked": __import__("serve_app.ray_shell.warmstart").ray_shell.warmstart.forked_from_zygote(),
     }), flush=True)
     if "--sleep" in sys.argv:
@@ -95,6 +96,7 @@ def test_worker_is_forked_by_the_zygote_with_the_launchers_world(script, tmp_pat
     assert report["path0"] == str(script.parent)  # as `python worker.py` would set it
     assert report["extra_on_path"] is True  # PYTHONPATH of the worker, not of the zygote
     assert report["preloaded"] is True  # the import was paid once, in the zygote
+    assert report["frozen"] > 0  # ... and its objects are outside the worker's collections
     assert report["forked"] is True
     assert "--zygote" in cmdline(report["ppid"])
 

@@ -26,7 +26,9 @@ raylet or driver, as any zygote does.
 
 What it buys: a CPU replica's cold start 6.3-8.3 s -> 2.3-3.0 s on 2 cores
 (`python bench/serve_bench.py`, README); with Serve's own imports in the zygote too, the
-replica's process reaches its constructor in 0.2 s instead of 0.85 s.
+replica's process reaches its constructor in 0.2 s instead of 0.85 s, and with the
+zygote's objects frozen (gc.freeze) the full collection Serve runs once a replica is up
+takes 5 ms instead of 0.3 s.
 
 Threat model. The zygote runs whatever its peer asks, as the zygote's user, and an
 abstract-namespace socket has no file permissions: any local process can connect.
@@ -53,6 +55,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import hashlib
 import importlib
 import importlib.util
@@ -383,6 +386,12 @@ def serve_zygote(address: str, parent: int, preload: str, owner: int | None = No
             importlib.import_module(module)
         except Exception as exc:  # noqa: BLE001 - a partial preload still saves time
             print(f"zygote: cannot preload {module}: {exc!r}", flush=True)
+    # Everything imported so far is collected once and frozen, as Python's gc docs advise for
+    # a process that forks without exec: a forked worker's collections then skip it (Serve
+    # runs a full one as a replica starts: 0.3 s with torch and Serve imported, 5 ms frozen)
+    # and leave its pages shared.
+    gc.collect()
+    gc.freeze()
     print(f"zygote {os.getpid()} ready in {time.perf_counter() - started:.2f} s", flush=True)
     pending: list[_Pending] = []  # connections whose request is still arriving
     children: dict[int, socket.socket] = {}
