@@ -303,14 +303,19 @@ def describe_replicas(app: str, count: int, deadline: float) -> list[dict]:
     return sorted(found.values(), key=lambda r: r["pid"])
 
 
-def compute_mode() -> str | None:
-    """The GPU's compute mode as nvidia-smi reports it (Default, Exclusive_Process, Prohibited)."""
+def nvidia_smi(*args: str) -> str | None:
+    """What `nvidia-smi ARGS` prints, or None where it is missing or fails."""
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=compute_mode", "--format=csv,noheader"],
-                             capture_output=True, text=True, check=True, timeout=10).stdout
+        return subprocess.run(["nvidia-smi", *args], capture_output=True, text=True,
+                              check=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    return (out.strip().splitlines() or [None])[0]
+
+
+def compute_mode() -> str | None:
+    """The GPU's compute mode as nvidia-smi reports it (Default, Exclusive_Process, Prohibited)."""
+    lines = (nvidia_smi("--query-gpu=compute_mode", "--format=csv,noheader") or "").strip().splitlines()
+    return lines[0] if lines else None
 
 
 def sharing_refused(mode: str | None) -> str | None:
@@ -324,15 +329,9 @@ def sharing_refused(mode: str | None) -> str | None:
 
 def gpu_memory_by_pid() -> dict[int, float]:
     """MiB per process on the GPUs, CUDA context included, as nvidia-smi reports it."""
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, check=True, timeout=10,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return {}
+    out = nvidia_smi("--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits")
     usage: dict[int, float] = {}
-    for line in out.splitlines():
+    for line in (out or "").splitlines():
         pid, _, mib = line.partition(",")
         try:
             usage[int(pid)] = usage.get(int(pid), 0.0) + float(mib)

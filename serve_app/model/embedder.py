@@ -406,11 +406,13 @@ def _pick_device(device: str, gpu_fraction: float | None = None) -> torch.device
     holds it to; it runs on the CPU, as its resources say. device=cuda is taken as asked.
     """
     if device == "auto":
-        if gpu_fraction == 0 and torch.cuda.is_available():
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        if gpu_fraction == 0:
             logger.info("A GPU is visible, but this process asked Ray for no share of one "
                         "(gpu_fraction 0): running on the CPU.")
             return torch.device("cpu")
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda")
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device=cuda was asked for, but this process sees no CUDA GPU")
     return torch.device(device)

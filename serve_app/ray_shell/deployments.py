@@ -97,13 +97,14 @@ class Embedder:
             self._failed_at = time.monotonic()
         self._startup["constructor_s"] = time.perf_counter() - started
         self._startup["ready_at"] = time.time()
+        ready_s = age + self._startup["constructor_s"]  # since the process started
         logger.info(
-            "Embedder ready in %.2f s since its process started: %s", _process_age_s(),
+            "Embedder ready in %.2f s since its process started: %s", ready_s,
             ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.2f} s"
                       for k, v in self._startup.items() if k.endswith("_s")),
         )
         self._metrics.inc("embed_cold_starts_total")
-        self._metrics.observe("embed_model_load_seconds", _process_age_s())
+        self._metrics.observe("embed_model_load_seconds", ready_s)
 
     def _speed_up(self) -> None:
         try:
