@@ -56,7 +56,7 @@ def test_the_dry_run_reports_resident_memory_and_skips_the_gpu_share():
                     ("replica 12 peak RSS (not GPU)", "650 MiB", "GPU share: skipped", "skipped")]
 
 
-def test_a_card_that_admits_one_process_is_named_before_the_replicas_try_to_share_it(fake_nvidia_smi):
+def test_a_card_that_admits_one_process_is_named_as_refusing_shared_replicas(fake_nvidia_smi):
     fake_nvidia_smi(None)
     assert gpu_check.compute_mode() is None and gpu_check.sharing_refused(None) is None
     fake_nvidia_smi("Exclusive_Process\n")
