@@ -54,6 +54,34 @@ def tiny_qwen3_dir(tmp_path_factory) -> Path:
     return build_tiny_qwen3(tmp_path_factory.mktemp("models") / "tiny-qwen3")
 
 
+@pytest.fixture()
+def hub_cache(tmp_path, monkeypatch):
+    """A Hugging Face hub cache under tmp_path, laid out as the hub's own downloads leave it.
+
+    `hub_cache(repo_id, commit, model_dir)` copies a model into it as that commit's snapshot
+    and points the `main` ref at it; `hub_cache.root` is the cache, which this process's
+    huggingface_hub reads (a subprocess gets it as HF_HUB_CACHE).
+    """
+    import shutil
+
+    import huggingface_hub.constants
+
+    root = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(root))
+
+    def add(repo_id: str, commit: str, model_dir: Path, *, main: bool = True, skip=()) -> Path:
+        repo = root / ("models--" + repo_id.replace("/", "--"))
+        snapshot = repo / "snapshots" / commit
+        shutil.copytree(model_dir, snapshot, ignore=shutil.ignore_patterns(*skip))
+        if main:
+            (repo / "refs").mkdir(parents=True, exist_ok=True)
+            (repo / "refs" / "main").write_text(commit)
+        return snapshot
+
+    add.root = root
+    return add
+
+
 @pytest.fixture(scope="session")
 def standin_tokenizer():
     """Qwen3-Embedding's tokenizer, rebuilt from the Qwen BPE ranks (a few seconds)."""

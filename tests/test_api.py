@@ -298,6 +298,21 @@ def test_models_say_which_dtype_the_model_runs_in_and_why(bundled_embedder):
     assert after == {"device": "cpu", "dtype": "float32", "reason": "dtype=float32 was set"}
 
 
+def test_models_name_the_hub_revision_the_replicas_load(bundled_embedder, bundled_spec):
+    from dataclasses import replace
+
+    from starlette.testclient import TestClient
+
+    from serve_app.core.config import AppArgs
+    from serve_app.web.service import EmbeddingService, LocalBackend
+
+    spec = replace(bundled_spec, name="acme/minilm", revision="d" * 40)
+    service = EmbeddingService(AppArgs(model=spec.name), spec, LocalBackend(bundled_embedder))
+    with TestClient(create_app(service)) as http:
+        card = http.get("/v1/models").json()["data"][0]
+    assert card["id"] == "acme/minilm" and card["revision"] == "d" * 40
+
+
 # --- what the tools people already use send (issue: LangChain, LlamaIndex, ...) -----------
 
 

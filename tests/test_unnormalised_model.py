@@ -7,6 +7,7 @@ with unit vectors a dot product would do, and these tests make sure nothing reli
 from __future__ import annotations
 
 import threading
+from dataclasses import asdict
 
 import numpy as np
 import pyarrow as pa
@@ -93,7 +94,8 @@ def test_batch_job_scores_are_cosines(unnormalised_dir, raw_vectors):
     from serve_app.batch.job import EmbedRows, top_k
     from serve_app.core.config import AppArgs
 
-    rows = EmbedRows(AppArgs(model=str(unnormalised_dir), dtype=REFERENCE_DTYPE).model_dump(), 0.0)
+    args = AppArgs(model=str(unnormalised_dir), dtype=REFERENCE_DTYPE)
+    rows = EmbedRows(args.model_dump(), asdict(resolve_model(args.model)), 0.0)
     batch = pa.table({"q": [TEXTS[0], TEXTS[0], None], "d": [TEXTS[1], TEXTS[2], TEXTS[3]]})
     scored = rows(batch, "similarity", ["q", "d"], ["", ""])["similarity"].to_pylist()
     a, b, c = (raw_vectors[t] for t in TEXTS[:3])

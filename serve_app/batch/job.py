@@ -9,7 +9,7 @@ kept, so row i of the output is row i of the input.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -48,17 +48,18 @@ class JobOptions:
 class EmbedRows:
     """A Ray Data actor: loads the model once, then adds embeddings or similarities to batches."""
 
-    def __init__(self, args: dict, gpu_fraction: float) -> None:
+    def __init__(self, args: dict, spec: dict, gpu_fraction: float) -> None:
         import time
 
         started = time.perf_counter()
-        from serve_app.core.modelinfo import resolve_model
         from serve_app.model.embedder import TextEmbedder, default_cpu_threads
         from serve_app.ray_shell.warmstart import forked_from_zygote
 
         settings = AppArgs.model_validate(args)
         cpus = settings.cpu_threads or default_cpu_threads()
-        self.model = TextEmbedder.from_settings(resolve_model(settings.model), settings, gpu_fraction, cpus)
+        # The command line's spec, not each actor's own look-up: every actor runs the same
+        # revision of a hub model.
+        self.model = TextEmbedder.from_settings(ModelSpec(**spec), settings, gpu_fraction, cpus)
         # One pass on all cores: unlike the service (which overlaps HTTP work), splitting a
         # batch into halves run side by side measured 15-20% slower inside a Ray Data actor.
         # Thread counts are set per call: Ray Data's threads start from OMP_NUM_THREADS=1.
@@ -277,6 +278,7 @@ def _embed(dataset, opts: JobOptions, task: str, columns: list[str], prefixes: l
         EmbedRows,
         fn_constructor_kwargs={
             "args": opts.args.model_dump(),
+            "spec": asdict(opts.spec),
             "gpu_fraction": gpu_fraction,
         },
         fn_kwargs={"task": task, "columns": columns, "prefixes": prefixes,

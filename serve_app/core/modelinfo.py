@@ -8,12 +8,16 @@ and a model that cannot be found must stop start-up with a clear message.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import logging
+import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 from serve_app.core.config import OFFLINE_MODEL_ALIAS
 from serve_app.core.errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
 
 Pooling = Literal["mean", "cls", "max", "lasttoken"]
 
@@ -26,6 +30,13 @@ CONFIG_FILES = [
     "tokenizer_config.json",
     "*/config.json",
 ]
+# Files a replica loads of a hub model: fetched into a node's cache the first time it runs
+# that revision. Weights as safetensors; pytorch_model*.bin only where a repo has none.
+MODEL_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
+_LEGACY_WEIGHTS = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model",
+                    "spiece.model", "sentencepiece.bpe.model")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 # Causal-LM embedders pool the last token (Qwen3-Embedding's model card).
 LAST_TOKEN_MODEL_TYPES = {"qwen3", "qwen2", "mistral", "llama", "gemma", "gemma2", "gemma3_text"}
 _LEGACY_POOLING_KEYS = {
@@ -54,13 +65,21 @@ class ModelSpec:
     max_tokens: int  # the model's own limit
     prompts: dict[str, str] = field(default_factory=dict)  # named prompts from the model
     vocab_size: int | None = None  # token ids run from 0 below this (None: unknown)
+    # A hub model: the commit its configs were read from at start-up, which every replica
+    # loads (None for a local directory), and the transformer's folder within the repo.
+    revision: str | None = None
+    subfolder: str = ""
 
 
 def resolve_model(name: str) -> ModelSpec:
     """Find `name` (alias, directory or hub id) and read its spec, or raise ModelLoadError."""
     directory = _locate(name)
     is_local = _is_dir(name) or name == OFFLINE_MODEL_ALIAS
-    return read_spec(name, directory, source=None if is_local else name)
+    spec = read_spec(name, directory, source=None if is_local else name)
+    if is_local:
+        return spec
+    # The hub cache keeps each revision in snapshots/<commit>.
+    return replace(spec, revision=directory.name if _COMMIT.fullmatch(directory.name) else None)
 
 
 def read_spec(name: str, directory: Path, source: str | None = None) -> ModelSpec:
@@ -123,7 +142,66 @@ def read_spec(name: str, directory: Path, source: str | None = None) -> ModelSpe
         max_tokens=_max_tokens(transformer_dir, text_config, tokenizer_config),
         prompts=prompts,
         vocab_size=_positive_int(text_config.get("vocab_size")),
+        subfolder="" if source is None or transformer_dir == directory
+        else transformer_dir.relative_to(directory).as_posix(),
     )
+
+
+def model_directory(spec: ModelSpec) -> str:
+    """The local directory a replica loads `spec`'s weights and tokenizer from.
+
+    A hub model loads from this machine's Hugging Face cache at the revision the service
+    found when it started, so every replica runs the same weights, and a cold start asks
+    the hub nothing when the files are there (transformers, given a hub id, asks the hub
+    about every file, optional ones included, retrying for minutes where it cannot be
+    reached). A machine that lacks them fetches that revision's once.
+    """
+    if spec.revision is None:
+        return spec.source
+    from huggingface_hub import snapshot_download
+
+    try:
+        cached = Path(snapshot_download(spec.source, revision=spec.revision,
+                                        allow_patterns=MODEL_FILES, local_files_only=True))
+        if _loadable(cached / spec.subfolder):
+            return str(cached / spec.subfolder)
+    except OSError:  # not cached, or cached in part (LocalEntryNotFoundError and its kin)
+        pass
+    logger.info("Fetching %s at revision %s into this machine's Hugging Face cache",
+                spec.source, spec.revision)
+    try:
+        fetched = Path(snapshot_download(spec.source, revision=spec.revision,
+                                         allow_patterns=MODEL_FILES))
+        if not _loadable(fetched / spec.subfolder):
+            fetched = Path(snapshot_download(spec.source, revision=spec.revision,
+                                             allow_patterns=_LEGACY_WEIGHTS))
+    except Exception as exc:  # offline, hub down, revision gone: say so as a sentence
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(
+            f"Cannot load model '{spec.name}' at revision {spec.revision[:12]}: its weights or "
+            f"tokenizer are not in this machine's Hugging Face cache, and the hub could not "
+            f"provide them ({reason[:300].rstrip('. ')}). Download the model on this machine "
+            f"(huggingface-cli download {spec.source}) or pass a local model directory as model=PATH."
+        ) from exc
+    if not _loadable(fetched / spec.subfolder):
+        raise ModelLoadError(
+            f"Model '{spec.name}' at revision {spec.revision[:12]} has no complete weights "
+            "(safetensors or pytorch_model.bin) and tokenizer in its repository."
+        )
+    return str(fetched / spec.subfolder)
+
+
+def _loadable(directory: Path) -> bool:
+    """Whether a directory holds a model's config, all its weights and a tokenizer."""
+    if not (directory / "config.json").is_file():
+        return False
+    if not any((directory / name).is_file() for name in _TOKENIZER_FILES):
+        return False
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = _read_json(directory / index_name, default=None)
+        if isinstance(index, dict) and isinstance(index.get("weight_map"), dict):
+            return all((directory / shard).is_file() for shard in set(index["weight_map"].values()))
+    return (directory / "model.safetensors").is_file() or (directory / "pytorch_model.bin").is_file()
 
 
 def _positive_int(value) -> int | None:

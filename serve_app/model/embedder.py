@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from serve_app.core.encoded import Encoded, Item, Runtime, TokenIds
-from serve_app.core.modelinfo import ModelSpec
+from serve_app.core.modelinfo import ModelSpec, model_directory
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +61,11 @@ class TextEmbedder:
         self.max_batch_tokens = max_batch_tokens or default_batch_tokens(self.device)
 
         started = time.perf_counter()
+        directory = model_directory(spec)  # a hub model: this machine's cache, fetched once
         # The tokenizer loads on a second thread while the weights load on this one.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer") as pool:
-            tokenizer = pool.submit(load_tokenizer, spec.source, spec.padding_side)
-            self.model = AutoModel.from_pretrained(spec.source, dtype=self.dtype)
+            tokenizer = pool.submit(load_tokenizer, directory, spec.padding_side)
+            self.model = AutoModel.from_pretrained(directory, dtype=self.dtype)
             self.model = self.model.to(self.device).eval()
             self.tokenizer = tokenizer.result()
         self.load_s = time.perf_counter() - started
@@ -85,9 +86,9 @@ class TextEmbedder:
         self._eos_id = self._eos_to_append()
         self.runtime = Runtime(str(self.device), _dtype_name(self.dtype), dtype_reason)
         logger.info(
-            "Loaded %s on %s in %s (%s) in %.2f s, %d dims, pooling=%s, max %d tokens, "
+            "Loaded %s from %s on %s in %s (%s) in %.2f s, %d dims, pooling=%s, max %d tokens, "
             "%d tokens per pass",
-            spec.name, self.device, _dtype_name(self.dtype), dtype_reason, self.load_s,
+            spec.name, directory, self.device, _dtype_name(self.dtype), dtype_reason, self.load_s,
             spec.dimensions, spec.pooling, self.max_tokens, self.max_batch_tokens,
         )
 

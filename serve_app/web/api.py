@@ -210,6 +210,8 @@ def _model_card(service: EmbeddingService, alias: str | None = None) -> dict:
         "max_input_tokens": min(service.args.max_input_tokens, service.spec.max_tokens),
         "runtime": _runtime(service),
     }
+    if service.spec.revision is not None:  # a hub model: the commit every replica loads
+        card["revision"] = service.spec.revision
     if alias is not None:
         card["alias_of"] = service.model_id
     elif service.args.model_aliases:
