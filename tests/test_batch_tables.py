@@ -150,3 +150,14 @@ def test_command_line_errors_are_sentences_not_tracebacks(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "/nowhere/model" in err and "bundled:minilm" in err
     assert list(tmp_path.iterdir()) == [tmp_path / "in.csv"]
+
+
+def test_a_hub_model_whose_weights_cannot_be_got_stops_the_job_before_ray(
+        tmp_path, capsys, hub_cache, tiny_qwen3_dir):
+    hub_cache("acme/tiny-qwen3", "f" * 40, tiny_qwen3_dir, skip=["*.safetensors"])
+    pd.DataFrame({"text": ["a"]}).to_csv(tmp_path / "in.csv", index=False)
+    code = main(["embed", "--input", str(tmp_path / "in.csv"), "--column", "text",
+                 "--output", str(tmp_path / "o.parquet"), "--model", "acme/tiny-qwen3"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Cannot load model 'acme/tiny-qwen3' at revision ffffffffffff" in err
+    assert list(tmp_path.iterdir()) == [tmp_path / "in.csv", tmp_path / "hub"]

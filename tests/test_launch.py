@@ -174,11 +174,11 @@ def test_a_second_instance_on_a_taken_port_stops_with_a_sentence():
     assert "Traceback" not in out.stderr
 
 
-def launch(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess:
-    """`python -m serve_app ARGS` to its end; one still running after `timeout_s` is
-    stopped (Ctrl-C) and fails the test."""
+def launch(*args: str, timeout_s: float = 60, **env: str) -> subprocess.CompletedProcess:
+    """`python -m serve_app ARGS` to its end, with `env` added to the tests' environment;
+    one still running after `timeout_s` is stopped (Ctrl-C) and fails the test."""
     service = subprocess.Popen(
-        [sys.executable, "-m", "serve_app", *args], env=service_env(),
+        [sys.executable, "-m", "serve_app", *args], env=service_env(**env),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
     try:
@@ -240,6 +240,19 @@ def test_a_config_file_that_cannot_start_stops_the_start_with_one_line(tmp_path,
     out = launch(str(path))
     assert out.returncode == 2
     assert expected in one_line(out.stderr)
+
+
+def test_a_hub_model_whose_weights_this_machine_cannot_get_stops_the_start_with_one_line(
+        tmp_path, hub_cache, tiny_qwen3_dir):
+    # Its config files are cached (enough to read the model), its weights are not, and the
+    # hub is out of reach: no replica could ever load it, so nothing starts.
+    hub_cache("acme/tiny-qwen3", "f" * 40, tiny_qwen3_dir, skip=["*.safetensors"])
+    path = config_file(tmp_path, lambda _, args: args.update(model="acme/tiny-qwen3"))
+    out = launch(str(path), HF_HUB_CACHE=str(hub_cache.root))
+    assert out.returncode == 2
+    line = one_line(out.stderr)
+    assert line.startswith("Error: Cannot load model 'acme/tiny-qwen3' at revision ffffffffffff")
+    assert "weights" in line
 
 
 def test_what_a_run_leaves_behind_is_ended_and_nothing_else():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -147,18 +148,18 @@ def read_spec(name: str, directory: Path, source: str | None = None) -> ModelSpe
     )
 
 
-def model_directory(spec: ModelSpec) -> str:
+def model_directory(spec: ModelSpec, say: Callable[[str], None] = logger.info) -> str:
     """The local directory a replica loads `spec`'s weights and tokenizer from.
 
     A hub model loads from this machine's Hugging Face cache at the revision the service
     found when it started, so every replica runs the same weights, and a cold start asks
     the hub nothing when the files are there (transformers, given a hub id, asks the hub
     about every file, optional ones included, retrying for minutes where it cannot be
-    reached). A machine that lacks them fetches that revision's once.
+    reached). A machine that lacks them fetches that revision's once, and `say`s so first.
     """
     if spec.revision is None:
         return spec.source
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import HfApi, constants, snapshot_download
 
     try:
         cached = Path(snapshot_download(spec.source, revision=spec.revision,
@@ -167,28 +168,34 @@ def model_directory(spec: ModelSpec) -> str:
             return str(cached / spec.subfolder)
     except OSError:  # not cached, or cached in part (LocalEntryNotFoundError and its kin)
         pass
-    logger.info("Fetching %s at revision %s into this machine's Hugging Face cache",
-                spec.source, spec.revision)
+    if constants.HF_HUB_OFFLINE:
+        raise ModelLoadError(_not_fetched(spec, "HF_HUB_OFFLINE is set"))
+    say(f"Fetching {spec.source} (revision {spec.revision[:12]}) into this machine's Hugging "
+        "Face cache, once; the model loads from there.")
     try:
-        fetched = Path(snapshot_download(spec.source, revision=spec.revision,
-                                         allow_patterns=MODEL_FILES))
-        if not _loadable(fetched / spec.subfolder):
-            fetched = Path(snapshot_download(spec.source, revision=spec.revision,
-                                             allow_patterns=_LEGACY_WEIGHTS))
-    except Exception as exc:  # offline, hub down, revision gone: say so as a sentence
+        # One request, not retried: an unreachable hub fails here at once (snapshot_download
+        # retries its listing for 23 s, then falls back to the incomplete cache in silence).
+        listed = HfApi().model_info(spec.source, revision=spec.revision).siblings or []
+        has_safetensors = any(f.rfilename.endswith(".safetensors") for f in listed)
+        fetched = Path(snapshot_download(
+            spec.source, revision=spec.revision,
+            allow_patterns=MODEL_FILES if has_safetensors else MODEL_FILES + _LEGACY_WEIGHTS))
+    except Exception as exc:  # hub down or unreachable, revision gone: say so as a sentence
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(
-            f"Cannot load model '{spec.name}' at revision {spec.revision[:12]}: its weights or "
-            f"tokenizer are not in this machine's Hugging Face cache, and the hub could not "
-            f"provide them ({reason[:300].rstrip('. ')}). Download the model on this machine "
-            f"(huggingface-cli download {spec.source}) or pass a local model directory as model=PATH."
-        ) from exc
+        raise ModelLoadError(_not_fetched(spec, reason[:300])) from exc
     if not _loadable(fetched / spec.subfolder):
-        raise ModelLoadError(
-            f"Model '{spec.name}' at revision {spec.revision[:12]} has no complete weights "
-            "(safetensors or pytorch_model.bin) and tokenizer in its repository."
-        )
+        raise ModelLoadError(_not_fetched(
+            spec, "its repository has no complete safetensors or pytorch_model.bin weights and tokenizer"))
     return str(fetched / spec.subfolder)
+
+
+def _not_fetched(spec: ModelSpec, reason: str) -> str:
+    return (
+        f"Cannot load model '{spec.name}' at revision {spec.revision[:12]}: its weights or "
+        "tokenizer are not in this machine's Hugging Face cache, and the hub could not provide "
+        f"them ({reason.rstrip('. ')}). Download the model on this machine (hf download "
+        f"{spec.source}) or pass a local model directory as model=PATH."
+    )
 
 
 def _loadable(directory: Path) -> bool:

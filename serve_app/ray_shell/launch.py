@@ -34,8 +34,8 @@ from pathlib import Path
 from serve_app.ray_shell import haproxy_front
 from serve_app.ray_shell.preflight import (
     DEFAULT_PORT,
-    check_models,
     checked_config,
+    prepare_models,
     read_config,
     tls_files,
 )
@@ -296,7 +296,7 @@ def main(argv: list[str]) -> int:
             haproxy = tuned_environment()["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
             command, temporary, https = serve_run_command(argv, haproxy_https=haproxy)
             config = read_config(command[-1])
-            check_models(config)
+            prepare_models(config)
             port = http_port(argv)
         except (ValueError, OSError) as exc:
             print(f"Error: {exc}", file=sys.stderr)

@@ -5,6 +5,7 @@ application (Serve builds a config file's applications in its controller)."""
 from __future__ import annotations
 
 import difflib
+import sys
 from pathlib import Path
 
 from serve_app.core.config import AppArgs
@@ -168,16 +169,22 @@ def _check_import_path(app: dict, where: str) -> None:
         )
 
 
-def check_models(data: dict) -> None:
+def prepare_models(data: dict) -> None:
     """A ValueError, in the loader's words, for a model of this service's apps that cannot be
-    found: `serve run` would log it and run on with no application."""
+    found: `serve run` would log it and run on with no application.
+
+    A hub model's weights are fetched here, on this machine, where its replicas will run:
+    with the download's progress in the terminal, before the service says it is ready,
+    rather than inside the first request, and a start that could never load them stops now.
+    """
     from serve_app.core.errors import ModelLoadError
-    from serve_app.core.modelinfo import resolve_model
+    from serve_app.core.modelinfo import model_directory, resolve_model
 
     for app in data.get("applications") or []:
         if app.get("import_path") in OUR_BUILDERS:
             try:
-                resolve_model(AppArgs.model_validate(app.get("args") or {}).model)
+                spec = resolve_model(AppArgs.model_validate(app.get("args") or {}).model)
+                model_directory(spec, say=lambda line: print(line, file=sys.stderr, flush=True))
             except ModelLoadError as exc:
                 raise ValueError(str(exc)) from None
 
