@@ -13,6 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import base64  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
+import socket  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
@@ -56,11 +57,12 @@ def tiny_qwen3_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture()
 def hub_cache(tmp_path, monkeypatch):
-    """A Hugging Face hub cache under tmp_path, laid out as the hub's own downloads leave it.
+    """A Hugging Face hub cache under tmp_path, laid out as huggingface_hub reads it
+    (snapshots/<commit>/ and refs/main; plain files, no blobs or tree listings).
 
     `hub_cache(repo_id, commit, model_dir)` copies a model into it as that commit's snapshot
     and points the `main` ref at it; `hub_cache.root` is the cache, which this process's
-    huggingface_hub reads (a subprocess gets it as HF_HUB_CACHE).
+    huggingface_hub reads (a subprocess gets it as HF_HUB_CACHE, `hub_cache.env(hub)`).
     """
     import shutil
 
@@ -78,8 +80,28 @@ def hub_cache(tmp_path, monkeypatch):
             (repo / "refs" / "main").write_text(commit)
         return snapshot
 
-    add.root = root
-    return add
+    def env(hub=None) -> dict[str, str]:
+        """A subprocess's environment with this cache, online: `hub` (a FakeHub) as the hub,
+        or, without one, a port on 127.0.0.1 that refuses every connection."""
+        online = {k: v for k, v in os.environ.items()
+                  if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+        return {**online, "HF_HUB_CACHE": str(root),
+                "HF_ENDPOINT": hub.url if hub else f"http://127.0.0.1:{refusing.getsockname()[1]}"}
+
+    refusing = socket.socket()  # bound, never listening: connections to it are refused
+    refusing.bind(("127.0.0.1", 0))
+    add.root, add.env = root, env
+    yield add
+    refusing.close()
+
+
+@pytest.fixture()
+def fake_hub():
+    from fakehub import FakeHub
+
+    hub = FakeHub()
+    yield hub
+    hub.close()
 
 
 @pytest.fixture(scope="session")

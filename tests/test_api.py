@@ -298,7 +298,7 @@ def test_models_say_which_dtype_the_model_runs_in_and_why(bundled_embedder):
     assert after == {"device": "cpu", "dtype": "float32", "reason": "dtype=float32 was set"}
 
 
-def test_models_name_the_hub_revision_the_replicas_load(bundled_embedder, bundled_spec):
+def test_the_model_card_names_a_hub_models_pinned_revision(bundled_embedder, bundled_spec):
     from dataclasses import replace
 
     from starlette.testclient import TestClient

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
+import ray
 
 from serve_app.batch.__main__ import main
 from serve_app.batch.job import top_k
@@ -160,4 +161,6 @@ def test_a_hub_model_whose_weights_cannot_be_got_stops_the_job_before_ray(
                  "--output", str(tmp_path / "o.parquet"), "--model", "acme/tiny-qwen3"])
     err = capsys.readouterr().err
     assert code == 2 and "Cannot load model 'acme/tiny-qwen3' at revision ffffffffffff" in err
-    assert list(tmp_path.iterdir()) == [tmp_path / "in.csv", tmp_path / "hub"]
+    assert "lacks its weights (model.safetensors)" in err
+    assert sorted(tmp_path.iterdir()) == [tmp_path / "hub", tmp_path / "in.csv"]
+    assert not ray.is_initialized()

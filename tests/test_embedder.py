@@ -1,9 +1,10 @@
 """The model path against sentence-transformers, the reference implementation."""
 
+import json
 import os
-import socket
 import subprocess
 import sys
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -177,29 +178,27 @@ def test_a_cpu_embedder_tokenizes_batches_on_the_calling_thread():
     assert calling > 0 and others <= max(0.02, calling / 10), (calling, others)
 
 
-def test_a_hub_model_in_the_local_cache_loads_without_asking_the_hub(hub_cache, tiny_qwen3_dir):
-    # An office server that downloaded the model once, then lost the hub (no internet, a
-    # firewall): every cold start from zero loads the model again, and must not wait on the
-    # hub for files it already has, nor for optional ones the repo never had.
+@pytest.mark.parametrize("hub", ["reachable", "unreachable"])
+def test_a_hub_model_in_the_local_cache_loads_without_asking_the_hub(
+        hub, hub_cache, fake_hub, tiny_qwen3_dir):
+    # Every cold start from zero loads the model again. It must not ask the hub about
+    # files it has (nor about optional ones the repo never had), and an office server that
+    # lost its internet must not wait on the hub (transformers retried each file for 23 s).
     hub_cache("acme/tiny-qwen3", "c" * 40, tiny_qwen3_dir)
-    with socket.socket() as unreachable:  # bound, never listening: connections are refused
-        unreachable.bind(("127.0.0.1", 0))
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-        env.update(HF_HUB_CACHE=str(hub_cache.root),
-                   HF_ENDPOINT=f"http://127.0.0.1:{unreachable.getsockname()[1]}")
-        script = (
-            "from serve_app.core.modelinfo import resolve_model\n"
-            "from serve_app.model.embedder import TextEmbedder\n"
-            "spec = resolve_model('acme/tiny-qwen3')\n"
-            "print(spec.revision, TextEmbedder(spec).encode(['hello']).vectors.shape)\n"
-        )
-        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                              text=True, timeout=120)
+    fake_hub.serve("acme/tiny-qwen3", "c" * 40, tiny_qwen3_dir)
+    spec = resolve_model("acme/tiny-qwen3")  # as the service's start pinned it
+    script = (
+        "import json, sys\n"
+        "from serve_app.core.modelinfo import ModelSpec\n"
+        "from serve_app.model.embedder import TextEmbedder\n"
+        "print(TextEmbedder(ModelSpec(**json.loads(sys.argv[1]))).encode(['hello']).vectors.shape)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(asdict(spec))], capture_output=True, text=True,
+        env=hub_cache.env(fake_hub if hub == "reachable" else None), timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split()[0] == "c" * 40
-    asked = [line for line in done.stderr.splitlines() if "/resolve/" in line]
-    assert not asked, asked[:3]
+    assert done.stdout.split()[-1] == "64)"
+    assert [r for r in fake_hub.requests if "acme/tiny-qwen3" in r] == []
 
 
 def test_an_operators_own_tokenizers_parallelism_is_kept(monkeypatch):

@@ -252,7 +252,7 @@ def test_a_hub_model_whose_weights_this_machine_cannot_get_stops_the_start_with_
     assert out.returncode == 2
     line = one_line(out.stderr)
     assert line.startswith("Error: Cannot load model 'acme/tiny-qwen3' at revision ffffffffffff")
-    assert "weights" in line
+    assert "lacks its weights (model.safetensors)" in line
 
 
 def test_what_a_run_leaves_behind_is_ended_and_nothing_else():

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from serve_app.core.errors import ModelLoadError
-from serve_app.core.modelinfo import model_directory, resolve_model
+from serve_app.core.modelinfo import resolve_model
 
 
 def test_bundled_alias_reads_its_sentence_transformers_config(bundled_spec):
@@ -39,37 +39,6 @@ def test_unknown_hub_model_offline_names_model_and_offline_alias():
     message = str(info.value)
     assert "Qwen/Qwen3-Embedding-0.6B" in message
     assert "bundled:minilm" in message
-
-
-COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
-
-
-def test_a_hub_model_loads_from_the_revision_resolved_at_start_though_the_hub_moved_on(
-        hub_cache, tiny_qwen3_dir):
-    started_with = hub_cache("acme/tiny-qwen3", COMMIT_A, tiny_qwen3_dir)
-    spec = resolve_model("acme/tiny-qwen3")
-    assert spec.revision == COMMIT_A
-    # A new revision reaches the cache after the service started (another program pulled
-    # it); a replica that starts now must still run the weights the others run.
-    hub_cache("acme/tiny-qwen3", COMMIT_B, tiny_qwen3_dir)
-    assert model_directory(spec) == str(started_with)
-
-
-def test_a_hub_model_cached_without_its_weights_offline_names_what_is_missing(
-        hub_cache, tiny_qwen3_dir):
-    hub_cache("acme/tiny-qwen3", COMMIT_A, tiny_qwen3_dir, skip=["*.safetensors"])
-    spec = resolve_model("acme/tiny-qwen3")  # its config files are enough to start
-    with pytest.raises(ModelLoadError) as info:
-        model_directory(spec)
-    message = str(info.value)
-    assert "acme/tiny-qwen3" in message and COMMIT_A[:12] in message
-    assert "weights" in message
-
-
-def test_a_local_directory_loads_from_itself(tiny_qwen3_dir):
-    spec = resolve_model(str(tiny_qwen3_dir))
-    assert spec.revision is None
-    assert model_directory(spec) == str(tiny_qwen3_dir)
 
 
 def test_missing_directory_is_a_clear_error(tmp_path):

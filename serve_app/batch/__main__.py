@@ -96,22 +96,24 @@ def main(argv: list[str] | None = None) -> int:
 def run(opts: argparse.Namespace) -> tuple[int, str, dict[str, float]]:
     """Check the arguments and the model, then run the command on Ray."""
     from serve_app.batch.job import JobOptions, run_embed, run_search, run_similarity
-    from serve_app.core.modelinfo import model_directory, resolve_model
+    from serve_app.core.hubfiles import model_directory, say_on_stderr
+    from serve_app.core.modelinfo import resolve_model
 
     output = _absolute_output(opts.output)
     _check_inputs(opts, output)
     args = settings(opts)
     spec = resolve_model(args.model)  # a model that cannot load fails here, before Ray starts
-    # A hub model's weights, fetched here (with progress) rather than by every actor at once.
-    model_directory(spec, say=lambda line: print(line, file=sys.stderr, flush=True))
     if opts.batch_size < 1:
         raise JobInputError(f"--batch-size must be at least 1, not {opts.batch_size}.")
+    dimensions = _dimensions(opts.dimensions, args, spec.dimensions)
+    # A hub model's weights, fetched here (with progress) rather than by every actor at once.
+    model_directory(spec, say=say_on_stderr)
     job = JobOptions(
         args=args,
         spec=spec,
         instruction=opts.instruction,
         prompt_name=opts.prompt_name,
-        dimensions=_dimensions(opts.dimensions, args, spec.dimensions),
+        dimensions=dimensions,
         batch_size=opts.batch_size,
         actors=opts.actors,
         sheet=opts.sheet,

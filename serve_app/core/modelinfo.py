@@ -8,17 +8,13 @@ and a model that cannot be found must stop start-up with a clear message.
 from __future__ import annotations
 
 import json
-import logging
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 from serve_app.core.config import OFFLINE_MODEL_ALIAS
 from serve_app.core.errors import ModelLoadError
-
-logger = logging.getLogger(__name__)
 
 Pooling = Literal["mean", "cls", "max", "lasttoken"]
 
@@ -29,14 +25,10 @@ CONFIG_FILES = [
     "sentence_bert_config.json",
     "config_sentence_transformers.json",
     "tokenizer_config.json",
-    "*/config.json",
+    "*/config.json",  # fnmatch's * crosses "/": any module's or subfolder's config
+    "*/sentence_bert_config.json",
+    "*/tokenizer_config.json",
 ]
-# Files a replica loads of a hub model: fetched into a node's cache the first time it runs
-# that revision. Weights as safetensors; pytorch_model*.bin only where a repo has none.
-MODEL_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
-_LEGACY_WEIGHTS = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
-_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model",
-                    "spiece.model", "sentencepiece.bpe.model")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 # Causal-LM embedders pool the last token (Qwen3-Embedding's model card).
 LAST_TOKEN_MODEL_TYPES = {"qwen3", "qwen2", "mistral", "llama", "gemma", "gemma2", "gemma3_text"}
@@ -148,69 +140,6 @@ def read_spec(name: str, directory: Path, source: str | None = None) -> ModelSpe
     )
 
 
-def model_directory(spec: ModelSpec, say: Callable[[str], None] = logger.info) -> str:
-    """The local directory a replica loads `spec`'s weights and tokenizer from.
-
-    A hub model loads from this machine's Hugging Face cache at the revision the service
-    found when it started, so every replica runs the same weights, and a cold start asks
-    the hub nothing when the files are there (transformers, given a hub id, asks the hub
-    about every file, optional ones included, retrying for minutes where it cannot be
-    reached). A machine that lacks them fetches that revision's once, and `say`s so first.
-    """
-    if spec.revision is None:
-        return spec.source
-    from huggingface_hub import HfApi, constants, snapshot_download
-
-    try:
-        cached = Path(snapshot_download(spec.source, revision=spec.revision,
-                                        allow_patterns=MODEL_FILES, local_files_only=True))
-        if _loadable(cached / spec.subfolder):
-            return str(cached / spec.subfolder)
-    except OSError:  # not cached, or cached in part (LocalEntryNotFoundError and its kin)
-        pass
-    if constants.HF_HUB_OFFLINE:
-        raise ModelLoadError(_not_fetched(spec, "HF_HUB_OFFLINE is set"))
-    say(f"Fetching {spec.source} (revision {spec.revision[:12]}) into this machine's Hugging "
-        "Face cache, once; the model loads from there.")
-    try:
-        # One request, not retried: an unreachable hub fails here at once (snapshot_download
-        # retries its listing for 23 s, then falls back to the incomplete cache in silence).
-        listed = HfApi().model_info(spec.source, revision=spec.revision).siblings or []
-        has_safetensors = any(f.rfilename.endswith(".safetensors") for f in listed)
-        fetched = Path(snapshot_download(
-            spec.source, revision=spec.revision,
-            allow_patterns=MODEL_FILES if has_safetensors else MODEL_FILES + _LEGACY_WEIGHTS))
-    except Exception as exc:  # hub down or unreachable, revision gone: say so as a sentence
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(_not_fetched(spec, reason[:300])) from exc
-    if not _loadable(fetched / spec.subfolder):
-        raise ModelLoadError(_not_fetched(
-            spec, "its repository has no complete safetensors or pytorch_model.bin weights and tokenizer"))
-    return str(fetched / spec.subfolder)
-
-
-def _not_fetched(spec: ModelSpec, reason: str) -> str:
-    return (
-        f"Cannot load model '{spec.name}' at revision {spec.revision[:12]}: its weights or "
-        "tokenizer are not in this machine's Hugging Face cache, and the hub could not provide "
-        f"them ({reason.rstrip('. ')}). Download the model on this machine (hf download "
-        f"{spec.source}) or pass a local model directory as model=PATH."
-    )
-
-
-def _loadable(directory: Path) -> bool:
-    """Whether a directory holds a model's config, all its weights and a tokenizer."""
-    if not (directory / "config.json").is_file():
-        return False
-    if not any((directory / name).is_file() for name in _TOKENIZER_FILES):
-        return False
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = _read_json(directory / index_name, default=None)
-        if isinstance(index, dict) and isinstance(index.get("weight_map"), dict):
-            return all((directory / shard).is_file() for shard in set(index["weight_map"].values()))
-    return (directory / "model.safetensors").is_file() or (directory / "pytorch_model.bin").is_file()
-
-
 def _positive_int(value) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
@@ -274,8 +203,7 @@ def _fetch_configs(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=CONFIG_FILES))
     except Exception as exc:  # offline, no such repo, gated repo, network down
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(_not_found(repo_id, reason[:300])) from exc
+        raise ModelLoadError(_not_found(repo_id, first_line(exc))) from exc
 
 
 def _not_found(name: str, reason: str) -> str:
@@ -285,6 +213,12 @@ def _not_found(name: str, reason: str) -> str:
         "Pass a local model directory as model=PATH, or start with "
         f"model={OFFLINE_MODEL_ALIAS} for the bundled offline model (all-MiniLM-L6-v2)."
     )
+
+
+def first_line(exc: Exception) -> str:
+    """An exception's first line, for a sentence: huggingface_hub's run to paragraphs."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def _is_dir(name: str) -> bool:

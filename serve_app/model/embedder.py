@@ -18,7 +18,8 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from serve_app.core.encoded import Encoded, Item, Runtime, TokenIds
-from serve_app.core.modelinfo import ModelSpec, model_directory
+from serve_app.core.hubfiles import model_directory
+from serve_app.core.modelinfo import ModelSpec
 
 logger = logging.getLogger(__name__)
 

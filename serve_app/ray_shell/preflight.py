@@ -5,7 +5,6 @@ application (Serve builds a config file's applications in its controller)."""
 from __future__ import annotations
 
 import difflib
-import sys
 from pathlib import Path
 
 from serve_app.core.config import AppArgs
@@ -170,21 +169,22 @@ def _check_import_path(app: dict, where: str) -> None:
 
 
 def prepare_models(data: dict) -> None:
-    """A ValueError, in the loader's words, for a model of this service's apps that cannot be
-    found: `serve run` would log it and run on with no application.
+    """Find each model of this service's apps, and fetch a hub model's files to this machine.
 
-    A hub model's weights are fetched here, on this machine, where its replicas will run:
-    with the download's progress in the terminal, before the service says it is ready,
-    rather than inside the first request, and a start that could never load them stops now.
+    A model that cannot be found, or whose files cannot be had, is a ValueError in the
+    loader's words (`serve run` would log it and run on with no application). The files
+    come here, where the replicas will run, with the download's progress in the terminal,
+    rather than inside the first request.
     """
     from serve_app.core.errors import ModelLoadError
-    from serve_app.core.modelinfo import model_directory, resolve_model
+    from serve_app.core.hubfiles import model_directory, say_on_stderr
+    from serve_app.core.modelinfo import resolve_model
 
     for app in data.get("applications") or []:
         if app.get("import_path") in OUR_BUILDERS:
             try:
                 spec = resolve_model(AppArgs.model_validate(app.get("args") or {}).model)
-                model_directory(spec, say=lambda line: print(line, file=sys.stderr, flush=True))
+                model_directory(spec, say=say_on_stderr)
             except ModelLoadError as exc:
                 raise ValueError(str(exc)) from None
 
