@@ -164,3 +164,16 @@ def test_a_hub_model_whose_weights_cannot_be_got_stops_the_job_before_ray(
     assert "lacks its weights (model.safetensors)" in err
     assert sorted(tmp_path.iterdir()) == [tmp_path / "hub", tmp_path / "in.csv"]
     assert not ray.is_initialized()
+
+
+def test_a_model_named_on_the_command_line_drops_the_configs_revision(tmp_path):
+    from serve_app.batch.__main__ import parser, settings
+
+    config = tmp_path / "serve_config.yaml"
+    config.write_text('applications: [{args: {model: acme/x, model_revision: "%s"}}]\n' % ("a" * 40))
+    job = ["embed", "--input", "in.csv", "--column", "t", "--output", "o.parquet",
+           "--config", str(config)]
+    assert settings(parser().parse_args(job)).model_revision == "a" * 40
+    assert settings(parser().parse_args([*job, "--model", "acme/y"])).model_revision is None
+    named = [*job, "--model", "acme/y", "--model-revision", "b" * 40]
+    assert settings(parser().parse_args(named)).model_revision == "b" * 40

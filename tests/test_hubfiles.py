@@ -63,6 +63,26 @@ def test_a_hub_model_loads_from_the_revision_resolved_at_start_though_the_hub_mo
     assert model_directory(spec) == str(started_with)
 
 
+def test_a_named_revision_is_served_though_main_points_elsewhere(hub_cache, tiny_qwen3_dir):
+    pinned = hub_cache(REPO, COMMIT_A, tiny_qwen3_dir, main=False)
+    hub_cache(REPO, COMMIT_B, tiny_qwen3_dir)
+    assert resolve_model(REPO).revision == COMMIT_B
+    spec = resolve_model(REPO, COMMIT_A)
+    assert spec.revision == COMMIT_A and model_directory(spec) == str(pinned)
+
+
+def test_a_revision_for_a_local_model_is_refused_with_a_sentence(tiny_qwen3_dir):
+    with pytest.raises(ModelLoadError, match=r"model_revision \(a+\) is for a model from the Hugging Face Hub"):
+        resolve_model(str(tiny_qwen3_dir), COMMIT_A)
+
+
+def test_a_revision_this_machine_lacks_offline_is_named(hub_cache, tiny_qwen3_dir):
+    hub_cache(REPO, COMMIT_A, tiny_qwen3_dir)
+    with pytest.raises(ModelLoadError) as info:
+        resolve_model(REPO, COMMIT_B)
+    assert str(info.value).startswith(f"Cannot load model '{REPO}' at revision '{COMMIT_B}': ")
+
+
 def test_a_model_cached_without_its_weights_offline_names_the_file_and_the_command(
         hub_cache, tiny_qwen3_dir):
     hub_cache(REPO, COMMIT_A, tiny_qwen3_dir, skip=["*.safetensors"])

@@ -255,6 +255,20 @@ def test_a_hub_model_whose_weights_this_machine_cannot_get_stops_the_start_with_
     assert "lacks its weights (model.safetensors)" in line
 
 
+def test_the_start_pins_a_hub_model_to_the_revision_it_fetched(hub_cache, tiny_qwen3_dir):
+    # serve run's app builder resolves the model again: pinned, it cannot find a newer main.
+    from serve_app.ray_shell.preflight import prepare_models
+
+    hub_cache("acme/tiny-qwen3", "a" * 40, tiny_qwen3_dir)
+    ours = {"import_path": "serve_app:build_app"}
+    data = {"applications": [{**ours, "args": {"model": "acme/tiny-qwen3"}},
+                             {**ours, "name": "b", "args": {"model": "bundled:minilm"}}]}
+    assert prepare_models(data) is True
+    assert data["applications"][0]["args"]["model_revision"] == "a" * 40
+    assert "model_revision" not in data["applications"][1]["args"]
+    assert prepare_models(data) is False  # already pinned: nothing to rewrite
+
+
 def test_what_a_run_leaves_behind_is_ended_and_nothing_else():
     token = secrets.token_hex(8)
     # In their own sessions, as the HAProxy in a Ray worker's: no signal to ours reaches them.

@@ -45,6 +45,7 @@ def parser() -> argparse.ArgumentParser:
         group = command.add_argument_group("model and resources")
         group.add_argument("--config", help="take model settings from this Ray Serve config (serve_config.yaml)")
         group.add_argument("--model", help="default: the service's (Qwen/Qwen3-Embedding-0.6B); offline: bundled:minilm")
+        group.add_argument("--model-revision", help="a hub model's commit, branch or tag (default: the config's, else main)")
         group.add_argument("--instruction", help="task instruction for query-side texts (Qwen3 'Instruct: ...')")
         group.add_argument("--prompt-name", help="query, document or a task named in the config")
         group.add_argument("--dimensions", type=int, help="Matryoshka dimensions (truncate, re-normalise)")
@@ -64,12 +65,15 @@ def settings(opts: argparse.Namespace) -> AppArgs:
         key: value
         for key, value in {
             "model": opts.model,
+            "model_revision": opts.model_revision,
             "max_input_tokens": opts.max_input_tokens,
             "gpu_fraction": opts.gpu_fraction,
             "dtype": opts.dtype,
         }.items()
         if value is not None
     }
+    if opts.model is not None and opts.model_revision is None:
+        overrides["model_revision"] = None  # the config's pin is for the config's model
     if opts.config:
         return config_args(opts.config, overrides)
     return AppArgs.model_validate(overrides)
@@ -102,7 +106,7 @@ def run(opts: argparse.Namespace) -> tuple[int, str, dict[str, float]]:
     output = _absolute_output(opts.output)
     _check_inputs(opts, output)
     args = settings(opts)
-    spec = resolve_model(args.model)  # a model that cannot load fails here, before Ray starts
+    spec = resolve_model(args.model, args.model_revision)  # fails here, before Ray starts
     if opts.batch_size < 1:
         raise JobInputError(f"--batch-size must be at least 1, not {opts.batch_size}.")
     dimensions = _dimensions(opts.dimensions, args, spec.dimensions)

@@ -33,6 +33,14 @@ class AppArgs(BaseModel):
         DEFAULT_MODEL,
         description="Hugging Face model id, local model directory, or 'bundled:minilm'.",
     )
+    model_revision: str | None = Field(
+        None,
+        description=(
+            "For a hub model: the commit, branch or tag to serve. Unset, the service pins "
+            "whatever `main` is when it starts; a commit keeps vectors comparable across "
+            "restarts and with batch jobs run with the same config."
+        ),
+    )
     served_model_name: str | None = Field(
         None, description="The id clients send as `model`; defaults to `model`."
     )

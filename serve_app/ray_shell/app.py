@@ -31,7 +31,7 @@ def build_app(args: AppArgs) -> Application:
     if not isinstance(args, AppArgs):
         args = AppArgs.model_validate(args or {})
     try:
-        spec = resolve_model(args.model)
+        spec = resolve_model(args.model, args.model_revision)
     except ModelLoadError as exc:
         raise StartupError(str(exc)) from None
     gpu = resolve_gpu_fraction(args.gpu_fraction)

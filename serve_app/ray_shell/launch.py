@@ -168,8 +168,6 @@ def serve_run_command(argv: list[str], haproxy_https: bool = True
     taken out of http_options for HAProxy: it ends TLS, and the replicas behind it answer
     plain HTTP on loopback. A key with a password stays with Ray's own proxy.
     """
-    import yaml
-
     config, overrides = _split(argv)
     data = checked_config(config, overrides)
     tls = tls_files(data)
@@ -181,10 +179,20 @@ def serve_run_command(argv: list[str], haproxy_https: bool = True
     base = [sys.executable, "-m", "ray.serve.scripts", "run"]
     if config is not None and not overrides and tls is None:
         return base + [config], None, None
-    handle, name = tempfile.mkstemp(prefix="serve_config-", suffix=".yaml")
-    with os.fdopen(handle, "w") as f:
-        yaml.safe_dump(data, f)
-    return base + [name], Path(name), tls
+    copy = write_config(data)
+    return base + [str(copy)], copy, tls
+
+
+def write_config(data: dict, path: Path | None = None) -> Path:
+    """`data` as a Serve config file: at `path`, else in a new temporary file."""
+    import yaml
+
+    if path is None:
+        handle, name = tempfile.mkstemp(prefix="serve_config-", suffix=".yaml")
+        os.close(handle)
+        path = Path(name)
+    path.write_text(yaml.safe_dump(data))
+    return path
 
 
 # Every process this run starts (serve run, Ray's daemons and workers, the HAProxy a worker
@@ -296,7 +304,9 @@ def main(argv: list[str]) -> int:
             haproxy = tuned_environment()["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
             command, temporary, https = serve_run_command(argv, haproxy_https=haproxy)
             config = read_config(command[-1])
-            prepare_models(config)
+            if prepare_models(config):  # a hub model, pinned to the revision just fetched
+                temporary = write_config(config, temporary)
+                command[-1] = str(temporary)
             port = http_port(argv)
         except (ValueError, OSError) as exc:
             print(f"Error: {exc}", file=sys.stderr)

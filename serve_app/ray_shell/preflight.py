@@ -168,24 +168,32 @@ def _check_import_path(app: dict, where: str) -> None:
         )
 
 
-def prepare_models(data: dict) -> None:
-    """Find each model of this service's apps, and fetch a hub model's files to this machine.
+def prepare_models(data: dict) -> bool:
+    """Find each model of this service's apps, fetch a hub model's files to this machine,
+    and pin it in `data` to the revision fetched; whether anything was pinned.
 
     A model that cannot be found, or whose files cannot be had, is a ValueError in the
     loader's words (`serve run` would log it and run on with no application). The files
     come here, where the replicas will run, with the download's progress in the terminal,
-    rather than inside the first request.
+    rather than inside the first request; the pin (`model_revision`) keeps the app from
+    finding a newer `main` when it resolves the model again.
     """
     from serve_app.core.errors import ModelLoadError
     from serve_app.core.hubfiles import model_directory, say_on_stderr
     from serve_app.core.modelinfo import resolve_model
 
+    pinned = False
     for app in data.get("applications") or []:
         if app.get("import_path") in OUR_BUILDERS:
+            args = AppArgs.model_validate(app.get("args") or {})
             try:
-                spec = resolve_model(AppArgs.model_validate(app.get("args") or {}).model)
+                spec = resolve_model(args.model, args.model_revision)
                 model_directory(spec, say=say_on_stderr)
             except ModelLoadError as exc:
                 raise ValueError(str(exc)) from None
+            if spec.revision is not None and spec.revision != args.model_revision:
+                app.setdefault("args", {})["model_revision"] = spec.revision
+                pinned = True
+    return pinned
 
 
