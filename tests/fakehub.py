@@ -52,6 +52,8 @@ class _HubHandler(BaseHTTPRequestHandler):
         hub.requests.append(f"{self.command} {self.path}")
         path = unquote(urlsplit(self.path).path)
         for repo_id, (commit, _) in hub.repos.items():
+            if path == f"/api/models/{repo_id}":  # model_info without a revision: main's
+                return self._info(hub, repo_id, commit, "", head)
             for route, answer in ((f"/api/models/{repo_id}/revision/", self._info),
                                   (f"/api/models/{repo_id}/tree/", self._tree),
                                   (f"/{repo_id}/resolve/", self._file)):

@@ -7,6 +7,7 @@ and offline switch from the environment when it is imported.
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,8 @@ from serve_app.core.modelinfo import resolve_model
 REPO = "acme/tiny-qwen3"
 COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
 
-# Resolve (optionally) and fetch in a fresh process: argv[1] is a hub id or a spec as JSON.
+# Resolve (optionally) and fetch in a fresh process: argv[1] is a hub id (argv[2] a revision)
+# or a spec as JSON.
 FETCH = """
 import json, sys
 from dataclasses import asdict
@@ -30,7 +32,8 @@ from serve_app.core.modelinfo import ModelSpec, resolve_model
 said = []
 try:
     arg = sys.argv[1]
-    spec = ModelSpec(**json.loads(arg)) if arg.startswith("{") else resolve_model(arg)
+    revision = sys.argv[2] if len(sys.argv) > 2 else None
+    spec = ModelSpec(**json.loads(arg)) if arg.startswith("{") else resolve_model(arg, revision)
     print(json.dumps({"spec": asdict(spec), "dir": model_directory(spec, say=said.append),
                       "said": said}))
 except ModelLoadError as exc:
@@ -38,9 +41,9 @@ except ModelLoadError as exc:
 """
 
 
-def fetch(env: dict, model: str) -> dict:
-    done = subprocess.run([sys.executable, "-c", FETCH, model], env=env, capture_output=True,
-                          text=True, timeout=120)
+def fetch(env: dict, model: str, *revision: str) -> dict:
+    done = subprocess.run([sys.executable, "-c", FETCH, model, *revision], env=env,
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -189,6 +192,23 @@ def test_an_unreachable_hub_stops_a_fetch_at_once_with_one_sentence(hub_cache, t
     out = fetch(hub_cache.env(), REPO)  # the hub's port refuses connections
     assert out["said"] == []  # nothing announced that did not happen
     assert "the hub could not be reached" in out["error"] and "weights (model.safetensors)" in out["error"]
+
+
+def test_a_hub_that_takes_the_connection_but_never_answers_does_not_hold_the_start(
+        hub_cache, tiny_qwen3_dir):
+    # A stalled proxy: connections are accepted (the kernel's backlog) and nothing comes back.
+    # The start waits the metadata timeout once, then serves what the cache has.
+    hub_cache(REPO, COMMIT_A, tiny_qwen3_dir)
+    with socket.socket() as stalled:
+        stalled.bind(("127.0.0.1", 0))
+        stalled.listen(16)
+        env = {**hub_cache.env(), "HF_HUB_ETAG_TIMEOUT": "1",
+               "HF_ENDPOINT": f"http://127.0.0.1:{stalled.getsockname()[1]}"}
+        out = fetch(env, REPO)
+        pinned = fetch(env, REPO, COMMIT_A)  # as the app builder resolves it after the start
+    assert out.get("spec", {}).get("revision") == COMMIT_A, out
+    assert out["said"] == []
+    assert pinned.get("dir") == out["dir"], pinned
 
 
 def test_a_transformer_in_a_subfolder_reads_the_same_spec_before_and_after_the_fetch(

@@ -48,7 +48,7 @@ def model_directory(spec: ModelSpec, say: Callable[[str], None] = logger.info) -
     try:
         # One request, with a timeout, not retried: an unreachable hub fails here at once.
         info = HfApi().model_info(spec.source, revision=spec.revision,
-                                  timeout=constants.DEFAULT_REQUEST_TIMEOUT)
+                                  timeout=constants.HF_HUB_ETAG_TIMEOUT)
     except Exception as exc:
         raise ModelLoadError(_not_cached(
             spec, missing, f"the hub could not be reached ({first_line(exc).rstrip('. ')})")) from exc

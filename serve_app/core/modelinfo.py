@@ -8,6 +8,7 @@ and a model that cannot be found must stop start-up with a clear message.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import Literal
 
 from serve_app.core.config import OFFLINE_MODEL_ALIAS
 from serve_app.core.errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
 
 Pooling = Literal["mean", "cls", "max", "lasttoken"]
 
@@ -201,15 +204,38 @@ def _bundled_dir() -> Path:
 
 
 def _fetch_configs(repo_id: str, revision: str | None = None) -> Path:
-    """The config files of a hub model: from the local cache, else from the hub."""
+    """The config files of a hub model: from the hub where it answers, else the local cache."""
+    from huggingface_hub import HfApi, constants, snapshot_download, try_to_load_from_cache
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    name = repo_id if revision is None else f"{repo_id}' at revision '{revision}"
     try:
-        from huggingface_hub import snapshot_download
-    except ImportError as exc:  # pragma: no cover - transformers always brings it
-        raise ModelLoadError(_not_found(repo_id, "huggingface_hub is not installed")) from exc
-    try:
+        if _COMMIT.fullmatch(revision or ""):
+            # A commit's files never change: where the cache has them, ask the hub nothing
+            # (snapshot_download lists the commit's files online unless it has the listing).
+            for probe in ("modules.json", "config.json"):
+                if isinstance(found := try_to_load_from_cache(repo_id, probe, revision=revision), str):
+                    return Path(found).parent
+        elif not constants.HF_HUB_OFFLINE:
+            # Whether the hub answers, in one request with a timeout: snapshot_download asks
+            # with none, and a network that takes the connection but never answers (a stalled
+            # proxy) would hold the start for ever. Where it answers, snapshot_download then
+            # resolves the branch again and records it in the cache (refs/), for offline starts.
+            try:
+                HfApi().model_info(repo_id, revision=revision, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+            except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError):
+                raise
+            except Exception as exc:  # no answer: what this machine's cache has
+                logger.info("The hub did not answer for %s (%s); using the local cache",
+                            repo_id, first_line(exc))
+                return Path(snapshot_download(repo_id, revision=revision,
+                                              allow_patterns=CONFIG_FILES, local_files_only=True))
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=CONFIG_FILES))
     except Exception as exc:  # offline, no such repo or revision, gated repo, network down
-        name = repo_id if revision is None else f"{repo_id}' at revision '{revision}"
         raise ModelLoadError(_not_found(name, first_line(exc))) from exc
 
 
