@@ -10,6 +10,7 @@ a new cluster node's first replica) fetches them once. No torch here.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
@@ -17,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from serve_app.core.errors import ModelLoadError
-from serve_app.core.modelinfo import ModelSpec, first_line
+from serve_app.core.modelinfo import ModelSpec, ask_hub, cached_folder, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -35,9 +36,10 @@ def model_directory(spec: ModelSpec, say: Callable[[str], None] = logger.info) -
     """The local directory `spec` loads from; a hub model's files are fetched there once."""
     if spec.revision is None:
         return spec.source
-    from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub import constants, snapshot_download
 
-    directory = _cached(spec)
+    config = f"{spec.subfolder}/config.json" if spec.subfolder else "config.json"
+    directory = cached_folder(spec.source, spec.revision, config)  # the transformer's folder
     missing = _missing_files(directory)
     if not missing:
         return str(directory)
@@ -46,12 +48,10 @@ def model_directory(spec: ModelSpec, say: Callable[[str], None] = logger.info) -
             spec, missing, "HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, so the hub was "
             "not asked; unset it for one start to fetch them"))
     try:
-        # One request, with a timeout, not retried: an unreachable hub fails here at once.
-        info = HfApi().model_info(spec.source, revision=spec.revision,
-                                  timeout=constants.HF_HUB_ETAG_TIMEOUT)
+        info = ask_hub(spec.source, spec.revision)  # not retried: no hub fails here at once
     except Exception as exc:
         raise ModelLoadError(_not_cached(
-            spec, missing, f"the hub could not be reached ({first_line(exc).rstrip('. ')})")) from exc
+            spec, missing, f"the hub could not be reached ({first_line(exc)})")) from exc
     wanted = files_to_load([f.rfilename for f in info.siblings or []], spec.subfolder)
     say(f"Fetching {spec.source} (revision {spec.revision[:12]}, {len(wanted)} files) into "
         "this machine's Hugging Face cache, once; the model loads from there.")
@@ -59,7 +59,7 @@ def model_directory(spec: ModelSpec, say: Callable[[str], None] = logger.info) -
         folder = Path(snapshot_download(spec.source, revision=spec.revision, allow_patterns=wanted))
     except Exception as exc:  # the hub went away mid-way, or refused a file
         raise ModelLoadError(_not_cached(
-            spec, missing, f"fetching them failed ({first_line(exc).rstrip('. ')})")) from exc
+            spec, missing, f"fetching them failed ({first_line(exc)})")) from exc
     directory = folder / spec.subfolder
     if missing := _missing_files(directory):
         raise ModelLoadError(
@@ -88,15 +88,6 @@ def say_on_stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _cached(spec: ModelSpec) -> Path | None:
-    """The transformer's folder of the pinned revision in this machine's cache, if it is there."""
-    from huggingface_hub import try_to_load_from_cache
-
-    config = f"{spec.subfolder}/config.json" if spec.subfolder else "config.json"
-    found = try_to_load_from_cache(spec.source, config, revision=spec.revision)
-    return Path(found).parent if isinstance(found, str) else None
-
-
 def _missing_files(directory: Path | None) -> list[str]:
     """What a directory lacks of a loadable model, in transformers' order of weights."""
     if directory is None:
@@ -118,8 +109,6 @@ def _missing_files(directory: Path | None) -> list[str]:
 
 
 def _shards(index: Path) -> list[str] | None:
-    import json
-
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
     except (OSError, ValueError, AttributeError):

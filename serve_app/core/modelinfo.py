@@ -205,7 +205,7 @@ def _bundled_dir() -> Path:
 
 def _fetch_configs(repo_id: str, revision: str | None = None) -> Path:
     """The config files of a hub model: from the hub where it answers, else the local cache."""
-    from huggingface_hub import HfApi, constants, snapshot_download, try_to_load_from_cache
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
         RepositoryNotFoundError,
@@ -217,16 +217,14 @@ def _fetch_configs(repo_id: str, revision: str | None = None) -> Path:
         if _COMMIT.fullmatch(revision or ""):
             # A commit's files never change: where the cache has them, ask the hub nothing
             # (snapshot_download lists the commit's files online unless it has the listing).
-            for probe in ("modules.json", "config.json"):
-                if isinstance(found := try_to_load_from_cache(repo_id, probe, revision=revision), str):
-                    return Path(found).parent
+            if (found := cached_folder(repo_id, revision, "modules.json", "config.json")) is not None:
+                return found
         elif not constants.HF_HUB_OFFLINE:
-            # Whether the hub answers, in one request with a timeout: snapshot_download asks
-            # with none, and a network that takes the connection but never answers (a stalled
-            # proxy) would hold the start for ever. Where it answers, snapshot_download then
-            # resolves the branch again and records it in the cache (refs/), for offline starts.
+            # Whether the hub answers at all (snapshot_download would wait for ever on a
+            # stalled proxy). Where it answers, snapshot_download then resolves the branch
+            # again and records it in the cache (refs/), for offline starts.
             try:
-                HfApi().model_info(repo_id, revision=revision, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+                ask_hub(repo_id, revision)
             except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError):
                 raise
             except Exception as exc:  # no answer: what this machine's cache has
@@ -239,19 +237,40 @@ def _fetch_configs(repo_id: str, revision: str | None = None) -> Path:
         raise ModelLoadError(_not_found(name, first_line(exc))) from exc
 
 
+def ask_hub(repo_id: str, revision: str | None):
+    """The hub's answer about a model repo at a revision (its commit, its files), in one
+    request with a timeout: huggingface_hub's own look-ups have none, and a network that takes
+    the connection but never answers (a stalled proxy) would hold a start for ever."""
+    from huggingface_hub import HfApi, constants
+
+    return HfApi().model_info(repo_id, revision=revision, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+
+
+def cached_folder(repo_id: str, revision: str, *names: str) -> Path | None:
+    """The folder of the first of `names` (paths in the repo) this machine's Hugging Face
+    cache holds at `revision`, or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for name in names:
+        if isinstance(found := try_to_load_from_cache(repo_id, name, revision=revision), str):
+            return Path(found).parent
+    return None
+
+
 def _not_found(name: str, reason: str) -> str:
     return (
         f"Cannot load model '{name}': it is not a local model directory, and neither the "
-        f"Hugging Face Hub nor its local cache could provide it ({reason.rstrip('. ')}). "
+        f"Hugging Face Hub nor its local cache could provide it ({reason}). "
         "Pass a local model directory as model=PATH, or start with "
         f"model={OFFLINE_MODEL_ALIAS} for the bundled offline model (all-MiniLM-L6-v2)."
     )
 
 
 def first_line(exc: Exception) -> str:
-    """An exception's first line, for a sentence: huggingface_hub's run to paragraphs."""
+    """An exception's first line, to quote inside a sentence (huggingface_hub's run to
+    paragraphs): at most 300 characters, without its closing full stop."""
     text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
+    return text.splitlines()[0][:300].rstrip(". ") if text else type(exc).__name__
 
 
 def _is_dir(name: str) -> bool:
