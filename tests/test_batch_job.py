@@ -147,6 +147,26 @@ def test_missing_column_fails_with_the_columns_it_has_and_writes_nothing(ray_hea
     assert list(tmp_path.iterdir()) == [tmp_path / "rows.csv"]
 
 
+def test_rows_keep_their_order_when_a_later_batch_finishes_first(ray_head, tmp_path):
+    sys.path.insert(0, str(REPO / "bench"))
+    from corpus import sentences
+
+    # Two actors: the first batch (512 distinct texts) takes seconds, the next ones (one
+    # text repeated) a moment, so the second actor's batches are done first; their rows
+    # must still come after the first batch's.
+    texts = sentences(512, seed=5) + ["the same short text"] * 1024
+    pd.DataFrame({"id": range(len(texts)), "text": texts}).to_csv(tmp_path / "rows.csv", index=False)
+    output = tmp_path / "embedded.parquet"
+    # Two actors of half a CPU each leave the 2-CPU head a CPU for the read tasks.
+    config = tmp_path / "serve_config.yaml"
+    config.write_text("applications:\n- args:\n    replica_cpus: 0.5\n    cpu_threads: 1\n")
+    job = ray_head.submit("embed", "--input", str(tmp_path / "rows.csv"), "--column", "text",
+                          "--output", str(output), "--batch-size", "512", "--actors", "2",
+                          "--config", str(config))
+    assert ray_head.wait(job) == "SUCCEEDED", ray_head.logs(job)[-3000:]
+    assert pq.read_table(output, columns=["id"])["id"].to_pylist() == list(range(len(texts)))
+
+
 def test_stopped_job_leaves_no_output(ray_head, tmp_path):
     sys.path.insert(0, str(REPO / "bench"))
     from corpus import sentences

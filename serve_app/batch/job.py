@@ -261,11 +261,13 @@ def _arrow_safe(frame, columns: list[str]):
 
 
 def _embed(dataset, opts: JobOptions, task: str, columns: list[str], prefixes: list[str]):
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import ActorPoolStrategy
 
     from serve_app.ray_shell.resources import resolve_gpu_fraction
 
-    DataContext.get_current().execution_options.preserve_order = True
+    # Set on the dataset's own context: it took a copy of Ray Data's current one when it
+    # was read, and setting the current one now changes nothing (rows came out of order).
+    dataset.context.execution_options.preserve_order = True
     gpu_fraction = resolve_gpu_fraction(opts.args.gpu_fraction)
     actors = opts.actors or _default_actors(gpu_fraction)
     logger.info("Embedding with %d actor(s), %s GPU each, %d rows a batch",
