@@ -122,6 +122,25 @@ def small_standin_dir(tmp_path_factory, standin_tokenizer) -> Path:
 
 
 @pytest.fixture(scope="session")
+def overflowing_standin_dir(tmp_path_factory, standin_tokenizer) -> Path:
+    """The small stand-in with one layer's MLP output scaled up a million times: its
+    residual stream outgrows float16's range (65,504), as Qwen models' massive
+    activations do on some texts, and stays well inside bfloat16's and float32's."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from bench.qwen3_standin import build_standin
+
+    directory = tmp_path_factory.mktemp("models") / "qwen3-standin-overflowing"
+    build_standin(directory, layers=2, hidden=128, tokenizer=standin_tokenizer)
+    weights = load_file(directory / "model.safetensors")
+    name = next(k for k in weights if k.endswith("layers.0.mlp.down_proj.weight"))
+    weights[name] = (weights[name].float() * 1e6).to(torch.bfloat16)
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+    return directory
+
+
+@pytest.fixture(scope="session")
 def unnormalised_dir(tmp_path_factory, bundled_spec) -> Path:
     """The bundled model without its Normalize module: vectors of any length, as many
     multilingual sentence-transformers models return them (files linked, not copied)."""

@@ -58,12 +58,13 @@ class RayHead:
                     raise
                 time.sleep(1)
 
-    def submit(self, *args: str, working_dir: bool = False) -> str:
+    def submit(self, *args: str, working_dir: bool = False, model: str = BUNDLED,
+               dtype: str = "float32") -> str:  # float32: compared with float32 vectors
         runtime_env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}}
         if working_dir:
             runtime_env["working_dir"] = str(REPO)
-        entrypoint = " ".join(["python", "-m", "serve_app.batch", *args, "--model", BUNDLED,
-                               "--dtype", "float32"])  # compared with float32 vectors
+        entrypoint = " ".join(["python", "-m", "serve_app.batch", *args, "--model", model,
+                               "--dtype", dtype])
         return self.client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
 
     def status(self, job_id: str) -> str:

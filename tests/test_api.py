@@ -237,6 +237,35 @@ def test_unexpected_failures_are_a_generic_500(bundled_spec):
         assert response.headers["access-control-allow-origin"] == "https://sheet.example"
 
 
+def test_a_model_that_overflows_in_float16_gets_a_500_that_says_so_not_nan_vectors(
+    overflowing_standin_dir,
+):
+    from starlette.testclient import TestClient
+
+    from serve_app.core.modelinfo import resolve_model
+    from serve_app.model.embedder import TextEmbedder
+
+    spec = resolve_model(str(overflowing_standin_dir))
+    texts = ["The tenant pays rent monthly.", "租户按月支付租金。"]
+    # The same weights in float32 give finite unit vectors: it is float16's range that fails.
+    assert np.isfinite(TextEmbedder(spec, dtype="float32").encode(texts).vectors).all()
+    service = make_service(TextEmbedder(spec, dtype="float16"), cache_max_mb=8)
+    with TestClient(create_app(service), raise_server_exceptions=False) as http:
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="k", http_client=http,
+                               max_retries=0)
+        for _ in range(2):  # the second time too: nothing was cached
+            with pytest.raises(openai.InternalServerError) as caught:
+                client.embeddings.create(model=spec.name, input=texts)
+            error = caught.value.body
+            assert error["code"] == "model_output_not_finite", error
+            assert error["message"].startswith(
+                "The model gave inf or NaN values for 2 of 2 texts, running in float16 on cpu:")
+            assert "set dtype: bfloat16 where the hardware runs it, or float32" in error["message"]
+        # As floats, NaN would have gone out as JSON nulls.
+        response = http.post("/v1/embeddings", json={"input": texts[0], "encoding_format": "float"})
+        assert error_of(response, 500)["code"] == "model_output_not_finite"
+
+
 def test_server_stays_healthy_after_bad_input(http, bundled_embedder):
     garbage = http.post("/v1/embeddings", content=b"\x00\x01garbage")
     error = error_of(garbage, 400)

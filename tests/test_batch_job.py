@@ -147,6 +147,21 @@ def test_missing_column_fails_with_the_columns_it_has_and_writes_nothing(ray_hea
     assert list(tmp_path.iterdir()) == [tmp_path / "rows.csv"]
 
 
+def test_a_model_that_overflows_in_float16_fails_the_job_with_the_sentence_and_writes_nothing(
+    ray_head, tmp_path, overflowing_standin_dir,
+):
+    rows_frame().to_csv(tmp_path / "rows.csv", index=False)
+    output = tmp_path / "out" / "embedded.parquet"
+    job = ray_head.submit("embed", "--input", str(tmp_path / "rows.csv"), "--column", "question",
+                          "--output", str(output), model=str(overflowing_standin_dir),
+                          dtype="float16")
+    assert ray_head.wait(job, timeout_s=180) == "FAILED"
+    logs = ray_head.logs(job)
+    assert "error: The model gave inf or NaN values for 5 of 5 texts, running in float16 on cpu:" in logs, (
+        logs[-3000:])
+    assert not output.exists() and not list(output.parent.glob("*"))
+
+
 def test_rows_keep_their_order_when_a_later_batch_finishes_first(ray_head, tmp_path):
     sys.path.insert(0, str(REPO / "bench"))
     from corpus import sentences

@@ -99,6 +99,28 @@ def test_qwen3_standin_is_served_through_the_openai_client(serve_cluster, small_
     serve_cluster.delete("standin")
 
 
+def test_a_replicas_float16_overflow_reaches_the_client_as_its_sentence(
+    serve_cluster, overflowing_standin_dir,
+):
+    model = str(overflowing_standin_dir)
+    # Its warm-up pass overflows too: the replica still starts, and says why in each answer.
+    url = serve_cluster.deploy("overflow", model=model, dtype="float16", min_replicas=1)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120, max_retries=0)
+    with pytest.raises(openai.InternalServerError) as caught:
+        client.embeddings.create(model=model, input=["合同终止的条件是什么？", "Rent is due monthly."])
+    error = caught.value.body
+    assert error["code"] == "model_output_not_finite", error
+    assert error["message"].startswith(
+        "The model gave inf or NaN values for 2 of 2 texts, running in float16 on cpu:"), error
+    # The model loaded: the replica is not marked failed, so Ray's health check does not
+    # replace it in a loop (each new one would fail its warm-up the same way).
+    from ray import serve
+
+    replica = serve.get_deployment_handle("Embedder", app_name="overflow")
+    assert replica.describe.remote().result(timeout_s=30)["failure"] is None
+    serve_cluster.delete("overflow")
+
+
 def _parent_pid(pid: int) -> int:
     with open(f"/proc/{pid}/stat") as f:
         return int(f.read().rsplit(")", 1)[1].split()[1])

@@ -267,7 +267,11 @@ def _embed(dataset, opts: JobOptions, task: str, columns: list[str], prefixes: l
 
     # Set on the dataset's own context: it took a copy of Ray Data's current one when it
     # was read, and setting the current one now changes nothing (rows came out of order).
-    dataset.context.execution_options.preserve_order = True
+    context = dataset.context
+    context.execution_options.preserve_order = True
+    # An actor's own error (a ServiceError saying what to do) reaches the command line as
+    # itself, not wrapped in Ray Data's UserCodeException, which keeps only its traceback.
+    context.raise_original_map_exception = True
     gpu_fraction = resolve_gpu_fraction(opts.args.gpu_fraction)
     actors = opts.actors or _default_actors(gpu_fraction)
     logger.info("Embedding with %d actor(s), %s GPU each, %d rows a batch",

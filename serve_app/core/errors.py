@@ -89,3 +89,27 @@ class ModelUnavailable(ServiceError):
 
 class ModelLoadError(Exception):
     """A model cannot be found or loaded; raised at start-up, before serving."""
+
+
+class ModelOutputError(ServiceError):
+    """The model gave vectors that cannot be used (inf or NaN): the operator must act.
+
+    A 500, not a 4xx: the input is fine, the model's run of it is not.
+    """
+
+    @classmethod
+    def not_finite(cls, count: int, total: int, dtype: str, device: str) -> ModelOutputError:
+        texts = f"{count} of {total} texts" if total > 1 else "the text"
+        if dtype == "float16":
+            why = (
+                "some of this model's activations outgrow float16's range (65,504) on some "
+                "texts, as Qwen-family models' do. The operator should set dtype: bfloat16 "
+                "where the hardware runs it, or float32"
+            )
+        else:
+            why = "its weights may be damaged. The operator should check the model's files"
+        return cls(
+            f"The model gave inf or NaN values for {texts}, running in {dtype} on {device}: "
+            f"{why}. Nothing was returned or stored.",
+            code="model_output_not_finite",
+        )

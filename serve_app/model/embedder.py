@@ -18,6 +18,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from serve_app.core.encoded import Encoded, Item, Runtime, TokenIds
+from serve_app.core.errors import ModelOutputError
 from serve_app.core.hubfiles import model_directory
 from serve_app.core.modelinfo import ModelSpec
 
@@ -204,6 +205,12 @@ class TextEmbedder:
                 vectors[flat] = self._forward([ids[i] for i in flat])
             else:
                 vectors[flat] = self._forward_rows([[ids[i] for i in row] for row in rows])
+        # float16 overflows on some texts for some models (Qwen's among them); a NaN vector
+        # would reach the client as nulls, a cache, or a job's output, and poison every
+        # similarity computed from it.
+        if not np.isfinite(vectors).all():
+            bad = int((~np.isfinite(vectors).all(axis=1)).sum())
+            raise ModelOutputError.not_finite(bad, len(texts), _dtype_name(self.dtype), str(self.device))
         return Encoded(
             vectors=vectors, tokens=[len(x) for x in ids], truncated=truncated, runtime=self.runtime
         )
@@ -476,7 +483,10 @@ def choose_dtype(
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported():
             return torch.bfloat16, "dtype=auto: bfloat16, which this GPU supports natively"
-        return torch.float16, "dtype=auto: float16, since this GPU has no native bfloat16"
+        return torch.float16, (
+            "dtype=auto: float16, since this GPU has no native bfloat16 (should a text overflow "
+            "float16's range, its request fails saying so; dtype: float32 then)"
+        )
     native = features()
     if native:
         # The units can be there and still unused: with oneDNN capped below them

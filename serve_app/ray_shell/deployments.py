@@ -20,6 +20,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app.core.config import AppArgs
 from serve_app.core.encoded import Item
+from serve_app.core.errors import ModelOutputError
 from serve_app.core.modelinfo import ModelSpec
 from serve_app.ray_shell.metrics import Metrics
 from serve_app.ray_shell.transport import Failure, RayBackend, handle_for_this_replica
@@ -81,7 +82,7 @@ class Embedder:
                 home=home,
             )
             # The first forward pass pays one-off kernel set-up.
-            self._startup["first_pass_s"] = self._scheduler.warm_up(["warm up"])
+            self._startup["first_pass_s"] = self._warm_up()
             # After the replica is ready, not before: packing the weights takes a second or
             # two of memory writes and the row check two passes, which would lengthen every
             # cold start; meanwhile the plain paths serve. On one core, for the reason above.
@@ -105,6 +106,17 @@ class Embedder:
         )
         self._metrics.inc("embed_cold_starts_total")
         self._metrics.observe("embed_model_load_seconds", ready_s)
+
+    def _warm_up(self) -> float:
+        started = time.perf_counter()
+        try:
+            return self._scheduler.warm_up(["warm up"])
+        except ModelOutputError as exc:
+            # The model loaded, and its precision fails on some texts (float16 overflowing):
+            # each such request gets that sentence. Marking the replica failed would have
+            # Ray replace it for ever, every new one failing its warm-up the same way.
+            logger.warning("The warm-up pass failed: %s", exc.message)
+            return time.perf_counter() - started
 
     def _speed_up(self) -> None:
         try:
