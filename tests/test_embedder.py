@@ -1,6 +1,7 @@
 """The model path against sentence-transformers, the reference implementation."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -14,9 +15,9 @@ from bench.corpus import sentences
 from serve_app.core.modelinfo import resolve_model
 from serve_app.model.embedder import (
     TextEmbedder,
-    bf16_matmul_speedup,
     choose_dtype,
     cpu_bf16_features,
+    half_matmul_speedup,
     hold_to_gpu_share,
     pool,
     tokenize_on_the_calling_thread,
@@ -210,7 +211,7 @@ def test_an_operators_own_tokenizers_parallelism_is_kept(monkeypatch):
 def _auto_on_a_cpu_reporting_bf16_units(speedup: float):
     """choose_dtype("auto") where torch reports AVX512-BF16 and the probe measures `speedup`."""
     return choose_dtype("auto", torch.device("cpu"), features=lambda: ["AVX512-BF16"],
-                        speedup=lambda: speedup)
+                        speedup=lambda dtype: speedup)
 
 
 def test_a_gpu_replica_caps_its_allocator_through_torchs_own_argument_checks(monkeypatch):
@@ -265,12 +266,13 @@ def test_auto_dtype_is_float32_where_the_units_are_reported_but_bfloat16_runs_sl
     assert "AVX512-BF16" in reason and "0.25x" in reason
 
 
-def test_the_bfloat16_probe_gives_the_callers_thread_count_back():
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_the_half_precision_probe_gives_the_callers_thread_count_back(half):
     # The replica's home thread runs it between setting its own count and its first pass.
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        assert bf16_matmul_speedup() > 0
+        assert half_matmul_speedup(half) > 0
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
@@ -292,6 +294,27 @@ def test_a_set_dtype_wins_over_the_cpu_check():
         raise AssertionError("the CPU check runs only for dtype=auto")
 
     assert choose_dtype("float32", torch.device("cpu"), features=never_asked)[0] == torch.float32
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_a_set_half_dtype_that_runs_slower_than_float32_on_this_cpu_is_kept_and_warned_of(
+    dtype, caplog,
+):
+    probed = []
+
+    def slow(half):
+        probed.append(half)
+        return 0.3
+
+    with caplog.at_level(logging.WARNING, logger="serve_app.model.embedder"):
+        chosen, reason = choose_dtype(dtype, torch.device("cpu"), speedup=slow)
+    assert chosen == getattr(torch, dtype) and probed == [chosen]  # the setting stands
+    assert reason == (f"dtype={dtype} was set, but a {dtype} matrix product ran at 0.30x float32's "
+                      "speed on this CPU, so the model runs slower than in float32; dtype: auto "
+                      "picks the fastest precision this CPU runs natively")
+    assert reason in caplog.text
+    fast, quiet = choose_dtype(dtype, torch.device("cpu"), speedup=lambda half: 4.2)
+    assert quiet == f"dtype={dtype} was set (its matrix products ran 4.2x float32's speed here)"
 
 
 def test_replica_reports_the_dtype_it_chose_and_why(bundled_spec):
