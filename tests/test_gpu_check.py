@@ -65,3 +65,22 @@ def test_a_card_that_admits_one_process_is_named_as_refusing_shared_replicas(fak
     assert "Exclusive_Process" in reason and "4 replicas cannot share it" in reason
     fake_nvidia_smi("Default\n")
     assert gpu_check.sharing_refused(gpu_check.compute_mode()) is None
+
+
+def test_a_dtype_whose_vectors_overflow_is_a_failed_parity_row_and_the_run_goes_on(
+    overflowing_standin_dir,
+):
+    import dataclasses
+    import time
+
+    # float16 on this CPU, as the GPU run compares it; float32 of the same weights is finite.
+    plan = dataclasses.replace(gpu_check.DRY_RUN, compared=("float16",), texts=40, singles=3,
+                               batch_tokens=(1024,))
+    raw: dict = {}
+    gpu_check.raw_phase(raw, str(overflowing_standin_dir), plan, time.monotonic() + 60)
+    assert "texts_per_s" in raw["float32"] and "inf or NaN" in raw["float16"]["not_finite"]
+    table = gpu_check.rows({"raw": raw, "served": {}, "plan": dataclasses.asdict(plan)})
+    assert ("parity float16 vs float32", "inf or NaN on bench texts (refused)", "min >= 0.999",
+            "NO") in table
+    assert [name for name, *_ in table if name.startswith("raw ")] == [
+        "raw float32 texts/s @ batch tokens", "raw float32 single p50 / p95"]
