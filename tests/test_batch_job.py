@@ -182,6 +182,19 @@ def test_rows_keep_their_order_when_a_later_batch_finishes_first(ray_head, tmp_p
     assert pq.read_table(output, columns=["id"])["id"].to_pylist() == list(range(len(texts)))
 
 
+def test_actors_holding_every_cpu_still_get_their_rows(ray_head, tmp_path):
+    # Two actors of one CPU each hold both of the head's CPUs; the read task must not wait
+    # for a CPU for ever (it did), and a third actor that cannot start is said, not waited for.
+    rows_frame().to_csv(tmp_path / "rows.csv", index=False)
+    output = tmp_path / "embedded.parquet"
+    job = ray_head.submit("embed", "--input", str(tmp_path / "rows.csv"), "--column", "question",
+                          "--output", str(output), "--actors", "3")
+    assert ray_head.wait(job, timeout_s=120) == "SUCCEEDED", ray_head.logs(job)[-3000:]
+    assert pq.read_table(output)["id"].to_pylist() == list(range(8))
+    assert ("3 actors of 1 CPU each need 3 CPUs; this cluster has 2 now. The job runs on the 2 "
+            "that fit, and more start if nodes join.") in ray_head.logs(job)
+
+
 def test_stopped_job_leaves_no_output(ray_head, tmp_path):
     sys.path.insert(0, str(REPO / "bench"))
     from corpus import sentences

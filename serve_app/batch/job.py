@@ -225,6 +225,12 @@ def _prefix(opts: JobOptions, instruction: str | None, prompt_name: str | None) 
     return prompt_prefix(opts.spec, opts.args, instruction=instruction, prompt_name=prompt_name)
 
 
+# Reading a file is a moment's work beside embedding it. A read task asking for a whole
+# CPU waited for ever once the model actors held every CPU (`--actors 2` on two cores):
+# the actors waited for rows, the read for a CPU.
+READ_CPUS = 0
+
+
 def _read(path: str, columns: list[str], opts: JobOptions):
     """A Ray dataset over the input file(s); their columns were checked before Ray started."""
     import ray
@@ -237,13 +243,13 @@ def _read(path: str, columns: list[str], opts: JobOptions):
         # Ray Data asks for 32 footer-reading actors, each a Python process to start beside
         # the model's on a small machine; more than one per file gains nothing.
         os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", str(min(32, len(files))))
-        return ray.data.read_parquet([str(f) for f in files])
+        return ray.data.read_parquet([str(f) for f in files], num_cpus=READ_CPUS)
     if fmt == "csv":
         from pyarrow import csv
 
         # Text columns are read verbatim (no "007" -> 7); the rest keep their inferred types.
         convert = csv.ConvertOptions(column_types={c: pa.string() for c in columns})
-        return ray.data.read_csv([str(f) for f in files], convert_options=convert)
+        return ray.data.read_csv([str(f) for f in files], convert_options=convert, num_cpus=READ_CPUS)
     return ray.data.from_pandas([_arrow_safe(read_xlsx(f, opts.sheet), columns) for f in files])
 
 
@@ -276,6 +282,7 @@ def _embed(dataset, opts: JobOptions, task: str, columns: list[str], prefixes: l
     actors = opts.actors or _default_actors(gpu_fraction)
     logger.info("Embedding with %d actor(s), %s GPU each, %d rows a batch",
                 actors, gpu_fraction or "no", opts.batch_size)
+    _say_if_the_actors_do_not_fit(actors, opts.args.replica_cpus, gpu_fraction)
     remote_args = {}
     warm = warm_start_executable(opts.args, opts.spec, gpu_fraction)
     if warm is not None:
@@ -327,6 +334,20 @@ def _job_runtime_env() -> dict:
     import ray
 
     return dict(ray.get_runtime_context().runtime_env)
+
+
+def _say_if_the_actors_do_not_fit(actors: int, cpus_each: float, gpu_fraction: float) -> None:
+    """A line when the cluster cannot hold every actor now: the job runs on those that start."""
+    import ray
+
+    have = ray.cluster_resources()
+    for what, each, total in (("CPU", cpus_each, have.get("CPU", 0)), ("GPU", gpu_fraction, have.get("GPU", 0))):
+        if each and actors * each > total + 1e-9:
+            logger.warning(
+                "%d actors of %g %s each need %g %ss; this cluster has %g now. The job runs on "
+                "the %d that fit, and more start if nodes join.",
+                actors, each, what, actors * each, what, total, max(1, int(total / each + 1e-9)),
+            )
 
 
 def _default_actors(gpu_fraction: float) -> int:
