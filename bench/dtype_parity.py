@@ -50,6 +50,10 @@ def main() -> int:
         print(f"  {dtype}: {len(texts)} texts in {time.perf_counter() - started:.1f} s", flush=True)
         del embedder
     reference = vectors.pop("float32")
+    if np.isnan(reference).any():
+        print(f"float32 itself gave inf or NaN for {int(np.isnan(reference).any(axis=1).sum())} "
+              "texts: the weights may be damaged; nothing to compare with.")
+        return 1
     spread = reference @ reference.T
     off_diagonal = spread[~np.eye(len(texts), dtype=bool)].mean()
     print(f"\n{opts.model}: {len(texts)} texts; mean cosine between different texts "

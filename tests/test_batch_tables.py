@@ -177,3 +177,35 @@ def test_a_model_named_on_the_command_line_drops_the_configs_revision(tmp_path):
     assert settings(parser().parse_args([*job, "--model", "acme/y"])).model_revision is None
     named = [*job, "--model", "acme/y", "--model-revision", "b" * 40]
     assert settings(parser().parse_args(named)).model_revision == "b" * 40
+
+
+def test_actors_the_cluster_cannot_hold_are_said_with_how_many_start(monkeypatch, caplog):
+    import logging
+
+    import ray
+
+    from serve_app.batch.job import _say_if_the_actors_do_not_fit
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})  # no GPU node yet
+    with caplog.at_level(logging.WARNING, logger="serve_app.batch.job"):
+        _say_if_the_actors_do_not_fit(2, 1.0, 0.0)  # fits: nothing said
+        assert caplog.text == ""
+        _say_if_the_actors_do_not_fit(4, 1.0, 0.25)
+    assert caplog.messages == [
+        "4 actors need 4 CPUs (1 each), and this cluster has 2 now; 1 GPU (0.25 each), and this "
+        "cluster has 0 now. None can start until nodes join: on a cluster that adds none, stop "
+        "the job (Ctrl-C or ray job stop)."]
+
+
+def test_a_value_error_inside_a_ray_task_keeps_its_traceback_and_ours_are_sentences():
+    from ray.exceptions import RayTaskError
+
+    from serve_app.batch.__main__ import _a_bug_in_a_task
+    from serve_app.core.errors import ModelOutputError
+
+    def from_an_actor(error):
+        return RayTaskError("EmbedRows.__call__", "Traceback ...", error).as_instanceof_cause()
+
+    assert _a_bug_in_a_task(from_an_actor(ValueError("a bug")))
+    assert not _a_bug_in_a_task(from_an_actor(ModelOutputError.not_finite([0], "float16", "cpu")))
+    assert not _a_bug_in_a_task(ValueError("--dimensions must be between 32 and 384"))

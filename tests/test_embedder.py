@@ -453,3 +453,14 @@ def test_token_ids_are_cut_to_the_limit_like_text(small_standin_dir):
     rows, cut = embedder.tokenize([ids, "short", text])
     assert rows[0] == rows[2] and len(rows[0]) == 16 and rows[0][-1] == 151643
     assert cut == [True, False, True]
+
+
+def test_the_cpu_fast_paths_say_when_the_model_gives_inf_or_nan(overflowing_standin_dir):
+    # A batch actor turns them on in its constructor: an overflowing model must not kill it
+    # there, nor be said to have failed the row check.
+    embedder = TextEmbedder(resolve_model(str(overflowing_standin_dir)), dtype="float16")
+    assert embedder.speed_up() == [
+        "Linear weights not packed: float16 weights (only bfloat16 ones are packed)",
+        "Rows not shared: the model gives inf or NaN in float16 (its requests say so)",
+    ]
+    assert not embedder.rows_shared

@@ -84,3 +84,10 @@ def test_a_dtype_whose_vectors_overflow_is_a_failed_parity_row_and_the_run_goes_
             "NO") in table
     assert [name for name, *_ in table if name.startswith("raw ")] == [
         "raw float32 texts/s @ batch tokens", "raw float32 single p50 / p95"]
+
+
+def test_a_refused_float32_reference_is_a_failed_row_not_a_silent_gap():
+    raw = {"float32": {"not_finite": "The model gave inf or NaN values for 3 texts"},
+           "bfloat16": {"texts_per_s": {1024: 10.0}, "p50_ms": 1.0, "p95_ms": 2.0, "singles": 3}}
+    table = gpu_check.rows({"raw": raw, "served": {}, "plan": {"device": "cpu"}})
+    assert ("float32, the reference", "inf or NaN on bench texts (refused)", "finite", "NO") in table

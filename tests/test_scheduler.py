@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from serve_app.core.encoded import Encoded
+from serve_app.core.errors import ModelOutputError
 from serve_app.model.scheduler import ForwardScheduler
 
 GATE_TIMEOUT_S = 10  # a broken scheduler fails the test rather than hanging it
@@ -21,9 +22,11 @@ class FakeModel:
     how fast this machine is.
     """
 
-    def __init__(self, delay_s: float = 0.0, fail_on: str | None = None, gated: bool = False) -> None:
+    def __init__(self, delay_s: float = 0.0, fail_on: str | None = None, gated: bool = False,
+                 overflow_on: str | None = None) -> None:
         self.delay_s = delay_s
         self.fail_on = fail_on
+        self.overflow_on = overflow_on  # this text's vector is refused, as TextEmbedder does
         self.passes: list[tuple[int, int, str]] = []  # (texts, threads, thread name)
         self.texts: list[list[str]] = []  # each pass's texts
         self.lock = threading.Condition()
@@ -39,6 +42,9 @@ class FakeModel:
         time.sleep(self.delay_s)
         if self.fail_on in texts:
             raise RuntimeError("model exploded")
+        if self.overflow_on in texts:
+            rows = [i for i, t in enumerate(texts) if t == self.overflow_on]
+            raise ModelOutputError.not_finite(rows, "float16", "cuda:0")
         vectors = np.array([[float(t[1:])] for t in texts], dtype=np.float32)
         return Encoded(vectors, [1] * len(texts), [False] * len(texts))
 
@@ -213,6 +219,27 @@ def test_a_failing_pass_fails_its_requests_and_the_scheduler_goes_on():
     assert values(ok_a) == [float(t[1:]) for t in after_a]
     assert values(ok_b) == [float(t[1:]) for t in after_b]
     assert values(after) == [7.0]
+
+
+def test_texts_that_overflow_fail_only_their_own_requests_in_a_shared_pass():
+    model = FakeModel(overflow_on="t666", gated=True)
+
+    async def go():
+        scheduler = ForwardScheduler(model.encode, workers=1, cpus=1, max_texts=128)
+        first = await queued(scheduler.embed(numbered(1)))
+        await model.started(1)  # pass 1 holds the worker while three requests queue
+        shared = await queued(scheduler.embed(numbered(2, 3)),
+                              scheduler.embed(["t666", "t4", "t666"]),
+                              scheduler.embed(numbered(5)))
+        model.finish(3)  # pass 1; pass 2, shared, refused; pass 3, without the failed one
+        return await asyncio.wait_for(
+            asyncio.gather(*first, *shared, return_exceptions=True), GATE_TIMEOUT_S)
+
+    one, before, failed, after = run(go())
+    assert model.texts == [["t1"], ["t2", "t3", "t666", "t4", "t666", "t5"], ["t2", "t3", "t5"]]
+    assert isinstance(failed, ModelOutputError) and failed.rows == (0, 2)
+    assert failed.message.startswith("The model gave inf or NaN values for 2 texts, running in float16")
+    assert values(one) == [1.0] and values(before) == [2.0, 3.0] and values(after) == [5.0]
 
 
 def test_a_lone_failing_request_hears_of_its_failure():

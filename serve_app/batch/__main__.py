@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     except JobStopped:
         return 2  # already said, as the signal arrived
     except (JobInputError, ModelLoadError, ServiceError, ValueError) as exc:
+        if _a_bug_in_a_task(exc):
+            raise  # its traceback is what helps
         print(f"error: {_message(exc)}", file=sys.stderr)
         return 2
     work = timing["work_s"]
@@ -174,6 +176,13 @@ def _absolute_output(path: str) -> str:
             "temporary copy of the working directory, which Ray deletes afterwards."
         )
     return str(Path(path).expanduser().resolve())
+
+
+def _a_bug_in_a_task(exc: Exception) -> bool:
+    """A ValueError raised inside a Ray task or actor (Ray hands back the actor's own
+    error, `raise_original_map_exception`), as against our errors, which say what to do."""
+    from_ray = type(exc).__module__ == "ray.exceptions"
+    return from_ray and not isinstance(exc, (JobInputError, ModelLoadError, ServiceError))
 
 
 def _message(exc: Exception) -> str:

@@ -238,11 +238,11 @@ def _read(path: str, columns: list[str], opts: JobOptions):
     files, fmt = input_files(path)
     files = [f.resolve() for f in files]  # read tasks run elsewhere than the driver's cwd
     if fmt == "parquet":
-        import os
-
-        # Ray Data asks for 32 footer-reading actors, each a Python process to start beside
-        # the model's on a small machine; more than one per file gains nothing.
-        os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", str(min(32, len(files))))
+        # Ray Data's second Parquet reader lists files in a task of one CPU and reads
+        # footers in actors of their own, which waited for ever for a CPU the model actors
+        # held, and started up to 32 Python processes beside the model's; the first reads
+        # as CSV does.
+        ray.data.DataContext.get_current().use_datasource_v2 = False
         return ray.data.read_parquet([str(f) for f in files], num_cpus=READ_CPUS)
     if fmt == "csv":
         from pyarrow import csv
@@ -336,18 +336,29 @@ def _job_runtime_env() -> dict:
     return dict(ray.get_runtime_context().runtime_env)
 
 
-def _say_if_the_actors_do_not_fit(actors: int, cpus_each: float, gpu_fraction: float) -> None:
+def _say_if_the_actors_do_not_fit(actors: int, cpus_each: float, gpus_each: float) -> None:
     """A line when the cluster cannot hold every actor now: the job runs on those that start."""
     import ray
 
     have = ray.cluster_resources()
-    for what, each, total in (("CPU", cpus_each, have.get("CPU", 0)), ("GPU", gpu_fraction, have.get("GPU", 0))):
-        if each and actors * each > total + 1e-9:
-            logger.warning(
-                "%d actors of %g %s each need %g %ss; this cluster has %g now. The job runs on "
-                "the %d that fit, and more start if nodes join.",
-                actors, each, what, actors * each, what, total, max(1, int(total / each + 1e-9)),
-            )
+    short = {name: (each, have.get(name, 0.0))
+             for name, each in (("CPU", cpus_each), ("GPU", gpus_each))
+             if each and actors * each > have.get(name, 0.0) + 1e-9}
+    if not short:
+        return
+    needs = "; ".join(f"{_count(actors * each, name)} ({each:g} each), and this cluster has "
+                      f"{total:g} now" for name, (each, total) in short.items())
+    fit = min(int(total / each + 1e-9) for each, total in short.values())
+    if fit:
+        logger.warning("%d actors need %s. The job runs on the %d that fit, and more start if "
+                       "nodes join.", actors, needs, fit)
+    else:
+        logger.warning("%d actors need %s. None can start until nodes join: on a cluster that "
+                       "adds none, stop the job (Ctrl-C or ray job stop).", actors, needs)
+
+
+def _count(amount: float, unit: str) -> str:
+    return f"{amount:g} {unit}" + ("" if amount == 1 else "s")
 
 
 def _default_actors(gpu_fraction: float) -> int:

@@ -94,12 +94,18 @@ class ModelLoadError(Exception):
 class ModelOutputError(ServiceError):
     """The model gave vectors that cannot be used (inf or NaN): the operator must act.
 
-    A 500, not a 4xx: the input is fine, the model's run of it is not.
+    A 500, not a 4xx: the input is fine, the model's run of it is not. `rows` are the
+    positions, among the texts of the one call, whose vectors failed: a pass shared by
+    several requests fails only those that hold one.
     """
 
+    rows: tuple[int, ...] = ()
+    dtype: str = ""
+    device: str = ""
+
     @classmethod
-    def not_finite(cls, count: int, total: int, dtype: str, device: str) -> ModelOutputError:
-        texts = f"{count} of {total} texts" if total > 1 else "the text"
+    def not_finite(cls, rows, dtype: str, device: str) -> ModelOutputError:
+        texts = "a text" if len(rows) == 1 else f"{len(rows)} texts"
         if dtype == "float16":
             why = (
                 "some of this model's activations outgrow float16's range (65,504) on some "
@@ -108,8 +114,14 @@ class ModelOutputError(ServiceError):
             )
         else:
             why = "its weights may be damaged. The operator should check the model's files"
-        return cls(
+        error = cls(
             f"The model gave inf or NaN values for {texts}, running in {dtype} on {device}: "
             f"{why}. Nothing was returned or stored.",
             code="model_output_not_finite",
         )
+        error.rows, error.dtype, error.device = tuple(rows), dtype, device
+        return error
+
+    def for_rows(self, rows) -> ModelOutputError:
+        """The same failure, for some of the rows (renumbered by the caller)."""
+        return self.not_finite(rows, self.dtype, self.device)

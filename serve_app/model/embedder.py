@@ -136,6 +136,8 @@ class TextEmbedder:
             got = self._forward_rows([ids])  # all of them in one row, in order
         except Exception as exc:  # a model whose forward takes no 4-D mask or positions
             return f"Rows not shared: the model refused a block mask ({type(exc).__name__})"
+        if not (np.isfinite(want).all() and np.isfinite(got).all()):
+            return f"Rows not shared: the model gives inf or NaN in {_dtype_name(self.dtype)} (its requests say so)"
         cosines = cosine_pairwise(want, got)
         if not np.all(cosines >= 0.999):
             return f"Rows not shared: they changed an embedding (cosine {cosines.min():.4f} to padding's)"
@@ -159,7 +161,10 @@ class TextEmbedder:
         if (why_not := can_pack(self.model, self.device, self.dtype)) is not None:
             return f"Linear weights not packed: {why_not}"
         probe = ["A sentence of ordinary length, to check the packed layers against the plain ones."]
-        want = self.encode(probe).vectors[0]
+        try:
+            want = self.encode(probe).vectors[0]
+        except ModelOutputError:
+            return f"Linear weights not packed: the model gives inf or NaN in {_dtype_name(self.dtype)}"
 
         def same_answer() -> bool:
             return cosine(self.encode(probe).vectors[0], want) >= 0.9999
@@ -209,8 +214,8 @@ class TextEmbedder:
         # would reach the client as nulls, a cache, or a job's output, and poison every
         # similarity computed from it.
         if not np.isfinite(vectors).all():
-            bad = int((~np.isfinite(vectors).all(axis=1)).sum())
-            raise ModelOutputError.not_finite(bad, len(texts), _dtype_name(self.dtype), str(self.device))
+            bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1)).tolist()
+            raise ModelOutputError.not_finite(bad, _dtype_name(self.dtype), str(self.device))
         return Encoded(
             vectors=vectors, tokens=[len(x) for x in ids], truncated=truncated, runtime=self.runtime
         )
@@ -486,8 +491,9 @@ def choose_dtype(
         if device.type != "cpu" or chosen == torch.float32:
             return chosen, f"dtype={dtype} was set"
         # Half precision is no speed-up on a CPU that emulates it: float16 products ran at
-        # 0.3x float32's speed on the AVX512-BF16 machine (no AVX512-FP16), bfloat16 ones
-        # at 0.23x where oneDNN is capped. The setting stands; the operator hears of it.
+        # 0.23x float32's speed in this probe on the AVX512-BF16 machine (no AVX512-FP16;
+        # 0.30x at the model's sizes), bfloat16 ones at 0.23x where oneDNN is capped. The
+        # setting stands; the operator hears of it.
         ratio = speedup(chosen)
         if ratio >= 1.0:
             return chosen, f"dtype={dtype} was set (its matrix products ran {ratio:.1f}x float32's speed here)"

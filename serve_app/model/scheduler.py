@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from serve_app.core.encoded import Encoded, Item
+from serve_app.core.errors import ModelOutputError
 
 MIN_SPLIT_TEXTS = 8  # per worker: smaller batches stay in one pass
 # encode(texts, threads) -> Encoded; threads() is asked before every forward pass and block.
@@ -152,27 +153,54 @@ class ForwardScheduler:
         return max(1, self._cpus - share * others)
 
     async def _run(self, worker: int, jobs: list[_Job]) -> None:
+        try:
+            await self._pass(worker, jobs)
+        finally:
+            self._busy[worker] = False
+            self._start_free_workers()
+
+    async def _pass(self, worker: int, jobs: list[_Job]) -> None:
         texts = [text for job in jobs for text in job.texts]
         loop = asyncio.get_running_loop()
         try:
             encoded = await loop.run_in_executor(self._executors[worker], self._timed, texts, worker)
+        except ModelOutputError as exc:
+            if len(jobs) > 1 and exc.rows:
+                await self._without_the_failed(worker, jobs, exc)
+            else:
+                _fail(jobs, exc)
         except Exception as exc:  # every caller in the pass hears about it
-            for job in jobs:
-                if not job.future.done():
-                    job.future.set_exception(exc)
+            _fail(jobs, exc)
         else:
             start = 0
             for job in jobs:
                 if not job.future.done():
                     job.future.set_result(encoded.slice(start, start + len(job.texts)))
                 start += len(job.texts)
-        finally:
-            self._busy[worker] = False
-            self._start_free_workers()
+
+    async def _without_the_failed(self, worker: int, jobs: list[_Job], exc: ModelOutputError) -> None:
+        """Some texts of a shared pass gave inf or NaN (float16 overflowing on them): their
+        requests fail, each told of its own, and the others run again in a pass of their own."""
+        clean, start = [], 0
+        for job in jobs:
+            mine = [row - start for row in exc.rows if start <= row < start + len(job.texts)]
+            start += len(job.texts)
+            if mine:
+                _fail([job], exc.for_rows(mine))
+            elif not job.future.done():
+                clean.append(job)
+        if clean:
+            await self._pass(worker, clean)
 
     def shutdown(self) -> None:
         for executor in self._executors:
             executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _fail(jobs: list[_Job], exc: BaseException) -> None:
+    for job in jobs:
+        if not job.future.done():
+            job.future.set_exception(exc)
 
 
 def home_thread() -> ThreadPoolExecutor:
