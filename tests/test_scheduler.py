@@ -242,6 +242,22 @@ def test_texts_that_overflow_fail_only_their_own_requests_in_a_shared_pass():
     assert values(one) == [1.0] and values(before) == [2.0, 3.0] and values(after) == [5.0]
 
 
+def test_a_request_dealt_out_to_two_workers_counts_its_overflowing_texts_in_both_pieces():
+    model = FakeModel(overflow_on="t666")
+    texts = numbered(*range(20))
+    texts[3] = texts[10] = "t666"  # piece 1 holds the odd positions, piece 0 the even ones
+
+    async def go():
+        scheduler = ForwardScheduler(model.encode, workers=2, cpus=2, max_texts=128)
+        return await scheduler.embed(texts)
+
+    with pytest.raises(ModelOutputError) as caught:
+        run(go())
+    assert len(model.texts) == 2  # both pieces ran, and both failed
+    assert caught.value.rows == (3, 10)
+    assert caught.value.message.startswith("The model gave inf or NaN values for 2 texts,")
+
+
 def test_a_lone_failing_request_hears_of_its_failure():
     model = FakeModel(fail_on="t1")
 

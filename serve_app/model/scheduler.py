@@ -99,9 +99,13 @@ class ForwardScheduler:
         if pieces == 1:
             return await jobs[0].future
         parts = await asyncio.gather(*(job.future for job in jobs), return_exceptions=True)
-        for part in parts:
-            if isinstance(part, BaseException):
-                raise part
+        failed = [part for part in parts if isinstance(part, BaseException)]
+        overflowed = [(i, part) for i, part in enumerate(parts) if isinstance(part, ModelOutputError)]
+        if failed and len(overflowed) == len(failed):  # rows of every piece, in the request's order
+            rows = sorted(i + row * pieces for i, part in overflowed for row in part.rows)
+            raise overflowed[0][1].for_rows(rows)
+        if failed:
+            raise failed[0]
         return _interleave(parts)
 
     def _gathered(self) -> None:
