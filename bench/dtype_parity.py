@@ -85,12 +85,12 @@ def embed_all(embedder, texts: list[str], chunk: int = 32) -> np.ndarray:
         part = texts[start : start + chunk]
         try:
             rows.append(embedder.encode(part).vectors)
-        except ModelOutputError:  # which ones: one at a time
-            for text in part:
-                try:
-                    rows.append(embedder.encode([text]).vectors)
-                except ModelOutputError:
-                    rows.append(np.full((1, embedder.spec.dimensions), np.nan, dtype=np.float32))
+        except ModelOutputError as exc:  # it names the refused rows; the rest run again
+            vectors = np.full((len(part), embedder.spec.dimensions), np.nan, dtype=np.float32)
+            kept = [i for i in range(len(part)) if i not in exc.rows]
+            if kept:
+                vectors[kept] = embedder.encode([part[i] for i in kept]).vectors
+            rows.append(vectors)
     return np.concatenate(rows)
 
 

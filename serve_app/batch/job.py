@@ -235,14 +235,21 @@ def _read(path: str, columns: list[str], opts: JobOptions):
     """A Ray dataset over the input file(s); their columns were checked before Ray started."""
     import ray
 
+    # A dataset takes a copy of Ray Data's current context when it is made (set later, as
+    # it once was, preserve_order changed nothing and rows came out of order), so the
+    # job's settings go in here, before the read.
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True
+    # An actor's own error (a ServiceError saying what to do) reaches the command line as
+    # itself, not wrapped in Ray Data's UserCodeException, which keeps only its traceback.
+    context.raise_original_map_exception = True
+    # Ray Data's second Parquet reader lists files in a task of one CPU and reads footers
+    # in actors of their own, which waited for ever for a CPU the model actors held, and
+    # started up to 32 Python processes beside the model's; the first reads as CSV does.
+    context.use_datasource_v2 = False
     files, fmt = input_files(path)
     files = [f.resolve() for f in files]  # read tasks run elsewhere than the driver's cwd
     if fmt == "parquet":
-        # Ray Data's second Parquet reader lists files in a task of one CPU and reads
-        # footers in actors of their own, which waited for ever for a CPU the model actors
-        # held, and started up to 32 Python processes beside the model's; the first reads
-        # as CSV does.
-        ray.data.DataContext.get_current().use_datasource_v2 = False
         return ray.data.read_parquet([str(f) for f in files], num_cpus=READ_CPUS)
     if fmt == "csv":
         from pyarrow import csv
@@ -271,13 +278,6 @@ def _embed(dataset, opts: JobOptions, task: str, columns: list[str], prefixes: l
 
     from serve_app.ray_shell.resources import resolve_gpu_fraction
 
-    # Set on the dataset's own context: it took a copy of Ray Data's current one when it
-    # was read, and setting the current one now changes nothing (rows came out of order).
-    context = dataset.context
-    context.execution_options.preserve_order = True
-    # An actor's own error (a ServiceError saying what to do) reaches the command line as
-    # itself, not wrapped in Ray Data's UserCodeException, which keeps only its traceback.
-    context.raise_original_map_exception = True
     gpu_fraction = resolve_gpu_fraction(opts.args.gpu_fraction)
     actors = opts.actors or _default_actors(gpu_fraction)
     logger.info("Embedding with %d actor(s), %s GPU each, %d rows a batch",

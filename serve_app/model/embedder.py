@@ -213,8 +213,9 @@ class TextEmbedder:
         # float16 overflows on some texts for some models (Qwen's among them); a NaN vector
         # would reach the client as nulls, a cache, or a job's output, and poison every
         # similarity computed from it.
-        if not np.isfinite(vectors).all():
-            bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1)).tolist()
+        finite = np.isfinite(vectors).all(axis=1)
+        if not finite.all():
+            bad = np.flatnonzero(~finite).tolist()
             raise ModelOutputError.not_finite(bad, _dtype_name(self.dtype), str(self.device))
         return Encoded(
             vectors=vectors, tokens=[len(x) for x in ids], truncated=truncated, runtime=self.runtime
