@@ -375,3 +375,25 @@ def test_an_idle_scheduler_with_a_wait_gathers_what_arrives_meanwhile_into_one_p
     assert sorted(t for texts in model.texts for t in texts) == numbered(1, 2, 3, 4)
     assert len(model.passes) == 2
     assert all(name.startswith("forward-") for _, _, name in model.passes)
+
+
+def test_cancelled_work_is_dropped_when_several_workers_start_at_once():
+    """With a wait, both workers start together when it ends; a request cancelled during
+    the wait is not given to the second worker as a pass of its own, nor does a cancelled
+    one keep later work out of a pass."""
+    model = FakeModel()
+
+    async def go():
+        scheduler = ForwardScheduler(model.encode, workers=2, cpus=2, max_texts=4, wait_s=0.05)
+        first, dropped, last = await queued(
+            scheduler.embed(numbered(1, 2, 3, 4)), scheduler.embed(numbered(5, 6, 7, 8)),
+            scheduler.embed(numbered(9)))
+        dropped.cancel()
+        done = await asyncio.wait_for(asyncio.gather(first, last), GATE_TIMEOUT_S)
+        with pytest.raises(asyncio.CancelledError):
+            await dropped
+        return done
+
+    results = run(go())
+    assert [values(r) for r in results] == [[1.0, 2.0, 3.0, 4.0], [9.0]]
+    assert sorted(model.texts) == [numbered(1, 2, 3, 4), numbered(9)]  # 5-8 never ran

@@ -112,23 +112,27 @@ class ForwardScheduler:
         self._gathering = False
         self._start_free_workers()
 
-    def _start_free_workers(self) -> None:
+    def _live_pending(self) -> bool:
+        """Whether work is waiting, once the jobs at the head whose callers were cancelled
+        are dropped: nobody waits for them."""
         while self._pending and self._pending[0].future.done():
-            self._pending.popleft()  # its caller was cancelled: nobody waits for this work
-        while self._pending and not all(self._busy):
+            self._pending.popleft()
+        return bool(self._pending)
+
+    def _start_free_workers(self) -> None:
+        while not all(self._busy) and self._live_pending():
             worker = self._busy.index(False)  # the lowest free one: 0 may take every core
             # Share what is waiting among the free workers, so that no core idles while
             # one worker runs a long pass alone (a large model's pass takes seconds);
             # this is also what keeps the pieces embed() deals out on separate workers.
-            waiting = sum(len(job.texts) for job in self._pending)
+            waiting = sum(len(job.texts) for job in self._pending if not job.future.done())
             share = min(self.max_texts, -(-waiting // self._busy.count(False)))
             jobs = [self._pending.popleft()]
             size = len(jobs[0].texts)
-            while self._pending and size < share and size + len(self._pending[0].texts) <= self.max_texts:
-                job = self._pending.popleft()
-                if not job.future.done():
-                    size += len(job.texts)
-                    jobs.append(job)
+            while (size < share and self._live_pending()
+                   and size + len(self._pending[0].texts) <= self.max_texts):
+                jobs.append(self._pending.popleft())
+                size += len(jobs[-1].texts)
             self._busy[worker] = True
             self.batches += 1
             self._report(size, time.perf_counter() - jobs[0].queued_at)
