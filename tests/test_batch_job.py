@@ -135,6 +135,48 @@ def test_search_returns_the_best_rows_first(ray_head, tmp_path, bundled_embedder
     assert pd.isna(hits["rank"][2])
 
 
+def test_a_folder_whose_files_disagree_on_types_is_scored_and_rerun_into_itself(ray_head, tmp_path):
+    # Exports of one table: an all-blank column in one file, an id column that holds
+    # text in another, the columns in another order. The job failed on both commands
+    # ("Field id has incompatible types: int64 vs string").
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    (folder / "a.csv").write_text("id,notes,question,doc\n1,,How do I reset my password?,Steps to reset a forgotten password\n")
+    (folder / "b.csv").write_text("doc,question,id,notes\nRent is due on the first day.,when is rent due,A7,urgent\n")
+    output = folder / "scored.csv"  # inside the input folder
+    for _ in range(2):  # the second run must not read the first one's output as input
+        job = ray_head.submit("similarity", "--input", str(folder), "--left", "question",
+                              "--right", "doc", "--output", str(output))
+        assert ray_head.wait(job) == "SUCCEEDED", ray_head.logs(job)[-3000:]
+        scored = pd.read_csv(output, dtype=str, keep_default_na=False)
+        assert list(scored.columns) == ["id", "notes", "question", "doc", "similarity"]
+        assert scored["id"].tolist() == ["1", "A7"] and scored["notes"].tolist() == ["", "urgent"]
+        assert all(float(s) > 0.5 for s in scored["similarity"])
+
+
+def test_empty_inputs_give_every_column(ray_head, tmp_path):
+    # A corpus with no rows: every query keeps a row with no match (it failed with
+    # KeyError: 'Field "embedding" does not exist').
+    (tmp_path / "corpus.csv").write_text("id,doc\n")
+    (tmp_path / "q.csv").write_text("q\nforgot my password\n")
+    output = tmp_path / "hits.csv"
+    job = ray_head.submit("search", "--queries", str(tmp_path / "q.csv"), "--query-column", "q",
+                          "--corpus", str(tmp_path / "corpus.csv"), "--corpus-column", "doc",
+                          "--output", str(output))
+    assert ray_head.wait(job) == "SUCCEEDED", ray_head.logs(job)[-3000:]
+    hits = pd.read_csv(output)
+    assert list(hits.columns) == ["q", "rank", "score", "corpus_row", "corpus_id", "corpus_doc"]
+    assert hits["q"].tolist() == ["forgot my password"] and pd.isna(hits["rank"][0])
+
+    # An embed of a table with no rows keeps its columns (it wrote `embedding` alone).
+    embedded = tmp_path / "embedded.parquet"
+    job = ray_head.submit("embed", "--input", str(tmp_path / "corpus.csv"), "--column", "doc",
+                          "--output", str(embedded))
+    assert ray_head.wait(job) == "SUCCEEDED", ray_head.logs(job)[-3000:]
+    table = pq.read_table(embedded)
+    assert table.column_names == ["id", "doc", "embedding"] and table.num_rows == 0
+
+
 def test_missing_column_fails_with_the_columns_it_has_and_writes_nothing(ray_head, tmp_path):
     rows_frame().to_csv(tmp_path / "rows.csv", index=False)
     output = tmp_path / "never.parquet"

@@ -19,6 +19,9 @@ from serve_app.batch.tables import (
     JobInputError,
     JobStopped,
     atomic_output,
+    common_schema,
+    conform,
+    csv_schema,
     input_files,
     output_format,
     require_columns,
@@ -56,6 +59,14 @@ def test_input_files_from_a_folder_of_one_format(tmp_path):
     files, fmt = input_files(tmp_path)
     assert [f.name for f in files] == ["a.csv", "b.csv"] and fmt == "csv"
 
+    # A job writing into its input folder, run again, does not read its own output.
+    (tmp_path / "scored.xlsx").write_bytes(b"")
+    files, fmt = input_files(tmp_path, output=tmp_path / "scored.xlsx")
+    assert [f.name for f in files] == ["a.csv", "b.csv"] and fmt == "csv"
+    (tmp_path / "scored.xlsx").unlink()
+    files, _ = input_files(tmp_path, output=tmp_path / "b.csv")
+    assert [f.name for f in files] == ["a.csv"]
+
     (tmp_path / "c.parquet").write_bytes(b"")
     with pytest.raises(JobInputError, match="mixes formats"):
         input_files(tmp_path)
@@ -63,6 +74,36 @@ def test_input_files_from_a_folder_of_one_format(tmp_path):
         input_files(tmp_path / "missing.csv")
     with pytest.raises(JobInputError, match=r"\.csv, \.xlsx or \.parquet"):
         input_files(tmp_path / "notes.txt")
+
+
+def test_a_csv_column_takes_the_type_its_whole_file_gives_it(tmp_path):
+    # Ray Data's reader takes a file's types from its first megabyte; "A7" after that
+    # failed the whole job.
+    rows = tmp_path / "rows.csv"
+    rows.write_text("id,text,amount\n" + "".join(f"{i},t{i},{i}\n" for i in range(200_000)) + "A7,last,\n")
+    schema = csv_schema(rows, ["text"])
+    assert schema.names == ["id", "text", "amount"]
+    assert schema.types == [pa.string(), pa.string(), pa.int64()]
+
+
+def test_files_that_disagree_on_a_column_type_share_one_schema():
+    first = pa.schema([("id", pa.int64()), ("notes", pa.null()), ("score", pa.int64()),
+                       ("when", pa.date32())])
+    second = pa.schema([("when", pa.string()), ("score", pa.float64()), ("id", pa.string()),
+                        ("notes", pa.string()), ("extra", pa.null())])
+    schema = common_schema([first, second])
+    assert schema.names == ["id", "notes", "score", "when", "extra"]
+    assert schema.types == [pa.string(), pa.string(), pa.float64(), pa.string(), pa.string()]
+    agreeing = pa.schema([("id", pa.int64()), ("when", pa.date32())])
+    assert common_schema([agreeing, agreeing]) == agreeing  # files that agree keep their types
+
+    # Each file's rows are then laid out as that schema: its order, its types, nulls
+    # for a column the file lacks.
+    table = pa.table({"score": [2], "id": [7], "notes": pa.nulls(1), "when": [dt.date(2024, 3, 1)]})
+    laid_out = conform(table, schema)
+    assert laid_out.schema == schema
+    assert laid_out.to_pylist() == [{"id": "7", "notes": None, "score": 2.0, "when": "2024-03-01",
+                                     "extra": None}]
 
 
 def test_output_format_by_extension():

@@ -154,7 +154,7 @@ def _check_inputs(opts: argparse.Namespace, output: str) -> None:
     else:
         checks = [(opts.input, [opts.column])]
     for path, columns in checks:
-        files, fmt = input_files(path)
+        files, fmt = input_files(path, output)
         require_columns(files, fmt, columns, opts.sheet)
 
 

@@ -16,6 +16,9 @@ import pyarrow as pa
 
 from serve_app.batch.tables import (
     atomic_output,
+    common_schema,
+    conform,
+    csv_schema,
     input_files,
     output_format,
     read_xlsx,
@@ -122,24 +125,17 @@ def run_embed(input_path: str, column: str, output: str, opts: JobOptions) -> in
     """Add an `embedding` column to every row; Parquet out. Returns the row count."""
     output_format(output, ("parquet",))
     prefix = _prefix(opts, opts.instruction, opts.prompt_name)
-    dataset = _read(input_path, [column], opts)
+    dataset, schema = _read(input_path, [column], opts, output)
     embedded = _embed(dataset, opts, "embed", [column], [prefix])
     import pyarrow.parquet as pq
 
+    schema = schema.append(pa.field("embedding", EMBEDDING_TYPE))
     rows = 0
-    with atomic_output(output) as temporary:
-        writer = None
-        try:
-            for batch in embedded.iter_batches(batch_format="pyarrow", batch_size=None):
-                if writer is None:
-                    writer = pq.ParquetWriter(temporary, batch.schema)
-                writer.write_table(batch.cast(writer.schema))
-                rows += batch.num_rows
-            if writer is None:  # an input with no rows still gets a well-formed file
-                writer = pq.ParquetWriter(temporary, pa.schema([("embedding", EMBEDDING_TYPE)]))
-        finally:
-            if writer is not None:
-                writer.close()
+    # Written as the batches come; an input with no rows still gets every column.
+    with atomic_output(output) as temporary, pq.ParquetWriter(temporary, schema) as writer:
+        for batch in embedded.iter_batches(batch_format="pyarrow", batch_size=None):
+            writer.write_table(conform(batch, schema))
+            rows += batch.num_rows
     return rows
 
 
@@ -147,9 +143,9 @@ def run_similarity(input_path: str, left: str, right: str, output: str, opts: Jo
     """Add a `similarity` column (cosine of left and right); the output's format by extension."""
     fmt = output_format(output, ("csv", "xlsx", "parquet"))
     query_prefix = _prefix(opts, opts.instruction, opts.prompt_name)
-    dataset = _read(input_path, [left, right], opts)
+    dataset, schema = _read(input_path, [left, right], opts, output)
     scored = _embed(dataset, opts, "similarity", [left, right], [query_prefix, ""])
-    table = _collect(scored)
+    table = _collect(scored, schema.append(pa.field("similarity", pa.float32())))
     with atomic_output(output) as temporary:
         write_table(table, temporary, fmt)
     return table.num_rows
@@ -161,10 +157,13 @@ def run_search(queries: str, query_column: str, corpus: str, corpus_column: str,
     fmt = output_format(output, ("csv", "xlsx", "parquet"))
     query_prefix = _prefix(opts, opts.instruction, opts.prompt_name or (None if opts.instruction else "query"))
     document_prefix = _prefix(opts, None, "document")
-    corpus_ds = _read(corpus, [corpus_column], opts)
-    query_ds = _read(queries, [query_column], opts)
-    corpus_table = _collect(_embed(corpus_ds, opts, "embed", [corpus_column], [document_prefix]))
-    query_table = _collect(_embed(query_ds, opts, "embed", [query_column], [query_prefix]))
+    corpus_ds, corpus_schema = _read(corpus, [corpus_column], opts, output)
+    query_ds, query_schema = _read(queries, [query_column], opts, output)
+    embedding = pa.field("embedding", EMBEDDING_TYPE)
+    corpus_table = _collect(_embed(corpus_ds, opts, "embed", [corpus_column], [document_prefix]),
+                            corpus_schema.append(embedding))
+    query_table = _collect(_embed(query_ds, opts, "embed", [query_column], [query_prefix]),
+                           query_schema.append(embedding))
     table = top_k(query_table, corpus_table, k)
     with atomic_output(output) as temporary:
         write_table(table, temporary, fmt)
@@ -231,8 +230,10 @@ def _prefix(opts: JobOptions, instruction: str | None, prompt_name: str | None) 
 READ_CPUS = 0
 
 
-def _read(path: str, columns: list[str], opts: JobOptions):
-    """A Ray dataset over the input file(s); their columns were checked before Ray started."""
+def _read(path: str, columns: list[str], opts: JobOptions, output: str):
+    """A Ray dataset over the input file(s), and the schema every row is read with: one
+    type per column for all the files (`common_schema`). Their columns were checked
+    before Ray started."""
     import ray
 
     # A dataset takes a copy of Ray Data's current context when it is made (set later, as
@@ -247,17 +248,25 @@ def _read(path: str, columns: list[str], opts: JobOptions):
     # in actors of their own, which waited for ever for a CPU the model actors held, and
     # started up to 32 Python processes beside the model's; the first reads as CSV does.
     context.use_datasource_v2 = False
-    files, fmt = input_files(path)
+    files, fmt = input_files(path, output)
     files = [f.resolve() for f in files]  # read tasks run elsewhere than the driver's cwd
     if fmt == "parquet":
-        return ray.data.read_parquet([str(f) for f in files], num_cpus=READ_CPUS)
+        import pyarrow.parquet as pq
+
+        schema = common_schema([pq.read_schema(f) for f in files])
+        return ray.data.read_parquet([str(f) for f in files], num_cpus=READ_CPUS, schema=schema), schema
     if fmt == "csv":
         from pyarrow import csv
 
-        # Text columns are read verbatim (no "007" -> 7); the rest keep their inferred types.
-        convert = csv.ConvertOptions(column_types={c: pa.string() for c in columns})
-        return ray.data.read_csv([str(f) for f in files], convert_options=convert, num_cpus=READ_CPUS)
-    return ray.data.from_pandas([_arrow_safe(read_xlsx(f, opts.sheet), columns) for f in files])
+        # Text columns are read verbatim (no "007" -> 7); the rest with the types their
+        # whole files give them.
+        schema = common_schema([csv_schema(f, columns) for f in files])
+        convert = csv.ConvertOptions(column_types=dict(zip(schema.names, schema.types, strict=True)))
+        return ray.data.read_csv([str(f) for f in files], convert_options=convert, num_cpus=READ_CPUS), schema
+    sheets = [pa.Table.from_pandas(_arrow_safe(read_xlsx(f, opts.sheet), columns), preserve_index=False)
+              for f in files]
+    schema = common_schema([sheet.schema for sheet in sheets])
+    return ray.data.from_arrow([conform(sheet, schema) for sheet in sheets]), schema
 
 
 def _arrow_safe(frame, columns: list[str]):
@@ -370,8 +379,10 @@ def _default_actors(gpu_fraction: float) -> int:
     return max(1, sum(1 for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU")))
 
 
-def _collect(dataset) -> pa.Table:
+def _collect(dataset, schema: pa.Schema) -> pa.Table:
+    """All of `dataset`'s rows, with `schema`: Ray Data hands an input with no rows to no
+    actor, so no batch would say what columns the result has."""
     batches = list(dataset.iter_batches(batch_format="pyarrow", batch_size=None))
     if not batches:
-        return pa.table({})
-    return pa.concat_tables(batches, promote_options="default")
+        return schema.empty_table()
+    return conform(pa.concat_tables(batches, promote_options="default"), schema)

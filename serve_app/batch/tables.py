@@ -29,11 +29,15 @@ class JobInputError(Exception):
     """Input the job cannot use: the message is the sentence the user reads."""
 
 
-def input_files(path: str | Path) -> tuple[list[Path], str]:
-    """The files behind `path` (a file, or a folder of one format) and that format."""
+def input_files(path: str | Path, output: str | Path | None = None) -> tuple[list[Path], str]:
+    """The files behind `path` (a file, or a folder of one format) and that format. A folder's
+    listing leaves out `output`: a job writing into its input folder, run again, would
+    otherwise read its last output as more input."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in FORMATS and not p.name.startswith("."))
+        skip = Path(output).resolve() if output is not None else None
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in FORMATS
+                       and not p.name.startswith(".") and p.resolve() != skip)
         if not files:
             raise JobInputError(
                 f"The folder {path} holds no .csv, .xlsx or .parquet file."
@@ -87,6 +91,57 @@ def require_columns(files: list[Path], fmt: str, wanted: list[str], sheet: str |
                 f"{file.name} has no column {', '.join(repr(m) for m in missing)}. "
                 f"Its columns are: {', '.join(repr(h) for h in have)}."
             )
+
+
+def csv_schema(file: Path, text_columns: list[str]) -> pa.Schema:
+    """A CSV file's column types as read from all of its rows: the text columns as text,
+    the rest inferred. Ray Data's reader infers types from a file's first block (about
+    1 MB) and then fails on a later cell that does not fit ("A7" below a run of numbers);
+    the reader here widens a column's type as it goes."""
+    from pyarrow import csv
+
+    try:
+        names = csv.open_csv(file).schema.names  # as Ray Data's reader names them
+    except pa.ArrowInvalid as exc:
+        raise JobInputError(f"Cannot read {file} as CSV: {exc}") from exc
+    others = [n for n in names if n not in text_columns]
+    types = {}
+    if others:  # only those columns are converted; the text ones are merely parsed over
+        try:
+            inferred = csv.read_csv(file, convert_options=csv.ConvertOptions(include_columns=others))
+        except pa.ArrowInvalid as exc:
+            raise JobInputError(f"Cannot read {file} as CSV: {exc}") from exc
+        types = {field.name: field.type for field in inferred.schema}
+    return pa.schema([(n, pa.string() if n in text_columns else types[n]) for n in names])
+
+
+def common_schema(schemas: list[pa.Schema]) -> pa.Schema:
+    """One type for each column across the input files, which infer their own (a folder of
+    exports): a column blank in one file takes the others' type; whole and decimal numbers
+    make decimals; any other disagreement, or a column blank everywhere, makes text. The
+    columns in the order they are first met."""
+    found: dict[str, list[pa.DataType]] = {}
+    for schema in schemas:
+        for field in schema:
+            found.setdefault(field.name, []).append(field.type)
+    return pa.schema([(name, _one_type(types)) for name, types in found.items()])
+
+
+def _one_type(types: list[pa.DataType]) -> pa.DataType:
+    kinds = {t for t in types if not pa.types.is_null(t)}
+    if len(kinds) == 1:
+        return kinds.pop()
+    if kinds and all(pa.types.is_integer(t) or pa.types.is_floating(t) for t in kinds):
+        return pa.float64()
+    return pa.string()
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` with `schema`'s columns, in its order and types; a column it lacks (a file
+    of the folder without it) is null."""
+    columns = [table[field.name].cast(field.type) if field.name in table.column_names
+               else pa.nulls(table.num_rows, field.type) for field in schema]
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def read_xlsx(file: Path, sheet: str | None, nrows: int | None = None):
