@@ -5,6 +5,8 @@ All in process, against the real Starlette app over the bundled model.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 
 import numpy as np
@@ -16,6 +18,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from starlette.testclient import TestClient
 
+from serve_app.core.config import AppArgs
 from serve_app.ray_shell.metrics import Metrics
 from serve_app.web.api import create_app
 from serve_app.web.cache import EmbeddingCache
@@ -124,12 +127,63 @@ def test_metrics_count_requests_errors_texts_and_cache(bundled_embedder):
         http.post("/v1/embeddings", json={"input": ["two", "three"]})
         http.post("/v1/embeddings", json={"input": []})
         http.post("/v1/embeddings", json={"input": ["a"], "model": "nope"})
-    assert metrics.count("embed_requests_total", route="/v1/embeddings", status="200") == 2
+        http.post("/embeddings", json={"input": ["four"]})  # a base_url without /v1: the same route
+    assert metrics.count("embed_requests_total", route="/v1/embeddings", status="200") == 3
+    assert metrics.count("embed_requests_total", route="other") == 0
     assert metrics.count("embed_errors_total", route="/v1/embeddings", status="400", code="invalid_request_error") == 1
     assert metrics.count("embed_errors_total", route="/v1/embeddings", status="404", code="model_not_found") == 1
-    assert metrics.count("embed_texts_total") == 3  # one, two, three: each embedded once
-    assert metrics.count("embed_cache_hits_total") == 1 and metrics.count("embed_cache_misses_total") == 3
+    assert metrics.count("embed_texts_total") == 4  # one, two, three, four: each embedded once
+    assert metrics.count("embed_cache_hits_total") == 1 and metrics.count("embed_cache_misses_total") == 4
     assert metrics.count("embed_tokens_total") > 0
+
+
+class WaitingBackend:
+    """A model that has not answered yet: the request waits in the app until cancelled."""
+
+    def __init__(self) -> None:
+        self.called = asyncio.Event()
+
+    async def embed(self, texts):
+        self.called.set()
+        await asyncio.Event().wait()
+
+
+def test_a_request_whose_client_left_is_counted_as_499_not_as_a_server_error(bundled_embedder, caplog):
+    # Serve cancels the ingress's handler when the client disconnects; that counted as a
+    # 500 in embed_errors_total, beside real faults.
+    from serve_app.web.service import EmbeddingService
+
+    backend = WaitingBackend()
+    service = EmbeddingService(AppArgs(model=bundled_embedder.spec.name), bundled_embedder.spec, backend,
+                               Metrics())
+    app = create_app(service)
+    body = json.dumps({"input": ["a text"]}).encode()
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        raise AssertionError(f"nothing is answered: {message}")
+
+    async def leave_while_waiting():
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/v1/embeddings", "raw_path": b"/v1/embeddings",
+                 "query_string": b"", "root_path": "", "client": ("127.0.0.1", 5000),
+                 "server": ("127.0.0.1", 8000), "headers": [(b"content-type", b"application/json")]}
+        request = asyncio.ensure_future(app(scope, receive, send))
+        await asyncio.wait_for(backend.called.wait(), 10)
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+
+    with caplog.at_level(logging.INFO):
+        asyncio.run(leave_while_waiting())
+    metrics = service.metrics
+    assert metrics.count("embed_requests_total", route="/v1/embeddings", status="499") == 1
+    assert metrics.count("embed_errors_total", route="/v1/embeddings", status="499",
+                         code="client_closed_request") == 1
+    assert metrics.count("embed_requests_total", route="/v1/embeddings", status="500") == 0
+    assert any("/v1/embeddings status=499" in r.getMessage() for r in caplog.records)
 
 
 # --- the shared cache -------------------------------------------------------------

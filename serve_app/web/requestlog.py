@@ -8,6 +8,7 @@ themselves are never logged (users embed confidential legal and customer text).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -21,6 +22,10 @@ REQUEST_ID_HEADER = b"x-request-id"
 SANE_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 _SANE_ID = re.compile(SANE_ID_PATTERN.encode())
 KNOWN_ROUTES = ("/v1/embeddings", "/v1/similarity", "/v1/models", "/health", "/openapi.json")
+# The OpenAI paths without /v1 (a client whose base_url lacks it) are the same endpoints.
+ALIASES = {"/embeddings": "/v1/embeddings", "/models": "/v1/models"}
+# nginx's convention: the client went away before the answer (Serve cancels the handler).
+CLIENT_CLOSED = 499
 
 
 class RequestMiddleware:
@@ -39,17 +44,22 @@ class RequestMiddleware:
         request_id = _request_id(scope)
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
-        status = 500
+        status, answered = 500, False
 
         async def send_with_id(message) -> None:
-            nonlocal status
+            nonlocal status, answered
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, answered = message["status"], True
                 message["headers"] = [*message.get("headers", []), (REQUEST_ID_HEADER, request_id.encode())]
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except asyncio.CancelledError:
+            if not answered:  # the client left first: not a server error
+                status = CLIENT_CLOSED
+                state.setdefault("error_code", "client_closed_request")
+            raise
         finally:
             self._finish(scope, state, request_id, status, time.perf_counter() - started)
 
@@ -78,6 +88,7 @@ def app_path(scope) -> str:
 def route_of(scope) -> str:
     """The route a path belongs to; anything unknown is 'other' (bounded metric labels)."""
     path = app_path(scope)
+    path = ALIASES.get(path, path)
     for route in KNOWN_ROUTES:
         if path == route or (route == "/v1/models" and path.startswith("/v1/models/")):
             return route
