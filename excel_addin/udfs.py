@@ -2,8 +2,10 @@
 
 Each is a few lines over client.py (HTTP, cache) and cells.py (what a cell is).
 Ranges arrive as lists of rows (`ndim=2`), error cells as their text
-(`err_to_str=True`). A blank input gives a blank output, an error input gives
-#N/A in its place, and any failure is one readable sentence in the cell.
+(`err_to_str=True`). A blank input gives a blank output (an empty text: xlwings'
+threading mode takes a formula that returned None for one not yet computed, and
+would start it again for ever), an error input gives #N/A in its place, and any
+failure is one readable sentence in the cell.
 Formulas that call the server run in xlwings' threading async mode, so Excel
 stays responsive while a long column computes.
 """
@@ -57,7 +59,8 @@ def readable(function):
 @xw.func(category=CATEGORY, async_mode="threading")
 @xw.arg("a", ndim=2, err_to_str=True, doc="A text cell, or a range of texts (e.g. questions).")
 @xw.arg("b", ndim=2, err_to_str=True, doc="A text cell, or a range of the same shape as a.")
-@xw.arg("instruction", doc="Optional task for the texts in a, e.g. 'Find the clause that answers the question'.")
+@xw.arg("instruction", err_to_str=True,
+        doc="Optional task for the texts in a, e.g. 'Find the clause that answers the question'.")
 @readable
 def embed_sim(a, b, instruction=None):
     """Cosine similarity of a and b; ranges give one score per cell pair, and one cell compares with each."""
@@ -81,7 +84,7 @@ def embed_sim(a, b, instruction=None):
 @xw.func(category=CATEGORY, async_mode="threading")
 @xw.arg("range1", ndim=2, err_to_str=True, doc="Texts for the rows (e.g. questions).")
 @xw.arg("range2", ndim=2, err_to_str=True, doc="Texts for the columns (e.g. clauses).")
-@xw.arg("instruction", doc="Optional task for the texts in range1.")
+@xw.arg("instruction", err_to_str=True, doc="Optional task for the texts in range1.")
 @readable
 def sim_matrix(range1, range2, instruction=None):
     """All-pairs cosine similarity: one row per text of range1, one column per text of range2."""
@@ -97,17 +100,18 @@ def sim_matrix(range1, range2, instruction=None):
 
 
 @xw.func(category=CATEGORY, async_mode="threading")
-@xw.arg("query", doc="The question to search for.")
+@xw.arg("query", err_to_str=True, doc="The question to search for.")
 @xw.arg("candidates", ndim=2, err_to_str=True, doc="The range of texts to search.")
-@xw.arg("k", doc="How many results (default 5).")
-@xw.arg("instruction", doc="Optional task for the query, e.g. 'Find the support article that resolves it'.")
+@xw.arg("k", err_to_str=True, doc="How many results (default 5).")
+@xw.arg("instruction", err_to_str=True,
+        doc="Optional task for the query, e.g. 'Find the support article that resolves it'.")
 @readable
 def semantic_search(query, candidates, k=5, instruction=None):
     """The k candidates most similar to query, best first, as rows of (text, score)."""
     top = 5 if k in (None, "") else _whole_number(k, "k", low=1, high=10_000)
     question = cell_text(query)
     if isinstance(question, Blank):
-        return None
+        return ""
     if isinstance(question, CellError):
         return not_available()
     texts = [t for t in dict.fromkeys(cell_text(c) for c in flatten(as_grid(candidates))) if isinstance(t, str)]
@@ -122,8 +126,8 @@ def semantic_search(query, candidates, k=5, instruction=None):
 
 @xw.func(category=CATEGORY, async_mode="threading")
 @xw.arg("text", ndim=2, err_to_str=True, doc="A text cell, or a column of texts (one vector row each).")
-@xw.arg("dimensions", doc="Optional: keep the first N dimensions (Matryoshka), re-normalised.")
-@xw.arg("instruction", doc="Optional task, for query embeddings.")
+@xw.arg("dimensions", err_to_str=True, doc="Optional: keep the first N dimensions (Matryoshka), re-normalised.")
+@xw.arg("instruction", err_to_str=True, doc="Optional task, for query embeddings.")
 @readable
 def embed(text, dimensions=None, instruction=None):
     """The embedding vector of each text, as a row of numbers."""
@@ -158,6 +162,8 @@ def embed_info():
 def _instruction(instruction) -> str | None:
     """The formula's instruction, else EMBED_INSTRUCTION, else none."""
     text = cell_text(instruction) if instruction is not None else BLANK
+    if isinstance(text, CellError):  # not silently dropped: the scores would differ
+        raise ValueError(f"the instruction cell holds {text.text}.")
     if isinstance(text, str):
         return text
     return load_settings().instruction
@@ -194,7 +200,9 @@ def _broadcast(grid, rows: int, cols: int):
 
 
 def _single_or_grid(grid):
-    return grid[0][0] if shape(grid) == (1, 1) else grid
+    if shape(grid) != (1, 1):
+        return grid
+    return "" if grid[0][0] is None else grid[0][0]  # never None: see the module's docstring
 
 
 def _whole_number(value, name: str, low: int, high: int) -> int:

@@ -61,6 +61,18 @@ def test_blanks_numbers_dates_and_errors(sheet_env):
     assert result[6] is None  # whitespace only is blank
 
 
+def test_a_blank_result_is_an_empty_text_never_none(sheet_env):
+    # xlwings' threading mode caches a formula's result and takes None for "not computed
+    # yet": a formula returning None started itself again on every recalculation, for ever.
+    assert udfs.embed_sim([[None]], [["anything"]]) == ""
+    assert udfs.embed_sim("   ", "anything") == ""
+    assert udfs.semantic_search(None, column(RELATED)) == ""
+    # An error cell as the query, k or instruction: #N/A or a sentence, not a blank.
+    assert udfs.semantic_search("#REF!", column(RELATED)) == "#N/A"
+    assert udfs.semantic_search(Q, column(RELATED), "#REF!").startswith("SEMANTIC_SEARCH: k must be")
+    assert udfs.embed_sim(Q, RELATED, "#REF!") == "EMBED_SIM: the instruction cell holds #REF!."
+
+
 def test_shape_mismatch_is_a_sentence(sheet_env):
     message = udfs.embed_sim(column("a", "b"), column("a", "b", "c"))
     assert message.startswith("EMBED_SIM: a and b must have the same shape")
@@ -81,7 +93,7 @@ def test_semantic_search_ranks_best_first(sheet_env):
     assert [row[0] for row in result] == [RELATED, "Refunds are paid within 14 days."]
     assert result[0][1] > result[1][1]
     assert udfs.semantic_search(Q, candidates, 0).startswith("SEMANTIC_SEARCH: k must be")
-    assert udfs.semantic_search(None, candidates) is None
+    assert udfs.semantic_search(None, candidates) == ""  # a blank query: a blank cell
     assert len(udfs.semantic_search(Q, candidates, None)) == 3  # an empty k cell: up to 5
 
 

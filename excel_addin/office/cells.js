@@ -36,12 +36,20 @@
     if (value === null || value === undefined) return BLANK;
     if (typeof value === "string") {
       if (ERROR_TEXTS.has(value)) return new CellError(value);
-      return value.trim() ? value : BLANK;
+      return hasContent(value) ? value : BLANK;
     }
     if (typeof value === "boolean") return value ? "TRUE" : "FALSE";
     if (typeof value === "number") return numberText(value);
     if (isErrorValue(value)) return new CellError(value.code || "#N/A");
     return String(value);
+  }
+
+  /** Whether a text holds anything but whitespace, control and invisible format characters
+   * (a zero-width space, a soft hyphen, a byte-order mark): the service refuses a text
+   * without, so such a cell is blank rather than the failure of its whole request. As
+   * cells.py's has_content: a character outside Unicode's Other and Separator categories. */
+  function hasContent(text) {
+    return /[^\p{C}\p{Z}]/u.test(text);
   }
 
   /** A number as Excel's General format shows it: 1024, 0.5, 1.23457E+15. */

@@ -157,6 +157,7 @@
   function instructionOf(instruction) {
     const text = instruction === null || instruction === undefined ? BLANK : cellText(
       Array.isArray(instruction) ? asGrid(instruction)[0][0] : instruction);
+    if (text instanceof CellError) throw new InputError(`the instruction cell holds ${text.text}.`);
     return typeof text === "string" ? text : settings.instruction || "";
   }
 

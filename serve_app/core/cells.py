@@ -48,7 +48,7 @@ def cell_text(value: Any) -> Cell:
     if isinstance(value, str):
         if value in ERROR_TEXTS:
             return CellError(value)
-        return value if value.strip() else BLANK
+        return value if has_content(value) else BLANK
     if isinstance(value, bool):  # before int: bool is an int
         return "TRUE" if value else "FALSE"
     if isinstance(value, int) and value in COM_ERRORS:
@@ -64,6 +64,18 @@ def cell_text(value: Any) -> Cell:
     if isinstance(value, (int, float)):
         return number_text(float(value))
     return str(value)
+
+
+def has_content(text: str) -> bool:
+    """Whether a text holds anything but whitespace, control and invisible format characters
+    (a zero-width space, a soft hyphen, a byte-order mark): the service refuses a text
+    without, so such a cell is blank rather than the failure of its whole request."""
+    stripped = text.strip()
+    if not stripped:
+        return False
+    if stripped[0].isprintable():  # the common case, decided by one character
+        return True
+    return any(ch.isprintable() and not ch.isspace() for ch in stripped)
 
 
 def number_text(x: float) -> str:

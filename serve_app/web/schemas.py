@@ -10,6 +10,7 @@ from typing import Literal, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from serve_app.core.cells import has_content
 from serve_app.core.encoded import Item, TokenIds
 from serve_app.core.errors import InvalidRequest
 
@@ -185,7 +186,7 @@ def texts_of(value: TextOrTexts, field: str, max_items: int, max_chars: int | No
         )
     for i, text in enumerate(texts):
         where = field if isinstance(value, str) else f"{field}[{i}]"
-        if not _has_content(text):
+        if not has_content(text):
             raise InvalidRequest(
                 f"'{where}' is empty or only whitespace or control characters; every text must "
                 "contain something to embed.",
@@ -246,16 +247,6 @@ def embedding_inputs(
             )
         items.append(TokenIds(tuple(ids)))
     return items
-
-
-def _has_content(text: str) -> bool:
-    """Whether a text holds anything but whitespace and control characters."""
-    stripped = text.strip()
-    if not stripped:
-        return False
-    if stripped[0].isprintable():  # the common case, decided by one character
-        return True
-    return any(ch.isprintable() and not ch.isspace() for ch in stripped)
 
 
 def _first(exc: ValidationError) -> dict:

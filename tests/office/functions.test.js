@@ -218,4 +218,7 @@ test("bad arguments are a sentence naming the formula", async () => {
   assert.equal(error.message, "EMBED_SIM: a and b must have the same shape, or one must be a single cell; got 2x1 and 1x3.");
   const k = await calculate("SEMANTIC_SEARCH", "q", [["a"]], 0);
   assert.equal(k.message, "SEMANTIC_SEARCH: k must be a whole number from 1 to 10000, not 0.");
+  // An error cell as the instruction is said, not dropped (the scores would differ).
+  const task = await calculate("EMBED_SIM", "a", "b", { error: "#REF!" });
+  assert.equal(task.message, "EMBED_SIM: the instruction cell holds #REF!.");
 });
