@@ -146,6 +146,7 @@ def test_edits_are_made_once_and_each_is_in_the_configuration(tmp_path):
     assert notes == []
     assert "status 404" not in edited and "status 503" in edited
     assert 'ssl crt "/etc/service/both.pem"' in edited
+    assert "http-request set-header X-Forwarded-Proto https" in edited
     assert haproxy_front.edit_config(edited, "/etc/service/both.pem") == (edited, [])
 
 

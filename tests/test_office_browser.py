@@ -114,6 +114,10 @@ def test_https_serves_the_api_and_refuses_plain_http(https_service):
     with pytest.raises(httpx.ConnectError):  # a certificate nobody trusts is refused
         httpx.get(f"{base}/health", timeout=10)
     assert "HTTPS on port" in https_service["log"].read_text()
+    # HAProxy ends TLS and hands the replica plain HTTP; the manifest still names the
+    # https:// address (Office loads add-ins over HTTPS only).
+    manifest = httpx.get(f"{base}/excel/manifest.xml", verify=ca, timeout=10).text
+    assert f"{base}/excel/" in manifest and base.replace("https://", "http://") not in manifest
 
 
 def test_chromium_runs_the_addin_from_the_service_over_https(https_service):

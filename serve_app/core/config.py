@@ -139,7 +139,8 @@ class AppArgs(BaseModel):
         description=(
             "The address PCs reach the service at (https://embeddings.office.lan:8443), "
             "written into the Excel add-in's manifest (/excel/manifest.xml); default: the "
-            "address each request came in on."
+            "address each request came in on (https where a proxy in front ended TLS and "
+            "said so in X-Forwarded-Proto, as the service's own HAProxy does)."
         ),
     )
 

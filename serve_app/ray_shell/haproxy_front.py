@@ -11,7 +11,9 @@ and then becomes the real HAProxy (exec, same pid, so Ray's checks of its proces
    OpenAI error envelope, with an `X-Request-ID`, instead. Once a route exists, a path no
    application serves still gets a 404, in the envelope too.
 2. HTTPS: the public `bind` line gets the certificate (`ssl crt`), so an HTTPS service has
-   the same fast front as a plain one, and the same answers while starting.
+   the same fast front as a plain one, and the same answers while starting. Requests go on
+   to the replica as plain HTTP, marked `X-Forwarded-Proto: https`, so that the add-in's
+   manifest names the https:// address the PCs reached.
 
 If Ray's template ever changes so that a line is not found, that edit is skipped (the
 configuration stays Ray's own) and one line says so on HAProxy's stderr log. The edits
@@ -87,7 +89,12 @@ def edit_config(text: str, certificate: str | None = None) -> tuple[str, list[st
         if bind_line is None:
             notes.append("no bind line in frontend http_frontend: HTTPS not set up")
         else:
+            indent = lines[bind_line][: len(lines[bind_line]) - len(lines[bind_line].lstrip())]
             lines[bind_line] += f' ssl crt "{certificate}"  {_MARK} HTTPS'
+            # Replaces whatever a client sent: what the replica reads is HAProxy's word.
+            lines.insert(bind_line + 1, f"{indent}http-request set-header X-Forwarded-Proto https")
+            if default_rule is not None and default_rule > bind_line:
+                default_rule += 1
     if default_rule is None:
         notes.append("Ray's 404 rule in backend default_backend not found: answers left as Ray's")
     else:

@@ -58,10 +58,20 @@ async def addin_file(request: Request) -> Response:
 async def manifest(request: Request) -> Response:
     """The add-in's XML manifest, pointing at this service's public address."""
     public_url = request.app.state.service.args.public_url
-    base = (public_url or str(request.base_url)).rstrip("/")
+    base = (public_url or str(_as_reached(request))).rstrip("/")
     xml = render_manifest(base)
     return Response(xml, media_type="application/xml", headers={
         "Content-Disposition": 'attachment; filename="sheet-embeddings-manifest.xml"'})
+
+
+def _as_reached(request: Request):
+    """The address the request came in on, https where a proxy in front ended TLS: the
+    service's own HAProxy (with tls_certfile) or an operator's, says so in
+    X-Forwarded-Proto. Whoever sends that header only changes the manifest they get."""
+    proto = request.headers.get("x-forwarded-proto", "").strip().lower()
+    if proto in ("http", "https"):
+        return request.base_url.replace(scheme=proto)
+    return request.base_url
 
 
 def render_manifest(base: str) -> str:
