@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import math
 import os
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -40,6 +41,7 @@ ENV = {
     "api_key": "EMBED_API_KEY",
     "timeout_s": "EMBED_TIMEOUT_S",
     "instruction": "EMBED_INSTRUCTION",
+    "ca_file": "EMBED_CA_FILE",
 }
 
 
@@ -60,6 +62,7 @@ class Settings:
     chunk_chars: int = 2_000_000
     cache_mb: int = 512
     model_ttl_s: float = 30.0  # how long the served model's name is trusted unasked
+    ca_file: str | None = None  # a CA certificate (PEM) to trust instead of the computer's
 
     def __repr__(self) -> str:
         # The key must not reach a log or a traceback: shown only as set or not.
@@ -91,6 +94,34 @@ def load_settings(environ: dict[str, str] | None = None, user_config: dict[str, 
     return replace(Settings(), **values)
 
 
+def trust(ca_file: str | None) -> ssl.SSLContext:
+    """What HTTPS answers are checked against: `ca_file` if set, else the computer's own
+    trust store (Windows' certificate store, the Mac's keychain), where an office installs
+    its CA (`certutil -addstore Root`), not the certificates bundled with Python's
+    packages, which know only public CAs."""
+    if ca_file:
+        try:
+            return ssl.create_default_context(cafile=ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ServiceError(f"EMBED_CA_FILE {ca_file} is not a readable CA certificate (PEM): {exc}.") from None
+    import truststore
+
+    return truststore.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+
+
+def _certificate_refusal(exc: BaseException) -> str | None:
+    """Why the server's certificate was refused, if that is what failed the connection."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return exc.verify_message or str(exc)
+        if isinstance(exc, ssl.SSLError) and "CERTIFICATE_VERIFY_FAILED" in str(exc):
+            return str(exc)
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def _xlwings_user_config() -> dict[str, str]:
     try:
         from xlwings.utils import read_user_config
@@ -118,6 +149,7 @@ class EmbedClient:
             timeout=httpx.Timeout(settings.timeout_s, connect=10.0),
             headers=headers,
             transport=transport,
+            verify=trust(settings.ca_file),
         )
         self._clock = clock
         # The lock guards the cache, the pending fetches, the model and the counters, and is
@@ -253,7 +285,14 @@ class EmbedClient:
         url = self.settings.server_url
         try:
             response = self._http.request(method, path, **kwargs)
-        except httpx.ConnectError:
+        except httpx.ConnectError as exc:
+            untrusted = _certificate_refusal(exc)
+            if untrusted is not None:
+                raise ServiceError(
+                    f"The embedding server at {url} has a certificate this computer does not trust "
+                    f"({untrusted}). Install the office's CA certificate as a trusted root, or set "
+                    "EMBED_CA_FILE to it."
+                ) from None
             raise ServiceError(
                 f"Cannot reach the embedding server at {url}. Is it running? "
                 "If it runs elsewhere, set EMBED_SERVER_URL."

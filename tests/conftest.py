@@ -394,7 +394,9 @@ class FakeEmbeddingServer:
     `hold` waits until `release` is set, then one carrying a text in `fail` is answered 503.
     """
 
-    def __init__(self, model: str = "fake-model-a", dimensions: int = 8) -> None:
+    def __init__(self, model: str = "fake-model-a", dimensions: int = 8,
+                 tls: tuple[Path, Path] | None = None) -> None:
+        """`tls`: (certificate, key) files, to answer HTTPS."""
         self.model = model
         self.dimensions = dimensions
         self.hold: set[str] = set()
@@ -405,7 +407,15 @@ class FakeEmbeddingServer:
         self._http = ThreadingHTTPServer(("127.0.0.1", 0), _FakeHandler)
         self._http.daemon_threads = True
         self._http.fake = self
-        self.url = f"http://127.0.0.1:{self._http.server_address[1]}"
+        scheme = "http"
+        if tls is not None:
+            import ssl
+
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*map(str, tls))
+            self._http.socket = context.wrap_socket(self._http.socket, server_side=True)
+            scheme = "https"
+        self.url = f"{scheme}://127.0.0.1:{self._http.server_address[1]}"
         self._thread = threading.Thread(target=self._http.serve_forever, daemon=True)
         self._thread.start()
 

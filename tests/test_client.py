@@ -153,3 +153,44 @@ def test_ray_serves_plain_404_while_starting_is_a_sentence_about_starting():
     client = EmbedClient(Settings(server_url="http://127.0.0.1:9"), transport=httpx.MockTransport(starting))
     with pytest.raises(ServiceError, match="may still be starting"):
         client.vectors(["a clause"])
+
+
+@pytest.fixture()
+def https_server(tmp_path):
+    """The fake server over HTTPS, with a certificate from a CA of the test's own (as an
+    office's CA is): (server, the CA's file)."""
+    from conftest import FakeEmbeddingServer
+
+    from bench.certificates import make_certificate
+
+    ca, cert, key, _ = make_certificate(tmp_path)
+    server = FakeEmbeddingServer(tls=(cert, key))
+    yield server, ca
+    server.close()
+
+
+def test_https_is_checked_against_the_computers_trust_store_or_a_ca_file(https_server, monkeypatch):
+    server, ca = https_server
+    for name in ("SSL_CERT_FILE", "SSL_CERT_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    # A certificate nobody here trusts is said as such, not as a server that is down.
+    client = EmbedClient(Settings(server_url=server.url))
+    with pytest.raises(ServiceError, match="has a certificate this computer does not trust") as refused:
+        client.info()
+    assert "EMBED_CA_FILE" in str(refused.value) and "Is it running" not in str(refused.value)
+    client.close()
+
+    # EMBED_CA_FILE names the office's CA.
+    client = EmbedClient(load_settings({"EMBED_SERVER_URL": server.url, "EMBED_CA_FILE": str(ca)}, {}))
+    assert client.info()["model"] == server.model
+    client.close()
+
+    # The computer's own store, where an office installs its CA (Windows' certificate
+    # store; on Linux OpenSSL's, which SSL_CERT_FILE names), not Python's bundled one.
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca))
+    client = EmbedClient(Settings(server_url=server.url))
+    assert client.info()["model"] == server.model
+    client.close()
+
+    with pytest.raises(ServiceError, match="EMBED_CA_FILE .* is not a readable CA certificate"):
+        EmbedClient(Settings(server_url=server.url, ca_file=str(ca.parent / "missing.pem")))
