@@ -16,6 +16,7 @@
   const STORAGE_KEYS = { apiKey: "sheet-embeddings.api-key", instruction: "sheet-embeddings.instruction" };
   const settings = { serverUrl: defaultServerUrl(), apiKey: "", instruction: "" };
   let client = null;
+  let loading = null; // the saved settings being read, once
 
   class InputError extends Error {}
 
@@ -55,6 +56,14 @@
     });
   }
 
+  /** The saved settings, read once: the formulas wait for them (one registered at load may
+   * be calculated before the task pane opens), so none runs without the key or the
+   * default instruction. Storage that cannot be read leaves the defaults. */
+  function settingsReady() {
+    if (loading === null) loading = loadSettings().catch(() => undefined);
+    return loading;
+  }
+
   function notAvailable() {
     return new CustomFunctions.Error(CustomFunctions.ErrorCode.notAvailable);
   }
@@ -63,6 +72,7 @@
   function readable(name, fn) {
     return async function (...args) {
       try {
+        await settingsReady();
         return await fn(...args);
       } catch (error) {
         let message;
@@ -208,9 +218,12 @@
 
   /** Register the formulas with Excel (CustomFunctions.associate), once Office is ready. */
   function register() {
+    settingsReady();
     for (const [id, fn] of Object.entries(FUNCTIONS)) CustomFunctions.associate(id, fn);
   }
 
-  Object.assign(exports, { FUNCTIONS, STORAGE_KEYS, configure, getClient, loadSettings, register, settings });
+  Object.assign(exports, {
+    FUNCTIONS, STORAGE_KEYS, configure, getClient, loadSettings, register, settings, settingsReady,
+  });
   if (typeof module !== "object" && typeof CustomFunctions !== "undefined") register();
 })(typeof module === "object" && module.exports ? module.exports : (globalThis.SheetFunctions = {}));

@@ -52,7 +52,7 @@
   }
 
   async function start() {
-    await functions.loadSettings();
+    await functions.settingsReady();
     byId("api-key").value = functions.settings.apiKey;
     byId("instruction").value = functions.settings.instruction;
     byId("settings").addEventListener("submit", save);
