@@ -160,6 +160,7 @@ class EmbedClient:
         )
         self._pending: dict[Key, Future] = {}  # texts some thread is fetching now
         self._model: str | None = None
+        self._min_dimensions = 1  # the smallest Matryoshka cut the server allows, once known
         self._model_seen = -math.inf  # clock() when an answer last named the model
 
     def __repr__(self) -> str:
@@ -176,6 +177,8 @@ class EmbedClient:
             found = self._lookup_or_fetch(distinct, instruction, model)
             models = {answered for answered, _ in found.values()}
             if models <= {model}:
+                if dimensions is not None and found:
+                    self._check_dimensions(dimensions, len(next(iter(found.values()))[1]), model)
                 return {t: _cut(v, dimensions) for t, (_, v) in found.items()}
             # The server changed model during this call. One sheet must not mix two models'
             # vectors, so look up again under the model it now serves (what this call fetched
@@ -193,7 +196,16 @@ class EmbedClient:
         body = self._call("GET", "/v1/models")
         card = body["data"][0]
         self._learn(card["id"])
+        with self._lock:
+            self._min_dimensions = card.get("min_dimensions") or 1
         return {"model": card["id"], "dimensions": card.get("dimensions")}
+
+    def _check_dimensions(self, dimensions: int, width: int, model: str) -> None:
+        """As the server checks a request's `dimensions`: the cache holds full vectors, so a
+        cut wider than the model would silently give the full width."""
+        low = self._min_dimensions
+        if not low <= dimensions <= width:
+            raise ValueError(f"dimensions must be between {low} and {width} for {model}, not {dimensions}.")
 
     def _served_model(self) -> str:
         """The model the server answers with: remembered for `model_ttl_s`, then asked again."""

@@ -195,7 +195,7 @@ CASES = [  # (function, arguments with {"error"} marking an error cell, as JSON)
     ("SIM_MATRIX", [[["rent"], ["notice"]], [["lease payment", "termination", None]]]),
     ("SEMANTIC_SEARCH", ["reset password", [["Refunds within 14 days"], ["Steps to reset a password"],
                                             ["Rent is due monthly"], [None], ["Steps to reset a password"]], 2]),
-    ("EMBED", [[["a lease"], [None], [{"error": "#REF!"}]], 8]),
+    ("EMBED", [[["a lease"], [None], [{"error": "#REF!"}]], 32]),
 ]
 
 

@@ -112,6 +112,10 @@ def test_embed_gives_rows_of_numbers(sheet_env):
     rows = udfs.embed(column("a", None, "#N/A"), 32)
     assert len(rows) == 3 and rows[1] == [None] * 32 and rows[2] == ["#N/A"] * 32
     assert udfs.embed([["x"]], "many").startswith("EMBED: dimensions must be a whole number")
+    # As the API checks it: wider than the model (it gave the full 384 silently) or below
+    # the server's min_dimensions.
+    assert udfs.embed([["x"]], 2048) == "EMBED: dimensions must be between 32 and 384 for bundled:minilm, not 2048."
+    assert udfs.embed([["x"]], 8) == "EMBED: dimensions must be between 32 and 384 for bundled:minilm, not 8."
 
 
 def test_embed_info_names_server_model_and_width(sheet_env):

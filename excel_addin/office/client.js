@@ -78,6 +78,7 @@
       this.requests = 0; // embedding requests sent (POST /v1/embeddings)
       this.modelChecks = 0; // GET /v1/models sent to learn the served model
       this.model = null;
+      this.minDimensions = 1; // the smallest Matryoshka cut the server allows, once known
       this.modelSeen = -Infinity;
       this.modelAsked = null; // the GET in flight, shared by every caller
       this.queues = new Map(); // instruction -> Map(text -> deferred)
@@ -152,6 +153,7 @@
       const body = await this.modelAsked;
       const card = body.data[0];
       this.learn(card.id);
+      this.minDimensions = card.min_dimensions || 1;
       return { model: card.id, dimensions: card.dimensions };
     }
 

@@ -147,6 +147,15 @@
     const values = flatten(asGrid(text)).map(cellText);
     const vectors = await vectorsOf(values, instructionOf(instruction));
     const sample = vectors.values().next().value;
+    if (sample && width !== null) {
+      // As the server checks `dimensions`: the cache holds full vectors, so a cut wider
+      // than the model would silently give the full width.
+      const low = getClient().minDimensions;
+      if (width < low || width > sample.length) {
+        throw new InputError(
+          `dimensions must be between ${low} and ${sample.length} for ${getClient().model}, not ${width}.`);
+      }
+    }
     const size = sample ? http.truncate(sample, width).length : 1;
     return values.map((cell) => {
       if (cell === BLANK) return new Array(size).fill("");

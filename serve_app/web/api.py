@@ -207,6 +207,7 @@ def _model_card(service: EmbeddingService, alias: str | None = None) -> dict:
         "created": _STARTED,
         "owned_by": "embedding-service",
         "dimensions": service.spec.dimensions,
+        "min_dimensions": service.args.min_dimensions,  # the smallest Matryoshka cut allowed
         "max_input_tokens": min(service.args.max_input_tokens, service.spec.max_tokens),
         "runtime": _runtime(service),
     }

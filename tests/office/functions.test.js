@@ -213,6 +213,16 @@ test("a server that does not answer in time is a readable timeout", async (t) =>
   functions.configure({ timeoutMs: 300000 });
 });
 
+test("EMBED's dimensions are checked as the API checks them", { skip: !SERVER }, async () => {
+  functions.configure({ serverUrl: SERVER, apiKey: "", instruction: "", fetch: undefined });
+  // Wider than the model gave its full width silently; below min_dimensions, a cut the API refuses.
+  for (const width of [2048, 8]) {
+    const error = await calculate("EMBED", [["a lease"]], width);
+    assert.equal(error.message, `EMBED: dimensions must be between 32 and 384 for bundled:minilm, not ${width}.`);
+  }
+  assert.equal((await calculate("EMBED", [["a lease"]], 32))[0].length, 32);
+});
+
 test("bad arguments are a sentence naming the formula", async () => {
   const error = await calculate("EMBED_SIM", [["a"], ["b"]], [["x", "y", "z"]]);
   assert.equal(error.message, "EMBED_SIM: a and b must have the same shape, or one must be a single cell; got 2x1 and 1x3.");
