@@ -134,6 +134,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str
     dimensions: int
+    min_dimensions: int = Field(description="The smallest `dimensions` a request may ask for.")
     max_input_tokens: int
 
 
