@@ -317,7 +317,10 @@ class EmbedClient:
         except httpx.HTTPError as exc:
             raise ServiceError(f"The request to the embedding server at {url} failed: {exc}.") from None
         if response.status_code == 200:
-            return response.json()
+            try:
+                return response.json()
+            except ValueError:
+                raise ServiceError(_not_this_service(url, response.headers.get("content-type"))) from None
         message = _server_message(response)
         if response.status_code == 401:
             raise ServiceError(
@@ -337,6 +340,12 @@ class EmbedClient:
 
     def close(self) -> None:
         self._http.close()
+
+
+def _not_this_service(url: str, content_type: str | None) -> str:
+    return (f"The server at {url} answered, but not as the embedding service does (it sent "
+            f"{content_type or 'no content type'}, not JSON). Check that EMBED_SERVER_URL is "
+            "the embedding service's address.")
 
 
 def _is_envelope(response: httpx.Response) -> bool:

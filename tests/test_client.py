@@ -194,3 +194,32 @@ def test_https_is_checked_against_the_computers_trust_store_or_a_ca_file(https_s
 
     with pytest.raises(ServiceError, match="EMBED_CA_FILE .* is not a readable CA certificate"):
         EmbedClient(Settings(server_url=server.url, ca_file=str(ca.parent / "missing.pem")))
+
+
+def test_a_web_page_where_the_service_should_be_is_said_as_such():
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from threading import Thread
+
+    class Intranet(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            body = b"<html><body>Welcome to the intranet</body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Intranet)
+    Thread(target=server.serve_forever, daemon=True).start()
+    client = EmbedClient(Settings(server_url=f"http://127.0.0.1:{server.server_address[1]}"))
+    try:
+        with pytest.raises(ServiceError, match=r"answered, but not as the embedding service does "
+                                               r"\(it sent text/html, not JSON\)\. Check that EMBED_SERVER_URL"):
+            client.info()
+    finally:
+        client.close()
+        server.shutdown()
+        server.server_close()

@@ -262,7 +262,16 @@
     async call(method, path, payload) {
       for (let attempt = 0; ; attempt += 1) {
         const response = await this.once(method, path, payload);
-        if (response.ok) return response.json();
+        if (response.ok) {
+          try {
+            return await response.json();
+          } catch (error) {
+            throw new ServiceError(
+              `The server at ${this.where()} answered, but not as the embedding service does (it sent ` +
+              `${response.headers.get("content-type") || "no content type"}, not JSON). Check that ` +
+              "the add-in was installed from the embedding service's manifest.");
+          }
+        }
         const message = await serverMessage(response);
         const status = response.status;
         if ((status === 429 || status === 503) && attempt < this.settings.maxRetries) {

@@ -201,6 +201,17 @@ test("503 is retried after Retry-After, and a server that stays busy says so", a
   functions.configure({ maxRetries: 4 });
 });
 
+test("a web page where the service should be is said as such", async (t) => {
+  const url = await fakeServer(t, (request, response) => {
+    response.writeHead(200, { "Content-Type": "text/html" });
+    response.end("<html><body>Welcome to the intranet</body></html>");
+  });
+  functions.configure({ serverUrl: url, apiKey: "", fetch: undefined });
+  const error = await calculate("EMBED", [["a"]]);
+  assert.equal(error.code, "#VALUE!");
+  assert.match(error.message, /answered, but not as the embedding service does \(it sent text\/html, not JSON\)/);
+});
+
 test("a server that does not answer in time is a readable timeout", async (t) => {
   const url = await fakeServer(t, (request, response) => {
     if (request.method === "GET") return answer(response, 200, MODELS);
