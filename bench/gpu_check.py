@@ -12,8 +12,11 @@ with float32 ones, text by text. Served is the Ray Serve app on 127.0.0.1 with f
 gpu_fraction 0.25 sharing the card, driven by bench/http_client.py and a burst of long inputs (the
 largest forward passes). Meanwhile nvidia-smi is sampled for each replica's memory, CUDA context
 included, against its share: set_per_process_memory_fraction caps torch's allocator, not the
-context, which is measured on its own. Last, the cold start from zero replicas. Every loop is
-bounded by count and by --budget-s, so the run fits in 8 minutes (Ray's shut-down comes on top).
+context, so each replica lowers its cap by what it holds outside the allocator
+(serve_app/model/gpushare.py), and this process tries that cap itself at the end of the raw
+part: an allocation up to it must succeed with the whole process inside its share, one past it
+must be refused. Last, the cold start from zero replicas. Every loop is bounded by count and by
+--budget-s, so the run fits in 8 minutes (Ray's shut-down comes on top).
 
 --cpu-dry-run swaps in a CPU, a 2-layer stand-in, float32/bfloat16 and small counts, and skips only
 the GPU memory check (replica RSS is sampled instead, through the same code). Exit status: 2 where
@@ -41,6 +44,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import numpy as np  # noqa: E402
 from corpus import sentences, short_texts  # noqa: E402
+
+from serve_app.model.gpushare import gpu_memory_by_pid  # noqa: E402  (the replicas' reading)
 
 PARITY_TARGET = 0.999  # least cosine of a reduced-precision vector with its float32 one
 REPLICAS = 4
@@ -113,11 +118,21 @@ def main() -> None:
             say(f"served: skipped: {refused}")
             results["served"] = {"error": refused}
         else:
+            def keep(served: dict) -> None:  # each served step's figures, as they come
+                save(opts.json, {**results, "served": served})
+
             results["served"] = phase("served", served_phase, model, plan, opts.port,
-                                      started + opts.budget_s)
+                                      started + opts.budget_s, keep)
     table = report(results)
     save(opts.json, {**results, "table": table})
     sys.exit(1 if any(row[3] == "NO" for row in table) else 0)
+
+
+def left(deadline: float, most: float | None = None) -> float:
+    """Seconds to wait for one step: what the budget has left (10 at least, so that a step
+    begun just before the deadline still gets an answer), and no more than `most`."""
+    seconds = max(10.0, deadline - time.monotonic())
+    return seconds if most is None else min(most, seconds)
 
 
 def save(path: Path | None, results: dict) -> None:
@@ -206,6 +221,45 @@ def raw_phase(out: dict, model: str, plan: Plan, deadline: float) -> None:
         gc.collect()
         if plan.device == "cuda":
             torch.cuda.empty_cache()  # the served replicas get the card, less this context
+    if plan.device == "cuda":
+        out["cap"] = cap_probe(GPU_FRACTION)
+        say(f"  cap at {GPU_FRACTION:g}: {out['cap']['sentence']} Up to it: "
+            f"{out['cap']['within']}; past it: {out['cap']['beyond']}.")
+
+
+def cap_probe(fraction: float) -> dict:
+    """The replicas' cap, tried in this process (which holds no model now): the share less
+    what the process holds outside torch's allocator; filling the allocator up to the cap
+    must succeed with the whole process (nvidia-smi's figure) inside the share, and one
+    allocation past the cap must be refused. The card is given back uncapped after."""
+    import torch
+
+    from serve_app.model.gpushare import MIB, hold_to_gpu_share, process_gpu_mib, settle_gpu_share
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    hold_to_gpu_share(fraction, device)
+    share = settle_gpu_share(fraction, device)
+    out = {**share.as_dict()}
+
+    def attempt(mib: float) -> str:
+        """Fill the allocator to `mib` in one block: what happened, and the process's MiB meanwhile."""
+        want = int(mib * MIB) - torch.cuda.memory_reserved(device)
+        try:
+            block = torch.empty(max(want, 0), dtype=torch.uint8, device=device)
+        except torch.cuda.OutOfMemoryError:
+            return "refused"
+        out.setdefault("process_mib", process_gpu_mib(os.getpid()))
+        del block
+        return "allowed"
+
+    try:
+        out["within"] = attempt(share.cap_mib - 64)
+        torch.cuda.empty_cache()
+        out["beyond"] = attempt(share.cap_mib + 256)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        torch.cuda.empty_cache()
+    return out
 
 
 def _raw_run(embedder, corpus: list[str], singles: list[str], batch_tokens, deadline: float):
@@ -231,7 +285,7 @@ def _raw_run(embedder, corpus: list[str], singles: list[str], batch_tokens, dead
     return row, vectors
 
 
-def served_phase(out: dict, model: str, plan: Plan, port: int, deadline: float) -> None:
+def served_phase(out: dict, model: str, plan: Plan, port: int, deadline: float, keep) -> None:
     """Four replicas sharing the device over HTTP: throughput, latency, memory; then cold start."""
     from ray import serve
     from served import served_app
@@ -264,13 +318,16 @@ def served_phase(out: dict, model: str, plan: Plan, port: int, deadline: float) 
             out["throughput"] = client(url, deadline, "throughput", "--texts", str(plan.texts),
                                        "--per-request", "16", "--concurrency", str(4 * REPLICAS))
             say(f"  throughput {out['throughput']['texts_per_s']:.0f} texts/s")
-            out["long"] = long_burst(url, 2 * REPLICAS, plan.long_chars)
+            keep(out)
+            out["long"] = long_burst(url, 2 * REPLICAS, plan.long_chars, deadline)
             say(f"  long inputs: {out['long']['answered']} of {out['long']['sent']} answered")
+            keep(out)
             ms = client(url, deadline, "latency", "--requests", str(plan.singles))["ms"]
         out["p50_ms"], out["p95_ms"] = float(np.percentile(ms, 50)), float(np.percentile(ms, 95))
         out["runtime"] = served_runtime(url)
         say(f"  single p50 {out['p50_ms']:.1f} ms; peak MiB " + ", ".join(
             f"{k}: {v:.0f}" for k, v in out["peak_mib"].items()))
+        keep(out)
         serve.delete("gpu")
         quick = {"idle_timeout_s": 1, "downscale_delay_s": 1, "autoscaling_look_back_s": 2}
         serve.run(build_app(AppArgs(**args, **quick)), name="cold", route_prefix="/cold")
@@ -278,7 +335,7 @@ def served_phase(out: dict, model: str, plan: Plan, port: int, deadline: float) 
                     out.setdefault("cold_start_s", []))
 
 
-def long_burst(url: str, requests: int, chars: int) -> dict:
+def long_burst(url: str, requests: int, chars: int, deadline: float) -> dict:
     """Requests of four long texts each, all at once: the largest forward passes a replica runs."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -288,7 +345,7 @@ def long_burst(url: str, requests: int, chars: int) -> dict:
 
     def send(i: int) -> int:
         body = {"input": [f"{i}.{j} {text}" for j in range(4)], "encoding_format": "base64"}
-        return httpx.post(f"{url}/v1/embeddings", json=body, timeout=120).status_code
+        return httpx.post(f"{url}/v1/embeddings", json=body, timeout=left(deadline, 120)).status_code
 
     with ThreadPoolExecutor(requests) as pool:
         codes = list(pool.map(send, range(requests)))
@@ -304,7 +361,7 @@ def describe_replicas(app: str, count: int, deadline: float) -> list[dict]:
     found: dict[int, dict] = {}
     for _ in range(10):
         for reply in [handle.describe.remote() for _ in range(4 * count)]:
-            info = reply.result(timeout_s=60)
+            info = reply.result(timeout_s=left(deadline, 60))
             found[info["pid"]] = info
         if len(found) >= count or time.monotonic() > deadline:
             break
@@ -336,19 +393,6 @@ def sharing_refused(mode: str | None) -> str | None:
                 f"it, so {REPLICAS} replicas cannot share it; `nvidia-smi -c DEFAULT` (as root) "
                 "allows sharing")
     return None
-
-
-def gpu_memory_by_pid() -> dict[int, float]:
-    """MiB per process on the GPUs, CUDA context included, as nvidia-smi reports it."""
-    out = nvidia_smi("--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits")
-    usage: dict[int, float] = {}
-    for line in (out or "").splitlines():
-        pid, _, mib = line.partition(",")
-        try:
-            usage[int(pid)] = usage.get(int(pid), 0.0) + float(mib)
-        except ValueError:  # "[N/A]" under some drivers and containers
-            continue
-    return usage
 
 
 def gpu_usage() -> dict:
@@ -397,7 +441,7 @@ def client(url: str, deadline: float, *args: str) -> dict:
     """bench/http_client.py in its own process, as real clients are; its JSON answer."""
     out = subprocess.run(
         [sys.executable, str(Path(__file__).parent / "http_client.py"), *args, url],
-        capture_output=True, text=True, check=True, timeout=max(60.0, deadline - time.monotonic()),
+        capture_output=True, text=True, check=True, timeout=left(deadline),
     )
     return json.loads(out.stdout)
 
@@ -427,7 +471,7 @@ def cold_starts(url: str, count: int, deadline: float, times: list[float]) -> No
         time.sleep(3)  # well past the last replica, as after a real idle period
         start = time.perf_counter()
         reply = httpx.post(f"{url}/v1/embeddings", json={"input": f"cold start {len(times)}"},
-                           timeout=120)
+                           timeout=left(deadline, 120))
         reply.raise_for_status()
         times.append(time.perf_counter() - start)
         say(f"  cold start {len(times)}: {times[-1]:.2f} s")
@@ -455,6 +499,8 @@ def rows(r: dict) -> list[tuple[str, str, str, str]]:
         rates = ", ".join(f"{v:.0f} @{k}" for k, v in row["texts_per_s"].items())
         out += [(f"raw {dtype} texts/s @ batch tokens", rates, "", ""),
                 (f"raw {dtype} single p50 / p95", ms(row), "", "")]
+    if "cap" in raw:
+        out += cap_rows(raw["cap"])
     if "replicas" in served:
         gpus = sorted({g for rep in served["replicas"] for g in rep["gpu_ids"]}) or ["none"]
         out.append(("replicas up, from describe()", f"{len(served['replicas'])}, on GPU ids "
@@ -482,6 +528,23 @@ def rows(r: dict) -> list[tuple[str, str, str, str]]:
     return out
 
 
+def cap_rows(cap: dict) -> list[tuple[str, str, str, str]]:
+    """The cap tried in this process: the whole process inside its share up to the cap, and
+    refused past it."""
+    target = f"<= {cap['share_mib']:.0f} MiB"
+    outside = f"{cap['outside_mib']:.0f}" if cap.get("outside_mib") is not None else "unread"
+    held = cap.get("process_mib")
+    return [
+        (f"cap at {GPU_FRACTION:g}: context + allocator", f"{outside} + {cap['cap_mib']:.0f} MiB", target,
+         "unknown" if cap.get("outside_mib") is None
+         else verdict(cap["outside_mib"] + cap["cap_mib"] <= cap["share_mib"] + 1)),
+        ("filled up to the cap: the process", f"{mib_text(held)} ({cap['within']})", target,
+         "unknown" if held is None and cap["within"] == "allowed"
+         else verdict(cap["within"] == "allowed" and held <= cap["share_mib"])),
+        ("one allocation past the cap", cap["beyond"], "refused", verdict(cap["beyond"] == "refused")),
+    ]
+
+
 def memory_rows(r: dict) -> list[tuple[str, str, str, str]]:
     """Peak memory of each replica under load against its share of the card."""
     served, peaks = r["served"], r["served"]["peak_mib"]
@@ -492,11 +555,18 @@ def memory_rows(r: dict) -> list[tuple[str, str, str, str]]:
     share, context = GPU_FRACTION * r["total_mib"], r.get("context_mib")
     target = f"<= {share:.0f} MiB"
     out = [("CUDA context alone", mib_text(context), "not under the cap", "")]
+    caps = {replica["pid"]: replica.get("gpu_share") for replica in served["replicas"]}
     for pid in pids:
         mib = peaks.get(pid)
         beyond = f" ({mib - context:.0f} beyond it)" if mib and context else ""
         out.append((f"replica {pid} peak, context incl.", mib_text(mib) + beyond, target,
                     verdict(mib <= share) if mib else "unknown"))
+        if caps.get(pid):  # what the replica set: its cap, less what it holds outside it
+            cap = caps[pid]
+            outside = cap.get("outside_mib")
+            out.append((f"replica {pid} cap: context + allocator",
+                        f"{'unread' if outside is None else f'{outside:.0f}'} + {cap['cap_mib']:.0f} MiB",
+                        target, "unknown" if outside is None else verdict(outside + cap["cap_mib"] <= share + 1)))
     if not any(peaks.get(pid) for pid in pids) and "device" in peaks:
         # No per-process figures (nvidia-smi in a container): the card's growth, shared out.
         mean = (peaks["device"] - served.get("card_before_mib", 0.0)) / max(len(pids), 1)

@@ -91,3 +91,20 @@ def test_a_refused_float32_reference_is_a_failed_row_not_a_silent_gap():
            "bfloat16": {"texts_per_s": {1024: 10.0}, "p50_ms": 1.0, "p95_ms": 2.0, "singles": 3}}
     table = gpu_check.rows({"raw": raw, "served": {}, "plan": {"device": "cpu"}})
     assert ("float32, the reference", "inf or NaN on bench texts (refused)", "finite", "NO") in table
+
+
+def test_each_replicas_own_cap_counts_its_context_against_the_share():
+    replicas = [{"pid": 11, "gpu_share": {"share_mib": 4000.0, "outside_mib": 450.0, "cap_mib": 3550.0}},
+                {"pid": 12, "gpu_share": {"share_mib": 4000.0, "outside_mib": None, "cap_mib": 4000.0}}]
+    rows = gpu_check.memory_rows(_result({11: 1900.0, 12: 2000.0}, replicas=replicas))
+    assert ("replica 11 cap: context + allocator", "450 + 3550 MiB", "<= 4000 MiB", "yes") in rows
+    assert ("replica 12 cap: context + allocator", "unread + 4000 MiB", "<= 4000 MiB", "unknown") in rows
+
+
+def test_the_cap_tried_in_process_must_hold_the_process_to_its_share_and_refuse_beyond_it():
+    held = {"share_mib": 20000.0, "outside_mib": 520.0, "cap_mib": 19480.0, "process_mib": 19950.0,
+            "within": "allowed", "beyond": "refused"}
+    assert [row[3] for row in gpu_check.cap_rows(held)] == ["yes", "yes", "yes"]
+    # A cap that lets an allocation past it, or a process above its share when full, fails.
+    leaky = {**held, "beyond": "allowed", "process_mib": 20400.0}
+    assert [row[3] for row in gpu_check.cap_rows(leaky)] == ["yes", "NO", "NO"]

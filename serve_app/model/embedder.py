@@ -21,6 +21,7 @@ from serve_app.core.encoded import Encoded, Item, Runtime, TokenIds
 from serve_app.core.errors import ModelOutputError
 from serve_app.core.hubfiles import model_directory
 from serve_app.core.modelinfo import ModelSpec
+from serve_app.model.gpushare import hold_to_gpu_share, settle_gpu_share
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +53,12 @@ class TextEmbedder:
         self.weights_packed = False
         self.rows_shared = False  # several short texts per row of a pass (model.rows)
         self.device = _pick_device(device, gpu_fraction)
-        if self.device.type == "cuda" and gpu_fraction:
-            hold_to_gpu_share(gpu_fraction, self.device)
+        # Ray does not police GPU memory: a process holds itself to the share it asked for
+        # (model.gpushare), at once, and to the share less its context after a first pass.
+        self._gpu_fraction = gpu_fraction if self.device.type == "cuda" and gpu_fraction else None
+        self.gpu_share: dict | None = None
+        if self._gpu_fraction:
+            hold_to_gpu_share(self._gpu_fraction, self.device)
         if self.device.type == "cpu":
             tokenize_on_the_calling_thread()
             if cpu_threads:
@@ -108,6 +113,15 @@ class TextEmbedder:
             pack_cpu_weights=settings.pack_cpu_weights,
             share_rows=settings.share_rows,
         )
+
+    def settle_gpu_share(self) -> str | None:
+        """Once a pass has run: hold the whole process, CUDA context included, to its share
+        of the GPU (model.gpushare); a sentence saying how, or None off a shared GPU."""
+        if not self._gpu_fraction:
+            return None
+        share = settle_gpu_share(self._gpu_fraction, self.device)
+        self.gpu_share = share.as_dict()
+        return share.sentence
 
     def speed_up(self, threads: int | None = None) -> list[str]:
         """Turn on the CPU fast paths that check out here (packed weights, shared rows);
@@ -431,13 +445,6 @@ def _pick_device(device: str, gpu_fraction: float | None = None) -> torch.device
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device=cuda was asked for, but this process sees no CUDA GPU")
     return torch.device(device)
-
-
-def hold_to_gpu_share(fraction: float, device: torch.device) -> None:
-    """Cap this process's CUDA allocator at `fraction` of the card: Ray does not police GPU
-    memory, so a replica holds itself to the share it asked for."""
-    # torch refuses a device without an index (a plain "cuda"); None means the current one.
-    torch.cuda.set_per_process_memory_fraction(float(fraction), device.index)
 
 
 def cpu_bf16_features() -> list[str]:

@@ -83,6 +83,9 @@ class Embedder:
             )
             # The first forward pass pays one-off kernel set-up.
             self._startup["first_pass_s"] = self._warm_up()
+            # On a shared GPU, the kernels it loaded count against this replica's share.
+            if (share := self._model.settle_gpu_share()) is not None:
+                logger.info(share)
             # After the replica is ready, not before: packing the weights takes a second or
             # two of memory writes and the row check two passes, which would lengthen every
             # cold start; meanwhile the plain paths serve. On one core, for the reason above.
@@ -158,6 +161,7 @@ class Embedder:
             "loaded": self._model is not None,
             "weights_packed": bool(self._model and self._model.weights_packed),
             "rows_shared": bool(self._model and self._model.rows_shared),
+            "gpu_share": self._model.gpu_share if self._model else None,  # MiB, on a shared GPU
             "failure": self._failure,
             "startup": self._startup,
             # Since the replica started (its warm-up pass aside); Prometheus has them too,

@@ -1,0 +1,36 @@
+"""A replica's cap on a shared GPU, CUDA context counted (pure logic: no GPU here; the GPU run
+of bench/gpu_check.py tries the cap for real). nvidia-smi is a fake on PATH (conftest.py)."""
+
+from __future__ import annotations
+
+import os
+
+from serve_app.model.gpushare import allocator_share, process_gpu_mib
+
+
+def test_the_allocator_gets_the_share_less_what_the_process_holds_outside_it():
+    # An RTX 3060 (12,288 MiB) shared by four: 3,072 MiB each. Capping the allocator at the
+    # whole 3,072 let each process hold its context on top, 4 x ~400 MiB more than the card.
+    share = allocator_share(0.25, 12288.0, 400.0)
+    assert (share.share_mib, share.outside_mib, share.cap_mib) == (3072.0, 400.0, 2672.0)
+    assert "capped at 2672 MiB" in share.sentence
+
+
+def test_an_unread_context_keeps_the_whole_share_and_says_so():
+    share = allocator_share(0.25, 12288.0, None)
+    assert share.cap_mib == 3072.0 and share.outside_mib is None
+    assert "could not be read from nvidia-smi" in share.sentence
+
+
+def test_a_share_smaller_than_the_context_asks_for_a_larger_fraction():
+    share = allocator_share(0.02, 12288.0, 400.0)
+    assert share.cap_mib == share.share_mib and "raise gpu_fraction" in share.sentence
+
+
+def test_this_process_is_found_in_nvidia_smis_listing(fake_nvidia_smi):
+    fake_nvidia_smi(f"{os.getpid()}, 610\n999999, 20\n")
+    assert process_gpu_mib(os.getpid()) == 610.0
+    fake_nvidia_smi("999999, 20\n")  # a container's pids: not found
+    assert process_gpu_mib(os.getpid()) is None
+    fake_nvidia_smi(None)
+    assert process_gpu_mib(os.getpid()) is None
