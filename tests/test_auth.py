@@ -47,6 +47,13 @@ def test_each_configured_key_works_and_health_stays_open(guarded):
     assert guarded.get("/openapi.json").status_code == 200
 
 
+def test_health_says_whether_keys_guard_the_api(guarded, http):
+    # With `serve deploy` the keys are read on the cluster, not in the deploying shell: an
+    # operator checks from afar that they took effect.
+    assert guarded.get("/health").json()["api_keys"] is True
+    assert http.get("/health").json()["api_keys"] is False
+
+
 def test_official_client_sends_its_key(guarded):
     good = openai.OpenAI(base_url="http://testserver/v1", api_key="beta-key", http_client=guarded)
     assert len(good.embeddings.create(model=BUNDLED, input="x").data) == 1

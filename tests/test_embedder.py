@@ -18,7 +18,6 @@ from serve_app.model.embedder import (
     choose_dtype,
     cpu_bf16_features,
     half_matmul_speedup,
-    hold_to_gpu_share,
     pool,
     tokenize_on_the_calling_thread,
 )
@@ -212,19 +211,6 @@ def _auto_on_a_cpu_reporting_bf16_units(speedup: float):
     """choose_dtype("auto") where torch reports AVX512-BF16 and the probe measures `speedup`."""
     return choose_dtype("auto", torch.device("cpu"), features=lambda: ["AVX512-BF16"],
                         speedup=lambda dtype: speedup)
-
-
-def test_a_gpu_replica_caps_its_allocator_through_torchs_own_argument_checks(monkeypatch):
-    # Only the driver calls are faked: torch's own set_per_process_memory_fraction runs,
-    # with its device checks, which refused the plain "cuda" device a replica picks.
-    capped = []
-    monkeypatch.setattr(torch.cuda.memory, "_lazy_init", lambda: None)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch._C, "_cuda_setMemoryFraction",
-                        lambda fraction, index: capped.append((fraction, index)), raising=False)
-    hold_to_gpu_share(0.25, torch.device("cuda"))
-    hold_to_gpu_share(0.5, torch.device("cuda", 1))
-    assert capped == [(0.25, 0), (0.5, 1)]
 
 
 def test_a_replica_with_no_gpu_share_runs_on_the_cpu_though_it_sees_a_gpu(monkeypatch, bundled_spec):

@@ -34,3 +34,42 @@ def test_this_process_is_found_in_nvidia_smis_listing(fake_nvidia_smi):
     assert process_gpu_mib(os.getpid()) is None
     fake_nvidia_smi(None)
     assert process_gpu_mib(os.getpid()) is None
+
+
+def test_a_replica_lowers_its_cap_by_its_context_after_its_first_pass(monkeypatch, fake_nvidia_smi):
+    # Only the driver calls are faked (no GPU here): torch's own set_per_process_memory_fraction
+    # runs, with its checks. A 12,288 MiB card, the allocator holding 1,300 MiB, nvidia-smi
+    # showing the process at 1,700 MiB: 400 MiB outside the allocator.
+    import torch
+
+    from serve_app.model.gpushare import settle_gpu_share
+
+    capped = []
+    monkeypatch.setattr(torch.cuda.memory, "_lazy_init", lambda: None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_setMemoryFraction",
+                        lambda fraction, index: capped.append((fraction, index)), raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: type("Card", (), {"total_memory": 12288 * 2**20})())
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 1300 * 2**20)
+    fake_nvidia_smi(f"{os.getpid()}, 1700\n")
+    share = settle_gpu_share(0.25, torch.device("cuda", 0))
+    assert (share.outside_mib, share.cap_mib) == (400.0, 2672.0)
+    assert capped == [(2672.0 / 12288.0, 0)]
+
+
+def test_a_gpu_replica_caps_its_allocator_through_torchs_own_argument_checks(monkeypatch):
+    import torch
+
+    from serve_app.model.gpushare import hold_to_gpu_share
+
+    # Only the driver calls are faked: torch's own set_per_process_memory_fraction runs,
+    # with its device checks, which refused the plain "cuda" device a replica picks.
+    capped = []
+    monkeypatch.setattr(torch.cuda.memory, "_lazy_init", lambda: None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_setMemoryFraction",
+                        lambda fraction, index: capped.append((fraction, index)), raising=False)
+    hold_to_gpu_share(0.25, torch.device("cuda"))
+    hold_to_gpu_share(0.5, torch.device("cuda", 1))
+    assert capped == [(0.25, 0), (0.5, 1)]

@@ -163,7 +163,8 @@ async def health(request: Request) -> Response:
     service: EmbeddingService = request.app.state.service
     replica_state = getattr(service.backend, "replica_state", None)
     state = await replica_state() if replica_state is not None else "in-process"
-    return JSONResponse({"status": "ok", "model": service.model_id, "replicas": state})
+    return JSONResponse({"status": "ok", "model": service.model_id, "replicas": state,
+                         "api_keys": request.app.state.keyed})
 
 
 async def openapi(request: Request) -> Response:
@@ -344,5 +345,6 @@ def create_app(service: EmbeddingService, api_key_digests: list[str] | None = No
         },
     )
     app.state.service = service
+    app.state.keyed = bool(api_key_digests)  # /health says so: an operator can check from afar
     app.state.openapi = openapi_document(service.model_id)
     return app

@@ -158,6 +158,7 @@ class Health(BaseModel):
     status: Literal["ok"]
     model: str
     replicas: str = Field(description="Whether the model is loaded; /health never wakes it.")
+    api_keys: bool = Field(description="Whether API keys guard the API (EMBED_API_KEYS where the app was built).")
 
 
 Model = TypeVar("Model", bound=BaseModel)
