@@ -181,7 +181,9 @@ class Embedder:
     # the column's passes. The scheduler pools waiting texts into shared passes itself
     # and answers each request when its own texts are done.
     async def embed(self, texts: list[Item]):
-        if self._scheduler is None:
+        # A replica whose start failed after its scheduler existed (its warm-up pass, say)
+        # answers as one whose model never loaded: Ray is replacing it.
+        if self._scheduler is None or self._failure is not None:
             return Failure(self._failure or "The model is not loaded.")
         return await self._scheduler.embed(texts)
 
