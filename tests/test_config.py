@@ -32,6 +32,8 @@ def test_cli_strings_are_typed():
     [
         {"gpu_fraction": 1.5},
         {"min_replicas": 3, "max_replicas": 2},
+        {"initial_replicas": 3, "max_replicas": 2},  # Ray refused it inside build_app
+        {"max_queued_requests": 0},  # Ray's rule: -1 or a positive number
         {"max_batch_texts": 0},
         {"instruction_template": "no slot here"},
         {"unknown_setting": 1},

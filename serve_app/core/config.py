@@ -176,7 +176,9 @@ class AppArgs(BaseModel):
     replica_cpus: float = Field(1.0, ge=0)
     min_replicas: int = Field(0, ge=0)
     max_replicas: int | None = Field(
-        None, ge=1, description="Default: 1/gpu_fraction on GPUs (4 at 0.25), 1 on a CPU."
+        None, ge=1, description=(
+            "Default: as many as fit on one GPU (4 at gpu_fraction 0.25, 3 at 0.3), 1 on a CPU; "
+            "never below min_replicas or initial_replicas.")
     )
     initial_replicas: int | None = Field(None, ge=0)
     target_ongoing_requests: float = Field(4.0, gt=0)
@@ -260,6 +262,11 @@ class AppArgs(BaseModel):
             raise ValueError("min_replicas must not exceed max_replicas")
         if self.initial_replicas is not None and self.initial_replicas < self.min_replicas:
             raise ValueError("initial_replicas must not be below min_replicas")
+        if (self.max_replicas is not None and self.initial_replicas is not None
+                and self.initial_replicas > self.max_replicas):
+            raise ValueError("initial_replicas must not exceed max_replicas")
+        if self.max_queued_requests == 0:  # Ray's own rule: -1 or a positive number
+            raise ValueError("max_queued_requests must be -1 (unbounded) or at least 1, not 0")
         return self
 
     @property

@@ -37,7 +37,8 @@ def build_app(args: AppArgs) -> Application:
     gpu = resolve_gpu_fraction(args.gpu_fraction)
     autoscaling = {
         "min_replicas": args.min_replicas,
-        "max_replicas": resolve_max_replicas(args.max_replicas, gpu),
+        "max_replicas": resolve_max_replicas(args.max_replicas, gpu,
+                                             max(args.min_replicas, args.initial_replicas or 0)),
         "initial_replicas": args.initial_replicas,
         "target_ongoing_requests": args.target_ongoing_requests,
         "upscale_delay_s": args.upscale_delay_s,

@@ -25,11 +25,14 @@ def resolve_gpu_fraction(requested: float | None) -> float:
     return requested
 
 
-def resolve_max_replicas(requested: int | None, gpu_fraction: float) -> int:
-    """Default ceiling: as many replicas as fit on one GPU, or one on a CPU."""
+def resolve_max_replicas(requested: int | None, gpu_fraction: float, floor: int = 0) -> int:
+    """Default ceiling: as many replicas as fit on one GPU (whole shares only: at 0.3, three,
+    not the four that would ask for 1.2 GPUs), or one on a CPU; never below `floor` (the
+    min_replicas or initial_replicas asked for, which Ray would otherwise refuse)."""
     if requested is not None:
         return requested
-    return max(1, int(round(1 / gpu_fraction))) if gpu_fraction > 0 else 1
+    fits = int(1 / gpu_fraction + 1e-9) if gpu_fraction > 0 else 1
+    return max(1, fits, floor)
 
 
 def visible_gpus() -> float:
