@@ -206,6 +206,35 @@ def test_cache_serves_repeats_and_every_dimension_from_one_entry(bundled_embedde
         assert counter.texts == 4  # a query embedding is a different entry
 
 
+class VersionedBackend(CountingBackend):
+    """The real model, answering as a replica of the given settings does."""
+
+    def __init__(self, backend, version: str) -> None:
+        super().__init__(backend)
+        self.version = version
+
+    async def embed(self, texts):
+        encoded = await super().embed(texts)
+        encoded.version = self.version
+        return encoded
+
+
+def test_answers_of_other_model_settings_are_not_cached(bundled_embedder):
+    # A rolling update to a new model revision under the same served name: the new ingress
+    # hears from replicas of the old revision too. Their vectors were cached under the new
+    # settings' keys and served long after the update.
+    with client_for(bundled_embedder) as http:
+        service = http.app.state.service
+        service.backend = VersionedBackend(service.backend, "Qwen/Qwen3-Embedding-0.6B@old-commit ...")
+        for _ in range(2):
+            assert http.post("/v1/embeddings", json={"input": "Rent is due monthly."}).status_code == 200
+        assert service.backend.texts == 2  # not cached: asked again
+        service.backend = VersionedBackend(service.backend.backend, service.version)
+        for _ in range(2):
+            http.post("/v1/embeddings", json={"input": "Rent is due monthly."})
+        assert service.backend.texts == 1  # its own settings' answer is cached
+
+
 def test_cache_is_bounded_in_bytes_and_can_be_off():
     cache = EmbeddingCache("m", max_bytes=10 * (384 * 4 + 200))
     for i in range(25):

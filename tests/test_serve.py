@@ -73,6 +73,9 @@ def test_qwen3_standin_is_served_through_the_openai_client(serve_cluster, small_
     texts = ["合同终止的条件是什么？", "Either party may terminate with thirty days' notice."]
     response = client.embeddings.create(model=model, input=texts)  # base64, as the client asks
     got = np.array([d.embedding for d in response.data])
+    # The replica's answers carry its settings' version, the ingress's own, so they are cached.
+    repeat = httpx.post(f"{url}/v1/embeddings", json={"input": texts}, timeout=60)
+    assert repeat.headers["server-timing"].startswith("model;dur=0.0"), repeat.headers["server-timing"]
     dtype = "bfloat16" if cpu_bf16_features() else "float32"  # what dtype=auto picks here
     reference_model = TextEmbedder(resolve_model(model), dtype=dtype)
     reference = reference_model.encode(texts)

@@ -49,9 +49,10 @@ class Encoded:
     truncated: list[bool]  # whether a text was cut to the token limit
     model_ms: float = 0.0  # time in the forward pass that produced these (shared by its batch)
     runtime: Runtime | None = None  # the replica's device and precision
+    version: str | None = None  # the replica's model_version (core.modelinfo); None in process
 
     def slice(self, start: int, end: int) -> Encoded:
         return Encoded(
             self.vectors[start:end], self.tokens[start:end], self.truncated[start:end],
-            self.model_ms, self.runtime,
+            self.model_ms, self.runtime, self.version,
         )

@@ -67,6 +67,14 @@ class ModelSpec:
     subfolder: str = ""
 
 
+def model_version(spec: ModelSpec, max_input_tokens: int, dtype: str, device: str) -> str:
+    """What a replica's vectors depend on beyond the served name: the weights (a hub model's
+    commit), the token limit and the precision and device asked for. During a rolling update
+    the new ingress hears from replicas of the old settings too; it caches only answers of
+    its own version."""
+    return f"{spec.source}@{spec.revision or 'local'} max_input_tokens={max_input_tokens} dtype={dtype} device={device}"
+
+
 def resolve_model(name: str, revision: str | None = None) -> ModelSpec:
     """Find `name` (alias, directory or hub id; a hub model at `revision`, else at `main`)
     and read its spec, or raise ModelLoadError."""

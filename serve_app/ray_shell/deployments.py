@@ -21,7 +21,7 @@ from ray.serve.handle import DeploymentHandle
 from serve_app.core.config import AppArgs
 from serve_app.core.encoded import Item
 from serve_app.core.errors import ModelOutputError
-from serve_app.core.modelinfo import ModelSpec
+from serve_app.core.modelinfo import ModelSpec, model_version
 from serve_app.ray_shell.metrics import Metrics
 from serve_app.ray_shell.transport import Failure, RayBackend, handle_for_this_replica
 from serve_app.ray_shell.warmstart import ensure_zygote, preload_for
@@ -40,6 +40,8 @@ class Embedder:
 
     def __init__(self, args: dict, spec: dict, gpu_fraction: float) -> None:
         settings = AppArgs.model_validate(args)
+        self._version = model_version(ModelSpec(**spec), settings.max_input_tokens, settings.dtype,
+                                      settings.device)
         self._metrics = Metrics()
         self._scheduler = None  # a ForwardScheduler once the model is loaded
         self._model = None
@@ -185,7 +187,9 @@ class Embedder:
         # answers as one whose model never loaded: Ray is replacing it.
         if self._scheduler is None or self._failure is not None:
             return Failure(self._failure or "The model is not loaded.")
-        return await self._scheduler.embed(texts)
+        encoded = await self._scheduler.embed(texts)
+        encoded.version = self._version
+        return encoded
 
 
 def _process_age_s() -> float:

@@ -17,7 +17,7 @@ import numpy as np
 from serve_app.core.config import AppArgs
 from serve_app.core.encoded import Encoded, Item, Runtime
 from serve_app.core.errors import InvalidRequest, ModelNotFound
-from serve_app.core.modelinfo import ModelSpec
+from serve_app.core.modelinfo import ModelSpec, model_version
 from serve_app.core.prompts import prompt_prefix
 from serve_app.core.vectors import truncate
 from serve_app.web.cache import EmbeddingCache
@@ -52,6 +52,9 @@ class EmbeddingService:
         self.backend = backend
         self.metrics = metrics  # serve_app.ray_shell.metrics.Metrics, or None
         self.cache = EmbeddingCache(args.model_id, args.cache_max_mb * 1024 * 1024)
+        # Only answers of these settings are cached: during a rolling update (a new model
+        # revision under the same served name) replicas of the old ones still answer.
+        self.version = model_version(spec, args.max_input_tokens, args.dtype, args.device)
         self.runtime: Runtime | None = None  # as the last replica that answered reported it
 
     @property
@@ -127,10 +130,12 @@ class EmbeddingService:
         position = 0
         self.runtime = parts[-1].runtime or self.runtime
         for part in parts:
+            ours = part.version in (None, self.version)  # None: a model in this process
             for j in range(len(part.tokens)):
                 i = missing[position]
                 vectors[i], tokens[i], cut[i] = part.vectors[j], part.tokens[j], part.truncated[j]
-                self.cache.put(keys[i], part.vectors[j], part.tokens[j], part.truncated[j])
+                if ours:
+                    self.cache.put(keys[i], part.vectors[j], part.tokens[j], part.truncated[j])
                 position += 1
         return max(p.model_ms for p in parts)
 
