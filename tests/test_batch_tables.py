@@ -9,6 +9,7 @@ import signal
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet  # noqa: F401  (pa.parquet)
 import pytest
 import ray
 
@@ -250,3 +251,32 @@ def test_a_value_error_inside_a_ray_task_keeps_its_traceback_and_ours_are_senten
     assert _a_bug_in_a_task(from_an_actor(ValueError("a bug")))
     assert not _a_bug_in_a_task(from_an_actor(ModelOutputError.not_finite([0], "float16", "cpu")))
     assert not _a_bug_in_a_task(ValueError("--dimensions must be between 32 and 384"))
+
+
+def test_repeated_or_clashing_column_names_are_refused_before_any_work(tmp_path):
+    # Columns are matched by name across a folder's files: two with one name (trailing
+    # commas make nameless ones) failed the job part way with KeyError.
+    nameless = tmp_path / "nameless.csv"
+    nameless.write_text("text,n,,\nhello,1,,\n")
+    with pytest.raises(JobInputError, match="more than one column named one with no name"):
+        require_columns([nameless], "csv", ["text"])
+    twice = tmp_path / "twice.csv"
+    twice.write_text("note,text,note\n1,hello,x\n")
+    with pytest.raises(JobInputError, match="more than one column named 'note'"):
+        require_columns([twice], "csv", ["text"])
+    embedded = tmp_path / "embedded.parquet"
+    pa.parquet.write_table(pa.table({"text": ["a"], "embedding": [[0.1, 0.2]]}), embedded)
+    with pytest.raises(JobInputError, match="already has a column 'embedding', the one this job adds"):
+        require_columns([embedded], "parquet", ["text"], adds="embedding")
+
+
+def test_whole_numbers_of_two_widths_keep_whole_numbers():
+    # int32 in one Parquet file, int64 in another: float64 would not hold ids above 2**53.
+    schema = common_schema([pa.schema([("id", pa.int32())]), pa.schema([("id", pa.int64())])])
+    assert schema.types == [pa.int64()]
+
+
+def test_a_column_that_is_text_from_the_start_is_not_read_through(tmp_path):
+    rows = tmp_path / "rows.csv"
+    rows.write_text("body,n\n" + "".join(f"long text {i},{i}\n" for i in range(50)))
+    assert csv_schema(rows, ["title"]).types == [pa.string(), pa.int64()]

@@ -223,3 +223,13 @@ def test_a_web_page_where_the_service_should_be_is_said_as_such():
         client.close()
         server.shutdown()
         server.server_close()
+
+
+def test_plain_http_needs_no_truststore_and_https_without_it_is_a_sentence(monkeypatch):
+    # A desk updated with `pip install --no-deps` from before truststore was needed.
+    import sys
+
+    monkeypatch.setitem(sys.modules, "truststore", None)  # import truststore -> ImportError
+    EmbedClient(Settings(server_url="http://127.0.0.1:8000")).close()
+    with pytest.raises(ServiceError, match="HTTPS needs the truststore package"):
+        EmbedClient(Settings(server_url="https://embeddings.office.lan:8443"))

@@ -73,3 +73,11 @@ def test_a_gpu_replica_caps_its_allocator_through_torchs_own_argument_checks(mon
     hold_to_gpu_share(0.25, torch.device("cuda"))
     hold_to_gpu_share(0.5, torch.device("cuda", 1))
     assert capped == [(0.25, 0), (0.5, 1)]
+
+
+def test_a_cap_that_would_leave_no_room_beside_the_weights_keeps_the_share():
+    # Lowered below what the model already holds, every pass needing new memory would fail
+    # after the replica said it was ready.
+    share = allocator_share(0.25, 12288.0, 400.0, in_use_mib=2600.0)
+    assert share.cap_mib == 3072.0 and "raise gpu_fraction" in share.sentence
+    assert allocator_share(0.25, 12288.0, 400.0, in_use_mib=1200.0).cap_mib == 2672.0

@@ -60,7 +60,11 @@
    * be calculated before the task pane opens), so none runs without the key or the
    * default instruction. Storage that cannot be read leaves the defaults. */
   function settingsReady() {
-    if (loading === null) loading = loadSettings().catch(() => undefined);
+    if (loading === null) {
+      loading = loadSettings().catch(() => {
+        loading = null; // read again by the next caller (the task pane, once Office is ready)
+      });
+    }
     return loading;
   }
 

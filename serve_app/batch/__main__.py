@@ -148,14 +148,15 @@ def _check_inputs(opts: argparse.Namespace, output: str) -> None:
     if opts.command == "search":
         if opts.k < 1:
             raise JobInputError(f"--k must be at least 1, not {opts.k}.")
-        checks = [(opts.queries, [opts.query_column]), (opts.corpus, [opts.corpus_column])]
+        checks = [(opts.queries, [opts.query_column], "embedding"),  # added to each, then dropped
+                  (opts.corpus, [opts.corpus_column], "embedding")]
     elif opts.command == "similarity":
-        checks = [(opts.input, [opts.left, opts.right])]
+        checks = [(opts.input, [opts.left, opts.right], "similarity")]
     else:
-        checks = [(opts.input, [opts.column])]
-    for path, columns in checks:
+        checks = [(opts.input, [opts.column], "embedding")]
+    for path, columns, adds in checks:
         files, fmt = input_files(path, output)
-        require_columns(files, fmt, columns, opts.sheet)
+        require_columns(files, fmt, columns, opts.sheet, adds)
 
 
 def _dimensions(dimensions: int | None, args: AppArgs, full: int) -> int | None:

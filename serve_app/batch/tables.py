@@ -81,8 +81,11 @@ def column_names(file: Path, fmt: str, sheet: str | None = None) -> list[str]:
         raise JobInputError(f"Cannot read {file} as {fmt.upper()}: {exc}") from exc
 
 
-def require_columns(files: list[Path], fmt: str, wanted: list[str], sheet: str | None = None) -> None:
-    """Fail at once, listing the columns a file has, when one it needs is missing."""
+def require_columns(files: list[Path], fmt: str, wanted: list[str], sheet: str | None = None,
+                    adds: str | None = None) -> None:
+    """Fail at once, listing the columns a file has, when one it needs is missing; and when
+    two columns share a name, or one already has the name of the column the job adds
+    (`adds`): columns are matched by name across the files of a folder."""
     for file in files:
         have = column_names(file, fmt, sheet)
         missing = [c for c in wanted if c not in have]
@@ -91,6 +94,35 @@ def require_columns(files: list[Path], fmt: str, wanted: list[str], sheet: str |
                 f"{file.name} has no column {', '.join(repr(m) for m in missing)}. "
                 f"Its columns are: {', '.join(repr(h) for h in have)}."
             )
+        named = _header(file, fmt) or have
+        repeated = sorted({name for name in named if named.count(name) > 1})
+        if repeated:
+            which = ", ".join("one with no name" if not n else repr(n) for n in repeated)
+            raise JobInputError(
+                f"{file.name} has more than one column named {which}: give each column a name "
+                "of its own (columns are matched by name)."
+            )
+        if adds is not None and adds in named:
+            raise JobInputError(
+                f"{file.name} already has a column {adds!r}, the one this job adds: rename or "
+                "remove it first."
+            )
+
+
+def _header(file: Path, fmt: str) -> list[str] | None:
+    """A file's column names as Ray Data's readers see them (pandas renames repeats)."""
+    try:
+        if fmt == "csv":
+            from pyarrow import csv
+
+            return list(csv.open_csv(file).schema.names)
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            return list(pq.read_schema(file).names)
+    except (pa.ArrowInvalid, OSError):
+        return None  # read again, and refused with the reason, when the job reads it
+    return None
 
 
 def csv_schema(file: Path, text_columns: list[str]) -> pa.Schema:
@@ -104,21 +136,25 @@ def csv_schema(file: Path, text_columns: list[str]) -> pa.Schema:
         names = csv.open_csv(file).schema.names  # as Ray Data's reader names them
     except pa.ArrowInvalid as exc:
         raise JobInputError(f"Cannot read {file} as CSV: {exc}") from exc
-    others = [n for n in names if n not in text_columns]
+    # A column that is text in the first block stays text, whatever follows; only the others
+    # (numbers, dates, blanks: small) are read through the whole file.
+    first = dict(zip(names, csv.open_csv(file).schema.types, strict=True))
+    others = [n for n in names if n not in text_columns and not pa.types.is_string(first[n])]
     types = {}
-    if others:  # only those columns are converted; the text ones are merely parsed over
+    if others:  # only those columns are converted; the rest are merely parsed over
         try:
             inferred = csv.read_csv(file, convert_options=csv.ConvertOptions(include_columns=others))
         except pa.ArrowInvalid as exc:
             raise JobInputError(f"Cannot read {file} as CSV: {exc}") from exc
         types = {field.name: field.type for field in inferred.schema}
-    return pa.schema([(n, pa.string() if n in text_columns else types[n]) for n in names])
+    return pa.schema([(n, types.get(n, pa.string())) for n in names])
 
 
 def common_schema(schemas: list[pa.Schema]) -> pa.Schema:
     """One type for each column across the input files, which infer their own (a folder of
-    exports): a column blank in one file takes the others' type; whole and decimal numbers
-    make decimals; any other disagreement, or a column blank everywhere, makes text. The
+    exports): a column blank in one file takes the others' type; whole numbers of two widths
+    take the wider; whole and decimal numbers make decimals; any other disagreement, or a
+    column blank everywhere, makes text. The
     columns in the order they are first met."""
     found: dict[str, list[pa.DataType]] = {}
     for schema in schemas:
@@ -131,6 +167,8 @@ def _one_type(types: list[pa.DataType]) -> pa.DataType:
     kinds = {t for t in types if not pa.types.is_null(t)}
     if len(kinds) == 1:
         return kinds.pop()
+    if kinds and all(pa.types.is_integer(t) for t in kinds):  # int32 and int64: the wider
+        return pa.int64() if any(pa.types.is_signed_integer(t) for t in kinds) else pa.uint64()
     if kinds and all(pa.types.is_integer(t) or pa.types.is_floating(t) for t in kinds):
         return pa.float64()
     return pa.string()

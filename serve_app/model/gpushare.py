@@ -52,14 +52,17 @@ def settle_gpu_share(fraction: float, device: torch.device) -> GpuShare:
     outside = None
     if process_mib is not None:
         outside = max(0.0, process_mib - torch.cuda.memory_reserved(device) / MIB)
-    share = allocator_share(fraction, total_mib, outside)
+    share = allocator_share(fraction, total_mib, outside, torch.cuda.memory_allocated(device) / MIB)
     torch.cuda.set_per_process_memory_fraction(share.cap_mib / total_mib, device.index)
+    torch.cuda.empty_cache()  # cached blocks above the new cap go back to the card
     return share
 
 
-def allocator_share(fraction: float, total_mib: float, outside_mib: float | None) -> GpuShare:
+def allocator_share(fraction: float, total_mib: float, outside_mib: float | None,
+                    in_use_mib: float = 0.0) -> GpuShare:
     """The allocator's cap for a process allowed `fraction` of a card of `total_mib` that
-    holds `outside_mib` outside the allocator (None: not known)."""
+    holds `outside_mib` outside the allocator (None: not known) and has `in_use_mib` of
+    tensors live (the weights)."""
     share = fraction * total_mib
     if outside_mib is None:
         return GpuShare(share, None, share, (
@@ -72,6 +75,11 @@ def allocator_share(fraction: float, total_mib: float, outside_mib: float | None
             f"holds outside torch's allocator ({outside_mib:.0f} MiB: the CUDA context and kernels): raise "
             "gpu_fraction. The allocator is capped at the whole share."))
     cap = share - outside_mib
+    if cap < in_use_mib * 1.25:  # no room left for a pass's activations: every one would fail
+        return GpuShare(share, outside_mib, share, (
+            f"GPU share {share:.0f} MiB ({fraction:g} of {total_mib:.0f} MiB) less this process's "
+            f"{outside_mib:.0f} MiB of CUDA context leaves too little beside the model's "
+            f"{in_use_mib:.0f} MiB: raise gpu_fraction. The allocator is capped at the whole share."))
     return GpuShare(share, outside_mib, cap, (
         f"GPU share {share:.0f} MiB ({fraction:g} of {total_mib:.0f} MiB): {outside_mib:.0f} MiB of CUDA "
         f"context and kernels, so torch's allocator is capped at {cap:.0f} MiB."))
