@@ -45,7 +45,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 import numpy as np  # noqa: E402
 from corpus import sentences, short_texts  # noqa: E402
 
-from serve_app.model.gpushare import gpu_memory_by_pid  # noqa: E402  (the replicas' reading)
+from serve_app.model.gpushare import (  # noqa: E402  (the replicas' own readings)
+    gpu_memory_by_pid,
+    nvidia_smi,
+    process_gpu_mib,
+)
 
 PARITY_TARGET = 0.999  # least cosine of a reduced-precision vector with its float32 one
 REPLICAS = 4
@@ -181,7 +185,7 @@ def context_mib() -> float | None:
     import torch
 
     torch.zeros(1, device="cuda")
-    mine = gpu_memory_by_pid().get(os.getpid())
+    mine = process_gpu_mib(os.getpid())
     if mine is None:
         say("  nvidia-smi lists no process with this pid (a container's PID namespace?)")
         return None
@@ -234,7 +238,7 @@ def cap_probe(fraction: float) -> dict:
     allocation past the cap must be refused. The card is given back uncapped after."""
     import torch
 
-    from serve_app.model.gpushare import MIB, hold_to_gpu_share, process_gpu_mib, settle_gpu_share
+    from serve_app.model.gpushare import MIB, hold_to_gpu_share, settle_gpu_share
 
     device = torch.device("cuda", torch.cuda.current_device())
     hold_to_gpu_share(fraction, device)
@@ -369,15 +373,6 @@ def describe_replicas(app: str, count: int, deadline: float) -> list[dict]:
     if failed:
         raise RuntimeError(failed[0])
     return sorted(found.values(), key=lambda r: r["pid"])
-
-
-def nvidia_smi(*args: str) -> str | None:
-    """What `nvidia-smi ARGS` prints, or None where it is missing or fails."""
-    try:
-        return subprocess.run(["nvidia-smi", *args], capture_output=True, text=True,
-                              check=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def compute_mode() -> str | None:
@@ -532,17 +527,23 @@ def cap_rows(cap: dict) -> list[tuple[str, str, str, str]]:
     """The cap tried in this process: the whole process inside its share up to the cap, and
     refused past it."""
     target = f"<= {cap['share_mib']:.0f} MiB"
-    outside = f"{cap['outside_mib']:.0f}" if cap.get("outside_mib") is not None else "unread"
     held = cap.get("process_mib")
     return [
-        (f"cap at {GPU_FRACTION:g}: context + allocator", f"{outside} + {cap['cap_mib']:.0f} MiB", target,
-         "unknown" if cap.get("outside_mib") is None
-         else verdict(cap["outside_mib"] + cap["cap_mib"] <= cap["share_mib"] + 1)),
+        cap_row(f"cap at {GPU_FRACTION:g}: context + allocator", cap, cap["share_mib"]),
         ("filled up to the cap: the process", f"{mib_text(held)} ({cap['within']})", target,
          "unknown" if held is None and cap["within"] == "allowed"
          else verdict(cap["within"] == "allowed" and held <= cap["share_mib"])),
         ("one allocation past the cap", cap["beyond"], "refused", verdict(cap["beyond"] == "refused")),
     ]
+
+
+def cap_row(label: str, cap: dict, share: float) -> tuple[str, str, str, str]:
+    """A cap as gpushare set it (its `gpu_share`): what it holds outside the allocator plus the
+    allocator's cap, against the share; unknown where the outside could not be read."""
+    outside = cap.get("outside_mib")
+    measured = f"{'unread' if outside is None else f'{outside:.0f}'} + {cap['cap_mib']:.0f} MiB"
+    met = "unknown" if outside is None else verdict(outside + cap["cap_mib"] <= share + 1)
+    return label, measured, f"<= {share:.0f} MiB", met
 
 
 def memory_rows(r: dict) -> list[tuple[str, str, str, str]]:
@@ -562,11 +563,7 @@ def memory_rows(r: dict) -> list[tuple[str, str, str, str]]:
         out.append((f"replica {pid} peak, context incl.", mib_text(mib) + beyond, target,
                     verdict(mib <= share) if mib else "unknown"))
         if caps.get(pid):  # what the replica set: its cap, less what it holds outside it
-            cap = caps[pid]
-            outside = cap.get("outside_mib")
-            out.append((f"replica {pid} cap: context + allocator",
-                        f"{'unread' if outside is None else f'{outside:.0f}'} + {cap['cap_mib']:.0f} MiB",
-                        target, "unknown" if outside is None else verdict(outside + cap["cap_mib"] <= share + 1)))
+            out.append(cap_row(f"replica {pid} cap: context + allocator", caps[pid], share))
     if not any(peaks.get(pid) for pid in pids) and "device" in peaks:
         # No per-process figures (nvidia-smi in a container): the card's growth, shared out.
         mean = (peaks["device"] - served.get("card_before_mib", 0.0)) / max(len(pids), 1)

@@ -40,18 +40,19 @@ def not_available() -> Any:
 
 
 def readable(function):
-    """Turn any failure into one sentence for the cell; never a traceback."""
+    """Turn any failure into one sentence for the cell; never a traceback, and never None."""
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
         try:
-            return function(*args, **kwargs)
+            result = function(*args, **kwargs)
         except ServiceError as exc:
             return str(exc)
         except ValueError as exc:
             return f"{function.__name__.upper()}: {exc}"
         except Exception as exc:  # noqa: BLE001 - a cell must never show a traceback
             return f"{function.__name__.upper()} failed unexpectedly ({type(exc).__name__}: {exc})."
+        return "" if result is None else result  # None: see the module's docstring
 
     return wrapper
 
@@ -111,7 +112,7 @@ def semantic_search(query, candidates, k=5, instruction=None):
     top = 5 if k in (None, "") else _whole_number(k, "k", low=1, high=10_000)
     question = cell_text(query)
     if isinstance(question, Blank):
-        return ""
+        return None
     if isinstance(question, CellError):
         return not_available()
     texts = [t for t in dict.fromkeys(cell_text(c) for c in flatten(as_grid(candidates))) if isinstance(t, str)]
@@ -200,9 +201,7 @@ def _broadcast(grid, rows: int, cols: int):
 
 
 def _single_or_grid(grid):
-    if shape(grid) != (1, 1):
-        return grid
-    return "" if grid[0][0] is None else grid[0][0]  # never None: see the module's docstring
+    return grid[0][0] if shape(grid) == (1, 1) else grid
 
 
 def _whole_number(value, name: str, low: int, high: int) -> int:

@@ -69,10 +69,7 @@ class EmbedRows:
         self.threads = cpus
         # A job runs for minutes: its CPU fast paths (packed weights, shared rows) go on
         # before the first batch, not beside it as in a replica.
-        fast_paths = " ".join(self.model.speed_up())
-        if self.model.device.type == "cuda":  # a first pass loads the kernels the share counts
-            self.model.encode(["warm up"], threads=lambda: self.threads)
-            fast_paths += " " + (self.model.settle_gpu_share() or "")
+        fast_paths = " ".join(filter(None, [*self.model.speed_up(), self.model.settle_gpu_share()]))
         how = "forked from the warm-start process" if forked_from_zygote() else "cold start"
         print(f"Model {self.model.spec.name} loaded in {time.perf_counter() - started:.1f} s ({how}). "
               f"{fast_paths}", flush=True)

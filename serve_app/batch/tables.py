@@ -66,14 +66,17 @@ def output_format(path: str | Path, allowed: tuple[str, ...]) -> str:
 
 
 def column_names(file: Path, fmt: str, sheet: str | None = None) -> list[str]:
-    """The header of one input file, read without loading its rows."""
+    """The header of one input file, read without loading its rows (a CSV's first block),
+    as the job's reader names the columns: repeats kept (pandas would rename them)."""
     try:
         if fmt == "parquet":
             import pyarrow.parquet as pq
 
             return list(pq.read_schema(file).names)
         if fmt == "csv":
-            return [str(c) for c in pd.read_csv(file, nrows=0).columns]
+            from pyarrow import csv
+
+            return list(csv.open_csv(file).schema.names)  # as Ray Data's reader names them
         return [str(c) for c in read_xlsx(file, sheet, nrows=0).columns]
     except JobInputError:
         raise
@@ -94,35 +97,18 @@ def require_columns(files: list[Path], fmt: str, wanted: list[str], sheet: str |
                 f"{file.name} has no column {', '.join(repr(m) for m in missing)}. "
                 f"Its columns are: {', '.join(repr(h) for h in have)}."
             )
-        named = _header(file, fmt) or have
-        repeated = sorted({name for name in named if named.count(name) > 1})
+        repeated = sorted({name for name in have if have.count(name) > 1})
         if repeated:
             which = ", ".join("one with no name" if not n else repr(n) for n in repeated)
             raise JobInputError(
                 f"{file.name} has more than one column named {which}: give each column a name "
                 "of its own (columns are matched by name)."
             )
-        if adds is not None and adds in named:
+        if adds is not None and adds in have:
             raise JobInputError(
                 f"{file.name} already has a column {adds!r}, the one this job adds: rename or "
                 "remove it first."
             )
-
-
-def _header(file: Path, fmt: str) -> list[str] | None:
-    """A file's column names as Ray Data's readers see them (pandas renames repeats)."""
-    try:
-        if fmt == "csv":
-            from pyarrow import csv
-
-            return list(csv.open_csv(file).schema.names)
-        if fmt == "parquet":
-            import pyarrow.parquet as pq
-
-            return list(pq.read_schema(file).names)
-    except (pa.ArrowInvalid, OSError):
-        return None  # read again, and refused with the reason, when the job reads it
-    return None
 
 
 def csv_schema(file: Path, text_columns: list[str]) -> pa.Schema:
@@ -133,13 +119,14 @@ def csv_schema(file: Path, text_columns: list[str]) -> pa.Schema:
     from pyarrow import csv
 
     try:
-        names = csv.open_csv(file).schema.names  # as Ray Data's reader names them
+        first = csv.open_csv(file).schema  # the first block's names and types
     except pa.ArrowInvalid as exc:
         raise JobInputError(f"Cannot read {file} as CSV: {exc}") from exc
     # A column that is text in the first block stays text, whatever follows; only the others
     # (numbers, dates, blanks: small) are read through the whole file.
-    first = dict(zip(names, csv.open_csv(file).schema.types, strict=True))
-    others = [n for n in names if n not in text_columns and not pa.types.is_string(first[n])]
+    names = first.names
+    others = [field.name for field in first
+              if field.name not in text_columns and not pa.types.is_string(field.type)]
     types = {}
     if others:  # only those columns are converted; the rest are merely parsed over
         try:

@@ -6,6 +6,7 @@ nothing else re-implements pooling, padding or truncation.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -115,10 +116,13 @@ class TextEmbedder:
         )
 
     def settle_gpu_share(self) -> str | None:
-        """Once a pass has run: hold the whole process, CUDA context included, to its share
-        of the GPU (model.gpushare); a sentence saying how, or None off a shared GPU."""
+        """Hold the whole process, CUDA context included, to its share of the GPU
+        (model.gpushare), after a one-text pass that loads the kernels the share must count;
+        a sentence saying how, or None off a shared GPU."""
         if not self._gpu_fraction:
             return None
+        with contextlib.suppress(ModelOutputError):  # float16 overflowing: its requests say so
+            self.encode(["warm up"])
         share = settle_gpu_share(self._gpu_fraction, self.device)
         self.gpu_share = share.as_dict()
         return share.sentence

@@ -88,19 +88,21 @@ def allocator_share(fraction: float, total_mib: float, outside_mib: float | None
 def process_gpu_mib(pid: int) -> float | None:
     """MiB `pid` holds on the GPUs, context included, as `nvidia-smi` reports it; None where
     it cannot say (no nvidia-smi, or a container's process ids)."""
-    found = gpu_memory_by_pid()
-    return found.get(pid)
+    return gpu_memory_by_pid().get(pid)
+
+
+def nvidia_smi(*args: str) -> str | None:
+    """What `nvidia-smi ARGS` prints, or None where it is missing or fails."""
+    try:
+        return subprocess.run(["nvidia-smi", *args], capture_output=True, text=True,
+                              check=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def gpu_memory_by_pid() -> dict[int, float]:
     """MiB per process on the GPUs, CUDA context included, as nvidia-smi reports it."""
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, check=True, timeout=10,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return {}
+    out = nvidia_smi("--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits") or ""
     usage: dict[int, float] = {}
     for line in out.splitlines():
         pid, _, mib = line.partition(",")

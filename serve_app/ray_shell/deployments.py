@@ -85,8 +85,8 @@ class Embedder:
             )
             # The first forward pass pays one-off kernel set-up.
             self._startup["first_pass_s"] = self._warm_up()
-            # On a shared GPU, the kernels it loaded count against this replica's share.
-            if (share := self._model.settle_gpu_share()) is not None:
+            # On a shared GPU: the kernels loaded count against this replica's share.
+            if (share := home.submit(self._model.settle_gpu_share).result()) is not None:
                 logger.info(share)
             # After the replica is ready, not before: packing the weights takes a second or
             # two of memory writes and the row check two passes, which would lengthen every
