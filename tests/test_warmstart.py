@@ -440,3 +440,59 @@ def test_changed_code_gets_a_new_zygote(tmp_path):
     assert second != first
     library.write_text("VERSION = 22\n")  # an upgraded library
     assert address() != second
+
+
+def test_a_zygote_whose_code_changed_stops_listening_and_exits_after_its_last_worker(script, tmp_path):
+    """After `serve deploy` of a new release no launcher can reach the old zygote (its address
+    names the old code), so it must not hold its imports until the raylet exits."""
+    package = tmp_path / "serve_app"
+    shutil.copytree(Path(warmstart.__file__).parents[1], package, ignore=shutil.ignore_patterns("__pycache__"))
+    env = {"PYTHONPATH": str(tmp_path), "SHEET_EMBEDDINGS_ZYGOTE_CHECK_S": "0.2"}
+    preload = "json,shelve"  # a preload no other test uses
+    # The copy's launcher starts the copy's zygote (and runs this first worker cold) ...
+    first = launch(script, "0", preload=preload, env_extra=env, cwd=tmp_path)
+    assert first.wait(timeout=30) == 0
+    started = wait_for(lambda: [z for z in zygotes_of(os.getpid()) if preload in cmdline(z)], 20,
+                       "the copy's zygote")
+    address = "\0" + cmdline(started[0]).split("--zygote ", 1)[1].split()[0]
+    zygote = wait_for(lambda: listener_pid(address), 20, "the copy's zygote to listen")
+    # ... and forks the next one, which keeps running.
+    worker = launch(script, "--sleep", preload=preload, env_extra=env, cwd=tmp_path)
+    try:
+        report = json.loads(worker.stdout.readline())
+        assert report["forked"] is True and report["ppid"] == zygote
+        embedder = package / "model" / "embedder.py"
+        embedder.write_text(embedder.read_text() + "\n# the next release\n")
+        wait_for(lambda: listener_pid(address) is None, 20, "the old zygote to stop listening")
+        assert warmstart._alive(zygote)  # its worker still runs, and its exit code goes back
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=20) == 128 + signal.SIGTERM
+        wait_for(lambda: not warmstart._alive(zygote), 20, "the old zygote to exit")
+    finally:
+        worker.kill()
+        worker.wait()
+
+
+def test_a_zygote_retires_once_no_process_of_its_job_is_left(monkeypatch):
+    """A new `serve run` on a long-lived cluster is a new Ray job with a zygote of its own;
+    the old job's zygote must go once the old job's processes (its Serve ingress) have."""
+    job = f"{os.getpid() & 0xFFFFFF:06x}7e"
+    job_process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                                   env={**os.environ, "RAY_JOB_ID": job})
+    preload = "json,mailbox"  # a preload no other test uses
+    code = warmstart.code_fingerprint(preload)
+    monkeypatch.setenv("SHEET_EMBEDDINGS_ZYGOTE_CHECK_S", "0.2")  # read by the zygote at start
+    try:
+        # As an ingress starts it: no owner, the job from the environment.
+        assert warmstart.ensure_zygote(preload, os.getpid(), job_id=job) is True
+        address = warmstart.zygote_address(preload, os.getpid(), job)
+        zygote = wait_for(lambda: listener_pid(address), 20, "the zygote to listen")
+        assert warmstart.retirement(preload, code, job) == ""  # the job still has a process
+        assert warmstart.retirement(preload, code, "") == ""  # a zygote with an owner: not asked
+        job_process.kill()
+        job_process.wait()
+        assert warmstart.retirement(preload, code, job) == f"no process of Ray job {job} is left"
+        wait_for(lambda: not warmstart._alive(zygote), 20, "the zygote of a finished job to exit")
+    finally:
+        job_process.kill()
+        job_process.wait()
