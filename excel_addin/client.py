@@ -6,9 +6,10 @@ request, and a Matryoshka `dimensions` is cut here from the cached vector. Only 
 in the cache are sent, each once, in chunks of at most `chunk_size` texts; a text another
 formula is already fetching is awaited, not sent again.
 
-Which model the server runs is learnt from every embeddings answer and, when no answer
-has named it for `model_ttl_s` (30 s), from GET /v1/models, which the ingress answers
-without waking the model. So a sheet that is fully cached costs at most one small GET per
+Which model the server runs (its name and `system_fingerprint`, which changes with the
+weights or settings under the same name) is learnt from every embeddings answer and,
+when no answer has named it for `model_ttl_s` (30 s), from GET /v1/models, which the
+ingress answers without waking the model. So a sheet that is fully cached costs at most one small GET per
 30 s, and after the server changes model its vectors are fetched afresh within 30 s. If
 that GET fails, the formula shows the error rather than vectors of a model that may be gone.
 
@@ -49,7 +50,13 @@ class ServiceError(Exception):
     """A failure the cell shows as one sentence: what failed and what to check."""
 
 
-Key = tuple[str, str | None, str]  # (model, instruction, text)
+Key = tuple[str, str | None, str]  # (model as `served_as` names it, instruction, text)
+
+
+def served_as(name: str, fingerprint: str | None) -> str:
+    """The model an answer came from: its name, and its version where the server says it
+    (a same-name revision or setting change gives other vectors)."""
+    return f"{name} ({fingerprint})" if fingerprint else name
 
 
 @dataclass(frozen=True)
@@ -164,7 +171,8 @@ class EmbedClient:
             maxsize=settings.cache_mb * 1024 * 1024, getsizeof=lambda v: v.nbytes
         )
         self._pending: dict[Key, Future] = {}  # texts some thread is fetching now
-        self._model: str | None = None
+        self._model: str | None = None  # as `served_as` names it: the key of its vectors
+        self._model_name: str | None = None  # the name alone, for sentences
         self._min_dimensions = 1  # the smallest Matryoshka cut the server allows, once known
         self._model_seen = -math.inf  # clock() when an answer last named the model
 
@@ -183,15 +191,16 @@ class EmbedClient:
             models = {answered for answered, _ in found.values()}
             if models <= {model}:
                 if dimensions is not None and found:
-                    self._check_dimensions(dimensions, len(next(iter(found.values()))[1]), model)
+                    self._check_dimensions(dimensions, len(next(iter(found.values()))[1]))
                 return {t: _cut(v, dimensions) for t, (_, v) in found.items()}
             # The server changed model during this call. One sheet must not mix two models'
             # vectors, so look up again under the model it now serves (what this call fetched
             # from it is cached already).
             model = self._served_model()
         raise ServiceError(
-            f"The embedding server at {self.settings.server_url} answered with several models "
-            f"({', '.join(sorted(models))}) during one calculation. Recalculate once it serves one."
+            f"The embedding server at {self.settings.server_url} answered with several models or "
+            f"model versions ({', '.join(sorted(models))}) during one calculation. Recalculate "
+            "once it serves one."
         )
 
     def info(self) -> dict:
@@ -200,28 +209,32 @@ class EmbedClient:
             self.model_checks += 1
         body = self._call("GET", "/v1/models")
         card = body["data"][0]
-        self._learn(card["id"])
+        served = self._learn(card["id"], card.get("system_fingerprint"))
         with self._lock:
             self._min_dimensions = card.get("min_dimensions") or 1
-        return {"model": card["id"], "dimensions": card.get("dimensions")}
+        return {"model": card["id"], "dimensions": card.get("dimensions"), "served_as": served}
 
-    def _check_dimensions(self, dimensions: int, width: int, model: str) -> None:
+    def _check_dimensions(self, dimensions: int, width: int) -> None:
         """As the server checks a request's `dimensions`: the cache holds full vectors, so a
         cut wider than the model would silently give the full width."""
         low = self._min_dimensions
         if not low <= dimensions <= width:
-            raise ValueError(f"dimensions must be between {low} and {width} for {model}, not {dimensions}.")
+            raise ValueError(
+                f"dimensions must be between {low} and {width} for {self._model_name}, not {dimensions}.")
 
     def _served_model(self) -> str:
         """The model the server answers with: remembered for `model_ttl_s`, then asked again."""
         with self._lock:
             if self._clock() - self._model_seen < self.settings.model_ttl_s:
                 return self._model
-        return self.info()["model"]
+        return self.info()["served_as"]
 
-    def _learn(self, model: str) -> None:
+    def _learn(self, name: str, fingerprint: str | None) -> str:
+        """Remember the model an answer named; its key (`served_as`)."""
+        model = served_as(name, fingerprint)
         with self._lock:
-            self._model, self._model_seen = model, self._clock()
+            self._model, self._model_name, self._model_seen = model, name, self._clock()
+        return model
 
     def _lookup_or_fetch(
         self, texts: list[str], instruction: str | None, model: str
@@ -294,8 +307,7 @@ class EmbedClient:
                 f"The embedding server at {self.settings.server_url} answered {len(body['data'])} "
                 f"vectors for {len(texts)} texts. Check that EMBED_SERVER_URL is this service."
             )
-        model = body.get("model")
-        self._learn(model)
+        model = self._learn(body.get("model"), body.get("system_fingerprint"))
         return model, [_decode(item["embedding"]) for item in body["data"]]
 
     def _call(self, method: str, path: str, **kwargs) -> dict:

@@ -398,6 +398,7 @@ class FakeEmbeddingServer:
                  tls: tuple[Path, Path] | None = None) -> None:
         """`tls`: (certificate, key) files, to answer HTTPS."""
         self.model = model
+        self.fingerprint: str | None = None  # system_fingerprint, as our service sends it
         self.dimensions = dimensions
         self.hold: set[str] = set()
         self.fail: set[str] = set()
@@ -420,7 +421,7 @@ class FakeEmbeddingServer:
         self._thread.start()
 
     def vector(self, text: str, instruction: str | None = None, model: str | None = None):
-        name = f"{model or self.model}\0{instruction}\0{text}".encode()
+        name = f"{model or self.model}\0{self.fingerprint}\0{instruction}\0{text}".encode()
         seed = int.from_bytes(hashlib.sha256(name).digest()[:8], "little")
         v = np.random.default_rng(seed).standard_normal(self.dimensions)
         return (v / np.linalg.norm(v)).astype("<f4")
@@ -454,6 +455,8 @@ class _FakeHandler(BaseHTTPRequestHandler):
         if self.path != "/v1/models":
             return self._answer(404, {"error": {"message": "Not found."}})
         card = {"id": fake.model, "object": "model", "dimensions": fake.dimensions}
+        if fake.fingerprint:
+            card["system_fingerprint"] = fake.fingerprint
         self._answer(200, {"object": "list", "data": [card]})
 
     def do_POST(self) -> None:
@@ -471,7 +474,10 @@ class _FakeHandler(BaseHTTPRequestHandler):
              "embedding": base64.b64encode(fake.vector(t, instruction, model).tobytes()).decode()}
             for i, t in enumerate(texts)
         ]
-        self._answer(200, {"object": "list", "model": model, "data": data})
+        answer = {"object": "list", "model": model, "data": data}
+        if fake.fingerprint:
+            answer["system_fingerprint"] = fake.fingerprint
+        self._answer(200, answer)
 
     def _answer(self, status: int, content: dict) -> None:
         raw = json.dumps(content).encode()

@@ -59,6 +59,17 @@ def test_openai_client_lists_the_served_model_first(openai_client):
     assert models.data[0].id == BUNDLED
 
 
+def test_answers_and_the_model_card_name_one_model_version(http, openai_client):
+    """system_fingerprint: what the Excel add-ins key their caches by, beside the model's name."""
+    card = http.get("/v1/models").json()["data"][0]
+    fingerprint = card["system_fingerprint"]
+    assert fingerprint.startswith("fp_")
+    assert http.post("/v1/embeddings", json={"input": ["a"]}).json()["system_fingerprint"] == fingerprint
+    similarity = http.post("/v1/similarity", json={"left": ["a"], "right": ["b"]}).json()
+    assert similarity["system_fingerprint"] == fingerprint
+    assert openai_client.embeddings.create(model=card["id"], input="a").system_fingerprint == fingerprint
+
+
 def test_duplicates_in_a_request_get_identical_vectors(http):
     body = http.post("/v1/embeddings", json={"input": ["a cat", "a dog", "a cat"]}).json()
     vectors = [d["embedding"] for d in body["data"]]

@@ -110,6 +110,27 @@ def test_a_cached_sheet_is_fetched_again_only_when_the_server_changes_model(fake
     assert client.model_checks == 3  # GET /v1/models: the first call, then once per 31 s step
 
 
+def test_a_cached_sheet_is_fetched_again_when_the_same_model_name_serves_another_version(
+        fake_server, make_client):
+    """A new model_revision (or token limit, or precision) under the same served name gives
+    other vectors: the server's system_fingerprint says so, and old ones must not be mixed in."""
+    clock = FakeClock()
+    fake_server.fingerprint = "fp_0123456789"
+    client = make_client(clock=clock, model_ttl_s=30.0)
+    sheet = ["termination", "notice period"]
+    first = client.vectors(sheet)
+    assert client.requests == 1
+    np.testing.assert_array_equal(first["termination"], fake_server.vector("termination"))
+
+    fake_server.fingerprint = "fp_9876543210"  # the operator deployed another revision
+    clock.now += 31
+    fresh = client.vectors(sheet)
+    assert client.requests == 2
+    for text in sheet:
+        np.testing.assert_array_equal(fresh[text], fake_server.vector(text))
+        assert not np.array_equal(fresh[text], first[text])
+
+
 def test_a_cache_smaller_than_one_call_evicts_without_error(fake_server, make_client):
     fake_server.dimensions = 1024  # 4 KiB a vector: 1 MB holds 256 of the 600
     client = make_client(cache_mb=1, chunk_size=100)

@@ -11,7 +11,7 @@ from conftest import BUNDLED
 from serve_app.core.config import AppArgs
 from serve_app.core.encoded import Encoded
 from serve_app.core.errors import ModelUnavailable
-from serve_app.core.modelinfo import resolve_model
+from serve_app.core.modelinfo import MIXED_FINGERPRINT, fingerprint, resolve_model
 from serve_app.web.service import EmbeddingService
 
 
@@ -47,3 +47,46 @@ def test_a_failing_chunk_cancels_its_siblings_and_its_error_is_the_answer():
 
     calls, cancelled = asyncio.run(scenario())
     assert calls == 3 and cancelled == 2
+
+
+class Versioned:
+    """Answers each chunk as a replica of the next version in `versions` would (a rolling update)."""
+
+    def __init__(self, versions: list[str | None]) -> None:
+        self.versions = list(versions)
+        self.calls = 0
+
+    async def embed(self, texts: list[str]) -> Encoded:
+        version = self.versions[self.calls % len(self.versions)]
+        self.calls += 1
+        encoded = Encoded(np.ones((len(texts), 384), np.float32), [1] * len(texts), [False] * len(texts))
+        encoded.version = version
+        return encoded
+
+
+def test_an_answer_names_the_model_version_its_vectors_came_from():
+    """system_fingerprint lets clients that cache vectors (the Excel add-ins) tell a same-name
+    revision change; an answer holding two versions says so, and only its own are cached."""
+    args = AppArgs(model=BUNDLED, max_batch_texts=2)
+    other_args = AppArgs(model=BUNDLED, max_batch_texts=2, max_input_tokens=128)
+    spec = resolve_model(BUNDLED)
+    ours = EmbeddingService(args, spec, Versioned([None])).version
+    theirs = EmbeddingService(other_args, spec, Versioned([None])).version
+    assert ours != theirs  # another token limit: other vectors for long texts
+
+    def answer(versions, texts):
+        service = EmbeddingService(args, spec, Versioned(versions))
+        result = asyncio.run(service.embed(texts))
+        return service, result.fingerprint
+
+    service, fp = answer([ours], ["a", "b"])
+    assert fp == service.fingerprint and fp.startswith("fp_") and len(fp) == 13
+    assert answer([None], ["a"])[1] == service.fingerprint  # a model in this process is ours
+    service, fp = answer([theirs], ["a", "b"])
+    assert fp == fingerprint(theirs) != service.fingerprint  # an old replica answered all
+    assert fp == EmbeddingService(other_args, spec, Versioned([None])).fingerprint
+    assert asyncio.run(service.embed(["a"])).fingerprint == fp  # not cached: asked again
+    service, fp = answer([ours, theirs], ["a", "b", "c", "d"])  # chunks from both versions
+    assert fp == MIXED_FINGERPRINT
+    # Its own chunk was cached (the other's was not): asked again, those texts are all its own.
+    assert asyncio.run(service.embed(["a", "b"])).fingerprint == service.fingerprint

@@ -1,8 +1,9 @@
 /*
  * HTTP to the embedding service for the Office add-in's formulas: the calls of one
  * recalculation go out together, each distinct text once, in chunks; a bounded cache
- * keyed by server, model, instruction and text; a bounded number of requests in
- * flight; 429 and 503 retried after Retry-After; every failure one readable sentence.
+ * keyed by server, model (its name and system_fingerprint), instruction and text; a
+ * bounded number of requests in flight; 429 and 503 retried after Retry-After; every
+ * failure one readable sentence.
  *
  * Excel calls a custom function once per cell, so a filled-down column of 10,000
  * =EMBED_SIM cells is 10,000 calls, handed over in slices. Each call queues the texts
@@ -25,6 +26,12 @@
   };
 
   class ServiceError extends Error {}
+
+  /** The model an answer came from: its name, and its version where the server says it
+   *  (system_fingerprint: a same-name revision or setting change gives other vectors). */
+  function servedAs(name, fingerprint) {
+    return fingerprint ? `${name} (${fingerprint})` : name;
+  }
 
   /** A bytes-bounded LRU of vectors (a Map keeps insertion order: oldest first). */
   class VectorCache {
@@ -77,7 +84,8 @@
       this.cache = new VectorCache(this.settings.cacheBytes);
       this.requests = 0; // embedding requests sent (POST /v1/embeddings)
       this.modelChecks = 0; // GET /v1/models sent to learn the served model
-      this.model = null;
+      this.model = null; // as servedAs names it: the key of its vectors
+      this.modelName = null; // the name alone, for sentences
       this.minDimensions = 1; // the smallest Matryoshka cut the server allows, once known
       this.modelSeen = -Infinity;
       this.modelAsked = null; // the GET in flight, shared by every caller
@@ -100,8 +108,8 @@
         model = await this.servedModel();
       }
       throw new ServiceError(
-        `The embedding server at ${this.where()} answered with several models during one ` +
-        "calculation. Recalculate once it serves one.");
+        `The embedding server at ${this.where()} answered with several models or model ` +
+        "versions during one calculation. Recalculate once it serves one.");
     }
 
     async lookupOrFetch(texts, instruction, model) {
@@ -139,7 +147,7 @@
       if (this.model !== null && Date.now() - this.modelSeen < this.settings.modelTtlMs) {
         return this.model;
       }
-      return (await this.info()).model;
+      return (await this.info()).servedAs;
     }
 
     /** The served model and its width (GET /v1/models), or ServiceError. */
@@ -152,9 +160,9 @@
       }
       const body = await this.modelAsked;
       const card = body.data[0];
-      this.learn(card.id);
+      const served = this.learn(card.id, card.system_fingerprint);
       this.minDimensions = card.min_dimensions || 1;
-      return { model: card.id, dimensions: card.dimensions };
+      return { model: card.id, dimensions: card.dimensions, servedAs: served };
     }
 
     key(model, instruction, text) {
@@ -162,9 +170,12 @@
       return `${this.serverUrl.length}:${this.serverUrl}${model.length}:${model}${instruction.length}:${instruction}${text}`;
     }
 
-    learn(model) {
-      this.model = model;
+    /** Remember the model an answer named; its key (servedAs). */
+    learn(name, fingerprint) {
+      this.model = servedAs(name, fingerprint);
+      this.modelName = name;
       this.modelSeen = Date.now();
+      return this.model;
     }
 
     enqueue(instruction, text) {
@@ -227,11 +238,11 @@
             `The embedding server at ${this.where()} answered ${body.data ? body.data.length : 0} ` +
             `vectors for ${texts.length} texts. Check that the add-in is served by this service.`);
         }
-        this.learn(body.model);
+        const served = this.learn(body.model, body.system_fingerprint);
         body.data.forEach((item, i) => {
           const vector = decode(item.embedding);
-          this.cache.set(this.key(body.model, instruction, texts[i]), vector);
-          chunk[i][1].resolve([body.model, vector]);
+          this.cache.set(this.key(served, instruction, texts[i]), vector);
+          chunk[i][1].resolve([served, vector]);
         });
       } catch (error) {
         for (const [, deferred] of chunk) deferred.reject(error);

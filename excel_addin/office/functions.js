@@ -157,7 +157,7 @@
       const low = getClient().minDimensions;
       if (width < low || width > sample.length) {
         throw new InputError(
-          `dimensions must be between ${low} and ${sample.length} for ${getClient().model}, not ${width}.`);
+          `dimensions must be between ${low} and ${sample.length} for ${getClient().modelName}, not ${width}.`);
       }
     }
     const size = sample ? http.truncate(sample, width).length : 1;

@@ -7,6 +7,7 @@ and a model that cannot be found must stop start-up with a clear message.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -73,6 +74,16 @@ def model_version(spec: ModelSpec, max_input_tokens: int, dtype: str, device: st
     the new ingress hears from replicas of the old settings too; it caches only answers of
     its own version."""
     return f"{spec.source}@{spec.revision or 'local'} max_input_tokens={max_input_tokens} dtype={dtype} device={device}"
+
+
+MIXED_FINGERPRINT = "fp_mixed"  # an answer holding vectors of two model versions
+
+
+def fingerprint(version: str) -> str:
+    """A short public name for a `model_version`, shaped as OpenAI's `system_fingerprint`
+    ("the backend configuration that the model runs with"). Clients that cache vectors key
+    them by it: a same-name change of weights or settings must not mix in cached vectors."""
+    return "fp_" + hashlib.sha1(version.encode()).hexdigest()[:10]
 
 
 def resolve_model(name: str, revision: str | None = None) -> ModelSpec:

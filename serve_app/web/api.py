@@ -29,6 +29,7 @@ from serve_app.core.errors import (
     PayloadTooLarge,
     ServiceError,
 )
+from serve_app.core.modelinfo import MIXED_FINGERPRINT
 from serve_app.core.vectors import cosine_matrix, cosine_pairwise, to_base64
 from serve_app.web import excel, schemas
 from serve_app.web.auth import APIKeyMiddleware
@@ -89,6 +90,7 @@ async def embeddings(request: Request) -> Response:
         "model": service.model_id,
         "usage": {"prompt_tokens": result.total_tokens, "total_tokens": result.total_tokens},
         "truncated": result.truncated,
+        "system_fingerprint": result.fingerprint,
     }
     headers = _response_headers(len(result.truncated), started, result.model_ms)
     if ignored:
@@ -136,6 +138,7 @@ async def similarity(request: Request) -> Response:
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         "truncated_left": a.truncated,
         "truncated_right": b.truncated,
+        "system_fingerprint": a.fingerprint if a.fingerprint == b.fingerprint else MIXED_FINGERPRINT,
     }
     headers = _response_headers(
         len(a.truncated) + len(b.truncated), started, a.model_ms + b.model_ms
@@ -211,6 +214,7 @@ def _model_card(service: EmbeddingService, alias: str | None = None) -> dict:
         "min_dimensions": service.args.min_dimensions,  # the smallest Matryoshka cut allowed
         "max_input_tokens": min(service.args.max_input_tokens, service.spec.max_tokens),
         "runtime": _runtime(service),
+        "system_fingerprint": service.fingerprint,  # as every answer of this version says
     }
     if service.spec.revision is not None:  # a hub model: the commit every replica loads
         card["revision"] = service.spec.revision

@@ -116,6 +116,11 @@ class EmbeddingResponse(BaseModel):
     truncated: list[int] = Field(
         description="Indices of inputs cut to max_input_tokens (also in X-Truncated-Inputs)."
     )
+    system_fingerprint: str = Field(
+        description="The model version the vectors came from (weights, token limit, precision, "
+        "device); clients that cache vectors key them by it. fp_mixed: two versions answered "
+        "(during a rolling update); ask again."
+    )
 
 
 class SimilarityResponse(BaseModel):
@@ -126,6 +131,11 @@ class SimilarityResponse(BaseModel):
     usage: Usage
     truncated_left: list[int]
     truncated_right: list[int]
+    system_fingerprint: str = Field(
+        description="The model version the vectors came from (weights, token limit, precision, "
+        "device); clients that cache vectors key them by it. fp_mixed: two versions answered "
+        "(during a rolling update); ask again."
+    )
 
 
 class ModelCard(BaseModel):
@@ -136,6 +146,8 @@ class ModelCard(BaseModel):
     dimensions: int
     min_dimensions: int = Field(description="The smallest `dimensions` a request may ask for.")
     max_input_tokens: int
+    system_fingerprint: str = Field(
+        description="The model version this server answers with, as its embeddings say.")
 
 
 class ModelList(BaseModel):

@@ -17,7 +17,7 @@ import numpy as np
 from serve_app.core.config import AppArgs
 from serve_app.core.encoded import Encoded, Item, Runtime
 from serve_app.core.errors import InvalidRequest, ModelNotFound
-from serve_app.core.modelinfo import ModelSpec, model_version
+from serve_app.core.modelinfo import MIXED_FINGERPRINT, ModelSpec, fingerprint, model_version
 from serve_app.core.prompts import prompt_prefix
 from serve_app.core.vectors import truncate
 from serve_app.web.cache import EmbeddingCache
@@ -37,6 +37,7 @@ class Embeddings:
     tokens: list[int]
     truncated: list[int]  # indices
     model_ms: float = 0.0  # slowest forward pass this answer waited for
+    fingerprint: str = ""  # the model version its vectors came from (`modelinfo.fingerprint`)
 
     @property
     def total_tokens(self) -> int:
@@ -55,6 +56,7 @@ class EmbeddingService:
         # Only answers of these settings are cached: during a rolling update (a new model
         # revision under the same served name) replicas of the old ones still answer.
         self.version = model_version(spec, args.max_input_tokens, args.dtype, args.device)
+        self.fingerprint = fingerprint(self.version)
         self.runtime: Runtime | None = None  # as the last replica that answered reported it
 
     @property
@@ -110,18 +112,29 @@ class EmbeddingService:
         for i, hit in enumerate(found):
             if hit is not None:
                 vectors[i], tokens[i], cut[i] = hit.vector, hit.tokens, hit.truncated
-        model_ms = 0.0
+        model_ms, versions = 0.0, set()
+        if len(missing) < len(distinct):
+            versions.add(self.version)  # the cache holds only this ingress's own version
         if missing:
-            model_ms = await self._embed_missing(distinct, missing, keys, prefix, vectors, tokens, cut)
+            model_ms, versions = await self._embed_missing(
+                distinct, missing, keys, prefix, vectors, tokens, cut, versions)
         self._record(len(distinct) - len(missing), missing, tokens, cut)
         return Embeddings(
             vectors=truncate(vectors, dimensions)[slots],
             tokens=[tokens[s] for s in slots],
             truncated=[i for i, s in enumerate(slots) if cut[s]],
             model_ms=model_ms,
+            fingerprint=self.fingerprint_of(versions),
         )
 
-    async def _embed_missing(self, distinct, missing, keys, prefix, vectors, tokens, cut) -> float:
+    def fingerprint_of(self, versions: set[str]) -> str:
+        """The fingerprint of an answer from these model versions (none: this ingress's own)."""
+        if len(versions) > 1:
+            return MIXED_FINGERPRINT  # during a rolling update: the clients ask again
+        return fingerprint(next(iter(versions))) if versions else self.fingerprint
+
+    async def _embed_missing(self, distinct, missing, keys, prefix, vectors, tokens, cut,
+                             versions: set[str]) -> tuple[float, set[str]]:
         size = self.args.max_batch_texts
         todo = [_prefixed(prefix, distinct[i]) for i in missing]
         parts = await _all_or_nothing(
@@ -131,13 +144,14 @@ class EmbeddingService:
         self.runtime = parts[-1].runtime or self.runtime
         for part in parts:
             ours = part.version in (None, self.version)  # None: a model in this process
+            versions.add(self.version if ours else part.version)
             for j in range(len(part.tokens)):
                 i = missing[position]
                 vectors[i], tokens[i], cut[i] = part.vectors[j], part.tokens[j], part.truncated[j]
                 if ours:
                     self.cache.put(keys[i], part.vectors[j], part.tokens[j], part.truncated[j])
                 position += 1
-        return max(p.model_ms for p in parts)
+        return max(p.model_ms for p in parts), versions
 
     def _record(self, hits: int, missing: list[int], tokens: list[int], cut: list[bool]) -> None:
         if self.metrics is None:

@@ -201,6 +201,31 @@ test("503 is retried after Retry-After, and a server that stays busy says so", a
   functions.configure({ maxRetries: 4 });
 });
 
+test("a new model version under the same name is fetched afresh, not served from the cache", async (t) => {
+  let fingerprint = "fp_0123456789";
+  let posts = 0;
+  const url = await fakeServer(t, async (request, response) => {
+    if (request.method === "GET") {
+      return answer(response, 200, { object: "list", data: [{ id: "fake-model", dimensions: 4, system_fingerprint: fingerprint }] });
+    }
+    posts += 1;
+    let raw = "";
+    for await (const part of request) raw += part;
+    const value = fingerprint === "fp_0123456789" ? [1, 0, 0, 0] : [0, 1, 0, 0];
+    const vector = Buffer.from(new Float32Array(value).buffer).toString("base64");
+    const data = JSON.parse(raw).input.map((_, index) => ({ object: "embedding", index, embedding: vector }));
+    return answer(response, 200, { object: "list", model: "fake-model", system_fingerprint: fingerprint, data });
+  });
+  functions.configure({ serverUrl: url, apiKey: "", fetch: undefined, modelTtlMs: 0 });
+  assert.deepEqual(await calculate("EMBED", [["clause"]]), [[1, 0, 0, 0]]);
+  assert.deepEqual(await calculate("EMBED", [["clause"]]), [[1, 0, 0, 0]]);
+  assert.equal(posts, 1); // the same version: cached
+  fingerprint = "fp_9876543210"; // the operator deployed another revision
+  assert.deepEqual(await calculate("EMBED", [["clause"]]), [[0, 1, 0, 0]]);
+  assert.equal(posts, 2);
+  functions.configure({ modelTtlMs: 30000 });
+});
+
 test("a web page where the service should be is said as such", async (t) => {
   const url = await fakeServer(t, (request, response) => {
     response.writeHead(200, { "Content-Type": "text/html" });
