@@ -82,8 +82,11 @@ def test_qwen3_standin_is_served_through_the_openai_client(serve_cluster, small_
     assert got.shape == (2, 128)
     assert (got * reference.vectors).sum(axis=1).min() >= 0.999
     assert response.usage.prompt_tokens == sum(reference.tokens)  # each ends on one EOS
-    runtime = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["runtime"]
+    card = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]
+    runtime = card["runtime"]
     assert runtime["dtype"] == dtype and runtime["reason"].startswith("dtype=auto: ")
+    # The version the replica answered with is the one the card names (the add-ins' cache key).
+    assert response.system_fingerprint == card["system_fingerprint"] != "fp_mixed"
     # Once ready, the replica turns on its CPU fast paths in the background: short texts
     # sharing rows, and bfloat16 weights packed for oneDNN where this CPU has them; the
     # same embeddings come back.
