@@ -96,3 +96,28 @@ def test_metrics_reach_ray_prometheus_endpoint(serve_cluster):
     assert value(text, "ray_embed_texts_total") == 2
     assert value(text, "ray_embed_errors_total", 'code="invalid_request_error"', 'status="400"') == 1
     serve_cluster.delete("metered")
+
+
+def test_the_death_cause_of_a_lost_replica_is_read_from_the_gcs(serve_cluster):
+    """Over gRPC a replica's death reaches the ingress with no cause (ActorUnavailableError);
+    RayBackend reads it from the GCS to tell a memory kill, which it must not resend."""
+    import asyncio
+
+    import ray
+    from ray.exceptions import ActorUnavailableError
+
+    from serve_app.ray_shell import transport
+
+    @ray.remote(num_cpus=0)
+    class Probe:
+        def ping(self) -> int:
+            return os.getpid()
+
+    probe = Probe.remote()
+    ray.get(probe.ping.remote())
+    unreachable = ActorUnavailableError("Actor is unavailable.", probe._actor_id.binary())
+    assert unreachable.actor_id == probe._actor_id.hex()
+    assert asyncio.run(transport.death_cause(unreachable, 0.2)) == ""  # alive: only unreachable
+    ray.kill(probe)
+    cause = asyncio.run(transport.death_cause(unreachable, 10.0))
+    assert "ray.kill" in cause and not transport._oom_cause(cause), cause

@@ -91,6 +91,35 @@ def test_work_that_may_have_killed_its_replica_for_memory_is_not_resent():
         assert caught.value.code == "replica_out_of_memory" and "fewer or shorter" in caught.value.message
 
 
+# The GCS's record of a replica that Ray's memory monitor killed (its DeathCause, as
+# `ray._private.state.state.actor_table` gave it for the stand-in's replica on a node
+# pushed past RAY_memory_usage_threshold), and of one that crashed.
+OOM_RECORD = {"State": "DEAD", "DeathCause": 'oom_context {\n  error_message: "2 worker(s) were '
+              'killed due to the node running low on memory. Memory on the node (IP: 192.0.2.2) '
+              'was 11.84GB used / 23.54GB limit (0.502992)"\n}'}
+CRASH_RECORD = {"State": "DEAD", "DeathCause": 'actor_died_error_context {\n  error_message: '
+                '"The actor is dead because its worker process has died."\n}'}
+
+
+@pytest.mark.parametrize("record, resent", [(OOM_RECORD, False), (CRASH_RECORD, True),
+                                            ({"State": "ALIVE", "DeathCause": ""}, True), ({}, True)])
+def test_over_grpc_a_replica_killed_for_memory_is_told_by_the_gcs_and_its_work_not_resent(
+        monkeypatch, record, resent):
+    """Over gRPC Ray's error says only "Actor is unavailable"; the GCS's record says why."""
+    asked = []
+    monkeypatch.setattr(transport, "_actor_record", lambda actor_id: asked.append(actor_id) or record)
+    gone = ActorUnavailableError("Actor is unavailable.", bytes.fromhex("ab" * 16))
+    handle = FakeHandle(gone, "ok")
+    if resent:
+        assert embed(handle) is ANSWER and len(handle.responses) == 2
+    else:
+        with pytest.raises(ModelUnavailable) as caught:
+            embed(handle)
+        assert len(handle.responses) == 1
+        assert caught.value.code == "replica_out_of_memory"
+    assert asked and asked[0] == "ab" * 16
+
+
 def test_a_cancelled_chunk_cancels_its_ray_request():
     async def scenario():
         handle = FakeHandle(asyncio.Event())

@@ -46,9 +46,10 @@ class RayBackend:
     """Sends chunks to `Embedder` through a deployment handle, translating Ray's failures.
 
     A chunk whose replica went away is resent once, after a short back-off, unless
-    Ray says the replica was killed for memory: that chunk may be what killed it,
-    and sending it again would take another replica (and everyone's work on it)
-    down too. A cancelled chunk cancels its Ray request.
+    Ray says the replica was killed for memory (in its error, or over gRPC in the
+    GCS's record of the death): that chunk may be what killed it, and sending it again
+    would take another replica (and everyone's work on it) down too. A cancelled chunk
+    cancels its Ray request.
     """
 
     def __init__(self, handle: DeploymentHandle, timeout_s: float, app_name: str,
@@ -91,15 +92,17 @@ class RayBackend:
                     retry_after_s=60,
                 ) from exc
             except (*_REPLICA_LOST, OutOfMemoryError) as exc:
-                if _killed_for_memory(exc):
+                backoff = _RETRY_BACKOFF_S * (1 + random.random())
+                resend_at = time.monotonic() + backoff
+                # The back-off is also the wait for the GCS to record why the replica died.
+                if _killed_for_memory(exc) or _oom_cause(await death_cause(exc, backoff)):
                     raise ModelUnavailable(
                         "The model's replica ran out of memory on this request and was "
                         "restarted; send fewer or shorter texts per request.",
                         code="replica_out_of_memory",
                         retry_after_s=5,
                     ) from exc
-                backoff = _RETRY_BACKOFF_S * (1 + random.random())
-                if attempt == _MAX_ATTEMPTS or time.monotonic() + backoff >= deadline:
+                if attempt == _MAX_ATTEMPTS or resend_at >= deadline:
                     raise ModelUnavailable(
                         "The model's replica stopped twice while working on this request; "
                         "retry shortly.",
@@ -109,7 +112,7 @@ class RayBackend:
                 # Embedding is idempotent: work lost with a replica is sent once more.
                 logger.warning("Replica lost mid-request (%s); retrying in %.1f s",
                                type(exc).__name__, backoff)
-                await asyncio.sleep(backoff)
+                await asyncio.sleep(max(0.0, resend_at - time.monotonic()))
                 continue
             if isinstance(result, Failure):
                 raise ModelUnavailable(
@@ -148,11 +151,52 @@ class RayBackend:
 
 
 def _killed_for_memory(exc: BaseException) -> bool:
-    """Whether Ray reports that the replica was killed for lack of memory."""
+    """Whether Ray's error itself says that the replica was killed for lack of memory."""
     if isinstance(exc, OutOfMemoryError):
         return True
     text = str(exc).lower()
     return "memory monitor" in text or "out of memory" in text or "low on memory" in text
+
+
+def _oom_cause(cause: str) -> bool:
+    """Whether a death cause recorded by the GCS is Ray's memory monitor's."""
+    return "oom_context" in cause
+
+
+async def death_cause(exc: BaseException, wait_s: float) -> str:
+    """The GCS's record of why the replica behind `exc` died; "" if it is alive or unknown.
+
+    Over gRPC (Ray's throughput profile, which `python -m serve_app` sets) a replica that
+    Ray's memory monitor killed reaches the ingress as `ActorUnavailableError("Actor is
+    unavailable")`, with no cause: resent, the same work took the next replica down too
+    (seen with the stand-in under memory pressure: two replicas and two controller
+    restarts, then `replica_lost`). The raylet reports the death to the GCS within
+    milliseconds of the kill, so this asks there, for up to `wait_s`; a replica still
+    alive after that was only unreachable. Ray's private state accessor is the one
+    reading that does not go through the dashboard; if it fails, the cause is unknown
+    and the chunk is resent as before.
+    """
+    actor_id = getattr(exc, "actor_id", None)
+    if not isinstance(actor_id, str) or not actor_id:
+        return ""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            record = await asyncio.to_thread(_actor_record, actor_id)
+        except Exception:  # noqa: BLE001 - a cause we cannot read is an unknown cause
+            logger.debug("Cannot read the death cause of actor %s", actor_id, exc_info=True)
+            return ""
+        if record.get("State") == "DEAD":
+            return str(record.get("DeathCause") or "")
+        if time.monotonic() >= deadline:
+            return ""
+        await asyncio.sleep(0.05)
+
+
+def _actor_record(actor_id: str) -> dict:
+    from ray._private.state import state
+
+    return state.actor_table(actor_id)
 
 
 def handle_for_this_replica(handle: DeploymentHandle) -> DeploymentHandle:
