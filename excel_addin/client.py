@@ -53,6 +53,9 @@ class ServiceError(Exception):
 Key = tuple[str, str | None, str]  # (model as `served_as` names it, instruction, text)
 
 
+MIXED = "fp_mixed"  # the system_fingerprint of an answer from two versions (a rolling update)
+
+
 def served_as(name: str, fingerprint: str | None) -> str:
     """The model an answer came from: its name, and its version where the server says it
     (a same-name revision or setting change gives other vectors)."""
@@ -197,10 +200,11 @@ class EmbedClient:
             # vectors, so look up again under the model it now serves (what this call fetched
             # from it is cached already).
             model = self._served_model()
+        names = sorted({answered.rsplit(" (fp_", 1)[0] for answered in models})
         raise ServiceError(
             f"The embedding server at {self.settings.server_url} answered with several models or "
-            f"model versions ({', '.join(sorted(models))}) during one calculation. Recalculate "
-            "once it serves one."
+            f"versions of {', '.join(names)} during one calculation (it may be updating). "
+            "Recalculate once it serves one."
         )
 
     def info(self) -> dict:
@@ -257,10 +261,10 @@ class EmbedClient:
                     mine[text] = self._pending[key] = Future()
         try:
             for chunk in self._chunks(list(mine)):
-                answered, vectors = self._fetch(chunk, instruction)
+                answered, vectors, keep = self._fetch(chunk, instruction)
                 with self._lock:
                     for text, vector in zip(chunk, vectors, strict=True):
-                        if vector.nbytes <= self._cache.maxsize:  # else LRUCache raises
+                        if keep and vector.nbytes <= self._cache.maxsize:  # else LRUCache raises
                             self._cache[(answered, instruction, text)] = vector
                         del self._pending[(model, instruction, text)]
                         mine.pop(text).set_result((answered, vector))
@@ -294,8 +298,10 @@ class EmbedClient:
         if chunk:
             yield chunk
 
-    def _fetch(self, texts: list[str], instruction: str | None) -> tuple[str, list[np.ndarray]]:
-        """The answering model and one vector per text, in order."""
+    def _fetch(self, texts: list[str], instruction: str | None) -> tuple[str, list[np.ndarray], bool]:
+        """The answering model, one vector per text in order, and whether to keep them: an
+        answer of two versions is neither cached nor taken as the served model, so the
+        calculation asks again (`vectors`)."""
         payload: dict[str, Any] = {"input": texts, "encoding_format": "base64"}
         if instruction:
             payload["instruction"] = instruction
@@ -307,8 +313,11 @@ class EmbedClient:
                 f"The embedding server at {self.settings.server_url} answered {len(body['data'])} "
                 f"vectors for {len(texts)} texts. Check that EMBED_SERVER_URL is this service."
             )
-        model = self._learn(body.get("model"), body.get("system_fingerprint"))
-        return model, [_decode(item["embedding"]) for item in body["data"]]
+        vectors = [_decode(item["embedding"]) for item in body["data"]]
+        name, fingerprint = body.get("model"), body.get("system_fingerprint")
+        if fingerprint == MIXED:
+            return served_as(name, fingerprint), vectors, False
+        return self._learn(name, fingerprint), vectors, True
 
     def _call(self, method: str, path: str, **kwargs) -> dict:
         url = self.settings.server_url

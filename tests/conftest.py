@@ -399,6 +399,7 @@ class FakeEmbeddingServer:
         """`tls`: (certificate, key) files, to answer HTTPS."""
         self.model = model
         self.fingerprint: str | None = None  # system_fingerprint, as our service sends it
+        self.answer_fingerprints: list[str] = []  # the next answers' own, if other (fp_mixed)
         self.dimensions = dimensions
         self.hold: set[str] = set()
         self.fail: set[str] = set()
@@ -475,7 +476,9 @@ class _FakeHandler(BaseHTTPRequestHandler):
             for i, t in enumerate(texts)
         ]
         answer = {"object": "list", "model": model, "data": data}
-        if fake.fingerprint:
+        if fake.answer_fingerprints:
+            answer["system_fingerprint"] = fake.answer_fingerprints.pop(0)
+        elif fake.fingerprint:
             answer["system_fingerprint"] = fake.fingerprint
         self._answer(200, answer)
 

@@ -131,6 +131,27 @@ def test_a_cached_sheet_is_fetched_again_when_the_same_model_name_serves_another
         assert not np.array_equal(fresh[text], first[text])
 
 
+def test_an_answer_of_two_versions_is_asked_again_and_never_cached(fake_server, make_client):
+    """fp_mixed: during a rolling update one request was answered by replicas of two
+    versions; those vectors must not enter a sheet or the cache."""
+    fake_server.fingerprint = "fp_0123456789"
+    client = make_client()
+    fake_server.answer_fingerprints = ["fp_mixed"]
+    got = client.vectors(["termination", "notice period"])
+    assert client.requests == 2  # the mixed answer, then the calculation asked again
+    for text in got:
+        np.testing.assert_array_equal(got[text], fake_server.vector(text))
+    client.vectors(["termination", "notice period"])
+    assert client.requests == 2  # what is cached is the second answer's
+
+    fake_server.answer_fingerprints = ["fp_mixed"] * 3  # an update that does not settle
+    with pytest.raises(ServiceError, match="versions of fake-model-a during one calculation"):
+        client.vectors(["renewal"])
+    assert client.requests == 5
+    client.vectors(["renewal"])
+    assert client.requests == 6  # nothing of the mixed answers was kept
+
+
 def test_a_cache_smaller_than_one_call_evicts_without_error(fake_server, make_client):
     fake_server.dimensions = 1024  # 4 KiB a vector: 1 MB holds 256 of the 600
     client = make_client(cache_mb=1, chunk_size=100)

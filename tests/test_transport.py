@@ -120,6 +120,26 @@ def test_over_grpc_a_replica_killed_for_memory_is_told_by_the_gcs_and_its_work_n
     assert asked and asked[0] == "ab" * 16
 
 
+def test_a_gcs_that_does_not_answer_holds_a_lost_chunk_no_longer_than_its_back_off(monkeypatch):
+    released = threading.Event()
+
+    def stuck(actor_id):  # a GCS slow under the same memory pressure
+        released.wait(5)
+        return OOM_RECORD
+
+    class Handle(FakeHandle):
+        def remote(self, texts):
+            if self.responses:  # the resend: let the stuck lookup's thread go
+                released.set()
+            return super().remote(texts)
+
+    monkeypatch.setattr(transport, "_actor_record", stuck)
+    handle = Handle(ActorUnavailableError("Actor is unavailable.", bytes.fromhex("ab" * 16)), "ok")
+    started = time.monotonic()
+    assert embed(handle) is ANSWER  # the cause unknown in time: resent, as before
+    assert time.monotonic() - started < 2.5  # the back-off here is 0.01-0.02 s; the GCS took 5
+
+
 def test_a_cancelled_chunk_cancels_its_ray_request():
     async def scenario():
         handle = FakeHandle(asyncio.Event())

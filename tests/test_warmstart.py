@@ -447,17 +447,18 @@ def test_a_zygote_whose_code_changed_stops_listening_and_exits_after_its_last_wo
     names the old code), so it must not hold its imports until the raylet exits."""
     package = tmp_path / "serve_app"
     shutil.copytree(Path(warmstart.__file__).parents[1], package, ignore=shutil.ignore_patterns("__pycache__"))
-    env = {"PYTHONPATH": str(tmp_path), "SHEET_EMBEDDINGS_ZYGOTE_CHECK_S": "0.2"}
+    env = {"PYTHONPATH": str(tmp_path)}
     preload = "json,shelve"  # a preload no other test uses
-    # The copy's launcher starts the copy's zygote (and runs this first worker cold) ...
-    first = launch(script, "0", preload=preload, env_extra=env, cwd=tmp_path)
-    assert first.wait(timeout=30) == 0
+    # The copy's zygote, as the copy's ingress would start it, checking every 0.2 s ...
+    start = (f"from serve_app.ray_shell import warmstart; "
+             f"assert warmstart.ensure_zygote({preload!r}, {os.getpid()}, check_every_s=0.2)")
+    subprocess.run([sys.executable, "-c", start], cwd=tmp_path, env={**os.environ, **env}, check=True)
     started = wait_for(lambda: [z for z in zygotes_of(os.getpid()) if preload in cmdline(z)], 20,
                        "the copy's zygote")
     address = "\0" + cmdline(started[0]).split("--zygote ", 1)[1].split()[0]
     zygote = wait_for(lambda: listener_pid(address), 20, "the copy's zygote to listen")
-    # ... and forks the next one, which keeps running.
-    worker = launch(script, "--sleep", preload=preload, env_extra=env, cwd=tmp_path)
+    # ... forks the copy's launcher's worker, which keeps running.
+    worker = launch(script, "--sleep", preload=preload, env_extra=env, cwd=tmp_path, new_zygote=False)
     try:
         report = json.loads(worker.stdout.readline())
         assert report["forked"] is True and report["ppid"] == zygote
@@ -473,26 +474,44 @@ def test_a_zygote_whose_code_changed_stops_listening_and_exits_after_its_last_wo
         worker.wait()
 
 
-def test_a_zygote_retires_once_no_process_of_its_job_is_left(monkeypatch):
+def test_the_ingress_zygote_retires_once_no_process_of_its_job_is_left_and_no_other_does():
     """A new `serve run` on a long-lived cluster is a new Ray job with a zygote of its own;
-    the old job's zygote must go once the old job's processes (its Serve ingress) have."""
+    the old job's zygote, which its ingress started, must go once the old job's processes
+    have. A zygote a launcher started (a node without the ingress, where replicas scale to
+    zero while the job lives) is not bound to the job and stays."""
     job = f"{os.getpid() & 0xFFFFFF:06x}7e"
     job_process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
                                    env={**os.environ, "RAY_JOB_ID": job})
-    preload = "json,mailbox"  # a preload no other test uses
-    code = warmstart.code_fingerprint(preload)
-    monkeypatch.setenv("SHEET_EMBEDDINGS_ZYGOTE_CHECK_S", "0.2")  # read by the zygote at start
+    bound, unbound = "json,mailbox", "json,mimetypes"  # preloads no other test uses
     try:
-        # As an ingress starts it: no owner, the job from the environment.
-        assert warmstart.ensure_zygote(preload, os.getpid(), job_id=job) is True
-        address = warmstart.zygote_address(preload, os.getpid(), job)
-        zygote = wait_for(lambda: listener_pid(address), 20, "the zygote to listen")
-        assert warmstart.retirement(preload, code, job) == ""  # the job still has a process
-        assert warmstart.retirement(preload, code, "") == ""  # a zygote with an owner: not asked
+        assert warmstart.ensure_zygote(bound, os.getpid(), job_id=job, job_bound=True, check_every_s=0.2)
+        assert warmstart.ensure_zygote(unbound, os.getpid(), job_id=job, check_every_s=0.2)
+        addresses = {p: warmstart.zygote_address(p, os.getpid(), job) for p in (bound, unbound)}
+        zygotes = {p: wait_for(lambda p=p: listener_pid(addresses[p]), 20, "a zygote to listen")
+                   for p in (bound, unbound)}
+        assert warmstart.job_has_processes(job)
+        assert warmstart.retirement(addresses[bound], bound, os.getpid(), job, True) == ""
+        # A property that holds for a while, not a condition to wait for: watched over five
+        # checks, the zygotes of a living job stay.
+        watch_until = time.monotonic() + 1.0
+        while time.monotonic() < watch_until:
+            assert [listener_pid(addresses[p]) for p in (bound, unbound)] == [zygotes[bound], zygotes[unbound]]
+            time.sleep(0.1)
         job_process.kill()
         job_process.wait()
-        assert warmstart.retirement(preload, code, job) == f"no process of Ray job {job} is left"
-        wait_for(lambda: not warmstart._alive(zygote), 20, "the zygote of a finished job to exit")
+        assert not warmstart.job_has_processes(job)  # zygotes carry the job too, and do not count
+        assert (warmstart.retirement(addresses[bound], bound, os.getpid(), job, True)
+                == f"no process of Ray job {job} is left on this node")
+        assert warmstart.retirement(addresses[unbound], unbound, os.getpid(), job, False) == ""
+        wait_for(lambda: not warmstart._alive(zygotes[bound]), 20, "the ingress's zygote to exit")
+        watch_until = time.monotonic() + 1.0
+        while time.monotonic() < watch_until:
+            assert listener_pid(addresses[unbound]) == zygotes[unbound]
+            time.sleep(0.1)
     finally:
         job_process.kill()
         job_process.wait()
+        for p in (bound, unbound):
+            pid = listener_pid(warmstart.zygote_address(p, os.getpid(), job))
+            if pid:
+                os.kill(pid, signal.SIGTERM)

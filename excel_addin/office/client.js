@@ -27,6 +27,8 @@
 
   class ServiceError extends Error {}
 
+  const MIXED = "fp_mixed"; // the system_fingerprint of an answer from two versions (a rolling update)
+
   /** The model an answer came from: its name, and its version where the server says it
    *  (system_fingerprint: a same-name revision or setting change gives other vectors). */
   function servedAs(name, fingerprint) {
@@ -238,10 +240,13 @@
             `The embedding server at ${this.where()} answered ${body.data ? body.data.length : 0} ` +
             `vectors for ${texts.length} texts. Check that the add-in is served by this service.`);
         }
-        const served = this.learn(body.model, body.system_fingerprint);
+        // An answer of two versions is neither cached nor taken as the served model, so
+        // the calculation asks again (vectors).
+        const mixed = body.system_fingerprint === MIXED;
+        const served = mixed ? servedAs(body.model, MIXED) : this.learn(body.model, body.system_fingerprint);
         body.data.forEach((item, i) => {
           const vector = decode(item.embedding);
-          this.cache.set(this.key(served, instruction, texts[i]), vector);
+          if (!mixed) this.cache.set(this.key(served, instruction, texts[i]), vector);
           chunk[i][1].resolve([served, vector]);
         });
       } catch (error) {

@@ -231,7 +231,8 @@ class Ingress:
             # Have the zygote import torch now, so the first cold start finds it ready.
             import os
 
-            ensure_zygote(preload_for(spec["model_type"]), os.getppid())
+            # It retires with the job: this ingress lives here as long as the application.
+            ensure_zygote(preload_for(spec["model_type"]), os.getppid(), job_bound=True)
         app_name = serve.get_replica_context().app_name
         backend = RayBackend(handle_for_this_replica(embedder), settings.request_timeout_s,
                              app_name, settings.health_check_period_s)

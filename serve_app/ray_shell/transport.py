@@ -110,7 +110,7 @@ class RayBackend:
                         retry_after_s=5,
                     ) from exc
                 # Embedding is idempotent: work lost with a replica is sent once more.
-                logger.warning("Replica lost mid-request (%s); retrying in %.1f s",
+                logger.warning("Replica lost mid-request (%s); resending after a %.1f s back-off",
                                type(exc).__name__, backoff)
                 await asyncio.sleep(max(0.0, resend_at - time.monotonic()))
                 continue
@@ -181,16 +181,17 @@ async def death_cause(exc: BaseException, wait_s: float) -> str:
         return ""
     deadline = time.monotonic() + wait_s
     while True:
-        try:
-            record = await asyncio.to_thread(_actor_record, actor_id)
-        except Exception:  # noqa: BLE001 - a cause we cannot read is an unknown cause
+        try:  # a GCS slow under the same memory pressure holds no chunk past `wait_s`
+            record = await asyncio.wait_for(asyncio.to_thread(_actor_record, actor_id),
+                                            max(0.0, deadline - time.monotonic()))
+        except Exception:  # noqa: BLE001 - a cause we cannot read in time is an unknown cause
             logger.debug("Cannot read the death cause of actor %s", actor_id, exc_info=True)
             return ""
         if record.get("State") == "DEAD":
             return str(record.get("DeathCause") or "")
-        if time.monotonic() >= deadline:
+        if time.monotonic() + 0.1 >= deadline:
             return ""
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.1)
 
 
 def _actor_record(actor_id: str) -> dict:

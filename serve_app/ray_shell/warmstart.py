@@ -23,9 +23,9 @@ package's sources, where the preloaded libraries are installed), so `serve deplo
 of new code on a long-lived cluster, or a reinstalled torch, gets a new zygote
 instead of forking workers that run the old code. A zygote ends with its raylet, or
 with its driver (a batch job's); one that no launcher can reach any more (its code
-changed on disk, or its job has no process left) closes its socket and ends once its
-last worker has (`retirement`, asked every 30 s), instead of holding its imports
-(0.2-0.3 GB) until the raylet exits.
+changed on disk, or, for the ingress's, no process of its job is left on the node)
+closes its socket and ends once its last worker has (`retirement`, asked every 30 s),
+instead of holding its imports (0.2-0.3 GB) until the raylet exits.
 
 What it buys: a CPU replica's cold start 6.3-8.3 s -> 2.3-3.0 s on 2 cores
 (`python bench/serve_bench.py`, README); with Serve's own imports in the zygote too, the
@@ -51,7 +51,7 @@ up never has two workers. The zygote reads many requests at once, each within
 REQUEST_TIMEOUT_S, so a peer that connects and says nothing holds up no one.
 
     python -m serve_app.ray_shell.warmstart [--preload=M,..] [--no-new-zygote] [--reply-timeout=S] WORKER_SCRIPT ARGS...
-    python -m serve_app.ray_shell.warmstart --zygote ADDRESS PARENT_PID MODULES [OWNER_PID]
+    python -m serve_app.ray_shell.warmstart --zygote ADDRESS PARENT_PID MODULES [--owner=PID] [--job-bound] [--check-every=S]
 """
 
 from __future__ import annotations
@@ -82,8 +82,8 @@ _MAX_REQUEST = 1 << 24
 REPLY_TIMEOUT_S = 20.0
 # The zygote's wait for a whole request once a peer connects (and a child's for its go).
 REQUEST_TIMEOUT_S = 5.0
-# How often a zygote asks whether anyone can still use it (`retirement`); tests shorten it.
-RETIRE_CHECK_S = float(os.environ.get("SHEET_EMBEDDINGS_ZYGOTE_CHECK_S", "30"))
+# How often a zygote asks whether anyone can still use it (`retirement`).
+RETIRE_CHECK_S = 30.0
 _forked = False  # set in a worker the zygote forked
 # Imported in the zygote once, shared by every forked worker. ray.serve (0.6 s of a
 # replica's start on 2 cores, most of it pandas, which Serve's utilities import) only with
@@ -177,11 +177,14 @@ def _install_stamp(module: str) -> str:
 
 
 def ensure_zygote(preload: str, parent_pid: int, *, job_id: str | None = None,
-                  owner_pid: int | None = None) -> bool:
+                  owner_pid: int | None = None, job_bound: bool = False,
+                  check_every_s: float = RETIRE_CHECK_S) -> bool:
     """Start a zygote for workers of `parent_pid` (the raylet) unless one answers; True if new.
 
     A Ray worker calls this for its own job. A driver passes its `job_id` (it has no
     `RAY_JOB_ID`) and its own pid as `owner_pid`: that zygote ends with the driver.
+    `job_bound`: the caller is a process that lives as long as its job on this node (the
+    Serve ingress), so the zygote retires once no process of the job is left here.
     """
     if sys.platform != "linux":
         return False
@@ -195,7 +198,8 @@ def ensure_zygote(preload: str, parent_pid: int, *, job_id: str | None = None,
         env = None
         if job_id is not None:  # what Ray would give the job's workers
             env = {"RAY_JOB_ID": job_id, "RAY_RAYLET_PID": str(parent_pid)}
-        start_zygote(address, parent_pid, preload, env=env, owner_pid=owner_pid)
+        start_zygote(address, parent_pid, preload, env=env, owner_pid=owner_pid,
+                     job_bound=job_bound, check_every_s=check_every_s)
         return True
     finally:
         probe.close()
@@ -348,15 +352,20 @@ def _peer(conn: socket.socket) -> tuple[int, int, int]:
 
 
 def start_zygote(address: str, parent: int, preload: str, *, env: dict[str, str] | None = None,
-                 owner_pid: int | None = None) -> None:
+                 owner_pid: int | None = None, job_bound: bool = False,
+                 check_every_s: float = RETIRE_CHECK_S) -> None:
     """Start the zygote in the background for the next worker; never wait for it.
 
-    It lives while `parent` (the raylet) does, and `owner_pid` too when given.
+    It lives while `parent` (the raylet) does, and `owner_pid` too when given, and retires
+    as `retirement` says (asked every `check_every_s`).
     """
     log = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"sheet-embeddings-zygote-{parent}.log")
-    command = [sys.executable, "-m", "serve_app.ray_shell.warmstart", "--zygote", address[1:], str(parent), preload]
+    command = [sys.executable, "-m", "serve_app.ray_shell.warmstart", "--zygote", address[1:], str(parent),
+               preload, f"--check-every={check_every_s:g}"]
     if owner_pid is not None:
-        command.append(str(owner_pid))
+        command.append(f"--owner={owner_pid}")
+    if job_bound:
+        command.append("--job-bound")
     with open(log, "ab") as out:
         subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
@@ -367,7 +376,8 @@ def start_zygote(address: str, parent: int, preload: str, *, env: dict[str, str]
 # --- the zygote -----------------------------------------------------------------------
 
 
-def serve_zygote(address: str, parent: int, preload: str, owner: int | None = None) -> None:
+def serve_zygote(address: str, parent: int, preload: str, owner: int | None = None, *,
+                 job_bound: bool = False, check_every_s: float = RETIRE_CHECK_S) -> None:
     """Import the heavy modules once, then fork a worker for every launcher of this user that asks."""
     # Detach (double fork): Ray kills a worker's child processes when the worker exits,
     # and the zygote must outlive the process that started it.
@@ -382,7 +392,6 @@ def serve_zygote(address: str, parent: int, preload: str, owner: int | None = No
         return
     listener.listen(64)
     started = time.perf_counter()
-    code = code_fingerprint(preload)  # as the address says: the code on disk as this zygote imports it
     # Read once, when pyarrow's jemalloc starts (in this process: a forked worker inherits
     # it as it is, and gets its own environment back).
     name, option = _ARROW_JEMALLOC
@@ -401,10 +410,8 @@ def serve_zygote(address: str, parent: int, preload: str, owner: int | None = No
     print(f"zygote {os.getpid()} ready in {time.perf_counter() - started:.2f} s", flush=True)
     pending: list[_Pending] = []  # connections whose request is still arriving
     children: dict[int, socket.socket] = {}
-    # An owner-less zygote (an ingress's or a launcher's) serves a Serve job; a driver's
-    # ends with its driver, which holds the job but not RAY_JOB_ID.
-    job = os.environ.get("RAY_JOB_ID", "") if owner is None else ""
-    next_check = time.monotonic() + RETIRE_CHECK_S
+    job = os.environ.get("RAY_JOB_ID", "")  # the job its address names
+    next_check = time.monotonic() + check_every_s
     while _alive(parent) and (owner is None or _alive(owner)):
         if listener is None and not children:
             return  # retired, and every worker it forked has ended
@@ -412,8 +419,8 @@ def serve_zygote(address: str, parent: int, preload: str, owner: int | None = No
         ready, _, _ = select.select(sources, [], [], 0.5)
         _reap(children)
         if listener is not None and time.monotonic() >= next_check:
-            next_check = time.monotonic() + RETIRE_CHECK_S
-            why = retirement(preload, code, job)
+            next_check = time.monotonic() + check_every_s
+            why = retirement("\0" + address, preload, parent, job, job_bound)
             if why:
                 print(f"zygote {os.getpid()} retires: {why}; it exits once its {len(children)} "
                       "worker(s) have ended", flush=True)
@@ -443,19 +450,25 @@ def serve_zygote(address: str, parent: int, preload: str, owner: int | None = No
             _drop(pending, late)
 
 
-def retirement(preload: str, code: str, job: str) -> str:
-    """Why no launcher can use this zygote any more, or "" while one still may.
+def retirement(address: str, preload: str, parent: int, job: str, job_bound: bool) -> str:
+    """Why no launcher can use the zygote at `address` any more, or "" while one still may.
 
     A launcher finds a zygote by an address that names the code on disk and the job
     (`zygote_address`), so once the code changes (`serve deploy` of a new release, a
-    reinstalled torch) or no process of the job is left (a new `serve run` on a long-lived
-    cluster starts a new job), this zygote only holds its 0.2-0.3 GB of imports. Only the
-    raylet's exit ended it before, so each release or new Serve job left one behind.
+    reinstalled torch) no launcher computes this one. If `job_bound` (a zygote its job's
+    ingress started), also once no process of the job is left on this node (a new
+    `serve run` on a long-lived cluster starts a new job). A zygote started by a launcher
+    on a node without the ingress is not bound to the job: its replicas scale to zero
+    there while the job lives. Before, only the raylet's exit ended a zygote, so each
+    release or new Serve job left one behind, holding 0.2-0.3 GB.
     """
-    if code_fingerprint(preload) != code:
-        return "the code it imported has changed on disk"
-    if job and not job_has_processes(job):
-        return f"no process of Ray job {job} is left"
+    try:
+        if zygote_address(preload, parent, job) != address:
+            return "the code it imported has changed on disk"
+    except OSError as exc:  # a file removed while a release is being installed
+        return f"its code cannot be read ({exc})"
+    if job_bound and job and not job_has_processes(job):
+        return f"no process of Ray job {job} is left on this node"
     return ""
 
 
@@ -649,7 +662,11 @@ def _kill(pid: int, signum: int) -> None:
 
 def main(argv: list[str]) -> None:
     if argv and argv[0] == "--zygote":
-        serve_zygote(argv[1], int(argv[2]), argv[3], int(argv[4]) if len(argv) > 4 else None)
+        options = dict(arg[2:].partition("=")[::2] for arg in argv[4:])
+        serve_zygote(argv[1], int(argv[2]), argv[3],
+                     int(options["owner"]) if "owner" in options else None,
+                     job_bound="job-bound" in options,
+                     check_every_s=float(options.get("check-every", RETIRE_CHECK_S)))
         return
     preload, new_zygote, timeout_s = ",".join(PRELOAD), True, REPLY_TIMEOUT_S
     while argv and argv[0].startswith("--"):  # the launcher's own options, then the worker's command

@@ -226,6 +226,29 @@ test("a new model version under the same name is fetched afresh, not served from
   functions.configure({ modelTtlMs: 30000 });
 });
 
+test("an answer of two versions (fp_mixed) is asked again and never cached", async (t) => {
+  const answers = ["fp_mixed"];
+  let posts = 0;
+  const url = await fakeServer(t, async (request, response) => {
+    if (request.method === "GET") {
+      return answer(response, 200, { object: "list", data: [{ id: "fake-model", dimensions: 4, system_fingerprint: "fp_0123456789" }] });
+    }
+    posts += 1;
+    let raw = "";
+    for await (const part of request) raw += part;
+    const fingerprint = answers.length ? answers.shift() : "fp_0123456789";
+    const value = fingerprint === "fp_mixed" ? [1, 0, 0, 0] : [0, 0, 1, 0];
+    const vector = Buffer.from(new Float32Array(value).buffer).toString("base64");
+    const data = JSON.parse(raw).input.map((_, index) => ({ object: "embedding", index, embedding: vector }));
+    return answer(response, 200, { object: "list", model: "fake-model", system_fingerprint: fingerprint, data });
+  });
+  functions.configure({ serverUrl: url, apiKey: "", fetch: undefined });
+  assert.deepEqual(await calculate("EMBED", [["clause"]]), [[0, 0, 1, 0]]);
+  assert.equal(posts, 2); // the mixed answer, then asked again
+  assert.deepEqual(await calculate("EMBED", [["clause"]]), [[0, 0, 1, 0]]);
+  assert.equal(posts, 2); // cached: the second answer's
+});
+
 test("a web page where the service should be is said as such", async (t) => {
   const url = await fakeServer(t, (request, response) => {
     response.writeHead(200, { "Content-Type": "text/html" });
