@@ -50,16 +50,11 @@ class ServiceError(Exception):
     """A failure the cell shows as one sentence: what failed and what to check."""
 
 
-Key = tuple[str, str | None, str]  # (model as `served_as` names it, instruction, text)
-
-
+# The model an answer came from: its name, and its version (system_fingerprint, "" where the
+# server does not say it): a same-name revision or setting change gives other vectors.
+Served = tuple[str, str]
+Key = tuple[Served, str | None, str]  # (model, instruction, text)
 MIXED = "fp_mixed"  # the system_fingerprint of an answer from two versions (a rolling update)
-
-
-def served_as(name: str, fingerprint: str | None) -> str:
-    """The model an answer came from: its name, and its version where the server says it
-    (a same-name revision or setting change gives other vectors)."""
-    return f"{name} ({fingerprint})" if fingerprint else name
 
 
 @dataclass(frozen=True)
@@ -174,8 +169,7 @@ class EmbedClient:
             maxsize=settings.cache_mb * 1024 * 1024, getsizeof=lambda v: v.nbytes
         )
         self._pending: dict[Key, Future] = {}  # texts some thread is fetching now
-        self._model: str | None = None  # as `served_as` names it: the key of its vectors
-        self._model_name: str | None = None  # the name alone, for sentences
+        self._model: Served | None = None
         self._min_dimensions = 1  # the smallest Matryoshka cut the server allows, once known
         self._model_seen = -math.inf  # clock() when an answer last named the model
 
@@ -194,13 +188,13 @@ class EmbedClient:
             models = {answered for answered, _ in found.values()}
             if models <= {model}:
                 if dimensions is not None and found:
-                    self._check_dimensions(dimensions, len(next(iter(found.values()))[1]))
+                    self._check_dimensions(dimensions, len(next(iter(found.values()))[1]), model[0])
                 return {t: _cut(v, dimensions) for t, (_, v) in found.items()}
             # The server changed model during this call. One sheet must not mix two models'
             # vectors, so look up again under the model it now serves (what this call fetched
             # from it is cached already).
             model = self._served_model()
-        names = sorted({answered.rsplit(" (fp_", 1)[0] for answered in models})
+        names = sorted({name for name, _ in models})
         raise ServiceError(
             f"The embedding server at {self.settings.server_url} answered with several models or "
             f"versions of {', '.join(names)} during one calculation (it may be updating). "
@@ -213,40 +207,39 @@ class EmbedClient:
             self.model_checks += 1
         body = self._call("GET", "/v1/models")
         card = body["data"][0]
-        served = self._learn(card["id"], card.get("system_fingerprint"))
+        served = self._learn((card["id"], card.get("system_fingerprint") or ""))
         with self._lock:
             self._min_dimensions = card.get("min_dimensions") or 1
-        return {"model": card["id"], "dimensions": card.get("dimensions"), "served_as": served}
+        return {"model": card["id"], "dimensions": card.get("dimensions"), "served": served}
 
-    def _check_dimensions(self, dimensions: int, width: int) -> None:
+    def _check_dimensions(self, dimensions: int, width: int, name: str) -> None:
         """As the server checks a request's `dimensions`: the cache holds full vectors, so a
         cut wider than the model would silently give the full width."""
         low = self._min_dimensions
         if not low <= dimensions <= width:
             raise ValueError(
-                f"dimensions must be between {low} and {width} for {self._model_name}, not {dimensions}.")
+                f"dimensions must be between {low} and {width} for {name}, not {dimensions}.")
 
-    def _served_model(self) -> str:
+    def _served_model(self) -> Served:
         """The model the server answers with: remembered for `model_ttl_s`, then asked again."""
         with self._lock:
             if self._clock() - self._model_seen < self.settings.model_ttl_s:
                 return self._model
-        return self.info()["served_as"]
+        return self.info()["served"]
 
-    def _learn(self, name: str, fingerprint: str | None) -> str:
-        """Remember the model an answer named; its key (`served_as`)."""
-        model = served_as(name, fingerprint)
+    def _learn(self, model: Served) -> Served:
+        """Remember the model an answer named."""
         with self._lock:
-            self._model, self._model_name, self._model_seen = model, name, self._clock()
+            self._model, self._model_seen = model, self._clock()
         return model
 
     def _lookup_or_fetch(
-        self, texts: list[str], instruction: str | None, model: str
-    ) -> dict[str, tuple[str, np.ndarray]]:
+        self, texts: list[str], instruction: str | None, model: Served
+    ) -> dict[str, tuple[Served, np.ndarray]]:
         """(answering model, vector) for each text: cached, fetched here, or awaited from the
         thread already fetching it. Vectors are kept here, not read back from the cache, which
         may have evicted them before the call ends."""
-        found: dict[str, tuple[str, np.ndarray]] = {}
+        found: dict[str, tuple[Served, np.ndarray]] = {}
         awaited: dict[str, Future] = {}
         mine: dict[str, Future] = {}
         with self._lock:
@@ -298,7 +291,8 @@ class EmbedClient:
         if chunk:
             yield chunk
 
-    def _fetch(self, texts: list[str], instruction: str | None) -> tuple[str, list[np.ndarray], bool]:
+    def _fetch(self, texts: list[str], instruction: str | None
+               ) -> tuple[Served, list[np.ndarray], bool]:
         """The answering model, one vector per text in order, and whether to keep them: an
         answer of two versions is neither cached nor taken as the served model, so the
         calculation asks again (`vectors`)."""
@@ -314,10 +308,10 @@ class EmbedClient:
                 f"vectors for {len(texts)} texts. Check that EMBED_SERVER_URL is this service."
             )
         vectors = [_decode(item["embedding"]) for item in body["data"]]
-        name, fingerprint = body.get("model"), body.get("system_fingerprint")
-        if fingerprint == MIXED:
-            return served_as(name, fingerprint), vectors, False
-        return self._learn(name, fingerprint), vectors, True
+        answered = (body.get("model"), body.get("system_fingerprint") or "")
+        if answered[1] == MIXED:
+            return answered, vectors, False
+        return self._learn(answered), vectors, True
 
     def _call(self, method: str, path: str, **kwargs) -> dict:
         url = self.settings.server_url

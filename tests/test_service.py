@@ -77,7 +77,7 @@ def test_an_answer_names_the_model_version_its_vectors_came_from():
     def answer(versions, texts):
         service = EmbeddingService(args, spec, Versioned(versions))
         result = asyncio.run(service.embed(texts))
-        return service, result.fingerprint
+        return service, service.fingerprint_of(result.versions)
 
     service, fp = answer([ours], ["a", "b"])
     assert fp == service.fingerprint and fp.startswith("fp_") and len(fp) == 13
@@ -85,8 +85,10 @@ def test_an_answer_names_the_model_version_its_vectors_came_from():
     service, fp = answer([theirs], ["a", "b"])
     assert fp == fingerprint(theirs) != service.fingerprint  # an old replica answered all
     assert fp == EmbeddingService(other_args, spec, Versioned([None])).fingerprint
-    assert asyncio.run(service.embed(["a"])).fingerprint == fp  # not cached: asked again
+    asked_again = asyncio.run(service.embed(["a"]))  # not cached
+    assert service.fingerprint_of(asked_again.versions) == fp
     service, fp = answer([ours, theirs], ["a", "b", "c", "d"])  # chunks from both versions
     assert fp == MIXED_FINGERPRINT
     # Its own chunk was cached (the other's was not): asked again, those texts are all its own.
-    assert asyncio.run(service.embed(["a", "b"])).fingerprint == service.fingerprint
+    own = asyncio.run(service.embed(["a", "b"]))
+    assert service.fingerprint_of(own.versions) == service.fingerprint

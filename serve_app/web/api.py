@@ -29,7 +29,6 @@ from serve_app.core.errors import (
     PayloadTooLarge,
     ServiceError,
 )
-from serve_app.core.modelinfo import MIXED_FINGERPRINT
 from serve_app.core.vectors import cosine_matrix, cosine_pairwise, to_base64
 from serve_app.web import excel, schemas
 from serve_app.web.auth import APIKeyMiddleware
@@ -90,7 +89,7 @@ async def embeddings(request: Request) -> Response:
         "model": service.model_id,
         "usage": {"prompt_tokens": result.total_tokens, "total_tokens": result.total_tokens},
         "truncated": result.truncated,
-        "system_fingerprint": result.fingerprint,
+        "system_fingerprint": service.fingerprint_of(result.versions),
     }
     headers = _response_headers(len(result.truncated), started, result.model_ms)
     if ignored:
@@ -138,7 +137,7 @@ async def similarity(request: Request) -> Response:
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         "truncated_left": a.truncated,
         "truncated_right": b.truncated,
-        "system_fingerprint": a.fingerprint if a.fingerprint == b.fingerprint else MIXED_FINGERPRINT,
+        "system_fingerprint": service.fingerprint_of(a.versions | b.versions),
     }
     headers = _response_headers(
         len(a.truncated) + len(b.truncated), started, a.model_ms + b.model_ms

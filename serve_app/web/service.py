@@ -37,7 +37,7 @@ class Embeddings:
     tokens: list[int]
     truncated: list[int]  # indices
     model_ms: float = 0.0  # slowest forward pass this answer waited for
-    fingerprint: str = ""  # the model version its vectors came from (`modelinfo.fingerprint`)
+    versions: frozenset[str] = frozenset()  # the model versions its vectors came from
 
     @property
     def total_tokens(self) -> int:
@@ -112,35 +112,38 @@ class EmbeddingService:
         for i, hit in enumerate(found):
             if hit is not None:
                 vectors[i], tokens[i], cut[i] = hit.vector, hit.tokens, hit.truncated
-        model_ms, versions = 0.0, set()
-        if len(missing) < len(distinct):
-            versions.add(self.version)  # the cache holds only this ingress's own version
+        model_ms = 0.0
+        # The cache holds only this ingress's own version.
+        versions = {self.version} if len(missing) < len(distinct) else set()
         if missing:
-            model_ms, versions = await self._embed_missing(
-                distinct, missing, keys, prefix, vectors, tokens, cut, versions)
+            model_ms, answered = await self._embed_missing(
+                distinct, missing, keys, prefix, vectors, tokens, cut)
+            versions |= answered
         self._record(len(distinct) - len(missing), missing, tokens, cut)
         return Embeddings(
             vectors=truncate(vectors, dimensions)[slots],
             tokens=[tokens[s] for s in slots],
             truncated=[i for i, s in enumerate(slots) if cut[s]],
             model_ms=model_ms,
-            fingerprint=self.fingerprint_of(versions),
+            versions=frozenset(versions),
         )
 
-    def fingerprint_of(self, versions: set[str]) -> str:
-        """The fingerprint of an answer from these model versions (none: this ingress's own)."""
+    def fingerprint_of(self, versions: frozenset[str]) -> str:
+        """The system_fingerprint of an answer from these versions (none: the ingress's own)."""
+        if versions <= {self.version}:
+            return self.fingerprint
         if len(versions) > 1:
             return MIXED_FINGERPRINT  # during a rolling update: the clients ask again
-        return fingerprint(next(iter(versions))) if versions else self.fingerprint
+        return fingerprint(next(iter(versions)))
 
-    async def _embed_missing(self, distinct, missing, keys, prefix, vectors, tokens, cut,
-                             versions: set[str]) -> tuple[float, set[str]]:
+    async def _embed_missing(self, distinct, missing, keys, prefix, vectors, tokens, cut
+                             ) -> tuple[float, set[str]]:
         size = self.args.max_batch_texts
         todo = [_prefixed(prefix, distinct[i]) for i in missing]
         parts = await _all_or_nothing(
             [self.backend.embed(todo[i : i + size]) for i in range(0, len(todo), size)]
         )
-        position = 0
+        position, versions = 0, set()
         self.runtime = parts[-1].runtime or self.runtime
         for part in parts:
             ours = part.version in (None, self.version)  # None: a model in this process
