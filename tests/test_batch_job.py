@@ -221,8 +221,10 @@ def test_rows_keep_their_order_when_a_later_batch_finishes_first(ray_head, tmp_p
                           "--output", str(output), "--batch-size", "512", "--actors", "2",
                           "--config", str(config))
     assert ray_head.wait(job) == "SUCCEEDED", ray_head.logs(job)[-3000:]
-    assert ray_head.logs(job).count("Model bundled:minilm loaded in") == 2  # both actors ran
-    assert pq.read_table(output, columns=["id"])["id"].to_pylist() == list(range(len(texts)))
+    logs = ray_head.logs(job)
+    assert logs.count("Model bundled:minilm loaded in") == 2, logs[-3000:]  # both actors ran
+    ids = pq.read_table(output, columns=["id"])["id"].to_pylist()
+    assert ids == list(range(len(texts))), f"first out of place at row {next(i for i, v in enumerate(ids) if v != i)}"
 
 
 @pytest.mark.parametrize("kind", ["csv", "parquet"])

@@ -68,12 +68,14 @@ def test_official_openai_client_default_base64_and_extra_body(server):
     assert raw.headers["X-Ignored-Fields"] == "priority, truncate_prompt_tokens"
     assert answer.model == BUNDLED and answer.usage.total_tokens == answer.usage.prompt_tokens > 0
     # A field we know, sent the same way, is applied, not ignored.
+    task = {"instruction": "Find the clause that answers the question"}
     query = client.embeddings.with_raw_response.create(
-        model=BUNDLED, input=TEXTS[:1], extra_body={"prompt_name": "query"})
+        model=BUNDLED, input=TEXTS[:1], extra_body=task)
     assert "X-Ignored-Fields" not in query.headers
     want_query = httpx.post(f"{server}/v1/embeddings", timeout=60,
-                            json={"input": TEXTS[:1], "prompt_name": "query"}).json()["data"][0]
+                            json={"input": TEXTS[:1], **task}).json()["data"][0]
     close([query.parse().data[0].embedding], np.array([want_query["embedding"]]))
+    assert not np.allclose(query.parse().data[0].embedding, want[0], atol=1e-3)  # applied
     # A base URL without /v1, as some tools are configured, reaches the same route.
     bare = openai.OpenAI(base_url=server, api_key="unused", max_retries=0)
     close([d.embedding for d in bare.embeddings.create(model=BUNDLED, input=TEXTS).data], want)

@@ -1,6 +1,8 @@
+from dataclasses import replace
+
 import pytest
 
-from serve_app.core.config import AppArgs
+from serve_app.core.config import DEFAULT_QUERY_INSTRUCTION, AppArgs
 from serve_app.core.errors import InvalidRequest
 from serve_app.core.prompts import prompt_prefix
 
@@ -22,7 +24,23 @@ def test_query_uses_the_models_own_prompt_when_it_names_one(tiny_qwen3_dir):
     assert prompt_prefix(spec, AppArgs(), prompt_name="query") == spec.prompts["query"]
 
 
-def test_query_falls_back_to_the_configured_task(bundled_spec):
+def test_query_on_an_encoder_without_a_query_prompt_takes_none(bundled_spec):
+    # all-MiniLM-L6-v2 names no query prompt; Qwen3's instruction in front of its queries
+    # cut recall@1 from 0.62 to 0.37 (bench/query_prompt.py), so a query is sent as typed.
+    assert not bundled_spec.prompts and bundled_spec.pooling == "mean"
+    assert prompt_prefix(bundled_spec, AppArgs(), prompt_name="query") == ""
+
+
+def test_query_on_a_last_token_model_without_a_query_prompt_takes_qwen3s_task(tiny_qwen3_dir):
+    from serve_app.core.modelinfo import resolve_model
+
+    bare = replace(resolve_model(str(tiny_qwen3_dir)), prompts={})  # no sentence-transformers files
+    assert prompt_prefix(bare, AppArgs(), prompt_name="query") == (
+        f"Instruct: {DEFAULT_QUERY_INSTRUCTION}\nQuery:"
+    )
+
+
+def test_a_configured_query_task_applies_to_any_model_without_a_query_prompt(bundled_spec):
     args = AppArgs(query_instruction="Retrieve support answers")
     assert prompt_prefix(bundled_spec, args, prompt_name="query") == (
         "Instruct: Retrieve support answers\nQuery:"

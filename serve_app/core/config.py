@@ -98,9 +98,13 @@ class AppArgs(BaseModel):
 
     # --- prompts -----------------------------------------------------------
     instruction_template: str = DEFAULT_INSTRUCTION_TEMPLATE
-    query_instruction: str = Field(
-        DEFAULT_QUERY_INSTRUCTION,
-        description="The task used for prompt_name='query' when the model names none.",
+    query_instruction: str | None = Field(
+        None,
+        description=(
+            "The task for prompt_name='query' when the model has no query prompt of its own. "
+            "None: Qwen3's web-search task for last-token (instruction-following) models, "
+            "and nothing for encoders such as all-MiniLM-L6-v2, whose retrieval it hurts."
+        ),
     )
     tasks: dict[str, str] = Field(
         default_factory=dict,
