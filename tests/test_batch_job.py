@@ -224,7 +224,7 @@ def test_rows_keep_their_order_when_a_later_batch_finishes_first(ray_head, tmp_p
     logs = ray_head.logs(job)
     assert logs.count("Model bundled:minilm loaded in") == 2, logs[-3000:]  # both actors ran
     ids = pq.read_table(output, columns=["id"])["id"].to_pylist()
-    assert ids == list(range(len(texts))), f"first out of place at row {next(i for i, v in enumerate(ids) if v != i)}"
+    assert ids == list(range(len(texts))), f"{len(ids)} rows, first out of place: {next((i for i, v in enumerate(ids) if v != i), None)}"
 
 
 @pytest.mark.parametrize("kind", ["csv", "parquet"])
