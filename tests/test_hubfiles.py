@@ -20,11 +20,14 @@ from serve_app.core.modelinfo import resolve_model
 
 REPO = "acme/tiny-qwen3"
 COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
+# A model's sentence-transformers files: what transformers' own download leaves out.
+ST_FILES = ["modules.json", "config_sentence_transformers.json", "1_Pooling", "2_Normalize"]
 
 # Resolve (optionally) and fetch in a fresh process: argv[1] is a hub id (argv[2] a revision)
 # or a spec as JSON.
 FETCH = """
-import json, sys
+import json, logging, sys
+logging.basicConfig(level=logging.WARNING)
 from dataclasses import asdict
 from serve_app.core.errors import ModelLoadError
 from serve_app.core.hubfiles import model_directory
@@ -42,10 +45,11 @@ except ModelLoadError as exc:
 
 
 def fetch(env: dict, model: str, *revision: str) -> dict:
+    """What the fetch gave (its spec and directory, or its error), and its log as "log"."""
     done = subprocess.run([sys.executable, "-c", FETCH, model, *revision], env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "log": done.stderr}
 
 
 def asked_about(hub, repo: str = REPO) -> list[str]:
@@ -231,4 +235,53 @@ def test_a_transformer_in_a_subfolder_reads_the_same_spec_before_and_after_the_f
     assert first["spec"]["max_tokens"] == 128
     again = fetch({**hub_cache.env(), "HF_HUB_OFFLINE": "1"}, REPO)
     assert again["spec"] == first["spec"]
+    before = len(fake_hub.requests)
+    pinned = fetch(hub_cache.env(fake_hub), REPO, COMMIT_A)  # its modules.json is cached
+    assert pinned["spec"] == first["spec"] and fake_hub.requests[before:] == []
 
+
+
+def cls_pooled(tiny_qwen3_dir: Path, tmp_path: Path) -> Path:
+    """tiny-qwen3 as a repo whose sentence-transformers files pool the first token, unlike
+    its model type's default (the last token)."""
+    repo = shutil.copytree(tiny_qwen3_dir, tmp_path / "cls-repo")
+    pooling = repo / "1_Pooling" / "config.json"
+    pooling.write_text(json.dumps({**json.loads(pooling.read_text()),
+                                   "pooling_mode_lasttoken": False, "pooling_mode_cls_token": True}))
+    return repo
+
+
+def test_a_pinned_commit_cached_without_its_sentence_transformers_files_fetches_them(
+        hub_cache, fake_hub, tiny_qwen3_dir, tmp_path):
+    # The cache holds the commit's config.json (as transformers' own download leaves it),
+    # not its modules.json: a spec read from that pools as the model type does, not as the
+    # model says.
+    repo = cls_pooled(tiny_qwen3_dir, tmp_path)
+    hub_cache(REPO, COMMIT_A, repo, skip=ST_FILES)
+    fake_hub.serve(REPO, COMMIT_A, repo)
+    out = fetch(hub_cache.env(fake_hub), REPO, COMMIT_A)
+    assert out.get("spec", {}).get("pooling") == "cls", out
+    assert out["spec"]["prompts"]["query"].startswith("Instruct: ")
+
+
+def test_a_pinned_commit_of_a_repo_without_modules_json_asks_the_hub_only_once(
+        hub_cache, fake_hub, tiny_qwen3_dir, tmp_path):
+    plain = shutil.copytree(tiny_qwen3_dir, tmp_path / "plain-repo",
+                            ignore=shutil.ignore_patterns(*ST_FILES))
+    fake_hub.serve(REPO, COMMIT_A, plain)
+    first = fetch(hub_cache.env(fake_hub), REPO, COMMIT_A)
+    assert first.get("spec", {}).get("pooling") == "lasttoken", first
+    before = len(fake_hub.requests)
+    again = fetch(hub_cache.env(fake_hub), REPO, COMMIT_A)
+    assert again["spec"] == first["spec"]
+    assert fake_hub.requests[before:] == []  # the hub's "no modules.json" is remembered
+    assert "modules.json" not in first["log"] + again["log"]
+
+
+def test_offline_a_cache_that_may_lack_modules_json_starts_and_says_so(
+        hub_cache, tiny_qwen3_dir, tmp_path):
+    hub_cache(REPO, COMMIT_A, cls_pooled(tiny_qwen3_dir, tmp_path), skip=ST_FILES)
+    for revision in ((), (COMMIT_A,)):
+        out = fetch({**hub_cache.env(), "HF_HUB_OFFLINE": "1"}, REPO, *revision)
+        assert out.get("spec", {}).get("pooling") == "lasttoken", out  # all it can know
+        assert "no modules.json" in out["log"] and "pooling from its model type" in out["log"], out["log"]

@@ -233,12 +233,11 @@ def _fetch_configs(repo_id: str, revision: str | None = None) -> Path:
 
     name = repo_id if revision is None else f"{repo_id}' at revision '{revision}"
     try:
-        if _COMMIT.fullmatch(revision or ""):
-            # A commit's files never change: where the cache has them, ask the hub nothing
-            # (snapshot_download lists the commit's files online unless it has the listing).
-            if (found := cached_folder(repo_id, revision, "modules.json", "config.json")) is not None:
-                return found
-        elif not constants.HF_HUB_OFFLINE:
+        # A commit's files never change: where the cache has them, ask the hub nothing
+        # (snapshot_download lists the commit's files online unless it has the listing).
+        if _COMMIT.fullmatch(revision or "") and (found := _cached_configs(repo_id, revision)):
+            return found
+        if not constants.HF_HUB_OFFLINE:
             # Whether the hub answers at all (snapshot_download would wait for ever on a
             # stalled proxy). Where it answers, snapshot_download then resolves the branch
             # again and records it in the cache (refs/), for offline starts.
@@ -249,11 +248,61 @@ def _fetch_configs(repo_id: str, revision: str | None = None) -> Path:
             except Exception as exc:  # no answer: what this machine's cache has
                 logger.info("The hub did not answer for %s (%s); using the local cache",
                             repo_id, first_line(exc))
-                return Path(snapshot_download(repo_id, revision=revision,
-                                              allow_patterns=CONFIG_FILES, local_files_only=True))
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=CONFIG_FILES))
+                return _cached_snapshot(repo_id, revision)
+            folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=CONFIG_FILES))
+            _remember_no_modules(repo_id, folder)
+            return folder
+        return _cached_snapshot(repo_id, revision)
     except Exception as exc:  # offline, no such repo or revision, gated repo, network down
         raise ModelLoadError(_not_found(name, first_line(exc))) from exc
+
+
+def _cached_configs(repo_id: str, commit: str) -> Path | None:
+    """The commit's folder where the cache holds its modules.json, or its config.json and
+    the hub's word that it has no modules.json; else None. transformers' own download leaves
+    modules.json out, and a spec read without it would pool as the model type does, not as
+    the model says."""
+    from huggingface_hub import try_to_load_from_cache
+
+    modules = try_to_load_from_cache(repo_id, "modules.json", revision=commit)
+    if isinstance(modules, str):
+        return Path(modules).parent
+    config = try_to_load_from_cache(repo_id, "config.json", revision=commit)
+    if modules is not None and isinstance(config, str):  # modules.json known absent
+        return Path(config).parent
+    return None
+
+
+def _cached_snapshot(repo_id: str, revision: str | None) -> Path:
+    """The config files this machine's cache holds, for a start that cannot ask the hub."""
+    from huggingface_hub import snapshot_download, try_to_load_from_cache
+
+    folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=CONFIG_FILES,
+                                    local_files_only=True))
+    if try_to_load_from_cache(repo_id, "modules.json", revision=folder.name) is None:
+        logger.warning(
+            "Model %s: this machine's cache has no modules.json for commit %s and cannot tell "
+            "whether the model has one, so the service takes its pooling from its model type. "
+            "If it is a sentence-transformers model, start once with the Hugging Face Hub "
+            "reachable to fetch its files.", repo_id, folder.name)
+    return folder
+
+
+def _remember_no_modules(repo_id: str, folder: Path) -> None:
+    """Have the cache record that a fetched commit has no modules.json (huggingface_hub
+    keeps a hub's "not found" under .no_exist/), so that later starts pinned to it need not
+    ask the hub again. One request, for models without sentence-transformers files."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    if (folder / "modules.json").exists() or not _COMMIT.fullmatch(folder.name):
+        return
+    try:
+        hf_hub_download(repo_id, "modules.json", revision=folder.name)
+    except EntryNotFoundError:
+        pass  # recorded, as wanted
+    except Exception as exc:  # the next pinned start asks again; nothing else changes
+        logger.info("Could not record that %s has no modules.json (%s)", repo_id, first_line(exc))
 
 
 def ask_hub(repo_id: str, revision: str | None):
