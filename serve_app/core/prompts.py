@@ -44,7 +44,7 @@ def _fallback_query_prefix(spec: ModelSpec, args: AppArgs) -> str:
     """A query's prefix for a model that names no query prompt.
 
     Last-token pooled embedders (Qwen3, gte-Qwen2, e5-mistral) are trained on
-    'Instruct: ...\nQuery:'; encoders (mean or CLS pooling) are not, and an instruction
+    'Instruct: ...\\nQuery:'; encoders (mean or CLS pooling) are not, and an instruction
     in front of their queries costs recall, so they get none unless the config gives one.
     """
     task = args.query_instruction
