@@ -59,8 +59,9 @@ class RayHead:
                 time.sleep(1)
 
     def submit(self, *args: str, working_dir: bool = False, model: str = BUNDLED,
-               dtype: str = "float32") -> str:  # float32: compared with float32 vectors
-        runtime_env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}}
+               dtype: str = "float32", env: dict[str, str] | None = None) -> str:
+        # float32: compared with float32 vectors
+        runtime_env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}}
         if working_dir:
             runtime_env["working_dir"] = str(REPO)
         entrypoint = " ".join(["python", "-m", "serve_app.batch", *args, "--model", model,

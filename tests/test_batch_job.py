@@ -217,9 +217,12 @@ def test_rows_keep_their_order_when_a_later_batch_finishes_first(ray_head, tmp_p
     # Two actors of half a CPU each leave the 2-CPU head a CPU for the read tasks.
     config = tmp_path / "serve_config.yaml"
     config.write_text("applications:\n- args:\n    replica_cpus: 0.5\n    cpu_threads: 1\n")
+    # Ray Data starts its actors without waiting for them; on a busy machine the first could
+    # take every batch before the second is up, and the job would test nothing. Here the
+    # pool waits for both before the first batch.
     job = ray_head.submit("embed", "--input", str(tmp_path / "rows.csv"), "--column", "text",
                           "--output", str(output), "--batch-size", "512", "--actors", "2",
-                          "--config", str(config))
+                          "--config", str(config), env={"RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "120"})
     assert ray_head.wait(job) == "SUCCEEDED", ray_head.logs(job)[-3000:]
     logs = ray_head.logs(job)
     assert logs.count("Model bundled:minilm loaded in") == 2, logs[-3000:]  # both actors ran
