@@ -28,6 +28,7 @@ ST_FILES = ["modules.json", "config_sentence_transformers.json", "1_Pooling", "2
 FETCH = """
 import json, logging, sys
 logging.basicConfig(level=logging.WARNING)
+logging.getLogger("serve_app").setLevel(logging.INFO)
 from dataclasses import asdict
 from serve_app.core.errors import ModelLoadError
 from serve_app.core.hubfiles import model_directory
@@ -264,7 +265,7 @@ def test_a_pinned_commit_cached_without_its_sentence_transformers_files_fetches_
     assert out["spec"]["prompts"]["query"].startswith("Instruct: ")
 
 
-def test_a_pinned_commit_of_a_repo_without_modules_json_asks_the_hub_only_once(
+def test_a_pinned_commit_of_a_repo_without_modules_json_asks_the_hub_only_at_its_first_start(
         hub_cache, fake_hub, tiny_qwen3_dir, tmp_path):
     plain = shutil.copytree(tiny_qwen3_dir, tmp_path / "plain-repo",
                             ignore=shutil.ignore_patterns(*ST_FILES))
@@ -278,10 +279,31 @@ def test_a_pinned_commit_of_a_repo_without_modules_json_asks_the_hub_only_once(
     assert "modules.json" not in first["log"] + again["log"]
 
 
-def test_offline_a_cache_that_may_lack_modules_json_starts_and_says_so(
-        hub_cache, tiny_qwen3_dir, tmp_path):
+def test_a_cache_that_may_lack_modules_json_starts_and_says_so_where_the_hub_cannot_tell(
+        hub_cache, fake_hub, tiny_qwen3_dir, tmp_path):
     hub_cache(REPO, COMMIT_A, cls_pooled(tiny_qwen3_dir, tmp_path), skip=ST_FILES)
-    for revision in ((), (COMMIT_A,)):
-        out = fetch({**hub_cache.env(), "HF_HUB_OFFLINE": "1"}, REPO, *revision)
+    offline = {**hub_cache.env(), "HF_HUB_OFFLINE": "1"}
+    starts = [(offline, ()), (offline, (COMMIT_A,)),
+              (hub_cache.env(), (COMMIT_A,)),  # a hub that refuses connections
+              (hub_cache.env(fake_hub), (COMMIT_A,))]  # one that no longer serves the repo
+    for env, revision in starts:
+        out = fetch(env, REPO, *revision)
         assert out.get("spec", {}).get("pooling") == "lasttoken", out  # all it can know
         assert "no modules.json" in out["log"] and "pooling from its model type" in out["log"], out["log"]
+
+
+def test_a_cached_listing_that_names_missing_files_still_starts_offline(
+        hub_cache, fake_hub, tiny_qwen3_dir):
+    # A download of some of the files (`hf download REPO --exclude modules.json ...`) leaves
+    # the repo's file listing in the cache; huggingface_hub then calls the snapshot
+    # incomplete offline.
+    fake_hub.serve(REPO, COMMIT_A, tiny_qwen3_dir)
+    skipped = ["modules.json", "config_sentence_transformers.json", "1_Pooling/*", "2_Normalize/*"]
+    partial = ("from huggingface_hub import snapshot_download; "
+               f"snapshot_download({REPO!r}, ignore_patterns={skipped!r})")
+    subprocess.run([sys.executable, "-c", partial], env=hub_cache.env(fake_hub), check=True,
+                   capture_output=True, timeout=120)
+    for revision in ((), (COMMIT_A,)):
+        out = fetch({**hub_cache.env(), "HF_HUB_OFFLINE": "1"}, REPO, *revision)
+        assert out.get("spec", {}).get("pooling") == "lasttoken", out
+        assert "no modules.json" in out["log"], out["log"]

@@ -232,10 +232,11 @@ def _fetch_configs(repo_id: str, revision: str | None = None) -> Path:
     )
 
     name = repo_id if revision is None else f"{repo_id}' at revision '{revision}"
+    pinned = bool(_COMMIT.fullmatch(revision or ""))
     try:
         # A commit's files never change: where the cache has them, ask the hub nothing
         # (snapshot_download lists the commit's files online unless it has the listing).
-        if _COMMIT.fullmatch(revision or "") and (found := _cached_configs(repo_id, revision)):
+        if pinned and (found := _cached_configs(repo_id, revision)):
             return found
         if not constants.HF_HUB_OFFLINE:
             # Whether the hub answers at all (snapshot_download would wait for ever on a
@@ -244,7 +245,11 @@ def _fetch_configs(repo_id: str, revision: str | None = None) -> Path:
             try:
                 ask_hub(repo_id, revision)
             except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError):
-                raise
+                # A commit this machine holds stays usable when the hub will not serve it
+                # (a gated repo without a token here, a repo made private, a force-push).
+                if not pinned or cached_folder(repo_id, revision, "config.json") is None:
+                    raise
+                return _cached_snapshot(repo_id, revision)
             except Exception as exc:  # no answer: what this machine's cache has
                 logger.info("The hub did not answer for %s (%s); using the local cache",
                             repo_id, first_line(exc))
@@ -276,9 +281,17 @@ def _cached_configs(repo_id: str, commit: str) -> Path | None:
 def _cached_snapshot(repo_id: str, revision: str | None) -> Path:
     """The config files this machine's cache holds, for a start that cannot ask the hub."""
     from huggingface_hub import snapshot_download, try_to_load_from_cache
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
-    folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=CONFIG_FILES,
-                                    local_files_only=True))
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=CONFIG_FILES,
+                                        local_files_only=True))
+    except LocalEntryNotFoundError as exc:
+        # Newer huggingface_hub: the cached file listing names files not fetched here
+        # (IncompleteSnapshotError, which says where the snapshot is). Use what is there.
+        if getattr(exc, "snapshot_path", None) is None:
+            raise
+        folder = Path(exc.snapshot_path)
     if try_to_load_from_cache(repo_id, "modules.json", revision=folder.name) is None:
         logger.warning(
             "Model %s: this machine's cache has no modules.json for commit %s and cannot tell "
@@ -292,17 +305,18 @@ def _remember_no_modules(repo_id: str, folder: Path) -> None:
     """Have the cache record that a fetched commit has no modules.json (huggingface_hub
     keeps a hub's "not found" under .no_exist/), so that later starts pinned to it need not
     ask the hub again. One request, for models without sentence-transformers files."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
-    if (folder / "modules.json").exists() or not _COMMIT.fullmatch(folder.name):
+    def known() -> bool:  # fetched, or recorded absent
+        return try_to_load_from_cache(repo_id, "modules.json", revision=folder.name) is not None
+
+    if (folder / "modules.json").exists() or not _COMMIT.fullmatch(folder.name) or known():
         return
     try:
         hf_hub_download(repo_id, "modules.json", revision=folder.name)
-    except EntryNotFoundError:
-        pass  # recorded, as wanted
-    except Exception as exc:  # the next pinned start asks again; nothing else changes
-        logger.info("Could not record that %s has no modules.json (%s)", repo_id, first_line(exc))
+    except Exception as exc:  # the hub's "not found" is the answer wanted: it is recorded
+        if not known():  # anything else (no connection): the next pinned start asks again
+            logger.info("Could not record that %s has no modules.json (%s)", repo_id, first_line(exc))
 
 
 def ask_hub(repo_id: str, revision: str | None):
