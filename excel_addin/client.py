@@ -1,6 +1,6 @@
 """HTTP to the embedding service for the formulas: chunks, dedupe, a cache, readable errors.
 
-Vectors are cached at full width, keyed by model, instruction and text (one client per
+Vectors are cached at full width, keyed by model, prompt (instruction) and text (one client per
 server URL), so recalculating a sheet whose texts did not change sends no embedding
 request, and a Matryoshka `dimensions` is cut here from the cached vector. Only texts not
 in the cache are sent, each once, in chunks of at most `chunk_size` texts; a text another
@@ -53,7 +53,10 @@ class ServiceError(Exception):
 # The model an answer came from: its name, and its version (system_fingerprint, "" where the
 # server does not say it): a same-name revision or setting change gives other vectors.
 Served = tuple[str, str]
-Key = tuple[Served, str | None, str]  # (model, instruction, text)
+# What goes before a text, as the request's own fields: (("instruction", task),),
+# (("prompt_name", "query"),) or () for none.
+Prompt = tuple[tuple[str, str], ...]
+Key = tuple[Served, Prompt, str]  # (model, prompt, text)
 MIXED = "fp_mixed"  # the system_fingerprint of an answer from two versions (a rolling update)
 
 
@@ -177,14 +180,17 @@ class EmbedClient:
         return f"EmbedClient({self.settings!r})"
 
     def vectors(
-        self, texts: list[str], instruction: str | None = None, dimensions: int | None = None
+        self, texts: list[str], instruction: str | None = None, dimensions: int | None = None,
+        prompt_name: str | None = None,
     ) -> dict[str, np.ndarray]:
-        """Vectors for the distinct `texts`, from the cache where possible."""
-        instruction = instruction or None
+        """Vectors for the distinct `texts`, from the cache where possible; an instruction,
+        else a named prompt of the server's (`query`), goes before each."""
+        prompt: Prompt = ((("instruction", instruction),) if instruction
+                          else (("prompt_name", prompt_name),) if prompt_name else ())
         distinct = list(dict.fromkeys(texts))
         model = self._served_model()
         for _ in range(3):
-            found = self._lookup_or_fetch(distinct, instruction, model)
+            found = self._lookup_or_fetch(distinct, prompt, model)
             models = {answered for answered, _ in found.values()}
             if models <= {model}:
                 if dimensions is not None and found:
@@ -234,7 +240,7 @@ class EmbedClient:
         return model
 
     def _lookup_or_fetch(
-        self, texts: list[str], instruction: str | None, model: Served
+        self, texts: list[str], prompt: Prompt, model: Served
     ) -> dict[str, tuple[Served, np.ndarray]]:
         """(answering model, vector) for each text: cached, fetched here, or awaited from the
         thread already fetching it. Vectors are kept here, not read back from the cache, which
@@ -244,7 +250,7 @@ class EmbedClient:
         mine: dict[str, Future] = {}
         with self._lock:
             for text in texts:
-                key = (model, instruction, text)
+                key = (model, prompt, text)
                 vector = self._cache.get(key)
                 if vector is not None:
                     found[text] = (model, vector)
@@ -254,19 +260,19 @@ class EmbedClient:
                     mine[text] = self._pending[key] = Future()
         try:
             for chunk in self._chunks(list(mine)):
-                answered, vectors, keep = self._fetch(chunk, instruction)
+                answered, vectors, keep = self._fetch(chunk, prompt)
                 with self._lock:
                     for text, vector in zip(chunk, vectors, strict=True):
                         if keep and vector.nbytes <= self._cache.maxsize:  # else LRUCache raises
-                            self._cache[(answered, instruction, text)] = vector
-                        del self._pending[(model, instruction, text)]
+                            self._cache[(answered, prompt, text)] = vector
+                        del self._pending[(model, prompt, text)]
                         mine.pop(text).set_result((answered, vector))
                         found[text] = (answered, vector)
         except BaseException as exc:
             # Whoever waits for a text this call did not get gets the same error, not a hang.
             with self._lock:
                 for text in mine:
-                    self._pending.pop((model, instruction, text), None)
+                    self._pending.pop((model, prompt, text), None)
             for future in mine.values():
                 future.set_exception(exc)
             raise
@@ -291,14 +297,12 @@ class EmbedClient:
         if chunk:
             yield chunk
 
-    def _fetch(self, texts: list[str], instruction: str | None
+    def _fetch(self, texts: list[str], prompt: Prompt
                ) -> tuple[Served, list[np.ndarray], bool]:
         """The answering model, one vector per text in order, and whether to keep them: an
         answer of two versions is neither cached nor taken as the served model, so the
         calculation asks again (`vectors`)."""
-        payload: dict[str, Any] = {"input": texts, "encoding_format": "base64"}
-        if instruction:
-            payload["instruction"] = instruction
+        payload: dict[str, Any] = {"input": texts, "encoding_format": "base64", **dict(prompt)}
         with self._lock:
             self.requests += 1
         body = self._call("POST", "/v1/embeddings", json=payload)

@@ -105,7 +105,8 @@ def sim_matrix(range1, range2, instruction=None):
 @xw.arg("candidates", ndim=2, err_to_str=True, doc="The range of texts to search.")
 @xw.arg("k", err_to_str=True, doc="How many results (default 5).")
 @xw.arg("instruction", err_to_str=True,
-        doc="Optional task for the query, e.g. 'Find the support article that resolves it'.")
+        doc="Optional task for the query, e.g. 'Find the support article that resolves it' "
+            "(default: the model's own query prompt).")
 @readable
 def semantic_search(query, candidates, k=5, instruction=None):
     """The k candidates most similar to query, best first, as rows of (text, score)."""
@@ -118,7 +119,9 @@ def semantic_search(query, candidates, k=5, instruction=None):
     texts = [t for t in dict.fromkeys(cell_text(c) for c in flatten(as_grid(candidates))) if isinstance(t, str)]
     if not texts:
         raise ValueError("the candidates range holds no text.")
-    query_vector = _vectors_of([question], _instruction(instruction))[question]
+    # Without an instruction, the query takes the model's own query prompt, as the batch
+    # job's search does (Qwen3's; none for models without one, such as the bundled model).
+    query_vector = _vectors_of([question], _instruction(instruction), prompt_name="query")[question]
     documents = _vectors_of(texts, None)
     scores = cosine_matrix(query_vector, np.stack([documents[t] for t in texts]))[0]
     order = np.argsort(-scores, kind="stable")[:top]
@@ -170,12 +173,14 @@ def _instruction(instruction) -> str | None:
     return load_settings().instruction
 
 
-def _vectors_of(cells: list, task: str | None, dimensions: int | None = None) -> dict[str, np.ndarray]:
-    """Vectors for the text cells among `cells` (blanks and errors cost nothing)."""
+def _vectors_of(cells: list, task: str | None, dimensions: int | None = None,
+                prompt_name: str | None = None) -> dict[str, np.ndarray]:
+    """Vectors for the text cells among `cells` (blanks and errors cost nothing); `task`,
+    else the server's prompt `prompt_name`, goes before each."""
     wanted = [c for c in cells if isinstance(c, str)]
     if not wanted:
         return {}
-    return get_client().vectors(wanted, task, dimensions)
+    return get_client().vectors(wanted, task, dimensions, prompt_name=prompt_name)
 
 
 def _score(a, b, left: dict, right: dict):

@@ -464,7 +464,8 @@ class _FakeHandler(BaseHTTPRequestHandler):
         fake = self.server.fake
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         texts, instruction = body["input"], body.get("instruction")
-        fake.record({"path": self.path, "input": texts, "authorization": self.headers.get("Authorization")})
+        fake.record({"path": self.path, "input": texts, "authorization": self.headers.get("Authorization"),
+                     "instruction": instruction, "prompt_name": body.get("prompt_name")})
         if fake.hold.intersection(texts):
             fake.release.wait(timeout=30)  # a test that never releases must not hang the run
         if fake.fail.intersection(texts):

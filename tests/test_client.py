@@ -47,6 +47,18 @@ def test_a_one_text_call_completes_while_a_large_call_is_blocked_in_the_server(f
     np.testing.assert_array_equal(vector, fake_server.vector("one cell"))
 
 
+def test_a_named_prompt_is_sent_as_one_cached_apart_and_an_instruction_takes_its_place(
+        fake_server, make_client):
+    client = make_client()
+    client.vectors(["q"])
+    client.vectors(["q"], prompt_name="query")
+    client.vectors(["q"], "Find the clause", prompt_name="query")  # the server takes one, not both
+    client.vectors(["q"], prompt_name="query")  # cached
+    posts = [r for r in fake_server.seen if r["path"] == "/v1/embeddings"]
+    assert [(r["instruction"], r["prompt_name"]) for r in posts] == [
+        (None, None), (None, "query"), ("Find the clause", None)]
+
+
 def test_a_text_in_flight_in_another_thread_is_sent_once(fake_server, make_client):
     client = make_client()
     fake_server.hold = {"shared"}

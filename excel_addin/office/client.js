@@ -1,7 +1,7 @@
 /*
  * HTTP to the embedding service for the Office add-in's formulas: the calls of one
  * recalculation go out together, each distinct text once, in chunks; a bounded cache
- * keyed by server, model (its name and system_fingerprint), instruction and text; a
+ * keyed by server, model (its name and system_fingerprint), prompt and text; a
  * bounded number of requests in flight; 429 and 503 retried after Retry-After; every
  * failure one readable sentence.
  *
@@ -91,19 +91,22 @@
       this.minDimensions = 1; // the smallest Matryoshka cut the server allows, once known
       this.modelSeen = -Infinity;
       this.modelAsked = null; // the GET in flight, shared by every caller
-      this.queues = new Map(); // instruction -> Map(text -> deferred)
+      this.queues = new Map(); // prompt -> Map(text -> deferred)
       this.pending = new Map(); // cache key -> promise of [model, vector], fetched now
       this.timer = null;
       this.inFlight = 0;
       this.waitingForSlot = [];
     }
 
-    /** Vectors for the distinct `texts` (Map text -> Float32Array), cached where possible. */
-    async vectors(texts, instruction) {
-      instruction = instruction || "";
+    /** Vectors for the distinct `texts` (Map text -> Float32Array), cached where possible;
+     * an instruction, else a named prompt of the server's ("query"), goes before each. */
+    async vectors(texts, instruction, promptName) {
+      // The prompt as the request's own fields, in a string: a cache and queue key.
+      const prompt = JSON.stringify(
+        instruction ? { instruction } : promptName ? { prompt_name: promptName } : {});
       let model = await this.servedModel();
       for (let attempt = 0; attempt < 3; attempt += 1) {
-        const [found, answered] = await this.lookupOrFetch(texts, instruction, model);
+        const [found, answered] = await this.lookupOrFetch(texts, prompt, model);
         if (answered.size === 0 || (answered.size === 1 && answered.has(model))) return found;
         // The server changed model during this call: one sheet must not mix two models'
         // vectors, so look up again under the model it now serves.
@@ -114,12 +117,12 @@
         "versions during one calculation. Recalculate once it serves one.");
     }
 
-    async lookupOrFetch(texts, instruction, model) {
+    async lookupOrFetch(texts, prompt, model) {
       const found = new Map();
       const answered = new Set();
       const awaited = [];
       for (const text of new Set(texts)) {
-        const key = this.key(model, instruction, text);
+        const key = this.key(model, prompt, text);
         const vector = this.cache.get(key);
         if (vector !== undefined) {
           found.set(text, vector);
@@ -127,7 +130,7 @@
         }
         let promise = this.pending.get(key);
         if (promise === undefined) {
-          promise = this.enqueue(instruction, text);
+          promise = this.enqueue(prompt, text);
           this.pending.set(key, promise);
           const forget = () => this.pending.delete(key);
           promise.then(forget, forget);
@@ -167,9 +170,9 @@
       return { model: card.id, dimensions: card.dimensions, servedAs: served };
     }
 
-    key(model, instruction, text) {
+    key(model, prompt, text) {
       // Lengths first, so no two parts can run into each other.
-      return `${this.serverUrl.length}:${this.serverUrl}${model.length}:${model}${instruction.length}:${instruction}${text}`;
+      return `${this.serverUrl.length}:${this.serverUrl}${model.length}:${model}${prompt.length}:${prompt}${text}`;
     }
 
     /** Remember the model an answer named; its key (servedAs). */
@@ -180,11 +183,11 @@
       return this.model;
     }
 
-    enqueue(instruction, text) {
-      let queue = this.queues.get(instruction);
+    enqueue(prompt, text) {
+      let queue = this.queues.get(prompt);
       if (queue === undefined) {
         queue = new Map();
-        this.queues.set(instruction, queue);
+        this.queues.set(prompt, queue);
       }
       let deferred = queue.get(text);
       if (deferred === undefined) {
@@ -200,15 +203,15 @@
 
     /** Full chunks leave now; a partial one once the calls have paused for flushDelayMs. */
     scheduleFlush() {
-      for (const [instruction, queue] of this.queues) {
-        while (queue.size >= this.settings.chunkSize) this.send(instruction, this.take(queue));
-        if (queue.size === 0) this.queues.delete(instruction);
+      for (const [prompt, queue] of this.queues) {
+        while (queue.size >= this.settings.chunkSize) this.send(prompt, this.take(queue));
+        if (queue.size === 0) this.queues.delete(prompt);
       }
       if (this.timer !== null) clearTimeout(this.timer);
       this.timer = setTimeout(() => {
         this.timer = null;
-        for (const [instruction, queue] of this.queues) {
-          while (queue.size) this.send(instruction, this.take(queue));
+        for (const [prompt, queue] of this.queues) {
+          while (queue.size) this.send(prompt, this.take(queue));
         }
         this.queues.clear();
       }, this.settings.flushDelayMs);
@@ -227,12 +230,11 @@
       return chunk;
     }
 
-    async send(instruction, chunk) {
+    async send(prompt, chunk) {
       await this.slot();
       try {
         const texts = chunk.map(([text]) => text);
-        const payload = { input: texts, encoding_format: "base64" };
-        if (instruction) payload.instruction = instruction;
+        const payload = { input: texts, encoding_format: "base64", ...JSON.parse(prompt) };
         this.requests += 1;
         const body = await this.call("POST", "/v1/embeddings", payload);
         if (!Array.isArray(body.data) || body.data.length !== texts.length) {
@@ -246,7 +248,7 @@
         const served = mixed ? servedAs(body.model, MIXED) : this.learn(body.model, body.system_fingerprint);
         body.data.forEach((item, i) => {
           const vector = decode(item.embedding);
-          if (!mixed) this.cache.set(this.key(served, instruction, texts[i]), vector);
+          if (!mixed) this.cache.set(this.key(served, prompt, texts[i]), vector);
           chunk[i][1].resolve([served, vector]);
         });
       } catch (error) {

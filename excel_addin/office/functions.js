@@ -135,8 +135,10 @@
     const texts = [...new Set(flatten(asGrid(candidates)).map(cellText))]
       .filter((t) => typeof t === "string");
     if (!texts.length) throw new InputError("the candidates range holds no text.");
+    // Without an instruction, the query takes the model's own query prompt, as the batch
+    // job's search does (Qwen3's; none for models without one, such as the bundled model).
     const [queryVectors, documents] = await Promise.all([
-      vectorsOf([question], instructionOf(instruction)), vectorsOf(texts, ""),
+      vectorsOf([question], instructionOf(instruction), "query"), vectorsOf(texts, ""),
     ]);
     const target = queryVectors.get(question);
     const scored = texts.map((text, i) => [i, http.cosine(target, documents.get(text))]);
@@ -184,10 +186,10 @@
     return typeof text === "string" ? text : settings.instruction || "";
   }
 
-  async function vectorsOf(values, task) {
+  async function vectorsOf(values, task, promptName) {
     const wanted = values.filter((v) => typeof v === "string");
     if (!wanted.length) return new Map();
-    return getClient().vectors(wanted, task);
+    return getClient().vectors(wanted, task, promptName);
   }
 
   function score(a, b, left, right) {

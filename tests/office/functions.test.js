@@ -226,6 +226,30 @@ test("a new model version under the same name is fetched afresh, not served from
   functions.configure({ modelTtlMs: 30000 });
 });
 
+test("SEMANTIC_SEARCH sends its query with the model's query prompt; an instruction takes its place", async (t) => {
+  const posts = [];
+  const url = await fakeServer(t, async (request, response) => {
+    if (request.method === "GET") return answer(response, 200, MODELS);
+    let raw = "";
+    for await (const part of request) raw += part;
+    const body = JSON.parse(raw);
+    posts.push([body.input, body.instruction ?? null, body.prompt_name ?? null]);
+    const data = body.input.map((_, index) => ({
+      object: "embedding", index, embedding: Buffer.from(new Float32Array([1, index, 0, 0]).buffer).toString("base64") }));
+    return answer(response, 200, { object: "list", model: "fake-model", data });
+  });
+  functions.configure({ serverUrl: url, apiKey: "", instruction: "", fetch: undefined });
+  const candidates = [["Steps to reset"], ["Refunds"]];
+  assert.equal(typeof (await calculate("SEMANTIC_SEARCH", "reset my password", candidates, 1))[0][1], "number");
+  await calculate("SEMANTIC_SEARCH", "reset my password", candidates, 1, "Find the article");
+  const order = (rows) => rows.map((r) => JSON.stringify(r)).sort();
+  assert.deepEqual(order(posts), order([
+    [["reset my password"], null, "query"],
+    [["Steps to reset", "Refunds"], null, null],
+    [["reset my password"], "Find the article", null],
+  ]));
+});
+
 test("an answer of two versions (fp_mixed) is asked again and never cached", async (t) => {
   const answers = ["fp_mixed"];
   let posts = 0;
