@@ -106,7 +106,7 @@ def sim_matrix(range1, range2, instruction=None):
 @xw.arg("k", err_to_str=True, doc="How many results (default 5).")
 @xw.arg("instruction", err_to_str=True,
         doc="Optional task for the query, e.g. 'Find the support article that resolves it' "
-            "(default: the model's own query prompt).")
+            "(default: the default instruction if set, else the model's own query prompt).")
 @readable
 def semantic_search(query, candidates, k=5, instruction=None):
     """The k candidates most similar to query, best first, as rows of (text, score)."""

@@ -1,7 +1,7 @@
 """The add-in's HTTP client against a small OpenAI-shaped server (conftest's FakeEmbeddingServer):
 formulas in threads do not wait for each other, a text in flight is sent once, the cache follows
 the served model, a cache smaller than one call still answers, the API key stays out of reprs;
-and where the settings come from."""
+where the settings come from; and which prompt fields a formula's requests carry."""
 
 from concurrent.futures import ThreadPoolExecutor
 
@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from conftest import FakeClock
 
+from excel_addin import udfs
 from excel_addin.client import EmbedClient, ServiceError, Settings, load_settings
 
 DEADLINE_S = 10.0  # for what should take milliseconds; a failing test waits this long, once
@@ -57,6 +58,23 @@ def test_a_named_prompt_is_sent_as_one_cached_apart_and_an_instruction_takes_its
     posts = [r for r in fake_server.seen if r["path"] == "/v1/embeddings"]
     assert [(r["instruction"], r["prompt_name"]) for r in posts] == [
         (None, None), (None, "query"), ("Find the clause", None)]
+
+
+def test_semantic_search_sends_its_query_with_the_models_query_prompt(monkeypatch, fake_server):
+    # As the batch job's search does: Qwen3's query instruction, none for models without a
+    # query prompt (the server decides); a formula's instruction takes its place.
+    for name in ("EMBED_API_KEY", "EMBED_INSTRUCTION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("EMBED_SERVER_URL", fake_server.url)
+    monkeypatch.setattr("excel_addin.client._xlwings_user_config", lambda: {})
+    udfs.semantic_search("reset my password", [["Steps to reset"], ["Refunds"]], 1)
+    udfs.semantic_search("reset my password", [["Steps to reset"], ["Refunds"]], 1, "Find the article")
+    posts = [(r["input"], r["instruction"], r["prompt_name"])
+             for r in fake_server.seen if r["path"] == "/v1/embeddings"]
+    assert sorted(posts, key=str) == sorted([
+        (["reset my password"], None, "query"),
+        (["Steps to reset", "Refunds"], None, None),
+        (["reset my password"], "Find the article", None)], key=str)
 
 
 def test_a_text_in_flight_in_another_thread_is_sent_once(fake_server, make_client):

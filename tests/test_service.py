@@ -11,7 +11,7 @@ from conftest import BUNDLED
 from serve_app.core.config import AppArgs
 from serve_app.core.encoded import Encoded
 from serve_app.core.errors import ModelUnavailable
-from serve_app.core.modelinfo import MIXED_FINGERPRINT, fingerprint, resolve_model
+from serve_app.core.modelinfo import MIXED_FINGERPRINT, resolve_model
 from serve_app.web.service import EmbeddingService
 
 
@@ -64,6 +64,20 @@ class Versioned:
         return encoded
 
 
+def test_the_fingerprint_follows_the_prompt_settings_and_nothing_else_of_the_ingress():
+    # The add-ins cache query vectors by prompt name; what `query` stands for is a setting.
+    spec = resolve_model(BUNDLED)
+
+    def fp(**settings) -> str:
+        return EmbeddingService(AppArgs(model=BUNDLED, **settings), spec, Versioned([None])).fingerprint
+
+    base = fp()
+    assert fp(cache_max_mb=0, max_batch_texts=8) == base
+    changed = [fp(query_instruction="Find the article"), fp(tasks={"legal": "Find the clause"}),
+               fp(instruction_template="Task: {instruction}\nQuery: ")]
+    assert len({base, *changed}) == 4
+
+
 def test_an_answer_names_the_model_version_its_vectors_came_from():
     """system_fingerprint lets clients that cache vectors (the Excel add-ins) tell a same-name
     revision change; an answer holding two versions says so, and only its own are cached."""
@@ -83,7 +97,7 @@ def test_an_answer_names_the_model_version_its_vectors_came_from():
     assert fp == service.fingerprint and fp.startswith("fp_") and len(fp) == 13
     assert answer([None], ["a"])[1] == service.fingerprint  # a model in this process is ours
     service, fp = answer([theirs], ["a", "b"])
-    assert fp == fingerprint(theirs) != service.fingerprint  # an old replica answered all
+    assert fp != service.fingerprint  # an old replica answered all
     assert fp == EmbeddingService(other_args, spec, Versioned([None])).fingerprint
     asked_again = asyncio.run(service.embed(["a"]))  # not cached
     assert service.fingerprint_of(asked_again.versions) == fp

@@ -104,23 +104,6 @@ def test_semantic_search_instruction_changes_the_query(sheet_env):
     assert plain[0][1] != pytest.approx(guided[0][1], abs=1e-6)
 
 
-def test_semantic_search_sends_its_query_with_the_models_query_prompt(monkeypatch, fake_server):
-    # As the batch job's search does: Qwen3's query instruction, none for models without a
-    # query prompt (the server decides); a formula's instruction takes its place.
-    for name in ("EMBED_API_KEY", "EMBED_INSTRUCTION"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("EMBED_SERVER_URL", fake_server.url)
-    monkeypatch.setattr("excel_addin.client._xlwings_user_config", lambda: {})
-    udfs.semantic_search("reset my password", column("Steps to reset", "Refunds"), 1)
-    udfs.semantic_search("reset my password", column("Steps to reset", "Refunds"), 1, "Find the article")
-    posts = [(r["input"], r["instruction"], r["prompt_name"])
-             for r in fake_server.seen if r["path"] == "/v1/embeddings"]
-    assert sorted(posts, key=str) == sorted([
-        (["reset my password"], None, "query"),
-        (["Steps to reset", "Refunds"], None, None),
-        (["reset my password"], "Find the article", None)], key=str)
-
-
 def test_embed_gives_rows_of_numbers(sheet_env):
     vector = udfs.embed([["Termination"]])
     assert len(vector) == 384 and math.isclose(np.linalg.norm(vector), 1.0, rel_tol=1e-5)

@@ -9,6 +9,7 @@ tests and tools, or through a Ray Serve handle to the `Embedder` deployment.
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -56,7 +57,12 @@ class EmbeddingService:
         # Only answers of these settings are cached: during a rolling update (a new model
         # revision under the same served name) replicas of the old ones still answer.
         self.version = model_version(spec, args.max_input_tokens, args.dtype, args.device)
-        self.fingerprint = fingerprint(self.version)
+        # What a named prompt stands for is this ingress's setting, not the model's, and the
+        # add-ins cache query vectors by prompt name (`prompt_name: query`): a change of the
+        # prompt settings must read to them as another version.
+        self._prompts = json.dumps([args.instruction_template, args.query_instruction, args.tasks],
+                                   sort_keys=True)
+        self.fingerprint = self._fingerprint(self.version)
         self.runtime: Runtime | None = None  # as the last replica that answered reported it
 
     @property
@@ -134,7 +140,10 @@ class EmbeddingService:
             return self.fingerprint
         if len(versions) > 1:
             return MIXED_FINGERPRINT  # during a rolling update: the clients ask again
-        return fingerprint(next(iter(versions)))
+        return self._fingerprint(next(iter(versions)))
+
+    def _fingerprint(self, version: str) -> str:
+        return fingerprint(f"{version} prompts={self._prompts}")
 
     async def _embed_missing(self, distinct, missing, keys, prefix, vectors, tokens, cut
                              ) -> tuple[float, set[str]]:
