@@ -28,8 +28,10 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).parent))
 
 import numpy as np  # noqa: E402
+from dtype_parity import embed_all  # noqa: E402
 
 DPKG_STATUS = Path("/var/lib/dpkg/status")
 
@@ -68,9 +70,9 @@ def main() -> int:
           f"the service's prefix for prompt_name 'query' here: {service_query!r}")
     print(f"\n{'set':8}{'pairs':>6}  {'query prefix':24}{'R@1':>7}{'R@10':>7}{'MRR@10':>8}")
     for name, pairs in sets.items():
-        passages = embed(embedder, [passage for _, passage in pairs])
+        passages = embed_all(embedder, [passage for _, passage in pairs])
         for label, prefix in prefixes.items():
-            queries = embed(embedder, [prefix + summary for summary, _ in pairs])
+            queries = embed_all(embedder, [prefix + summary for summary, _ in pairs])
             r1, r10, mrr = retrieval(queries, passages)
             print(f"{name:8}{len(pairs):>6}  {label:24}{r1:>7.3f}{r10:>7.3f}{mrr:>8.3f}", flush=True)
     return 0
@@ -78,16 +80,12 @@ def main() -> int:
 
 def retrieval(queries: np.ndarray, passages: np.ndarray) -> tuple[float, float, float]:
     """Recall@1, recall@10 and MRR@10 when query i's passage is passage i."""
-    scores = queries @ passages.T
+    from serve_app.core.vectors import cosine_matrix
+
+    scores = cosine_matrix(queries, passages)
     own = np.diag(scores)[:, None]
     rank = (scores > own).sum(axis=1)  # passages scored above the right one; ties count for it
     return float(np.mean(rank == 0)), float(np.mean(rank < 10)), float(np.mean(np.where(rank < 10, 1 / (rank + 1), 0)))
-
-
-def embed(embedder, texts: list[str], chunk: int = 64) -> np.ndarray:
-    rows = [embedder.encode(texts[i : i + chunk]).vectors for i in range(0, len(texts), chunk)]
-    vectors = np.concatenate(rows).astype(np.float32)
-    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
 def dpkg_pairs(min_words: int) -> list[tuple[str, str]]:

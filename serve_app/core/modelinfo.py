@@ -262,25 +262,28 @@ def _fetch_configs(repo_id: str, revision: str | None = None) -> Path:
         raise ModelLoadError(_not_found(name, first_line(exc))) from exc
 
 
+def _modules_json(repo_id: str, commit: str):
+    """What the cache knows of a commit's modules.json: its path, huggingface_hub's marker
+    for "the hub has none" (`.no_exist/`), or None for nothing."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return try_to_load_from_cache(repo_id, "modules.json", revision=commit)
+
+
 def _cached_configs(repo_id: str, commit: str) -> Path | None:
     """The commit's folder where the cache holds its modules.json, or its config.json and
     the hub's word that it has no modules.json; else None. transformers' own download leaves
     modules.json out, and a spec read without it would pool as the model type does, not as
     the model says."""
-    from huggingface_hub import try_to_load_from_cache
-
-    modules = try_to_load_from_cache(repo_id, "modules.json", revision=commit)
+    modules = _modules_json(repo_id, commit)
     if isinstance(modules, str):
         return Path(modules).parent
-    config = try_to_load_from_cache(repo_id, "config.json", revision=commit)
-    if modules is not None and isinstance(config, str):  # modules.json known absent
-        return Path(config).parent
-    return None
+    return None if modules is None else cached_folder(repo_id, commit, "config.json")
 
 
 def _cached_snapshot(repo_id: str, revision: str | None) -> Path:
     """The config files this machine's cache holds, for a start that cannot ask the hub."""
-    from huggingface_hub import snapshot_download, try_to_load_from_cache
+    from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
@@ -292,7 +295,7 @@ def _cached_snapshot(repo_id: str, revision: str | None) -> Path:
         if getattr(exc, "snapshot_path", None) is None:
             raise
         folder = Path(exc.snapshot_path)
-    if try_to_load_from_cache(repo_id, "modules.json", revision=folder.name) is None:
+    if _modules_json(repo_id, folder.name) is None:
         logger.warning(
             "Model %s: this machine's cache has no modules.json for commit %s and cannot tell "
             "whether the model has one, so the service takes its pooling from its model type. "
@@ -305,17 +308,14 @@ def _remember_no_modules(repo_id: str, folder: Path) -> None:
     """Have the cache record that a fetched commit has no modules.json (huggingface_hub
     keeps a hub's "not found" under .no_exist/), so that later starts pinned to it need not
     ask the hub again. One request, for models without sentence-transformers files."""
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub import hf_hub_download
 
-    def known() -> bool:  # fetched, or recorded absent
-        return try_to_load_from_cache(repo_id, "modules.json", revision=folder.name) is not None
-
-    if (folder / "modules.json").exists() or not _COMMIT.fullmatch(folder.name) or known():
-        return
+    if not _COMMIT.fullmatch(folder.name) or _modules_json(repo_id, folder.name) is not None:
+        return  # fetched, or its absence already recorded
     try:
         hf_hub_download(repo_id, "modules.json", revision=folder.name)
     except Exception as exc:  # the hub's "not found" is the answer wanted: it is recorded
-        if not known():  # anything else (no connection): the next pinned start asks again
+        if _modules_json(repo_id, folder.name) is None:  # not recorded: asked again next time
             logger.info("Could not record that %s has no modules.json (%s)", repo_id, first_line(exc))
 
 
