@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5,
                         help="raw and served passes alternate this many times")
     parser.add_argument("--latency-requests", type=int, default=200)
-    parser.add_argument("--cold-starts", type=int, default=3)
+    parser.add_argument("--cold-starts", type=int, default=3, help="0: skip the cold-start runs")
     parser.add_argument("--port", type=int, default=8123)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra AppArgs setting for the served app (repeatable); a dtype is also raw's")
@@ -135,11 +135,13 @@ def main() -> None:
         del raw_model, baseline
         gc.collect()
         serve.delete("bench")
-        quick = {"idle_timeout_s": 1, "downscale_delay_s": 1, "autoscaling_look_back_s": 2}
-        serve.run(build_app(AppArgs.model_validate({"model": opts.model, **quick, **extra})),
-                  name="cold", route_prefix="/cold")
-        cold, steps = cold_starts(f"{base}/cold", opts.cold_starts)
-        served["cold_replica_memory_gb"] = replica_memory_gb("cold")
+        cold, steps = [], []
+        if opts.cold_starts:
+            quick = {"idle_timeout_s": 1, "downscale_delay_s": 1, "autoscaling_look_back_s": 2}
+            serve.run(build_app(AppArgs.model_validate({"model": opts.model, **quick, **extra})),
+                      name="cold", route_prefix="/cold")
+            cold, steps = cold_starts(f"{base}/cold", opts.cold_starts)
+            served["cold_replica_memory_gb"] = replica_memory_gb("cold")
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -383,9 +385,10 @@ def report(r: dict) -> None:
          f"+{served['p50_ms'] - raw['p50_ms']:.1f} ms"),
         ("single text p95 (ms)", f"{raw['p95_ms']:.1f}", f"{served['p95_ms']:.1f}",
          f"+{served['p95_ms'] - raw['p95_ms']:.1f} ms"),
-        ("cold start (s)", "", f"{statistics.median(cold):.2f}",
-         "median of " + ", ".join(f"{c:.2f}" for c in cold)),
     ]
+    if cold:
+        rows.append(("cold start (s)", "", f"{statistics.median(cold):.2f}",
+                     "median of " + ", ".join(f"{c:.2f}" for c in cold)))
     if raw["float32"]:
         rows.insert(1, ("float32 raw (texts/s)", f"{raw['float32']:.1f}", "",
                         f"served = {rate / raw['float32']:.2f} x float32 raw"))
