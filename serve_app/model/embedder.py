@@ -145,20 +145,34 @@ class TextEmbedder:
             return "Rows not shared: share_rows is off"
         if self.device.type != "cpu":
             return "Rows not shared: not on a CPU (GPU passes keep padding; not measured there)"
+        if self.rows_shared:
+            return "Short texts already share rows of a pass"
+        from serve_app.model.rows import ATTENTION, register_attention
+
         attention = getattr(self.model.config, "_attn_implementation", None)
-        if attention not in ("sdpa", "eager"):
-            return f"Rows not shared: {attention} attention takes no block mask"
+        if attention != "sdpa":
+            return f"Rows not shared: the model runs {attention} attention (shared rows need sdpa)"
+        # From here every pass, padded ones too, runs through the rows' attention function,
+        # which is sdpa's own for a pass given no layout: safe while other passes run.
+        register_attention()
+        self.model.config._attn_implementation = ATTENTION
         ids, _ = self.tokenize(_ROW_CHECK_TEXTS)
         try:
             want = self._forward(ids)
             got = self._forward_rows([ids])  # all of them in one row, in order
-        except Exception as exc:  # a model whose forward takes no 4-D mask or positions
-            return f"Rows not shared: the model refused a block mask ({type(exc).__name__})"
-        if not (np.isfinite(want).all() and np.isfinite(got).all()):
-            return f"Rows not shared: the model gives inf or NaN in {_dtype_name(self.dtype)} (its requests say so)"
-        cosines = cosine_pairwise(want, got)
-        if not np.all(cosines >= 0.999):
-            return f"Rows not shared: they changed an embedding (cosine {cosines.min():.4f} to padding's)"
+        except Exception as exc:  # a model whose attention or inputs the rows do not fit
+            why_not = f"the model refused them ({type(exc).__name__}: {exc})"
+        else:
+            cosines = cosine_pairwise(want, got)
+            if not (np.isfinite(want).all() and np.isfinite(got).all()):
+                why_not = f"the model gives inf or NaN in {_dtype_name(self.dtype)} (its requests say so)"
+            elif not np.all(cosines >= 0.999):
+                why_not = f"they changed an embedding (cosine {cosines.min():.4f} to padding's)"
+            else:
+                why_not = None
+        if why_not:
+            self.model.config._attn_implementation = attention
+            return f"Rows not shared: {why_not}"
         self.rows_shared = True
         return f"Short texts share rows of a pass (cosine to padding at least {cosines.min():.5f})"
 
@@ -310,22 +324,24 @@ class TextEmbedder:
     @torch.inference_mode()
     def _forward_rows(self, rows: list[list[list[int]]]) -> np.ndarray:
         """Vectors for texts laid end to end in rows (`model.rows`), in order of appearance."""
-        from serve_app.model.rows import row_inputs, segment_masks
+        from serve_app.model.rows import FLAT_MULTIPLE, layout_rows
 
         # Decoder models (last-token pooling) attend causally, encoders both ways; the
         # check in share_rows() catches a model for which that guess is wrong.
-        input_ids, mask, positions, segments = row_inputs(
-            rows, self.pad_id, causal=self.spec.pooling == "lasttoken"
-        )
-        if self.model.config._attn_implementation == "eager":  # additive, in the model's dtype
-            mask = torch.zeros(mask.shape, dtype=self.dtype).masked_fill(~mask, torch.finfo(self.dtype).min)
+        layout = layout_rows(rows, causal=self.spec.pooling == "lasttoken", pad_id=self.pad_id,
+                             multiple=FLAT_MULTIPLE)
+        input_ids = layout.input_ids.to(self.device)
         hidden = self.model(
-            input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
-            position_ids=positions.to(self.device), **self._forward_options,
-        ).last_hidden_state
+            input_ids=input_ids,
+            # Every flat token is a text's (or the padding row's, which attends to itself):
+            # a mask of ones lets transformers build none (without one it would build a
+            # block mask from the positions, which the rows' attention does not read).
+            attention_mask=torch.ones_like(input_ids),
+            position_ids=layout.positions.to(self.device), shared_rows=layout, **self._forward_options,
+        ).last_hidden_state[0]
         # Each text pooled by the same rule as a padded row, over its own tokens only.
-        rows_of, masks = segment_masks(segments, hidden.shape[1])
-        pooled = pool(hidden[rows_of.to(self.device)].float(), masks.to(self.device), self.spec.pooling)
+        index, masks = layout.text_slots()
+        pooled = pool(hidden[index.to(self.device)].float(), masks.to(self.device), self.spec.pooling)
         if self.spec.normalize:
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
         return pooled.cpu().numpy()
