@@ -86,12 +86,15 @@ TEXTS = [*sentences(40), "合同任何一方可提前三十天书面通知终止
 def test_shared_rows_give_the_vectors_padding_gives(name, dtype, bundled_spec, small_standin_dir):
     spec = bundled_spec if name == "bundled" else resolve_model(str(small_standin_dir))
     model = TextEmbedder(spec, dtype=dtype, pack_cpu_weights=False)
-    padded = model.encode(TEXTS)
+    long_pair = ["x " * 150, "y " * 100]  # a row each: the padded path, with a padding mask
+    padded, padded_pair = model.encode(TEXTS), model.encode(long_pair)
     assert model.share_rows().startswith("Short texts share rows of a pass")
     shared = model.encode(TEXTS)
     cosines = (padded.vectors * shared.vectors).sum(1)  # both unit length
     assert cosines.min() >= (0.9999 if dtype == "float32" else 0.999)
     assert shared.tokens == padded.tokens
+    # Under the rows' attention implementation, padded passes are what they were.
+    np.testing.assert_allclose(model.encode(long_pair).vectors, padded_pair.vectors, atol=1e-6)
 
 
 def test_rows_stay_off_when_they_would_change_an_embedding(bundled_spec, monkeypatch):
