@@ -138,7 +138,7 @@ def test_rows_stay_off_for_attention_other_than_sdpa_and_after_a_failed_check(bu
     assert model.share_rows() == "Rows not shared: the model runs eager attention (shared rows need sdpa)"
     model.model.config._attn_implementation = "sdpa"
     monkeypatch.setattr(rows.RowLayout, "attend", lambda *args: 1 / 0)
-    assert model.share_rows().startswith("Rows not shared: the model refused them (ZeroDivisionError")
+    assert model.share_rows().startswith("Rows not shared: they failed on this model (ZeroDivisionError")
     assert not model.rows_shared
     assert model.model.config._attn_implementation == "sdpa"  # padded passes as before
     np.testing.assert_allclose(np.linalg.norm(model.encode(TEXTS).vectors, axis=1), 1, atol=1e-5)

@@ -152,16 +152,17 @@ class TextEmbedder:
         attention = getattr(self.model.config, "_attn_implementation", None)
         if attention != "sdpa":
             return f"Rows not shared: the model runs {attention} attention (shared rows need sdpa)"
-        # From here every pass, padded ones too, runs through the rows' attention function,
-        # which is sdpa's own for a pass given no layout: safe while other passes run.
-        register_attention()
-        self.model.config._attn_implementation = ATTENTION
         ids, _ = self.tokenize(_ROW_CHECK_TEXTS)
         try:
+            # From here every pass, padded ones too, runs through the rows' attention
+            # function, which is sdpa's own for a pass given no layout: safe while other
+            # passes run.
+            register_attention()
+            self.model.config._attn_implementation = ATTENTION
             want = self._forward(ids)
             got = self._forward_rows([ids])  # all of them in one row, in order
-        except Exception as exc:  # a model whose attention or inputs the rows do not fit
-            why_not = f"the model refused them ({type(exc).__name__}: {exc})"
+        except Exception as exc:  # a model (or transformers) whose attention the rows do not fit
+            why_not = f"they failed on this model ({type(exc).__name__}: {exc})"
         else:
             cosines = cosine_pairwise(want, got)
             if not (np.isfinite(want).all() and np.isfinite(got).all()):

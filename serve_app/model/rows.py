@@ -7,8 +7,9 @@ block-diagonal mask, causal for decoder models), with positions that restart at
 every text, so each text's vector is what it is alone.
 
 Only attention needs the rows. Everything else in a block (the linear layers,
-most of the work, and the norms and activations) runs on the pass's real tokens
-laid flat, as one row of a batch of one: the model is given the flat tokens, and
+most of the work, and the norms and activations) runs on the pass's tokens laid
+flat, as one row of a batch of one (padded only to a multiple of `FLAT_MULTIPLE`
+tokens): the model is given the flat tokens, and
 its attention (`rows_attention`, registered with transformers under
 `ATTENTION`) spreads queries, keys and values into the rows, attends under the
 block mask and takes the real tokens back. Rows of 64 leave padding, 14% of a
@@ -98,7 +99,7 @@ class RowLayout:
     input_ids: torch.Tensor  # (1, tokens): every text's ids, end to end, row by row
     positions: torch.Tensor  # (1, tokens): restarting at 0 with every text
     spread: torch.Tensor  # (rows * width,): the flat token in each slot of the rows
-    real: torch.Tensor  # the slots that hold real tokens, in flat order
+    real: torch.Tensor  # the slots that hold flat tokens (not row padding), in flat order
     mask: torch.Tensor  # (rows, 1, width, width), boolean: which slots each slot attends to
     spans: list[tuple[int, int]]  # each text's tokens in the flat order
 
