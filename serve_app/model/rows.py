@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 # Rows at least this long (a text longer than this gets a row of its own length).
 # Longer rows leave less padding but cost attention that grows with the row's square.
@@ -126,13 +127,10 @@ class RowLayout:
     def text_slots(self) -> tuple[torch.Tensor, torch.Tensor]:
         """For pooling each text over its own tokens (embedder.pool): a (texts, longest)
         index into the flat tokens and the mask of those that are the text's."""
-        longest = max(end - start for start, end in self.spans)
-        index = torch.zeros((len(self.spans), longest), dtype=torch.long)
-        mask = torch.zeros((len(self.spans), longest), dtype=torch.long)
-        for n, (start, end) in enumerate(self.spans):
-            index[n, : end - start] = torch.arange(start, end)
-            mask[n, : end - start] = 1
-        return index, mask
+        starts, ends = torch.tensor(self.spans, dtype=torch.long).unbind(1)
+        offsets = torch.arange(int((ends - starts).max()))
+        mask = offsets < (ends - starts)[:, None]
+        return torch.where(mask, starts[:, None] + offsets, 0), mask.long()
 
 
 def layout_rows(rows: list[list[list[int]]], causal: bool, pad_id: int = 0, multiple: int = 1) -> RowLayout:
@@ -182,8 +180,6 @@ def rows_attention(module, query, key, value, attention_mask, *, shared_rows: Ro
                    **kwargs):
     """transformers' attention function while rows are shared: sdpa's own for a pass
     without a layout (a padded one), attention over the rows for a pass with one."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     if shared_rows is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     # What the rows cannot honour: the check in share_rows() finds a model that asks for it.
