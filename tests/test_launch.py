@@ -151,13 +151,18 @@ def test_tls_files_that_cannot_work_stop_the_start_with_a_sentence(tmp_path):
             serve_run_command(["model=bundled:minilm", *overrides])
 
 def test_busy_ports_are_named():
+    # Every port in play comes from below the ephemeral range (free_port), so only the one
+    # this test takes can be busy: a port derived from an ephemeral one could be any
+    # connection's, as it once was in CI.
+    port = free_port(side_ports=True)
+    env = tuned_environment({}, port=port)
+    stats = int(env["RAY_SERVE_HAPROXY_STATS_PORT"])
+    assert busy_ports(env, port) == []
     with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
+        taken.bind(("127.0.0.1", stats))
         taken.listen()
-        port = taken.getsockname()[1]
-        env = tuned_environment({"RAY_SERVE_HAPROXY_STATS_PORT": str(port)}, port=port - 404)
-        busy = busy_ports(env, port - 404)
-    assert busy == [f"port {port}, for HAProxy's statistics page (RAY_SERVE_HAPROXY_STATS_PORT)"]
+        busy = busy_ports(env, port)
+    assert busy == [f"port {stats}, for HAProxy's statistics page (RAY_SERVE_HAPROXY_STATS_PORT)"]
 
 
 def test_a_second_instance_on_a_taken_port_stops_with_a_sentence():
