@@ -24,6 +24,6 @@ def test_a_marked_process_and_an_ended_child_are_counted_to_their_groups():
     # marked process spun for the whole block, on one core at most.
     assert 0.35 <= share.seconds["client"] < 1.5
     assert share.seconds["marked"] >= 0.2
-    assert share.seconds["marked"] <= share.wall_s * 1.05 + 0.05
+    assert share.seconds["marked"] <= share.wall_s * 1.05 + 0.2  # /proc read on both sides of wall_s
     line = describe(share.fractions())
     assert line.startswith(("marked ", "client ")) and line.split(", ")[-1].startswith("idle ")

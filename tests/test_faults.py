@@ -84,8 +84,12 @@ def test_metrics_reach_ray_prometheus_endpoint(serve_cluster):
     def scrape() -> str | None:
         # Ray's agents export on intervals of seconds: wait until this app's counts are in.
         text = httpx.get(f"http://127.0.0.1:{serve_cluster.metrics_port}/metrics", timeout=10).text
+        # Each count this test asserts must be in: processes export on their own clocks.
         ready = (value(text, "ray_embed_requests_total", 'status="200"') >= 3
                  and value(text, "ray_embed_cache_hits_total") >= 4
+                 and value(text, "ray_embed_cache_misses_total") >= 2
+                 and value(text, "ray_embed_texts_total") >= 2
+                 and value(text, "ray_embed_errors_total", 'status="400"') >= 1
                  and "ray_embed_batch_texts_bucket" in text and "ray_embed_cold_starts_total" in text)
         return text if ready else None
 

@@ -31,7 +31,8 @@ QUICK_SCALING = {
 def test_scale_from_zero_serves_the_first_request_then_returns_to_zero(
     serve_cluster, bundled_embedder
 ):
-    url = serve_cluster.deploy("cold", **QUICK_SCALING)
+    # Idle 4 s before scaling to zero, so the replica is still there to be counted below.
+    url = serve_cluster.deploy("cold", **{**QUICK_SCALING, "idle_timeout_s": 4.0})
     assert serve_cluster.replicas("cold") == {}
     health = httpx.get(f"{url}/health", timeout=10).json()
     assert health["replicas"] == "scaled to zero"  # /health answers without waking the model
@@ -138,7 +139,7 @@ def test_concurrent_requests_are_batched_and_correct(serve_cluster, bundled_embe
     from ray import serve
 
     # One replica, so that its counts are every pass these requests took.
-    url = serve_cluster.deploy("batched", min_replicas=1, max_replicas=1, batch_wait_timeout_s=0.05)
+    url = serve_cluster.deploy("batched", min_replicas=1, max_replicas=1, batch_wait_timeout_s=0.5)
     replica = serve.get_deployment_handle("Embedder", app_name="batched")
     before = replica.describe.remote().result(timeout_s=60)
     texts = [f"sentence number {i} about contracts" for i in range(40)]

@@ -137,7 +137,7 @@ def test_a_gcs_that_does_not_answer_holds_a_lost_chunk_no_longer_than_its_back_o
     handle = Handle(ActorUnavailableError("Actor is unavailable.", bytes.fromhex("ab" * 16)), "ok")
     started = time.monotonic()
     assert embed(handle) is ANSWER  # the cause unknown in time: resent, as before
-    assert time.monotonic() - started < 2.5  # the back-off here is 0.01-0.02 s; the GCS took 5
+    assert time.monotonic() - started < 4.0  # the back-off here is 0.01-0.02 s; the GCS took 5
 
 
 def test_a_cancelled_chunk_cancels_its_ray_request():
