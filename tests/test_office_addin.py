@@ -9,6 +9,7 @@ import json
 import os
 import random
 import shutil
+import socket
 import subprocess
 import uuid
 import xml.etree.ElementTree as ET
@@ -209,8 +210,11 @@ def test_the_addin_in_node_gives_the_python_addins_values_and_its_request_counts
                  "python": python_grid(getattr(udfs, name.lower())(*python_args(args)))}
                 for name, args in CASES]
     (tmp_path / "expected.json").write_text(json.dumps({"cases": expected}), encoding="utf-8")
-    done = node("--test", "--test-reporter=tap", "tests/office/", timeout=300, env={
-        "ADDIN_SERVER": sheet_env["open"], "ADDIN_EXPECTED": str(tmp_path / "expected.json"),
-        "ADDIN_KEYED_SERVER": sheet_env["keyed"], "ADDIN_KEY": EXCEL_KEY})
+    with socket.socket() as refusing:  # bound, never listening: connections to it are refused
+        refusing.bind(("127.0.0.1", 0))
+        done = node("--test", "--test-reporter=tap", "tests/office/", timeout=300, env={
+            "ADDIN_SERVER": sheet_env["open"], "ADDIN_EXPECTED": str(tmp_path / "expected.json"),
+            "ADDIN_KEYED_SERVER": sheet_env["keyed"], "ADDIN_KEY": EXCEL_KEY,
+            "ADDIN_REFUSING_SERVER": f"http://127.0.0.1:{refusing.getsockname()[1]}"})
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
     assert "# skipped 0" in done.stdout and "# fail 0" in done.stdout

@@ -155,12 +155,19 @@ function answer(response, status, body, headers = {}) {
 
 const MODELS = { object: "list", data: [{ id: "fake-model", dimensions: 4 }] };
 
-test("an unreachable server is a readable #VALUE!", async () => {
-  // A port that was just free: listened on, then closed.
+async function refusingUrl() {
+  // The suite's runner holds a port bound and never listening; run alone, a port that was
+  // just free (listened on, then closed), which another process could take meanwhile.
+  if (process.env.ADDIN_REFUSING_SERVER) return process.env.ADDIN_REFUSING_SERVER;
   const server = http.createServer();
   await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
   const url = `http://127.0.0.1:${server.address().port}`;
   await new Promise((resolve) => server.close(resolve));
+  return url;
+}
+
+test("an unreachable server is a readable #VALUE!", async () => {
+  const url = await refusingUrl();
   functions.configure({ serverUrl: url, apiKey: "", fetch: undefined });
   const error = await calculate("EMBED_SIM", [["a"]], [["b"]]);
   assert.equal(error.code, "#VALUE!");
