@@ -287,6 +287,8 @@ class ServeCluster:
     def __init__(self, port: int, metrics_port: int) -> None:
         self.port = port
         self.metrics_port = metrics_port  # Ray's Prometheus endpoint on this node
+        self.apps: set[str] = set()  # deployed and not yet deleted
+        self.lasting: set[str] = set()  # session fixtures' apps, kept between tests
 
     def url(self, app: str) -> str:
         return f"http://127.0.0.1:{self.port}/{app}"
@@ -298,6 +300,7 @@ class ServeCluster:
         from serve_app.ray_shell.app import build_app
 
         settings = {"model": BUNDLED, "gpu_fraction": 0.0, "dtype": REFERENCE_DTYPE, **overrides}
+        self.apps.add(app)  # before: a deployment that fails to start is left behind too
         serve.run(build_app(AppArgs(**settings)), name=app, route_prefix=f"/{app}")
         return self.url(app)
 
@@ -314,6 +317,7 @@ class ServeCluster:
         from ray import serve
 
         serve.delete(app)
+        self.apps.discard(app)
 
 
 @pytest.fixture(scope="session")
@@ -346,6 +350,20 @@ def serve_cluster(tmp_path_factory):
     ray.shutdown()
 
 
+@pytest.fixture(autouse=True)
+def _apps_left_behind_are_deleted(request):
+    """A Ray test deletes its app at its end; one that fails before that would leave its
+    replicas holding the cluster's CPUs, and the next deploy would wait for them with no
+    end in sight. Only for tests that use the cluster: others never start it."""
+    if "serve_cluster" not in request.fixturenames:
+        yield
+        return
+    cluster = request.getfixturevalue("serve_cluster")
+    yield
+    for app in sorted(cluster.apps - cluster.lasting):
+        cluster.delete(app)
+
+
 EXCEL_KEY = "excel-test-key"
 # The names LangChain, LlamaIndex, Haystack, Chroma and Weaviate send by default.
 CLIENT_ALIASES = ["text-embedding-3-small", "text-embedding-ada-002"]
@@ -355,6 +373,7 @@ CLIENT_ALIASES = ["text-embedding-3-small", "text-embedding-ada-002"]
 def excel_servers(serve_cluster):
     """Two warm apps for the spreadsheet and client-library tests: one open, with the
     OpenAI names as aliases; one that needs EXCEL_KEY and takes token ids."""
+    serve_cluster.lasting.update({"excel", "excel-keyed"})
     open_url = serve_cluster.deploy("excel", min_replicas=1, model_aliases=CLIENT_ALIASES)
     os.environ["EMBED_API_KEYS"] = EXCEL_KEY  # read by build_app, as in production
     try:
