@@ -397,3 +397,24 @@ def test_cancelled_work_is_dropped_when_several_workers_start_at_once():
     results = run(go())
     assert [values(r) for r in results] == [[1.0, 2.0, 3.0, 4.0], [9.0]]
     assert sorted(model.texts) == [numbered(1, 2, 3, 4), numbered(9)]  # 5-8 never ran
+
+
+def test_on_idle_is_called_when_the_last_pass_ends_and_not_while_one_runs():
+    model = FakeModel(gated=True)
+    idle_calls = []
+
+    async def go():
+        scheduler = ForwardScheduler(model.encode, workers=2, cpus=2, max_texts=128,
+                                     on_idle=lambda: idle_calls.append(len(model.passes)))
+        tasks = await queued(scheduler.embed(numbered(1)), scheduler.embed(numbered(2)))
+        await model.started(2)  # both workers busy
+        model.finish(1)
+        await asyncio.wait_for(asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED), GATE_TIMEOUT_S)
+        during = list(idle_calls)  # one pass ended while the other still ran
+        model.finish(1)
+        await asyncio.wait_for(asyncio.gather(*tasks), GATE_TIMEOUT_S)
+        return during
+
+    during = run(go())
+    assert during == []
+    assert idle_calls == [2]  # once, as the second (last) pass ended

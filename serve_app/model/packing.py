@@ -19,7 +19,6 @@ about one block above its steady state.
 from __future__ import annotations
 
 import ctypes
-import functools
 import logging
 import mmap
 import sys
@@ -27,6 +26,8 @@ import time
 from collections.abc import Callable
 
 import torch
+
+from serve_app.model.heap import libc
 
 logger = logging.getLogger(__name__)
 
@@ -144,11 +145,6 @@ def _file_mappings() -> list[tuple[int, int]]:
 _MADV_DONTNEED = 4  # Linux's value
 
 
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
 def _release(weight: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
     """Give back the resident pages of a plain weight that lives in a mapped file.
 
@@ -167,4 +163,4 @@ def _release(weight: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
     first = -(-start // page) * page  # whole pages only: the neighbours' edges stay
     last = end // page * page
     if last > first:
-        _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+        libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)

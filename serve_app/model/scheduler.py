@@ -60,12 +60,15 @@ class ForwardScheduler:
         max_texts: int,
         wait_s: float = 0.0,
         on_pass: Callable[[int, float], None] | None = None,
+        on_idle: Callable[[], None] | None = None,
         home: ThreadPoolExecutor | None = None,
     ) -> None:
         """`home`: the one-thread executor that loaded the model, which becomes worker 0
-        (see the module's docstring); one of the scheduler's own if not given."""
+        (see the module's docstring); one of the scheduler's own if not given. `on_idle`:
+        called on the event loop when a pass ends and no work is left."""
         self._encode = encode
         self._on_pass = on_pass  # (texts in the pass, seconds its oldest job waited)
+        self._on_idle = on_idle
         self._cpus = cpus
         self.max_texts = max_texts
         # How long an idle scheduler waits for company before it starts a pass (the
@@ -166,6 +169,8 @@ class ForwardScheduler:
         finally:
             self._busy[worker] = False
             self._start_free_workers()
+            if self._on_idle is not None and not any(self._busy):
+                self._on_idle()
 
     async def _pass(self, worker: int, jobs: list[_Job]) -> None:
         texts = [text for job in jobs for text in job.texts]

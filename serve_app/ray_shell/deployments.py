@@ -44,6 +44,7 @@ class Embedder:
                                       settings.device)
         self._metrics = Metrics()
         self._scheduler = None  # a ForwardScheduler once the model is loaded
+        self._heap = None  # its HeapTrimmer
         self._model = None
         self._failure: str | None = None
         self._failed_at = 0.0
@@ -60,6 +61,7 @@ class Embedder:
                 default_cpu_threads,
                 default_forward_workers,
             )
+            from serve_app.model.heap import HeapTrimmer
             from serve_app.model.scheduler import ForwardScheduler, home_thread
 
             self._startup["imports_s"] = time.perf_counter() - started
@@ -73,6 +75,8 @@ class Embedder:
             ).result()
             self._startup["model_s"] = time.perf_counter() - loading
             self._startup["weights_s"] = self._model.load_s  # weights and tokenizer, side by side
+            # Passes of many shapes leave the heap holding freed memory (heap.py).
+            self._heap = HeapTrimmer()
             self._scheduler = ForwardScheduler(
                 self._model.encode,
                 workers=settings.forward_workers
@@ -81,6 +85,7 @@ class Embedder:
                 max_texts=settings.max_batch_texts,
                 wait_s=settings.batch_wait_timeout_s,
                 on_pass=self._record_pass,
+                on_idle=self._heap.when_idle,
                 home=home,
             )
             # The first forward pass pays one-off kernel set-up.
@@ -170,6 +175,9 @@ class Embedder:
             # as embed_batch_texts_count and _sum.
             "forward_passes": int(self._metrics.count("embed_batch_texts_count")),
             "texts_embedded": int(self._metrics.count("embed_batch_texts_sum")),
+            # Free heap pages given back as the replica went idle (heap.py).
+            "heap_trims": self._heap.trims if self._heap else 0,
+            "heap_trimmed_bytes": self._heap.trimmed_bytes if self._heap else 0,
         }
 
     def reconfigure(self, config: dict) -> None:
