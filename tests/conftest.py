@@ -287,7 +287,6 @@ class ServeCluster:
     def __init__(self, port: int, metrics_port: int) -> None:
         self.port = port
         self.metrics_port = metrics_port  # Ray's Prometheus endpoint on this node
-        self.apps: set[str] = set()  # deployed and not yet deleted
         self.lasting: set[str] = set()  # session fixtures' apps, kept between tests
 
     def url(self, app: str) -> str:
@@ -300,7 +299,6 @@ class ServeCluster:
         from serve_app.ray_shell.app import build_app
 
         settings = {"model": BUNDLED, "gpu_fraction": 0.0, "dtype": REFERENCE_DTYPE, **overrides}
-        self.apps.add(app)  # before: a deployment that fails to start is left behind too
         serve.run(build_app(AppArgs(**settings)), name=app, route_prefix=f"/{app}")
         return self.url(app)
 
@@ -317,7 +315,6 @@ class ServeCluster:
         from ray import serve
 
         serve.delete(app)
-        self.apps.discard(app)
 
 
 @pytest.fixture(scope="session")
@@ -358,9 +355,11 @@ def _apps_left_behind_are_deleted(request):
     if "serve_cluster" not in request.fixturenames:
         yield
         return
+    from ray import serve
+
     cluster = request.getfixturevalue("serve_cluster")
     yield
-    for app in sorted(cluster.apps - cluster.lasting):
+    for app in sorted(set(serve.status().applications) - cluster.lasting):
         cluster.delete(app)
 
 
