@@ -326,16 +326,18 @@ def answers_until_serving(service: subprocess.Popen, port: int, timeout_s: float
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_the_start_command_answers_503_until_ready_serves_on_loopback_and_stops_on_sigterm_soon():
+def test_the_start_command_answers_503_until_ready_says_where_serves_on_loopback_and_stops_on_sigterm_soon(
+        tmp_path):
     port = free_port(side_ports=True)
     env = service_env()
     del env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"]  # the service's own drain
+    log = tmp_path / "stderr.log"
     service = subprocess.Popen(
         [sys.executable, "-m", "serve_app", "model=bundled:minilm", f"port={port}"],
         env=env,
         # As a shell starts a background job: SIGINT ignored, which the child inherits.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=log.open("wb"),
     )
     try:
         answers = answers_until_serving(service, port)
@@ -344,6 +346,11 @@ def test_the_start_command_answers_503_until_ready_serves_on_loopback_and_stops_
             assert (reply.status_code, reply.json()["error"]["code"]) == (503, "starting"), reply.text
             assert reply.headers["retry-after"] and reply.headers["x-request-id"]
         assert answers[-1].status_code == 200
+        # Among Ray's lines, one says where the service is and who may reach it.
+        ready = f"Ready: http://127.0.0.1:{port}/v1 answers OpenAI embedding requests for bundled:minilm."
+        wait_for(lambda: ready in log.read_text(errors="replace"), 30, "the ready line")
+        assert log.read_text(errors="replace").count("Ready: ") == 1
+        assert "Who can reach it: this machine only (host 127.0.0.1)" in log.read_text(errors="replace")
         # Only on loopback (Ray's default in this mode would be every interface).
         rows = [line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:]]
         listening = {row[1] for row in rows if row[3] == "0A"}  # state LISTEN

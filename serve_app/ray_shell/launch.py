@@ -29,9 +29,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from serve_app.ray_shell import haproxy_front
+from serve_app.ray_shell.announce import announce_when_ready
 from serve_app.ray_shell.preflight import (
     DEFAULT_PORT,
     checked_config,
@@ -258,8 +260,10 @@ def _stop_with_parent(parent: int):
     return preexec
 
 
-def run(command: list[str], env: dict[str, str]) -> int:
-    """Run `serve run`, stop it gracefully on SIGINT, SIGTERM or SIGHUP, end what it leaves."""
+def run(command: list[str], env: dict[str, str],
+        started: Callable[[subprocess.Popen], object] | None = None) -> int:
+    """Run `serve run`, stop it gracefully on SIGINT, SIGTERM or SIGHUP, end what it leaves;
+    `started` is given its process once it runs."""
     token = secrets.token_hex(8)
     child: subprocess.Popen | None = None
     pending = False  # a signal came before serve run had started
@@ -287,6 +291,8 @@ def run(command: list[str], env: dict[str, str]) -> int:
         )
         if pending:
             child.send_signal(signal.SIGINT)
+        elif started is not None:
+            started(child)
         return child.wait()
     finally:
         if ended := end_leftovers(token):
@@ -327,10 +333,11 @@ def main(argv: list[str]) -> int:
         except OSError as exc:
             print(f"Error: cannot set up the HTTP front: {exc}", file=sys.stderr)
             return 2
-        if https or tls_files(config):
+        secure = bool(https or tls_files(config))
+        if secure:
             via = "HAProxy" if https else "Ray's own proxy"
             print(f"HTTPS on port {port}, through {via}.", file=sys.stderr)
-        return run(command, env)
+        return run(command, env, started=lambda child: announce_when_ready(child, config, port, secure))
     finally:
         if temporary is not None:
             temporary.unlink(missing_ok=True)
