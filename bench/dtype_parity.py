@@ -6,7 +6,9 @@
 
 Embeds the benchmark corpus (English and Chinese legal and support sentences,
 with and without the query instruction) in float32 and in each dtype given,
-through the service's own TextEmbedder, and prints the lowest and mean
+through the service's own TextEmbedder with the fast paths a replica turns on
+(packed weights, fused norms and activations, shared rows: as it serves them;
+`--no-fast-paths` for the plain model), and prints the lowest and mean
 cosine per dtype, and how many texts gave inf or NaN (which the service refuses
 with a 500). Exits 1 if any is below --bound (0.999) or gave inf or NaN: then set
 `dtype: float32` (or the dtype that passed) for that model instead of `auto`.
@@ -34,6 +36,8 @@ def main() -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--texts", type=int, default=200)
     parser.add_argument("--bound", type=float, default=0.999)
+    parser.add_argument("--no-fast-paths", dest="fast_paths", action="store_false",
+                        help="compare the plain model, without the replica's CPU fast paths")
     opts = parser.parse_args()
 
     from serve_app.core.modelinfo import resolve_model
@@ -46,8 +50,10 @@ def main() -> int:
     for dtype in ["float32", *opts.dtypes.split(",")]:
         started = time.perf_counter()
         embedder = TextEmbedder(spec, device=opts.device, dtype=dtype)
+        fast_paths = embedder.speed_up() if opts.fast_paths else ["fast paths off"]
         vectors[dtype] = embed_all(embedder, texts)
-        print(f"  {dtype}: {len(texts)} texts in {time.perf_counter() - started:.1f} s", flush=True)
+        print(f"  {dtype}: {len(texts)} texts in {time.perf_counter() - started:.1f} s; "
+              f"{'; '.join(fast_paths)}", flush=True)
         del embedder
     reference = vectors.pop("float32")
     if np.isnan(reference).any():

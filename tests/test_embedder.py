@@ -447,6 +447,7 @@ def test_the_cpu_fast_paths_say_when_the_model_gives_inf_or_nan(overflowing_stan
     embedder = TextEmbedder(resolve_model(str(overflowing_standin_dir)), dtype="float16")
     assert embedder.speed_up() == [
         "Linear weights not packed: float16 weights (only bfloat16 ones are packed)",
+        "Elementwise work not fused: it needs the packed linear weights",
         "Rows not shared: the model gives inf or NaN in float16 (its requests say so)",
     ]
     assert not embedder.rows_shared

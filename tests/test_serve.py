@@ -89,8 +89,8 @@ def test_qwen3_standin_is_served_through_the_openai_client(serve_cluster, small_
     # The version the replica answered with is the one the card names (the add-ins' cache key).
     assert response.system_fingerprint == card["system_fingerprint"] != "fp_mixed"
     # Once ready, the replica turns on its CPU fast paths in the background: short texts
-    # sharing rows, and bfloat16 weights packed for oneDNN where this CPU has them; the
-    # same embeddings come back.
+    # sharing rows, and bfloat16 weights packed for oneDNN where this CPU has them (with
+    # the norms and MLP activations fused around them); the same embeddings come back.
     from ray import serve
 
     from serve_app.model.packing import can_pack
@@ -99,7 +99,8 @@ def test_qwen3_standin_is_served_through_the_openai_client(serve_cluster, small_
     packs = can_pack(reference_model.model, torch.device("cpu"), reference_model.dtype) is None
     serve_cluster.wait_for(lambda: replica.describe.remote().result(timeout_s=30)["rows_shared"],
                            timeout_s=60, what="the replica's rows shared")
-    assert replica.describe.remote().result(timeout_s=30)["weights_packed"] == packs
+    described = replica.describe.remote().result(timeout_s=30)
+    assert described["weights_packed"] == described["elementwise_fused"] == packs
     again = client.embeddings.create(model=model, input=[*texts, *sentences(20)])
     want = reference_model.encode([*texts, *sentences(20)]).vectors
     assert (np.array([d.embedding for d in again.data]) * want).sum(axis=1).min() >= 0.999

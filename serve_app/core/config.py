@@ -76,7 +76,8 @@ class AppArgs(BaseModel):
         description=(
             "On a CPU running bfloat16, lay out the linear layers' weights for oneDNN once, "
             "in the background after the replica is ready, instead of at every call "
-            "(one short text about a third faster for Qwen3-Embedding-0.6B, the same embeddings)."
+            "(one short text about a third faster for Qwen3-Embedding-0.6B, the same embeddings), "
+            "and fuse RMSNorms and MLP activations around them (model.fusing)."
         ),
     )
     share_rows: bool = Field(

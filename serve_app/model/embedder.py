@@ -52,6 +52,7 @@ class TextEmbedder:
         self._pack_cpu_weights = pack_cpu_weights
         self._share_rows = share_rows
         self.weights_packed = False
+        self.elementwise_fused = False  # model.fusing: norms and MLP activations
         self.rows_shared = False  # several short texts per row of a pass (model.rows)
         self.device = _pick_device(device, gpu_fraction)
         # Ray does not police GPU memory: a process holds itself to the share it asked for
@@ -134,7 +135,7 @@ class TextEmbedder:
         work on this thread (a replica's speed-up thread takes 1: see the scheduler)."""
         if threads is not None and self.device.type == "cpu":
             self._use_threads(threads)
-        return [self.pack_weights(), self.share_rows()]
+        return [self.pack_weights(), self.fuse_elementwise(), self.share_rows()]
 
     def share_rows(self) -> str:
         """Run short texts several to a row (`model.rows`) if, on a few texts, that gives
@@ -207,6 +208,33 @@ class TextEmbedder:
         if not self.weights_packed:
             return "Linear weights not packed: the packed layers failed their check (see the warning)"
         return f"Packed {layers} linear layers' weights for oneDNN in {seconds:.2f} s"
+
+    def fuse_elementwise(self) -> str:
+        """Less elementwise work around the packed linears (`model.fusing`), if the model
+        then gives what it gave on a few texts; one sentence saying what happened."""
+        from serve_app.core.vectors import cosine_pairwise
+        from serve_app.model.fusing import fuse_elementwise
+
+        if not self.weights_packed:
+            return "Elementwise work not fused: it needs the packed linear weights"
+        if self.elementwise_fused:
+            return "Elementwise work already fused"
+        ids, _ = self.tokenize(_ROW_CHECK_TEXTS)
+        want = self._forward(ids)
+        lowest = []
+
+        def same_answer() -> bool:
+            lowest.append(float(cosine_pairwise(want, self._forward(ids)).min()))
+            return lowest[-1] >= 0.999  # the bound bfloat16 is held to against float32
+
+        norms, mlps = fuse_elementwise(self.model, self.dtype, same_answer)
+        if not lowest:
+            return "Elementwise work not fused: the model has no RMSNorm or gated SiLU MLP that fits"
+        if not norms + mlps:
+            return f"Elementwise work not fused: it changed the embeddings (cosine {lowest[0]:.4f} to unfused)"
+        self.elementwise_fused = True
+        return (f"Fused {norms} RMSNorms and {mlps} MLP activations (cosine to unfused at least "
+                f"{lowest[0]:.5f})")
 
     def encode(self, texts: list[Item], threads: Callable[[], int] | None = None) -> Encoded:
         """Embed `texts` (prompts already applied; or `TokenIds`), longest first in

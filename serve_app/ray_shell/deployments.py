@@ -167,6 +167,7 @@ class Embedder:
             "device": str(self._model.device) if self._model else None,
             "loaded": self._model is not None,
             "weights_packed": bool(self._model and self._model.weights_packed),
+            "elementwise_fused": bool(self._model and self._model.elementwise_fused),
             "rows_shared": bool(self._model and self._model.rows_shared),
             "gpu_share": self._model.gpu_share if self._model else None,  # MiB, on a shared GPU
             "failure": self._failure,
