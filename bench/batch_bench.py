@@ -189,6 +189,7 @@ def run_raw(texts: list[str], opts) -> float:
     global _RAW
     if _RAW is None:
         _RAW = TextEmbedder(resolve_model(opts.model), cpu_threads=default_cpu_threads())
+        _RAW.speed_up()  # the fast paths the job's actors turn on (job.py)
         _RAW.encode(["warm up"])
     model = _RAW
     started = time.perf_counter()

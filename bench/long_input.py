@@ -4,7 +4,7 @@
     python bench/long_input.py --model /tmp/qwen3-standin --tokens 8192 --many 4
 
 Runs the service's TextEmbedder at its defaults (dtype=auto, the CPU token
-budget) in this process and reads the process's peak resident memory
+budget, the fast paths a replica turns on once ready) in this process and reads the process's peak resident memory
 (VmHWM) after loading, after one long input, and after a request of
 `--many` long inputs: the token budget bounds every forward pass, so many
 long inputs take longer but need no more memory than one.
@@ -41,6 +41,7 @@ def main() -> None:
 
     embedder = TextEmbedder(resolve_model(opts.model), max_input_tokens=opts.tokens,
                             cpu_threads=default_cpu_threads())
+    print(f"fast paths, as a replica turns them on: {'; '.join(embedder.speed_up())}", flush=True)
     embedder.encode(["warm up"])
     loaded = peak_gb()
     # " clause" is one token in Qwen's vocabulary; the embedder cuts at the limit.
