@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 
 class FusedRMSNorm(torch.nn.Module):
-    """An RMSNorm (`weight * x / rms(x)`) computed in the input's dtype, its mean square
+    """An RMSNorm (`weight * x / rms(x)`) computed in the input's dtype, its norm summed
     in float32."""
 
     def __init__(self, norm: torch.nn.Module) -> None:
