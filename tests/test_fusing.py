@@ -5,29 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers.models.qwen3.modeling_qwen3 as qwen3
 from test_packing import TEXTS, needs_onednn_bf16
-from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm, apply_rotary_pos_emb
+from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
 from serve_app.core.modelinfo import resolve_model
 from serve_app.core.vectors import cosine_pairwise
 from serve_app.model.embedder import TextEmbedder
-from serve_app.model.fusing import (
-    FusedDenseGelu,
-    FusedMLP,
-    FusedRMSNorm,
-    fuse_elementwise,
-    rotate_with_roll,
-)
-
-
-@pytest.fixture(autouse=True)
-def _rotary_put_back():
-    """The rotary rewrite replaces a function of transformers' Qwen3 module for the whole
-    process: each test starts from, and leaves, transformers' own."""
-    original = qwen3.apply_rotary_pos_emb
-    yield
-    qwen3.apply_rotary_pos_emb = original
+from serve_app.model.fusing import FusedDenseGelu, FusedMLP, FusedRMSNorm, fuse_elementwise
 
 
 def _kinds(model: torch.nn.Module) -> tuple[int, int, int]:
@@ -60,21 +44,6 @@ def test_the_fused_norm_gives_transformers_rmsnorm_within_bfloat16s_rounding(sha
     assert ours.max() <= 3 * theirs.max() <= 0.03, (ours.max(), theirs.max())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_rotary_rewrite_gives_transformers_rotation(dtype):
-    seeded = torch.Generator().manual_seed(2)
-    angles = torch.rand(2, 9, 64, generator=seeded) * 5000  # positions up to the thousands
-    cos, sin = (f(torch.cat([angles, angles], -1)).to(dtype) for f in (torch.cos, torch.sin))
-    # Laid out as attention has them: (batch, tokens, heads, dim) seen as (batch, heads, ...).
-    q = torch.randn(2, 9, 16, 128, generator=seeded).to(dtype).transpose(1, 2)
-    k = torch.randn(2, 9, 8, 128, generator=seeded).to(dtype).transpose(1, 2)
-    for want, got in zip(apply_rotary_pos_emb(q, k, cos, sin), rotate_with_roll(q, k, cos, sin), strict=True):
-        assert got.shape == want.shape and got.dtype == dtype
-        # float32: the same sums; bfloat16: within one rounding of values up to about 4.
-        tolerance = 1e-5 if dtype == torch.float32 else 0.04
-        assert (got.float() - want.float()).abs().max() <= tolerance
-
-
 @needs_onednn_bf16
 def test_the_models_norms_and_mlps_are_fused_and_its_embeddings_kept(small_standin_dir):
     model = TextEmbedder(resolve_model(str(small_standin_dir)), dtype="bfloat16")
@@ -83,10 +52,8 @@ def test_the_models_norms_and_mlps_are_fused_and_its_embeddings_kept(small_stand
     layers = len(model.model.layers)
     assert _kinds(model.model) == (0, 0, 4 * layers + 1)  # 4 a block (q and k too), the last
     said = model.fuse_elementwise()
-    assert said.startswith(
-        f"Fused {4 * layers + 1} RMSNorms, {layers} MLP activations and the rotary embedding (cosine"), said
+    assert said.startswith(f"Fused {4 * layers + 1} RMSNorms and {layers} MLP activations"), said
     assert model.elementwise_fused and _kinds(model.model) == (4 * layers + 1, layers, 0)
-    assert qwen3.apply_rotary_pos_emb is rotate_with_roll
     assert cosine_pairwise(plain, model.encode(TEXTS).vectors).min() >= 0.999
     assert model.fuse_elementwise() == "Elementwise work already fused"
 
@@ -98,7 +65,6 @@ def test_a_fusion_that_fails_its_check_leaves_every_module_as_it_was(small_stand
     before = [(name, type(m)) for name, m in model.model.named_modules()]
     assert fuse_elementwise(model.model, torch.bfloat16, check=lambda: False) == {}
     assert [(name, type(m)) for name, m in model.model.named_modules()] == before
-    assert qwen3.apply_rotary_pos_emb is apply_rotary_pos_emb
 
 
 class OffsetRMSNorm(torch.nn.Module):

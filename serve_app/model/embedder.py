@@ -233,10 +233,8 @@ class TextEmbedder:
         if not fused:
             return f"Elementwise work not fused: it changed the embeddings (cosine {lowest[0]:.4f} to unfused)"
         self.elementwise_fused = True
-        kinds = [f"{count} {kind}" if kind != "rotary embedding" else f"the {kind}"
-                 for kind, count in fused.items()]
-        listed = " and ".join([", ".join(kinds[:-1]), kinds[-1]] if len(kinds) > 1 else kinds)
-        return f"Fused {listed} (cosine to unfused at least {lowest[0]:.5f})"
+        kinds = " and ".join(f"{count} {kind}" for kind, count in fused.items())
+        return f"Fused {kinds} (cosine to unfused at least {lowest[0]:.5f})"
 
     def encode(self, texts: list[Item], threads: Callable[[], int] | None = None) -> Encoded:
         """Embed `texts` (prompts already applied; or `TokenIds`), longest first in

@@ -16,11 +16,6 @@ before it is swapped in:
   `_linear_pointwise`, as inductor's CPU fusions use them).
 - `FusedDenseGelu`: BERT's intermediate layer, `gelu(dense(x))`, with the GELU as a
   post-op.
-- `rotate_with_roll`: the rotary position embedding of Llama-style attention (Qwen3's),
-  `x * cos + rotate_half(x) * sin`, in three passes instead of five (10% of a Qwen3
-  pass before). transformers calls it as a function of the model's own module, so it
-  replaces that module's `apply_rotary_pos_emb` for the whole process (the same
-  result for every model of that kind, within a bfloat16 rounding).
 
 Both MLP kinds need their linears packed (`model.packing`). The ops are torch's own;
 the oneDNN ones are private, hence the checks, and any failure leaves the model as
@@ -30,7 +25,6 @@ it was.
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Callable
 
 import torch
@@ -104,47 +98,6 @@ def gelu_kind(module: torch.nn.Module) -> str | None:
     return _GELUS.get(type(act).__name__)
 
 
-def rotate_with_roll(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """transformers' `apply_rotary_pos_emb`: `rotate_half(x) * sin` is `roll(x) * sin` with
-    sin's first half negated, added in place to `x * cos` (no cat, neg or second product)."""
-    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
-    half = q.shape[-1] // 2
-    signed = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
-
-    def rotate(x: torch.Tensor) -> torch.Tensor:
-        return (x * cos).addcmul_(torch.roll(x, half, dims=-1), signed)
-
-    return rotate(q), rotate(k)
-
-
-def patch_rotary(model: torch.nn.Module, dtype: torch.dtype) -> Callable[[], None] | None:
-    """Give the module that defines `model`'s attention `rotate_with_roll` as its
-    `apply_rotary_pos_emb`, if it gives what the original does on random states; a
-    function that puts the original back, or None where nothing was replaced."""
-    attention = next((m for m in model.modules()
-                      if type(m).__name__.endswith("Attention") and hasattr(m, "head_dim")), None)
-    source = sys.modules.get(type(attention).__module__) if attention is not None else None
-    original = getattr(source, "apply_rotary_pos_emb", None)
-    if original is None or original is rotate_with_roll:  # none, or another model's already
-        return None
-    seeded = torch.Generator().manual_seed(0)  # not the process's own random state
-    angles = torch.rand(1, 5, attention.head_dim // 2, generator=seeded) * 1000
-    cos, sin = torch.cat([angles, angles], -1).cos().to(dtype), torch.cat([angles, angles], -1).sin().to(dtype)
-    # As attention has them: (batch, tokens, heads, dim) in memory, seen as (batch, heads, ...).
-    q, k = ((torch.randn(1, 5, heads, attention.head_dim, generator=seeded) * 4).to(dtype).transpose(1, 2)
-            for heads in (4, 2))
-    with torch.inference_mode():
-        want, got = original(q, k, cos, sin), rotate_with_roll(q, k, cos, sin)
-    for a, b in zip(want, got, strict=True):
-        if a.shape != b.shape or not torch.allclose(b.float(), a.float(), rtol=3e-2, atol=6e-2):
-            logger.warning("The rotary embedding left as it is: the rewrite disagrees with %s's",
-                           source.__name__)
-            return None
-    source.apply_rotary_pos_emb = rotate_with_roll
-    return lambda: setattr(source, "apply_rotary_pos_emb", original)
-
-
 def is_rms_norm(module: torch.nn.Module) -> bool:
     """Whether `module` looks like transformers' RMSNorm (its result is checked anyway)."""
     weight = getattr(module, "weight", None)
@@ -164,10 +117,9 @@ def is_packed_silu_mlp(module: torch.nn.Module) -> bool:
 
 def fuse_elementwise(model: torch.nn.Module, dtype: torch.dtype, check: Callable[[], bool]) -> dict[str, int]:
     """Swap in `FusedRMSNorm`, `FusedMLP` and `FusedDenseGelu` wherever each gives what its
-    module gave on random rows, and `rotate_with_roll` (`patch_rotary`); then `check()`
-    must say the model still gives what it gave, or everything is put back. How many of
-    each kind were swapped ("RMSNorms", "MLP activations", "rotary embedding"). Safe while
-    other threads run passes: a module or function is swapped whole."""
+    module gave on random rows; then `check()` must say the model still gives what it
+    gave, or every module is put back. How many of each kind were swapped ("RMSNorms",
+    "MLP activations"). Safe while other threads run passes: a module is swapped whole."""
     found = [(parent, name, child) for parent in list(model.modules())
              for name, child in list(parent.named_children())]
     swapped: list[tuple[torch.nn.Module, str, torch.nn.Module, str]] = []
@@ -187,19 +139,14 @@ def fuse_elementwise(model: torch.nn.Module, dtype: torch.dtype, check: Callable
             continue
         setattr(parent, name, fused)
         swapped.append((parent, name, child, kind))
-    undo_rotary = patch_rotary(model, dtype)
-    if (swapped or undo_rotary) and not check():
+    if swapped and not check():
         for parent, name, child, _ in swapped:
             setattr(parent, name, child)
-        if undo_rotary:
-            undo_rotary()
         logger.warning("Elementwise work left unfused: the fused model's embeddings differ")
         return {}
     counts: dict[str, int] = {}
     for *_, kind in swapped:
         counts[kind] = counts.get(kind, 0) + 1
-    if undo_rotary:
-        counts["rotary embedding"] = 1
     return counts
 
 
