@@ -227,14 +227,14 @@ class TextEmbedder:
             lowest.append(float(cosine_pairwise(want, self._forward(ids)).min()))
             return lowest[-1] >= 0.999  # the bound bfloat16 is held to against float32
 
-        fused = fuse_elementwise(self.model, self.dtype, same_answer)
+        norms, mlps = fuse_elementwise(self.model, self.dtype, same_answer)
         if not lowest:
-            return "Elementwise work not fused: the model has no RMSNorm or MLP activation that fits"
-        if not fused:
+            return "Elementwise work not fused: the model has no RMSNorm or gated SiLU MLP that fits"
+        if not norms + mlps:
             return f"Elementwise work not fused: it changed the embeddings (cosine {lowest[0]:.4f} to unfused)"
         self.elementwise_fused = True
-        kinds = " and ".join(f"{count} {kind}" for kind, count in fused.items())
-        return f"Fused {kinds} (cosine to unfused at least {lowest[0]:.5f})"
+        return (f"Fused {norms} RMSNorms and {mlps} MLP activations (cosine to unfused at least "
+                f"{lowest[0]:.5f})")
 
     def encode(self, texts: list[Item], threads: Callable[[], int] | None = None) -> Encoded:
         """Embed `texts` (prompts already applied; or `TokenIds`), longest first in

@@ -3,23 +3,20 @@
 With the matrix products on AMX, a Qwen3 pass of 16 texts spent 29% of its time in
 elementwise ops (torch profiler, one thread): each RMSNorm makes a float32 copy of
 its input and five passes over it (4 norms a block), and the MLP's SiLU and product
-are two more passes over its widest activations; all-MiniLM-L6-v2 spent 10% in its
-GELU. The replacements, each checked against the module it replaces on random rows
-before it is swapped in:
+are two more passes over its widest activations. Two replacements, each checked
+against the module it replaces on random rows before it is swapped in:
 
-- `FusedRMSNorm`: the norm summed in float32 inside `vector_norm` straight from the
-  bfloat16 input (no float32 copy), the scaling done in bfloat16. Two roundings more
-  than transformers' (the norm's and the scale's), of the size bfloat16 already rounds
-  every product to.
+- `FusedRMSNorm`: the variance accumulated in float32 straight from the bfloat16
+  input (`vector_norm` with a float32 dtype, no copy), the scaling done in
+  bfloat16. One rounding more than transformers' (the scale factor's), of the size
+  bfloat16 already rounds every product to.
 - `FusedMLP`: `down(silu(gate(x)) * up(x))` with the SiLU and the product applied
   by oneDNN to the products' float32 results as they are written (post-ops of
-  `_linear_pointwise`, as inductor's CPU fusions use them).
-- `FusedDenseGelu`: BERT's intermediate layer, `gelu(dense(x))`, with the GELU as a
-  post-op.
+  `_linear_pointwise`, as inductor's CPU fusions use them), for an MLP whose
+  linears are packed (`model.packing`).
 
-Both MLP kinds need their linears packed (`model.packing`). The ops are torch's own;
-the oneDNN ones are private, hence the checks, and any failure leaves the model as
-it was.
+The ops are torch's own; the oneDNN ones are private, hence the checks, and any
+failure leaves the model as it was.
 """
 
 from __future__ import annotations
@@ -65,39 +62,6 @@ class FusedMLP(torch.nn.Module):
         return self.down(product).reshape(*x.shape[:-1], -1)
 
 
-class FusedDenseGelu(torch.nn.Module):
-    """BERT's intermediate layer, `gelu(dense(x))`, over a packed linear with the GELU as
-    a oneDNN post-op."""
-
-    def __init__(self, intermediate: torch.nn.Module, approximate: str) -> None:
-        super().__init__()
-        self.dense, self.approximate = intermediate.dense, approximate
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.dense.in_features)
-        out = torch.ops.mkldnn._linear_pointwise(
-            rows, self.dense.packed_weight, self.dense.bias, "gelu", [], self.approximate)
-        return out.reshape(*x.shape[:-1], -1)
-
-
-# transformers' GELU modules, by the approximation oneDNN's post-op is given for them.
-_GELUS = {"GELUActivation": "none", "NewGELUActivation": "tanh", "PytorchGELUTanh": "tanh",
-          "GELUTanh": "tanh"}
-
-
-def gelu_kind(module: torch.nn.Module) -> str | None:
-    """oneDNN's GELU approximation for a BERT intermediate layer over a packed linear
-    ("none" or "tanh"), else None."""
-    from serve_app.model.packing import PackedLinear
-
-    act = getattr(module, "intermediate_act_fn", None)
-    if not isinstance(getattr(module, "dense", None), PackedLinear):
-        return None
-    if isinstance(act, torch.nn.GELU):
-        return act.approximate
-    return _GELUS.get(type(act).__name__)
-
-
 def is_rms_norm(module: torch.nn.Module) -> bool:
     """Whether `module` looks like transformers' RMSNorm (its result is checked anyway)."""
     weight = getattr(module, "weight", None)
@@ -115,21 +79,19 @@ def is_packed_silu_mlp(module: torch.nn.Module) -> bool:
             and (isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"))
 
 
-def fuse_elementwise(model: torch.nn.Module, dtype: torch.dtype, check: Callable[[], bool]) -> dict[str, int]:
-    """Swap in `FusedRMSNorm`, `FusedMLP` and `FusedDenseGelu` wherever each gives what its
-    module gave on random rows; then `check()` must say the model still gives what it
-    gave, or every module is put back. How many of each kind were swapped ("RMSNorms",
-    "MLP activations"). Safe while other threads run passes: a module is swapped whole."""
+def fuse_elementwise(model: torch.nn.Module, dtype: torch.dtype, check: Callable[[], bool]) -> tuple[int, int]:
+    """Swap in `FusedRMSNorm` and `FusedMLP` wherever each gives what its module gave on
+    random rows; then `check()` must say the model still gives what it gave, or every
+    module is put back. The numbers of norms and MLPs swapped. Safe while other threads
+    run passes: a module is swapped whole."""
     found = [(parent, name, child) for parent in list(model.modules())
              for name, child in list(parent.named_children())]
-    swapped: list[tuple[torch.nn.Module, str, torch.nn.Module, str]] = []
+    swapped: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
     for parent, name, child in found:
         if is_rms_norm(child):
-            fused, width, kind = FusedRMSNorm(child), child.weight.shape[0], "RMSNorms"
+            fused, width = FusedRMSNorm(child), child.weight.shape[0]
         elif is_packed_silu_mlp(child):
-            fused, width, kind = FusedMLP(child), child.gate_proj.in_features, "MLP activations"
-        elif (approximate := gelu_kind(child)) is not None:
-            fused, width, kind = FusedDenseGelu(child, approximate), child.dense.in_features, "MLP activations"
+            fused, width = FusedMLP(child), child.gate_proj.in_features
         else:
             continue
         try:
@@ -138,16 +100,14 @@ def fuse_elementwise(model: torch.nn.Module, dtype: torch.dtype, check: Callable
             logger.warning("%s left as it is (%s: %s)", type(child).__name__, type(exc).__name__, exc)
             continue
         setattr(parent, name, fused)
-        swapped.append((parent, name, child, kind))
+        swapped.append((parent, name, child))
     if swapped and not check():
-        for parent, name, child, _ in swapped:
+        for parent, name, child in swapped:
             setattr(parent, name, child)
         logger.warning("Elementwise work left unfused: the fused model's embeddings differ")
-        return {}
-    counts: dict[str, int] = {}
-    for *_, kind in swapped:
-        counts[kind] = counts.get(kind, 0) + 1
-    return counts
+        return 0, 0
+    mlps = sum(isinstance(getattr(parent, name), FusedMLP) for parent, name, _ in swapped)
+    return len(swapped) - mlps, mlps
 
 
 def _verify(fused: torch.nn.Module, original: torch.nn.Module, width: int, dtype: torch.dtype) -> None:
