@@ -6,10 +6,10 @@ its input and five passes over it (4 norms a block), and the MLP's SiLU and prod
 are two more passes over its widest activations. Two replacements, each checked
 against the module it replaces on random rows before it is swapped in:
 
-- `FusedRMSNorm`: the variance accumulated in float32 straight from the bfloat16
-  input (`vector_norm` with a float32 dtype, no copy), the scaling done in
-  bfloat16. One rounding more than transformers' (the scale factor's), of the size
-  bfloat16 already rounds every product to.
+- `FusedRMSNorm`: the norm summed in float32 inside `vector_norm` straight from the
+  bfloat16 input (no float32 copy), the scaling done in bfloat16. Two roundings more
+  than transformers' (the norm's and the scale's), of the size bfloat16 already rounds
+  every product to.
 - `FusedMLP`: `down(silu(gate(x)) * up(x))` with the SiLU and the product applied
   by oneDNN to the products' float32 results as they are written (post-ops of
   `_linear_pointwise`, as inductor's CPU fusions use them), for an MLP whose
