@@ -48,9 +48,8 @@ def wait_until_sped_up(app: str, raw_model, timeout_s: float = 120.0) -> None:
     from ray import serve
 
     handle = serve.get_deployment_handle("Embedder", app_name=app)
-    want = {"weights_packed": raw_model.weights_packed, "rows_shared": raw_model.rows_shared}
-    if hasattr(raw_model, "elementwise_fused"):  # not before 2026-12-07 (alternating with older code)
-        want["elementwise_fused"] = raw_model.elementwise_fused
+    want = {"weights_packed": raw_model.weights_packed, "rows_shared": raw_model.rows_shared,
+            "elementwise_fused": raw_model.elementwise_fused}
     deadline = time.monotonic() + timeout_s
     while {k: handle.describe.remote().result()[k] for k in want} != want:
         if time.monotonic() > deadline:

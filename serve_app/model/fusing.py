@@ -26,6 +26,8 @@ from collections.abc import Callable
 
 import torch
 
+from serve_app.model.packing import PackedLinear, check_replacement
+
 logger = logging.getLogger(__name__)
 
 
@@ -71,8 +73,6 @@ def is_rms_norm(module: torch.nn.Module) -> bool:
 
 def is_packed_silu_mlp(module: torch.nn.Module) -> bool:
     """Whether `module` is a gated SiLU MLP whose three linears are packed."""
-    from serve_app.model.packing import PackedLinear
-
     act = getattr(module, "act_fn", None)
     return (all(isinstance(getattr(module, name, None), PackedLinear)
                 for name in ("gate_proj", "up_proj", "down_proj"))
@@ -95,7 +95,7 @@ def fuse_elementwise(model: torch.nn.Module, dtype: torch.dtype, check: Callable
         else:
             continue
         try:
-            _verify(fused, child, width, dtype)
+            check_replacement(fused, child, (1, 5, width), dtype, 3e-2, scale=4)
         except Exception as exc:  # a private op changed, or a module that only looked alike
             logger.warning("%s left as it is (%s: %s)", type(child).__name__, type(exc).__name__, exc)
             continue
@@ -108,13 +108,3 @@ def fuse_elementwise(model: torch.nn.Module, dtype: torch.dtype, check: Callable
         return 0, 0
     mlps = sum(isinstance(getattr(parent, name), FusedMLP) for parent, name, _ in swapped)
     return len(swapped) - mlps, mlps
-
-
-def _verify(fused: torch.nn.Module, original: torch.nn.Module, width: int, dtype: torch.dtype) -> None:
-    """The replacement against the module it replaces, on a few random rows."""
-    seeded = torch.Generator().manual_seed(0)  # not the process's own random state
-    rows = (torch.randn(1, 5, width, generator=seeded) * 4).to(dtype)
-    with torch.inference_mode():
-        want, got = original(rows).float(), fused(rows).float()
-    if got.shape != want.shape or not torch.allclose(got, want, rtol=3e-2, atol=3e-2 * float(want.abs().max())):
-        raise RuntimeError("the fused module disagrees with the one it replaces")

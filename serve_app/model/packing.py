@@ -89,8 +89,8 @@ def pack_linears(
         try:
             for parent, name, linear in list(_linears(scope)):
                 layer = PackedLinear(linear)
-                if packed == 0 and not done:
-                    _verify(layer, linear)
+                if packed == 0 and not done:  # the op itself, on the first layer
+                    check_replacement(layer, linear, (3, linear.in_features), linear.weight.dtype, 2e-2)
                 setattr(parent, name, layer)
                 done.append((parent, name, linear))
             if index == 0 and not check():
@@ -113,15 +113,18 @@ def _linears(scope: torch.nn.Module):
                 yield parent, name, child
 
 
-def _verify(layer: PackedLinear, linear: torch.nn.Linear) -> None:
-    """The packed op against torch's own on a few random rows."""
+def check_replacement(new: torch.nn.Module, old: torch.nn.Module, shape: tuple[int, ...],
+                      dtype: torch.dtype, tolerance: float, scale: float = 1.0) -> None:
+    """`new` against the module it replaces on seeded random rows of `shape` (times `scale`):
+    a RuntimeError where they differ by more than `tolerance`, relative and of the largest
+    value (the packed layers here, the fused modules in `model.fusing`)."""
     seeded = torch.Generator().manual_seed(0)  # not the process's own random state
-    rows = torch.randn(3, linear.in_features, generator=seeded).to(linear.weight.dtype)
+    rows = (torch.randn(shape, generator=seeded) * scale).to(dtype)
     with torch.inference_mode():
-        want = torch.nn.functional.linear(rows, linear.weight, linear.bias).float()
-        got = layer(rows).float()
-    if not torch.allclose(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().max())):
-        raise RuntimeError("the packed linear op disagrees with torch's own")
+        want, got = old(rows).float(), new(rows).float()
+    if got.shape != want.shape or not torch.allclose(
+            got, want, rtol=tolerance, atol=tolerance * float(want.abs().max())):
+        raise RuntimeError(f"the replacement {type(new).__name__} disagrees with {type(old).__name__}")
 
 
 def _file_mappings() -> list[tuple[int, int]]:
