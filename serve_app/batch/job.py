@@ -55,24 +55,38 @@ class EmbedRows:
         import time
 
         started = time.perf_counter()
-        from serve_app.model.embedder import TextEmbedder, default_cpu_threads
+        from serve_app.model.embedder import (
+            TextEmbedder,
+            default_cpu_threads,
+            default_forward_workers,
+        )
+        from serve_app.model.scheduler import ForwardScheduler, home_thread
         from serve_app.ray_shell.warmstart import forked_from_zygote
 
         settings = AppArgs.model_validate(args)
         cpus = settings.cpu_threads or default_cpu_threads()
+        # As in a replica: the model is loaded on the thread that runs worker 0's passes,
+        # and each batch is dealt out to the forward workers (two on a CPU, each on its
+        # share of the cores) by the replica's scheduler. One pass on both cores left them
+        # idle at every thread barrier: 15-17% fewer rows a second (bench/batch_bench.py).
+        home = home_thread()
         # The command line's spec, not each actor's own look-up: every actor runs the same
         # revision of a hub model.
-        self.model = TextEmbedder.from_settings(ModelSpec(**spec), settings, gpu_fraction, cpus)
-        # One pass on all cores: unlike the service (which overlaps HTTP work), splitting a
-        # batch into halves run side by side measured 15-20% slower inside a Ray Data actor.
-        # Thread counts are set per call: Ray Data's threads start from OMP_NUM_THREADS=1.
-        self.threads = cpus
+        self.model = home.submit(TextEmbedder.from_settings, ModelSpec(**spec), settings, gpu_fraction,
+                                 cpus).result()
+        self.scheduler = ForwardScheduler(
+            self.model.encode,
+            workers=settings.forward_workers or default_forward_workers(self.model.device, cpus),
+            cpus=cpus,
+            max_texts=settings.max_batch_texts,
+            home=home,
+        )
         # A job runs for minutes: its CPU fast paths (packed weights, shared rows) go on
         # before the first batch, not beside it as in a replica.
-        fast_paths = " ".join(filter(None, [*self.model.speed_up(), self.model.settle_gpu_share()]))
+        sentences = home.submit(lambda: [*self.model.speed_up(), self.model.settle_gpu_share()]).result()
         how = "forked from the warm-start process" if forked_from_zygote() else "cold start"
         print(f"Model {self.model.spec.name} loaded in {time.perf_counter() - started:.1f} s ({how}). "
-              f"{fast_paths}", flush=True)
+              f"{' '.join(filter(None, sentences))}", flush=True)
 
     def __call__(self, batch: pa.Table, task: str, columns: list[str], prefixes: list[str],
                  dimensions: int | None = None) -> pa.Table:
@@ -97,7 +111,9 @@ class EmbedRows:
         return [None if t is None else matrix[unique[t]] for t in texts]
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        return self.model.encode(texts, threads=lambda: self.threads).vectors
+        import asyncio
+
+        return asyncio.run(self.scheduler.embed(texts)).vectors
 
 
 def pair_scores(left: list[np.ndarray | None], right: list[np.ndarray | None]) -> pa.Array:

@@ -92,8 +92,8 @@ class AppArgs(BaseModel):
         None,
         ge=1,
         description=(
-            "Forward passes a replica runs at once. Default on a CPU: 2, each with half the "
-            "threads (no core idles at a thread barrier while the HTTP side works); 1 on a GPU."
+            "Forward passes a replica (or a batch job's actor) runs at once. Default on a CPU: "
+            "2, each with half the threads (no core idles at a thread barrier); 1 on a GPU."
         ),
     )
 
