@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import command_lines, wait_for, zygotes_of
@@ -204,7 +205,7 @@ def test_a_model_that_overflows_in_float16_fails_the_job_with_the_sentence_and_w
     assert not output.exists() and not list(output.parent.glob("*"))
 
 
-def test_an_actors_batch_is_dealt_out_to_both_forward_workers_and_kept_in_order(bundled_spec):
+def test_an_actors_batch_goes_to_both_forward_workers_in_one_call_and_keeps_its_order(bundled_spec):
     # On a CPU, as in the replica: one pass on both cores left them idle at every thread
     # barrier (15-17% fewer rows a second than two workers of one core each).
     from dataclasses import asdict
@@ -223,6 +224,11 @@ def test_an_actors_batch_is_dealt_out_to_both_forward_workers_and_kept_in_order(
     alone = np.stack([actor.encode([text])[0] for text in texts[:8]])
     np.testing.assert_allclose(vectors[:8], alone, atol=1e-4)  # row i is text i's
     assert actor.scheduler.passes_by_worker == [9, 1]  # one text: worker 0 alone
+    # A similarity's two columns go in one call, so one pass for each worker.
+    pairs = pa.table({"q": texts[:16], "d": texts[16:32]})
+    scores = actor(pairs, "similarity", ["q", "d"], ["", ""])["similarity"].to_numpy()
+    assert actor.scheduler.passes_by_worker == [10, 2]
+    np.testing.assert_allclose(scores, np.sum(vectors[:16] * vectors[16:32], axis=1), atol=1e-5)
     actor.scheduler.shutdown()
 
 

@@ -90,25 +90,25 @@ class EmbedRows:
 
     def __call__(self, batch: pa.Table, task: str, columns: list[str], prefixes: list[str],
                  dimensions: int | None = None) -> pa.Table:
+        # Both columns of a similarity go in one call: one batch for the workers to share.
+        vectors = self.vectors([texts_of(batch[name]) for name in columns], prefixes, dimensions)
         if task == "embed":
-            vectors = self.vectors(texts_of(batch[columns[0]]), prefixes[0], dimensions)
-            return batch.append_column("embedding", embedding_array(vectors))
-        left = self.vectors(texts_of(batch[columns[0]]), prefixes[0], dimensions)
-        right = self.vectors(texts_of(batch[columns[1]]), prefixes[1], dimensions)
-        return batch.append_column("similarity", pair_scores(left, right))
+            return batch.append_column("embedding", embedding_array(vectors[0]))
+        return batch.append_column("similarity", pair_scores(*vectors))
 
-    def vectors(self, texts: list[str | None], prefix: str, dimensions: int | None) -> list[np.ndarray | None]:
-        """Vectors for the texts, None for blanks; each distinct text is embedded once."""
+    def vectors(self, columns: list[list[str | None]], prefixes: list[str],
+                dimensions: int | None) -> list[list[np.ndarray | None]]:
+        """Each column's vectors, None for blanks; each distinct text (with its column's
+        prefix) is embedded once."""
         from serve_app.core.vectors import truncate
 
         unique: dict[str, int] = {}
-        for text in texts:
-            if text is not None:
-                unique.setdefault(text, len(unique))
+        rows = [[None if text is None else unique.setdefault(prefix + text, len(unique)) for text in texts]
+                for texts, prefix in zip(columns, prefixes, strict=True)]
         if not unique:
-            return [None] * len(texts)
-        matrix = truncate(self.encode([prefix + t for t in unique]), dimensions)
-        return [None if t is None else matrix[unique[t]] for t in texts]
+            return [[None] * len(texts) for texts in columns]
+        matrix = truncate(self.encode(list(unique)), dimensions)
+        return [[None if row is None else matrix[row] for row in column] for column in rows]
 
     def encode(self, texts: list[str]) -> np.ndarray:
         import asyncio
