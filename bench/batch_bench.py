@@ -224,13 +224,13 @@ def report(r: dict) -> None:
         runs = ", ".join(f"{x:.1f}" for x in rates)
         print(f"  raw, {way + ':':26}{sum(rates) / len(rates):8.1f} rows/s  (before, between, after the jobs: {runs})"
               + ("  <- the faster" if way == r["raw_best"] else ""))
-    print(f"  job{'':30}{r['job_rows_per_s']:8.1f} rows/s  ({r['ratio']:.2f} x the raw runs beside it; "
+    print(f"  job{'':28}{r['job_rows_per_s']:8.1f} rows/s  ({r['ratio']:.2f} x the raw runs beside it; "
           f"{r['job_work_s']:.1f} s incl. model load {r['job_model_load']})")
-    print(f"  Ray start-up{'':22}{r['ray_start_s']:7.1f} s  (whole process {r['process_s']:.1f} s)")
-    print(f"  submitted job{'':20}{r['submitted_rows_per_s']:8.1f} rows/s  ({r['submitted_ratio']:.2f} x the raw runs "
+    print(f"  Ray start-up{'':20}{r['ray_start_s']:7.1f} s  (whole process {r['process_s']:.1f} s)")
+    print(f"  submitted job{'':18}{r['submitted_rows_per_s']:8.1f} rows/s  ({r['submitted_ratio']:.2f} x the raw runs "
           f"beside it; {r['submitted_work_s']:.1f} s incl. model load {r['submitted_model_load']}; "
           f"{r['submitted_total_s']:.1f} s from submit to done)")
-    print(f"  ray start --head{'':18}{r['cluster_start_s']:7.1f} s")
+    print(f"  ray start --head{'':16}{r['cluster_start_s']:7.1f} s")
 
 
 if __name__ == "__main__":
