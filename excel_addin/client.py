@@ -25,9 +25,11 @@ import os
 import ssl
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
+from itertools import islice
 from typing import Any
 
 import httpx
@@ -68,6 +70,7 @@ class Settings:
     instruction: str | None = None
     chunk_size: int = 512
     chunk_chars: int = 2_000_000
+    requests_in_flight: int = 2  # a long column's chunks out at once
     cache_mb: int = 512
     model_ttl_s: float = 30.0  # how long the served model's name is trusted unasked
     ca_file: str | None = None  # a CA certificate (PEM) to trust instead of the computer's
@@ -259,8 +262,7 @@ class EmbedClient:
                 else:
                     mine[text] = self._pending[key] = Future()
         try:
-            for chunk in self._chunks(list(mine)):
-                answered, vectors, keep = self._fetch(chunk, prompt)
+            for chunk, (answered, vectors, keep) in self._fetch_chunks(list(mine), prompt):
                 with self._lock:
                     for text, vector in zip(chunk, vectors, strict=True):
                         if keep and vector.nbytes <= self._cache.maxsize:  # else LRUCache raises
@@ -284,6 +286,32 @@ class EmbedClient:
             except ServiceError as exc:
                 raise ServiceError(str(exc)) from None
         return {text: found[text] for text in texts}
+
+    def _fetch_chunks(self, texts: list[str], prompt: Prompt):
+        """(chunk, `_fetch`'s answer) for each chunk of `texts`, in order, with up to
+        `requests_in_flight` requests out at once: the server has the next chunk while this
+        one's answer travels, so its forward workers do not idle between chunks (sent one
+        at a time, each chunk's slower half left the other worker waiting). A chunk goes out
+        only once the chunk that many before it was answered, so after a failure at most
+        the ones already out are still answered."""
+        chunks = list(self._chunks(texts))
+        if len(chunks) <= 1:  # nothing to send, or a cell's call (most often): no thread for it
+            for chunk in chunks:
+                yield chunk, self._fetch(chunk, prompt)
+            return
+        upcoming = iter(chunks)
+        window = max(1, self.settings.requests_in_flight)
+        pool = ThreadPoolExecutor(window, thread_name_prefix="embed-chunk")
+        try:
+            out = deque((chunk, pool.submit(self._fetch, chunk, prompt)) for chunk in islice(upcoming, window))
+            while out:
+                chunk, answer = out.popleft()
+                answered = answer.result()
+                if (following := next(upcoming, None)) is not None:
+                    out.append((following, pool.submit(self._fetch, following, prompt)))
+                yield chunk, answered
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _chunks(self, texts: list[str]):
         chunk: list[str] = []

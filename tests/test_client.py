@@ -305,3 +305,43 @@ def test_plain_http_needs_no_truststore_and_https_without_it_is_a_sentence(monke
     EmbedClient(Settings(server_url="http://127.0.0.1:8000")).close()
     with pytest.raises(ServiceError, match="HTTPS needs the truststore package"):
         EmbedClient(Settings(server_url="https://embeddings.office.lan:8443"))
+
+
+def test_a_long_columns_second_chunk_is_sent_while_the_first_is_in_the_server(fake_server, make_client):
+    # Two requests in flight keep both of the model's workers busy between chunks; a third
+    # waits for the first answer.
+    client = make_client(chunk_size=100)
+    column = [f"row {i}" for i in range(500)]
+    fake_server.hold = {"row 0", "row 100"}
+    with ThreadPoolExecutor(1) as pool:
+        call = pool.submit(client.vectors, column)
+        try:
+            fake_server.wait_for_request("row 0")
+            fake_server.wait_for_request("row 100")
+            assert fake_server.carrying("row 200") == 0
+        finally:
+            fake_server.release.set()
+        vectors = call.result(timeout=DEADLINE_S)
+    assert client.requests == 5
+    for text in column:
+        np.testing.assert_array_equal(vectors[text], fake_server.vector(text))
+
+
+def test_a_failed_chunk_fails_the_call_and_stops_the_chunks_after_it(fake_server, make_client):
+    client = make_client(chunk_size=100)
+    column = [f"row {i}" for i in range(500)]
+    fake_server.hold, fake_server.fail = {"row 0"}, {"row 100"}
+    with ThreadPoolExecutor(1) as pool:
+        call = pool.submit(client.vectors, column)
+        try:
+            fake_server.wait_for_request("row 100")  # answered 503 while the first is held
+        finally:
+            fake_server.release.set()
+        with pytest.raises(ServiceError, match="busy or unavailable"):
+            call.result(timeout=DEADLINE_S)
+    # The third chunk may have gone out once the first was answered; none after it did.
+    assert [fake_server.carrying(f"row {i}") for i in (0, 100, 300, 400)] == [1, 1, 0, 0]
+    before = client.requests
+    again = client.vectors(["row 0", "row 300"])  # the first chunk's answer was kept
+    assert client.requests == before + 1
+    np.testing.assert_array_equal(again["row 300"], fake_server.vector("row 300"))
