@@ -3,8 +3,9 @@
 Vectors are cached at full width, keyed by model, prompt (instruction) and text (one client per
 server URL), so recalculating a sheet whose texts did not change sends no embedding
 request, and a Matryoshka `dimensions` is cut here from the cached vector. Only texts not
-in the cache are sent, each once, in chunks of at most `chunk_size` texts; a text another
-formula is already fetching is awaited, not sent again.
+in the cache are sent, each once, in chunks of at most `chunk_size` texts, up to
+`requests_in_flight` (2) at a time; a text another formula is already fetching is awaited,
+not sent again.
 
 Which model the server runs (its name and `system_fingerprint`, which changes with the
 weights or settings under the same name) is learnt from every embeddings answer and,

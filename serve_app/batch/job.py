@@ -68,7 +68,7 @@ class EmbedRows:
         # As in a replica: the model is loaded on the thread that runs worker 0's passes,
         # and each batch is dealt out to the forward workers (two on a CPU, each on its
         # share of the cores) by the replica's scheduler. One pass on both cores left them
-        # idle at every thread barrier: 15-17% fewer rows a second (bench/batch_bench.py).
+        # idle at every thread barrier: 15-17% fewer rows a second (bench/NOTES.md).
         home = home_thread()
         # The command line's spec, not each actor's own look-up: every actor runs the same
         # revision of a hub model.
