@@ -176,6 +176,26 @@ def test_a_pass_never_exceeds_max_texts_unless_one_request_is_bigger():
     assert [n for n, _, _ in model.passes] == [5, 10, 10, 5, 30]
 
 
+def test_a_few_texts_go_ahead_of_a_long_column_waiting_in_a_pass_of_their_own():
+    # A formula's cell sent while a long column's requests queue: answered after the pass
+    # that is running, not after every request queued before it.
+    model = FakeModel(gated=True)
+
+    async def go():
+        scheduler = ForwardScheduler(model.encode, workers=1, cpus=1, max_texts=64)
+        column = [numbered(*range(100 * j, 100 * j + 32)) for j in range(3)]
+        tasks = await queued(*(scheduler.embed(texts) for texts in column))
+        cells = await queued(scheduler.embed(["t7"]), scheduler.embed(["t8", "t9"]))
+        await model.started(1)  # the column's first request runs; the rest wait
+        model.finish(3)
+        done = await asyncio.wait_for(asyncio.gather(*tasks, *cells), GATE_TIMEOUT_S)
+        return column, done
+
+    column, done = run(go())
+    assert model.texts == [column[0], ["t7", "t8", "t9"], column[1] + column[2]]
+    assert [values(r) for r in done[3:]] == [[7.0], [8.0, 9.0]]
+
+
 def test_lone_requests_use_worker_zero_whose_threads_are_warm():
     model = FakeModel()  # each request awaits the last: the workers are always free
 
@@ -274,7 +294,7 @@ def test_waiting_requests_are_shared_among_free_workers():
         model = FakeModel()  # both passes are handed out at once, before either runs
         scheduler = ForwardScheduler(model.encode, workers=2, cpus=2, max_texts=128)
         scheduler._busy = [True, True]  # both workers busy while eight requests queue up
-        tasks = [asyncio.create_task(scheduler.embed([f"t{i}"] * 4)) for i in range(8)]
+        tasks = [asyncio.create_task(scheduler.embed([f"t{i}"] * 8)) for i in range(8)]
         await asyncio.sleep(0)
         assert len(scheduler._pending) == 8
         scheduler._busy = [False, False]
@@ -284,8 +304,8 @@ def test_waiting_requests_are_shared_among_free_workers():
         return model
 
     model = run(scenario())
-    # 32 texts waiting, two free workers: 16 each, not 32 on one and none on the other.
-    assert sorted(size for size, _, _ in model.passes) == [16, 16]
+    # 64 texts waiting, two free workers: 32 each, not 64 on one and none on the other.
+    assert sorted(size for size, _, _ in model.passes) == [32, 32]
 
 
 def test_one_large_batch_is_dealt_out_to_every_worker_and_keeps_its_order():

@@ -5,7 +5,10 @@ A fixed wait for more requests (as @serve.batch has) costs every lone request
 default; instead, texts that arrive while every worker is busy pile up, and the
 next free worker takes all of them at once, sorted by length into cache-sized
 forward passes. Each request is answered as soon as its own texts are done, not
-when everything it shared passes with is. Work whose caller was cancelled before
+when everything it shared passes with is. A request of a few texts (an Excel cell) goes
+ahead of the larger ones waiting, in a pass of its own: it waits only for the passes
+running, not for a long column queued before it (only a stream of them that kept every
+worker busy could hold a large request back). Work whose caller was cancelled before
 its pass began is dropped; a pass that has begun runs out.
 
 On a CPU, two workers each run a pass on their share of the cores. Each worker is
@@ -37,6 +40,10 @@ from serve_app.core.encoded import Encoded, Item
 from serve_app.core.errors import ModelOutputError
 
 MIN_SPLIT_TEXTS = 8  # per worker: smaller batches stay in one pass
+# A request of fewer texts (a formula's cell, a search query) goes ahead of the larger ones
+# waiting: it costs a pass a fraction of a second, where a long column queued before it
+# would hold it for seconds.
+QUICK_TEXTS = 8
 # encode(texts, threads) -> Encoded; threads() is asked before every forward pass and block.
 EncodeFn = Callable[[list[Item], Callable[[], int]], Encoded]
 
@@ -75,7 +82,8 @@ class ForwardScheduler:
         # batch_wait_timeout_s setting); 0: it starts at once.
         self.wait_s = wait_s
         self._gathering = False
-        self._pending: deque[_Job] = deque()
+        self._quick: deque[_Job] = deque()  # waiting requests of fewer than QUICK_TEXTS
+        self._pending: deque[_Job] = deque()  # the rest, in arrival order
         self._busy = [False] * workers
         self._executors = [home or home_thread()] + [
             ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"forward-{i}")
@@ -92,7 +100,7 @@ class ForwardScheduler:
         # busy alone.
         pieces = len(self._busy) if len(texts) >= MIN_SPLIT_TEXTS * len(self._busy) else 1
         jobs = [_Job(texts[i::pieces], loop.create_future()) for i in range(pieces)]
-        self._pending.extend(jobs)
+        (self._quick if len(texts) < QUICK_TEXTS else self._pending).extend(jobs)
         if self.wait_s and not any(self._busy):
             if not self._gathering:  # the first arrival waits for company
                 self._gathering = True
@@ -118,9 +126,14 @@ class ForwardScheduler:
     def _live_pending(self) -> bool:
         """Whether work is waiting, once the jobs at the head whose callers were cancelled
         are dropped: nobody waits for them."""
-        while self._pending and self._pending[0].future.done():
-            self._pending.popleft()
-        return bool(self._pending)
+        for queue in (self._quick, self._pending):
+            while queue and queue[0].future.done():
+                queue.popleft()
+        return bool(self._quick or self._pending)
+
+    def _next(self) -> deque[_Job]:
+        """The queue the next job comes from: quick requests first."""
+        return self._quick or self._pending
 
     def _start_free_workers(self) -> None:
         while not all(self._busy) and self._live_pending():
@@ -128,13 +141,16 @@ class ForwardScheduler:
             # Share what is waiting among the free workers, so that no core idles while
             # one worker runs a long pass alone (a large model's pass takes seconds);
             # this is also what keeps the pieces embed() deals out on separate workers.
-            waiting = sum(len(job.texts) for job in self._pending if not job.future.done())
+            waiting = sum(len(job.texts) for queue in (self._quick, self._pending)
+                          for job in queue if not job.future.done())
             share = min(self.max_texts, -(-waiting // self._busy.count(False)))
-            jobs = [self._pending.popleft()]
+            # Quick requests make a pass of their own, not the first of a large one.
+            queue = self._next()
+            jobs = [queue.popleft()]
             size = len(jobs[0].texts)
-            while (size < share and self._live_pending()
-                   and size + len(self._pending[0].texts) <= self.max_texts):
-                jobs.append(self._pending.popleft())
+            while (size < share and self._live_pending() and self._next() is queue
+                   and size + len(queue[0].texts) <= self.max_texts):
+                jobs.append(queue.popleft())
                 size += len(jobs[-1].texts)
             self._busy[worker] = True
             self.batches += 1
