@@ -188,9 +188,9 @@ _RAW = None
 
 
 def run_raw(texts: list[str], opts) -> dict[str, float]:
-    """Seconds for the texts, batch by batch: one pass on every core, and two threads of
-    one core each on every other text of a batch."""
-    from concurrent.futures import ThreadPoolExecutor
+    """Seconds for the texts, batch by batch: one pass on every core, and each batch split
+    between two workers of half the cores (forward_sweep's split, as the replica's)."""
+    from forward_sweep import run as split_run
 
     from serve_app.core.modelinfo import resolve_model
     from serve_app.model.embedder import TextEmbedder, default_cpu_threads
@@ -201,21 +201,12 @@ def run_raw(texts: list[str], opts) -> dict[str, float]:
         _RAW = TextEmbedder(resolve_model(opts.model), cpu_threads=cpus)
         _RAW.speed_up()  # the fast paths the job's actors turn on (job.py)
         _RAW.encode(["warm up"])
-    model, batches = _RAW, [texts[i : i + opts.batch_size] for i in range(0, len(texts), opts.batch_size)]
-    seconds = {}
-    started = time.perf_counter()
-    for batch in batches:
-        model.encode(batch, threads=lambda: cpus)
-    seconds["one pass on every core"] = time.perf_counter() - started
+    batches = [texts[i : i + opts.batch_size] for i in range(0, len(texts), opts.batch_size)]
+    ways = {"one pass on every core": (1, cpus)}
     if cpus >= 2:
-        with ThreadPoolExecutor(1) as second:
-            started = time.perf_counter()
-            for batch in batches:
-                other = second.submit(model.encode, batch[1::2], threads=lambda: cpus // 2)
-                model.encode(batch[::2], threads=lambda: cpus - cpus // 2)
-                other.result()
-            seconds["two workers"] = time.perf_counter() - started
-    return seconds
+        ways["two workers"] = (2, cpus // 2)
+    return {way: sum(len(batch) / split_run(_RAW, batch, workers, threads) for batch in batches)
+            for way, (workers, threads) in ways.items()}
 
 
 def report(r: dict) -> None:
