@@ -124,6 +124,31 @@ def test_a_pass_takes_its_new_thread_share_at_the_next_block(bundled_embedder):
     assert bundled_embedder._thread_state.source is None  # nothing kept after the call
 
 
+def test_a_call_runs_between_between_its_passes_and_keeps_its_results_and_threads(
+    bundled_spec, bundled_embedder
+):
+    """`between` runs between two passes of a call and may embed there itself (the
+    scheduler runs a cell's text between two passes of a column's call): both answers are
+    what they would be alone, and the call's later passes still re-read its thread share
+    at every block."""
+    small = TextEmbedder(bundled_spec, dtype="float32", max_batch_tokens=64)
+    cell = "a cell's own text"
+    outer, inner = (lambda: 1), (lambda: 1)
+    sources, nested = [], []
+    last = small.model.encoder.layer[-1]
+    handle = last.register_forward_pre_hook(lambda _m, _a: sources.append(small._thread_state.source))
+    try:
+        result = small.encode(TEXTS, outer, lambda: nested.append(small.encode([cell], inner)))
+    finally:
+        handle.remove()
+    passes = sources.count(outer)
+    assert passes >= 2 and len(nested) == passes - 1
+    assert sources[-1] is outer and sources.count(inner) == len(nested)
+    assert small._thread_state.source is None
+    np.testing.assert_allclose(result.vectors, bundled_embedder.encode(TEXTS).vectors, atol=1e-5)
+    np.testing.assert_allclose(nested[0].vectors, bundled_embedder.encode([cell]).vectors, atol=1e-5)
+
+
 def test_token_budget_splits_batches_without_changing_results(bundled_spec, bundled_embedder):
     small = TextEmbedder(bundled_spec, dtype="float32", max_batch_tokens=64)
     np.testing.assert_allclose(

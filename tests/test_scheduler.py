@@ -19,12 +19,14 @@ class FakeModel:
 
     A `gated` model's passes, once started, wait until the test lets them finish
     (`finish(n)`), so which jobs share a pass follows from the test's steps, not from
-    how fast this machine is.
+    how fast this machine is. With `pass_texts`, a call of more texts runs them in passes
+    of that many, calling `between` between two, as TextEmbedder does.
     """
 
     def __init__(self, delay_s: float = 0.0, fail_on: str | None = None, gated: bool = False,
-                 overflow_on: str | None = None) -> None:
+                 overflow_on: str | None = None, pass_texts: int | None = None) -> None:
         self.delay_s = delay_s
+        self.pass_texts = pass_texts
         self.fail_on = fail_on
         self.overflow_on = overflow_on  # this text's vector is refused, as TextEmbedder does
         self.passes: list[tuple[int, int, str]] = []  # (texts, threads, thread name)
@@ -32,7 +34,18 @@ class FakeModel:
         self.lock = threading.Condition()
         self._finish = threading.Semaphore(0) if gated else None
 
-    def encode(self, texts, threads):
+    def encode(self, texts, threads, between=None):
+        size = self.pass_texts or len(texts)
+        parts = []
+        for start in range(0, len(texts), size):
+            if start and between is not None:
+                between()
+            parts.append(self._pass(texts[start:start + size], threads))
+        if len(parts) == 1:
+            return parts[0]
+        return Encoded(np.concatenate([p.vectors for p in parts]), [1] * len(texts), [False] * len(texts))
+
+    def _pass(self, texts, threads):
         with self.lock:
             self.passes.append((len(texts), threads(), threading.current_thread().name))
             self.texts.append(list(texts))
@@ -196,6 +209,32 @@ def test_a_few_texts_go_ahead_of_a_long_column_waiting_in_a_pass_of_their_own():
     assert [values(r) for r in done[3:]] == [[7.0], [8.0, 9.0]]
 
 
+def test_a_few_texts_run_between_two_passes_of_a_busy_workers_long_call():
+    # A cell sent while the only worker is inside a call of several passes (a column's
+    # 128 texts on one core: three or four passes, seconds) is answered after the pass
+    # that is running, not after the whole call; the call then goes on.
+    model = FakeModel(gated=True, pass_texts=4)
+
+    async def go():
+        scheduler = ForwardScheduler(model.encode, workers=1, cpus=1, max_texts=64)
+        column = await queued(scheduler.embed(numbered(*range(1, 13))))
+        await model.started(1)  # the column's first pass runs
+        cell, cancelled = await queued(scheduler.embed(["t20"]), scheduler.embed(["t21"]))
+        cancelled.cancel()
+        model.finish(1)
+        await model.started(2)  # between the column's passes: the cell's own pass
+        model.finish(1)
+        answer = await asyncio.wait_for(cell, GATE_TIMEOUT_S)
+        assert not column[0].done()  # the cell did not wait for the call to end
+        model.finish(2)
+        return answer, await asyncio.wait_for(column[0], GATE_TIMEOUT_S), scheduler
+
+    cell, column, scheduler = run(go())
+    assert values(cell) == [20.0] and values(column) == [float(i) for i in range(1, 13)]
+    assert model.texts == [numbered(1, 2, 3, 4), ["t20"], numbered(5, 6, 7, 8), numbered(9, 10, 11, 12)]
+    assert scheduler.batches == 2 and scheduler.passes_by_worker == [2]
+
+
 def test_lone_requests_use_worker_zero_whose_threads_are_warm():
     model = FakeModel()  # each request awaits the last: the workers are always free
 
@@ -351,10 +390,10 @@ def test_work_whose_caller_was_cancelled_is_dropped_before_its_pass():
     model = FakeModel()
     started = threading.Event()
 
-    def gated(texts, threads):
+    def gated(texts, threads, between):
         started.set()
         gate.wait(30)
-        return model.encode(texts, threads)
+        return model.encode(texts, threads, between)
 
     async def go():
         scheduler = ForwardScheduler(gated, workers=1, cpus=2, max_texts=128)

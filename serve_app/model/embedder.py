@@ -236,7 +236,12 @@ class TextEmbedder:
         return (f"Fused {norms} RMSNorms and {mlps} MLP activations (cosine to unfused at least "
                 f"{lowest[0]:.5f})")
 
-    def encode(self, texts: list[Item], threads: Callable[[], int] | None = None) -> Encoded:
+    def encode(
+        self,
+        texts: list[Item],
+        threads: Callable[[], int] | None = None,
+        between: Callable[[], None] | None = None,
+    ) -> Encoded:
         """Embed `texts` (prompts already applied; or `TokenIds`), longest first in
         token-budget batches.
 
@@ -245,25 +250,33 @@ class TextEmbedder:
         starts or ends moves to its new share within one block instead of holding more
         threads than there are cores (or fewer) until it ends: a large model's pass takes
         seconds.
+
+        `between`, if given, is called between two forward passes of the call; it may call
+        `encode` itself on this thread (the scheduler runs a cell's text there).
         """
+        outer = getattr(self._thread_state, "source", None)
         if self.device.type == "cpu":
             self._thread_state.source = threads
         try:
-            return self._encode(texts, threads)
+            return self._encode(texts, threads, between)
         finally:
-            self._thread_state.source = None
+            self._thread_state.source = outer
 
     def _recheck_threads(self, _module, _args) -> None:
         if (source := getattr(self._thread_state, "source", None)) is not None:
             self._use_threads(source())
 
-    def _encode(self, texts: list[Item], threads: Callable[[], int] | None) -> Encoded:
+    def _encode(
+        self, texts: list[Item], threads: Callable[[], int] | None, between: Callable[[], None] | None
+    ) -> Encoded:
         ids, truncated = self.tokenize(texts)
         vectors = np.empty((len(texts), self.spec.dimensions), dtype=np.float32)
         from serve_app.model.rows import padded_passes, plan_passes
 
         plan = plan_passes if self.rows_shared else padded_passes
-        for rows in plan([len(x) for x in ids], self.max_batch_tokens):
+        for n, rows in enumerate(plan([len(x) for x in ids], self.max_batch_tokens)):
+            if n and between is not None:
+                between()
             if threads is not None and self.device.type == "cpu":
                 self._use_threads(threads())
             flat = [i for row in rows for i in row]

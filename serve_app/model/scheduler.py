@@ -6,10 +6,11 @@ default; instead, texts that arrive while every worker is busy pile up, and the
 next free worker takes all of them at once, sorted by length into cache-sized
 forward passes. Each request is answered as soon as its own texts are done, not
 when everything it shared passes with is. A request of a few texts (an Excel cell) goes
-ahead of the larger ones waiting, in a pass of its own: it waits only for the passes
-running, not for a long column queued before it (only a stream of them that kept every
-worker busy could hold a large request back). Work whose caller was cancelled before
-its pass began is dropped; a pass that has begun runs out.
+ahead of the larger ones waiting, in a pass of its own: when every worker is busy, the
+first worker to end a forward pass runs it there and then, between two passes of its
+call, so it waits for one pass, not for a long column queued before it nor for the rest
+of a call of several passes. Work whose caller was cancelled before its pass began is
+dropped; a pass that has begun runs out.
 
 On a CPU, two workers each run a pass on their share of the cores. Each worker is
 one fixed thread, and torch never runs on any other with more than one thread:
@@ -28,6 +29,7 @@ keeps to its share as the other worker starts or stops.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -44,8 +46,10 @@ MIN_SPLIT_TEXTS = 8  # per worker: smaller batches stay in one pass
 # waiting: it costs a pass a fraction of a second, where a long column queued before it
 # would hold it for seconds.
 QUICK_TEXTS = 8
-# encode(texts, threads) -> Encoded; threads() is asked before every forward pass and block.
-EncodeFn = Callable[[list[Item], Callable[[], int]], Encoded]
+# encode(texts, threads, between) -> Encoded: threads() is asked before every forward pass
+# and block; between(), if not None, is called between two forward passes of the call.
+EncodeFn = Callable[[list[Item], Callable[[], int], Callable[[], None] | None], Encoded]
+Outcome = tuple["_Job", "Encoded | BaseException"]
 
 
 @dataclass
@@ -82,6 +86,9 @@ class ForwardScheduler:
         # batch_wait_timeout_s setting); 0: it starts at once.
         self.wait_s = wait_s
         self._gathering = False
+        # The queues are read and taken from on the event loop and, between passes, on the
+        # workers' threads.
+        self._lock = threading.Lock()
         self._quick: deque[_Job] = deque()  # waiting requests of fewer than QUICK_TEXTS
         self._pending: deque[_Job] = deque()  # the rest, in arrival order
         self._busy = [False] * workers
@@ -100,7 +107,8 @@ class ForwardScheduler:
         # busy alone.
         pieces = len(self._busy) if len(texts) >= MIN_SPLIT_TEXTS * len(self._busy) else 1
         jobs = [_Job(texts[i::pieces], loop.create_future()) for i in range(pieces)]
-        (self._quick if len(texts) < QUICK_TEXTS else self._pending).extend(jobs)
+        with self._lock:
+            (self._quick if len(texts) < QUICK_TEXTS else self._pending).extend(jobs)
         if self.wait_s and not any(self._busy):
             if not self._gathering:  # the first arrival waits for company
                 self._gathering = True
@@ -136,6 +144,10 @@ class ForwardScheduler:
         return self._quick or self._pending
 
     def _start_free_workers(self) -> None:
+        with self._lock:
+            self._start_free_workers_locked()
+
+    def _start_free_workers_locked(self) -> None:
         while not all(self._busy) and self._live_pending():
             worker = self._busy.index(False)  # the lowest free one: 0 may take every core
             # Share what is waiting among the free workers, so that no core idles while
@@ -162,11 +174,41 @@ class ForwardScheduler:
         if self._on_pass is not None:
             self._on_pass(texts, waited_s)
 
-    def _timed(self, texts: list[Item], worker: int) -> Encoded:
+    def _timed(self, texts: list[Item], worker: int, take_quick: bool = True) -> Encoded:
+        """One encode call on `worker`'s thread; with `take_quick`, quick requests that
+        arrive meanwhile run between its passes (their time is not counted in its own)."""
+        lent = [0.0]
+
+        def between() -> None:
+            lent[0] += self._between_passes(worker)
+
         started = time.perf_counter()
-        encoded = self._encode(texts, lambda: self._threads(worker))
-        encoded.model_ms = (time.perf_counter() - started) * 1000
+        encoded = self._encode(texts, lambda: self._threads(worker), between if take_quick else None)
+        encoded.model_ms = (time.perf_counter() - started - lent[0]) * 1000
         return encoded
+
+    def _between_passes(self, worker: int) -> float:
+        """On `worker`'s thread, between two passes of its call: run the quick requests
+        waiting, in a pass of their own, and answer them; the seconds it took."""
+        if not self._quick:  # a look without the lock: nearly always empty
+            return 0.0
+        started = time.perf_counter()
+        with self._lock:
+            jobs: list[_Job] = []
+            while self._quick and sum(len(job.texts) for job in jobs) < self.max_texts:
+                job = self._quick.popleft()
+                if not job.future.done():
+                    jobs.append(job)
+            if not jobs:
+                return 0.0
+            self.batches += 1
+            self.passes_by_worker[worker] += 1
+        loop = jobs[0].future.get_loop()
+        loop.call_soon_threadsafe(self._report, sum(len(job.texts) for job in jobs),
+                                  started - jobs[0].queued_at)
+        outcomes = self._outcomes(worker, jobs, take_quick=False)
+        loop.call_soon_threadsafe(_settle, outcomes)
+        return time.perf_counter() - started
 
     def warm_up(self, texts: list[str]) -> float:
         """One pass on worker 0 (it pays one-off kernel set-up), waited for; its seconds."""
@@ -183,53 +225,68 @@ class ForwardScheduler:
         try:
             await self._pass(worker, jobs)
         finally:
-            self._busy[worker] = False
-            self._start_free_workers()
+            with self._lock:
+                self._busy[worker] = False
+                self._start_free_workers_locked()
             if self._on_idle is not None and not any(self._busy):
                 self._on_idle()
 
     async def _pass(self, worker: int, jobs: list[_Job]) -> None:
-        texts = [text for job in jobs for text in job.texts]
         loop = asyncio.get_running_loop()
         try:
-            encoded = await loop.run_in_executor(self._executors[worker], self._timed, texts, worker)
+            outcomes = await loop.run_in_executor(self._executors[worker], self._outcomes, worker, jobs)
+        except Exception as exc:  # the executor refused it (shut down)
+            outcomes = [(job, exc) for job in jobs]
+        _settle(outcomes)
+
+    def _outcomes(self, worker: int, jobs: list[_Job], take_quick: bool = True) -> list[Outcome]:
+        """On `worker`'s thread: encode the jobs' texts in one call; each job's answer or error."""
+        texts = [text for job in jobs for text in job.texts]
+        try:
+            encoded = self._timed(texts, worker, take_quick)
         except ModelOutputError as exc:
             if len(jobs) > 1 and exc.rows:
-                await self._without_the_failed(worker, jobs, exc)
-            else:
-                _fail(jobs, exc)
+                return self._without_the_failed(worker, jobs, exc, take_quick)
+            return [(job, exc) for job in jobs]
         except Exception as exc:  # every caller in the pass hears about it
-            _fail(jobs, exc)
-        else:
-            start = 0
-            for job in jobs:
-                if not job.future.done():
-                    job.future.set_result(encoded.slice(start, start + len(job.texts)))
-                start += len(job.texts)
+            return [(job, exc) for job in jobs]
+        outcomes, start = [], 0
+        for job in jobs:
+            outcomes.append((job, encoded.slice(start, start + len(job.texts))))
+            start += len(job.texts)
+        return outcomes
 
-    async def _without_the_failed(self, worker: int, jobs: list[_Job], exc: ModelOutputError) -> None:
+    def _without_the_failed(
+        self, worker: int, jobs: list[_Job], exc: ModelOutputError, take_quick: bool
+    ) -> list[Outcome]:
         """Some texts of a shared pass gave inf or NaN (float16 overflowing on them): their
         requests fail, each told of its own, and the others run again in a pass of their own."""
-        clean, start = [], 0
+        outcomes, clean, start = [], [], 0
         for job in jobs:
             mine = [row - start for row in exc.rows if start <= row < start + len(job.texts)]
             start += len(job.texts)
             if mine:
-                _fail([job], exc.for_rows(mine))
+                outcomes.append((job, exc.for_rows(mine)))
             elif not job.future.done():
                 clean.append(job)
         if clean:
-            await self._pass(worker, clean)
+            outcomes += self._outcomes(worker, clean, take_quick)
+        return outcomes
 
     def shutdown(self) -> None:
         for executor in self._executors:
             executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _fail(jobs: list[_Job], exc: BaseException) -> None:
-    for job in jobs:
-        if not job.future.done():
-            job.future.set_exception(exc)
+def _settle(outcomes: list[Outcome]) -> None:
+    """On the event loop: answer each job still awaited."""
+    for job, outcome in outcomes:
+        if job.future.done():
+            continue
+        if isinstance(outcome, BaseException):
+            job.future.set_exception(outcome)
+        else:
+            job.future.set_result(outcome)
 
 
 def home_thread() -> ThreadPoolExecutor:
