@@ -8,7 +8,10 @@
  * Excel calls a custom function once per cell, so a filled-down column of 10,000
  * =EMBED_SIM cells is 10,000 calls, handed over in slices. Each call queues the texts
  * the cache lacks; a full chunk leaves at once, and the rest when no new text has
- * arrived for `flushDelayMs`. The add-in's copy of excel_addin/client.py.
+ * arrived for `flushDelayMs`. A chunk of a few texts (a cell recalculated while a long
+ * column computes) does not queue behind the column's chunks for a slot: it has one more
+ * slot of its own, and the service runs it between two forward passes. The add-in's copy
+ * of excel_addin/client.py.
  */
 (function (exports) {
   "use strict";
@@ -24,6 +27,10 @@
     maxRetries: 4, // for 429 and 503
     maxRetryWaitMs: 30000,
   };
+
+  // A request of fewer texts is a cell's, not a column's: it goes ahead (the service's
+  // serve_app/model/scheduler.py QUICK_TEXTS treats it the same way).
+  const QUICK_TEXTS = 8;
 
   class ServiceError extends Error {}
 
@@ -95,7 +102,8 @@
       this.pending = new Map(); // cache key -> promise of [model, vector], fetched now
       this.timer = null;
       this.inFlight = 0;
-      this.waitingForSlot = [];
+      this.waitingForSlot = []; // chunks of QUICK_TEXTS or more, in order
+      this.waitingQuick = []; // smaller chunks: they go first, and may use one slot more
     }
 
     /** Vectors for the distinct `texts` (Map text -> Float32Array), cached where possible;
@@ -231,7 +239,7 @@
     }
 
     async send(prompt, chunk) {
-      await this.slot();
+      await this.slot(chunk.length < QUICK_TEXTS);
       try {
         const texts = chunk.map(([text]) => text);
         const payload = { input: texts, encoding_format: "base64", ...JSON.parse(prompt) };
@@ -258,18 +266,25 @@
       }
     }
 
-    slot() {
-      if (this.inFlight < this.settings.maxInFlight) {
+    /** A request may leave: at most maxInFlight at once, and one more for a quick chunk
+     * (browsers open six connections to a host). */
+    slot(quick) {
+      if (this.inFlight < this.settings.maxInFlight + (quick ? 1 : 0)) {
         this.inFlight += 1;
         return Promise.resolve();
       }
-      return new Promise((resolve) => this.waitingForSlot.push(resolve));
+      return new Promise((resolve) => (quick ? this.waitingQuick : this.waitingForSlot).push(resolve));
     }
 
     release() {
-      const next = this.waitingForSlot.shift();
-      if (next) next();
-      else this.inFlight -= 1;
+      this.inFlight -= 1;
+      const limit = this.settings.maxInFlight;
+      const next = this.waitingQuick.length && this.inFlight < limit + 1 ? this.waitingQuick.shift()
+        : this.waitingForSlot.length && this.inFlight < limit ? this.waitingForSlot.shift() : null;
+      if (next) {
+        this.inFlight += 1;
+        next();
+      }
     }
 
     where() {

@@ -303,6 +303,41 @@ test("a server that does not answer in time is a readable timeout", async (t) =>
   functions.configure({ timeoutMs: 300000 });
 });
 
+test("a cell's text is sent while a long column's requests hold every slot", async (t) => {
+  const held = []; // the column's requests, answered once the cell has been
+  let holding = true;
+  const url = await fakeServer(t, async (request, response) => {
+    if (request.method === "GET") return answer(response, 200, MODELS);
+    let raw = "";
+    for await (const part of request) raw += part;
+    const input = JSON.parse(raw).input;
+    const data = input.map((text, index) => ({ object: "embedding", index,
+      embedding: Buffer.from(new Float32Array([text.length, 1, 0, 0]).buffer).toString("base64") }));
+    const reply = () => answer(response, 200, { object: "list", model: "fake-model", data });
+    if (holding && input.length >= 8) held.push(reply);
+    else reply();
+  });
+  functions.configure({ serverUrl: url, apiKey: "", fetch: undefined, chunkSize: 8, maxInFlight: 2 });
+  const rows = Array.from({ length: 48 }, (_, i) => [[[`clause number ${i}`]]]);
+  const column = calculateColumn("EMBED", rows); // six requests of 8 texts: two sent, four wait
+  const deadline = Date.now() + 10000;
+  while (held.length < 2 && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 5));
+  assert.equal(held.length, 2, "the column holds both slots");
+
+  let timer;
+  const late = new Promise((resolve) => { timer = setTimeout(() => resolve("still waiting"), 5000); });
+  const cell = await Promise.race([calculate("EMBED", [["one cell"]]), late]);
+  clearTimeout(timer);
+  assert.deepEqual(cell, [[8, 1, 0, 0]], "the cell was answered while the column waited");
+  assert.equal(held.length, 2, "and the column's other requests still waited for a slot");
+
+  holding = false;
+  for (const reply of held) reply();
+  const vectors = await column;
+  assert.deepEqual(vectors.map((v) => v[0][0]), rows.map(([[[text]]]) => text.length));
+  functions.configure({ chunkSize: 512, maxInFlight: 4 });
+});
+
 test("EMBED's dimensions are checked as the API checks them", { skip: !SERVER }, async () => {
   functions.configure({ serverUrl: SERVER, apiKey: "", instruction: "", fetch: undefined });
   // Wider than the model gave its full width silently; below min_dimensions, a cut the API refuses.
