@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import re
 import sys
 
 import numpy as np
@@ -126,6 +127,12 @@ def test_search_returns_the_best_rows_first(ray_head, tmp_path, bundled_embedder
                           "--corpus", str(tmp_path / "corpus.parquet"), "--corpus-column", "doc",
                           "--k", "2", "--output", str(output))
     assert ray_head.wait(job) == "SUCCEEDED", ray_head.logs(job)[-3000:]
+    # Its speed is of the rows it embedded (8 + 3), not of the rows it wrote (5).
+    summary = re.search(r"Wrote 5 rows to \S+ \(the 2 best of 8 corpus rows for each of 3 queries\): "
+                        r".*, embedding and searching ([\d.]+) s \(11 rows embedded, ([\d.]+) rows/s\)",
+                        ray_head.logs(job))
+    assert summary, ray_head.logs(job)[-3000:]
+    assert float(summary[2]) == pytest.approx(11 / float(summary[1]), rel=0.1)
 
     hits = pd.read_csv(output)
     assert list(hits.columns) == ["q", "rank", "score", "corpus_row", "corpus_id", "corpus_doc"]

@@ -168,8 +168,9 @@ def run_similarity(input_path: str, left: str, right: str, output: str, opts: Jo
 
 
 def run_search(queries: str, query_column: str, corpus: str, corpus_column: str, k: int,
-               output: str, opts: JobOptions) -> int:
-    """The k best corpus rows for each query, best first, with their scores."""
+               output: str, opts: JobOptions) -> tuple[int, int, int]:
+    """The k best corpus rows for each query, best first, with their scores. Returns the
+    rows written, and the queries' and the corpus's rows (what was embedded)."""
     fmt = output_format(output, ("csv", "xlsx", "parquet"))
     query_prefix = _prefix(opts, opts.instruction, opts.prompt_name or (None if opts.instruction else "query"))
     document_prefix = _prefix(opts, None, "document")
@@ -183,7 +184,7 @@ def run_search(queries: str, query_column: str, corpus: str, corpus_column: str,
     table = top_k(query_table, corpus_table, k)
     with atomic_output(output) as temporary:
         write_table(table, temporary, fmt)
-    return table.num_rows
+    return table.num_rows, query_table.num_rows, corpus_table.num_rows
 
 
 def top_k(queries: pa.Table, corpus: pa.Table, k: int, chunk: int = 256) -> pa.Table:
