@@ -91,16 +91,14 @@ def main(argv: list[str] | None = None) -> int:
             raise  # its traceback is what helps
         print(f"error: {_message(exc)}", file=sys.stderr)
         return 2
-    work = timing["work_s"]
+    work = max(timing["work_s"], 1e-9)
+    what, doing, speed = "", "embedding and writing", f"{rows / work:.1f} rows/s"
     if opts.command == "search":  # it writes k rows a query: its speed is of the rows it embedded
-        read = timing["queries"] + timing["corpus"]
-        done = (f" (the {opts.k} best of {timing['corpus']} corpus rows for each of "
-                f"{timing['queries']} queries): Ray start-up {timing['ray_start_s']:.1f} s, embedding "
-                f"and searching {work:.1f} s ({read} rows embedded, {read / max(work, 1e-9):.1f} rows/s).")
-    else:
-        done = (f": Ray start-up {timing['ray_start_s']:.1f} s, embedding and writing {work:.1f} s "
-                f"({rows / max(work, 1e-9):.1f} rows/s).")
-    print(f"Wrote {rows} rows to {output}{done}")
+        embedded = timing["queries"] + timing["corpus"]
+        what = f" (the {opts.k} best of {timing['corpus']} corpus rows for each of {timing['queries']} queries)"
+        doing, speed = "embedding and searching", f"{embedded} rows embedded, {embedded / work:.1f} rows/s"
+    print(f"Wrote {rows} rows to {output}{what}: Ray start-up {timing['ray_start_s']:.1f} s, "
+          f"{doing} {work:.1f} s ({speed}).")
     return 0
 
 
