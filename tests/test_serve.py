@@ -277,8 +277,8 @@ def test_a_short_request_is_answered_without_waiting_for_a_long_one_beside_it(bu
     embedded = []  # texts of each pass, as it finishes
     encode = replica._scheduler._encode
 
-    def counting(texts, threads):
-        encoded = encode(texts, threads)
+    def counting(texts, threads, between):
+        encoded = encode(texts, threads, between)
         embedded.append(len(texts))
         return encoded
 
