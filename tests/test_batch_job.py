@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import re
@@ -226,14 +227,14 @@ def test_an_actors_batch_goes_to_both_forward_workers_in_one_call_and_keeps_its_
     args = AppArgs(cpu_threads=2, dtype="float32").model_dump()
     actor = EmbedRows(args, asdict(bundled_spec), gpu_fraction=0.0)
     texts = sentences(64, seed=9)
-    vectors = actor.encode(texts)
+    vectors = asyncio.run(actor.encode(texts))
     assert actor.scheduler.passes_by_worker == [1, 1]
-    alone = np.stack([actor.encode([text])[0] for text in texts[:8]])
+    alone = np.stack([asyncio.run(actor.encode([text]))[0] for text in texts[:8]])
     np.testing.assert_allclose(vectors[:8], alone, atol=1e-4)  # row i is text i's
     assert actor.scheduler.passes_by_worker == [9, 1]  # one text: worker 0 alone
     # A similarity's two columns go in one call, so one pass for each worker.
     pairs = pa.table({"q": texts[:16], "d": texts[16:32]})
-    scores = actor(pairs, "similarity", ["q", "d"], ["", ""])["similarity"].to_numpy()
+    scores = asyncio.run(actor(pairs, "similarity", ["q", "d"], ["", ""]))["similarity"].to_numpy()
     assert actor.scheduler.passes_by_worker == [10, 2]
     np.testing.assert_allclose(scores, np.sum(vectors[:16] * vectors[16:32], axis=1), atol=1e-5)
     actor.scheduler.shutdown()

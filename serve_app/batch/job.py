@@ -68,7 +68,9 @@ class EmbedRows:
         # As in a replica: the model is loaded on the thread that runs worker 0's passes,
         # and each batch is dealt out to the forward workers (two on a CPU, each on its
         # share of the cores) by the replica's scheduler. One pass on both cores left them
-        # idle at every thread barrier: 15-17% fewer rows a second (bench/NOTES.md).
+        # idle at every thread barrier: 15-17% fewer rows a second (bench/NOTES.md). Being
+        # a coroutine, __call__ gets several batches at once from Ray Data, on one event
+        # loop: a worker that ends its part of one goes on to the next (README, batch jobs).
         home = home_thread()
         # The command line's spec, not each actor's own look-up: every actor runs the same
         # revision of a hub model.
@@ -88,16 +90,16 @@ class EmbedRows:
         print(f"Model {self.model.spec.name} loaded in {time.perf_counter() - started:.1f} s ({how}). "
               f"{' '.join(filter(None, sentences))}", flush=True)
 
-    def __call__(self, batch: pa.Table, task: str, columns: list[str], prefixes: list[str],
-                 dimensions: int | None = None) -> pa.Table:
+    async def __call__(self, batch: pa.Table, task: str, columns: list[str], prefixes: list[str],
+                       dimensions: int | None = None) -> pa.Table:
         # Both columns of a similarity go in one call: one batch for the workers to share.
-        vectors = self.vectors([texts_of(batch[name]) for name in columns], prefixes, dimensions)
+        vectors = await self.vectors([texts_of(batch[name]) for name in columns], prefixes, dimensions)
         if task == "embed":
             return batch.append_column("embedding", embedding_array(vectors[0]))
         return batch.append_column("similarity", pair_scores(*vectors))
 
-    def vectors(self, columns: list[list[str | None]], prefixes: list[str],
-                dimensions: int | None) -> list[list[np.ndarray | None]]:
+    async def vectors(self, columns: list[list[str | None]], prefixes: list[str],
+                      dimensions: int | None) -> list[list[np.ndarray | None]]:
         """Each column's vectors, None for blanks; each distinct text (with its column's
         prefix) is embedded once."""
         from serve_app.core.vectors import truncate
@@ -107,13 +109,11 @@ class EmbedRows:
                 for texts, prefix in zip(columns, prefixes, strict=True)]
         if not unique:
             return [[None] * len(texts) for texts in columns]
-        matrix = truncate(self.encode(list(unique)), dimensions)
+        matrix = truncate(await self.encode(list(unique)), dimensions)
         return [[None if row is None else matrix[row] for row in column] for column in rows]
 
-    def encode(self, texts: list[str]) -> np.ndarray:
-        import asyncio
-
-        return asyncio.run(self.scheduler.embed(texts)).vectors
+    async def encode(self, texts: list[str]) -> np.ndarray:
+        return (await self.scheduler.embed(texts)).vectors
 
 
 def pair_scores(left: list[np.ndarray | None], right: list[np.ndarray | None]) -> pa.Array:
