@@ -6,6 +6,7 @@ with unit vectors a dot product would do, and these tests make sure nothing reli
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from dataclasses import asdict
 
@@ -97,7 +98,7 @@ def test_batch_job_scores_are_cosines(unnormalised_dir, raw_vectors):
     args = AppArgs(model=str(unnormalised_dir), dtype=REFERENCE_DTYPE)
     rows = EmbedRows(args.model_dump(), asdict(resolve_model(args.model)), 0.0)
     batch = pa.table({"q": [TEXTS[0], TEXTS[0], None], "d": [TEXTS[1], TEXTS[2], TEXTS[3]]})
-    scored = rows(batch, "similarity", ["q", "d"], ["", ""])["similarity"].to_pylist()
+    scored = asyncio.run(rows(batch, "similarity", ["q", "d"], ["", ""]))["similarity"].to_pylist()
     a, b, c = (raw_vectors[t] for t in TEXTS[:3])
     assert scored[:2] == pytest.approx([cosines(a[None], b[None])[0, 0], cosines(a[None], c[None])[0, 0]], abs=1e-5)
     assert scored[2] is None
