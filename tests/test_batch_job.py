@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
+import json
 import re
 import sys
 
@@ -240,43 +241,62 @@ def test_an_actors_batch_goes_to_both_forward_workers_in_one_call_and_keeps_its_
     actor.scheduler.shutdown()
 
 
-def test_an_actor_is_given_several_batches_at_once_and_keeps_them_in_order(serve_cluster, bundled_spec,
-                                                                            bundled_embedder):
+COUNTING_ACTOR = """
+import json
+from dataclasses import asdict
+
+import pyarrow as pa
+import ray
+from ray.data import ActorPoolStrategy
+
+from serve_app.batch.job import EmbedRows
+from serve_app.core.config import AppArgs
+from serve_app.core.modelinfo import resolve_model
+
+
+class Counting(EmbedRows):
+    in_flight = most = 0
+
+    async def __call__(self, batch, *args, **kwargs):
+        Counting.in_flight += 1
+        Counting.most = max(Counting.most, Counting.in_flight)
+        try:
+            out = await super().__call__(batch, *args, **kwargs)
+        finally:
+            Counting.in_flight -= 1
+        return out.append_column("most", pa.array([Counting.most] * out.num_rows))
+
+
+texts = json.load(open("texts.json"))
+embedded = ray.data.from_arrow(pa.table({"row": list(range(len(texts))), "text": texts})).map_batches(
+    Counting,
+    fn_constructor_kwargs={"args": AppArgs(dtype="float32").model_dump(),
+                           "spec": asdict(resolve_model("bundled:minilm", None)), "gpu_fraction": 0.0},
+    fn_kwargs={"task": "embed", "columns": ["text"], "prefixes": [""]},
+    batch_size=8, batch_format="pyarrow", compute=ActorPoolStrategy(size=1), num_cpus=1,
+)
+table = pa.concat_tables(ray.get(embedded.to_arrow_refs()))
+print("RESULT " + json.dumps({"rows": table["row"].to_pylist(), "most": max(table["most"].to_pylist()),
+                              "embedding": table["embedding"].to_pylist()}))
+"""
+
+
+def test_an_actor_is_given_several_batches_at_once_and_keeps_them_in_order(ray_head, tmp_path, bundled_embedder):
     # Its __call__ is a coroutine, so Ray Data hands it several batches at once on one event
     # loop and a worker goes on to the next batch instead of waiting at each batch's end.
-    from dataclasses import asdict
-
-    import ray
-    from ray.data import ActorPoolStrategy
-
-    from serve_app.batch.job import EmbedRows
-    from serve_app.core.config import AppArgs
-
-    class Counting(EmbedRows):
-        in_flight = most = 0
-
-        async def __call__(self, batch, *args, **kwargs):
-            Counting.in_flight += 1
-            Counting.most = max(Counting.most, Counting.in_flight)
-            try:
-                out = await super().__call__(batch, *args, **kwargs)
-            finally:
-                Counting.in_flight -= 1
-            return out.append_column("most", pa.array([Counting.most] * out.num_rows))
-
+    # A counting subclass, run as a job's driver (this process stays without Ray).
     texts = [f"clause {i}: the tenant pays the rent by the {i % 28 + 1}th" for i in range(64)]
-    embedded = ray.data.from_arrow(pa.table({"row": list(range(64)), "text": texts})).map_batches(
-        Counting,
-        fn_constructor_kwargs={"args": AppArgs(dtype="float32").model_dump(), "spec": asdict(bundled_spec),
-                               "gpu_fraction": 0.0},
-        fn_kwargs={"task": "embed", "columns": ["text"], "prefixes": [""]},
-        batch_size=8, batch_format="pyarrow", compute=ActorPoolStrategy(size=1), num_cpus=1,
-    )
-    table = pa.concat_tables(ray.get(embedded.to_arrow_refs()))
-    assert table["row"].to_pylist() == list(range(64))
-    assert max(table["most"].to_pylist()) >= 2
-    np.testing.assert_allclose(np.array(table["embedding"].to_pylist()), direct(bundled_embedder, texts),
-                               atol=1e-4)
+    (tmp_path / "texts.json").write_text(json.dumps(texts))
+    (tmp_path / "counting.py").write_text(COUNTING_ACTOR)
+    job = ray_head.client.submit_job(
+        entrypoint="python counting.py",
+        runtime_env={"working_dir": str(tmp_path), "env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
+    assert ray_head.wait(job) == "SUCCEEDED", ray_head.logs(job)[-3000:]
+    result = json.loads(next(line for line in ray_head.logs(job).splitlines()
+                             if line.startswith("RESULT "))[len("RESULT "):])
+    assert result["rows"] == list(range(64))
+    assert result["most"] >= 2
+    np.testing.assert_allclose(np.array(result["embedding"]), direct(bundled_embedder, texts), atol=1e-4)
 
 
 def test_rows_keep_their_order_when_a_later_batch_finishes_first(ray_head, tmp_path):
