@@ -120,7 +120,7 @@ def test_similarity_xlsx_round_trip(ray_head, tmp_path, bundled_embedder):
     assert got[0] > got[4]  # password question vs reset steps beats it vs tax deadline
 
 
-def test_search_returns_the_best_rows_first(ray_head, tmp_path, bundled_embedder):
+def test_search_returns_the_best_rows_first_and_counts_the_rows_it_embedded(ray_head, tmp_path, bundled_embedder):
     frame = rows_frame()
     frame[["id", "doc"]].to_parquet(tmp_path / "corpus.parquet")
     pd.DataFrame({"q": ["forgot my password", "", "when is rent due"]}).to_csv(tmp_path / "q.csv", index=False)

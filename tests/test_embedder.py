@@ -124,7 +124,7 @@ def test_a_pass_takes_its_new_thread_share_at_the_next_block(bundled_embedder):
     assert bundled_embedder._thread_state.source is None  # nothing kept after the call
 
 
-def test_a_call_runs_between_between_its_passes_and_keeps_its_results_and_threads(
+def test_between_runs_between_a_calls_passes_and_keeps_its_results_and_threads(
     bundled_spec, bundled_embedder
 ):
     """`between` runs between two passes of a call and may embed there itself (the

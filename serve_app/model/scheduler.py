@@ -157,18 +157,28 @@ class ForwardScheduler:
                           for job in queue if not job.future.done())
             share = min(self.max_texts, -(-waiting // self._busy.count(False)))
             # Quick requests make a pass of their own, not the first of a large one.
-            queue = self._next()
-            jobs = [queue.popleft()]
-            size = len(jobs[0].texts)
-            while (size < share and self._live_pending() and self._next() is queue
-                   and size + len(queue[0].texts) <= self.max_texts):
-                jobs.append(queue.popleft())
-                size += len(jobs[-1].texts)
+            jobs, size = self._take(self._next(), share)
             self._busy[worker] = True
             self.batches += 1
             self._report(size, time.perf_counter() - jobs[0].queued_at)
             self.passes_by_worker[worker] += 1
             asyncio.get_running_loop().create_task(self._run(worker, jobs))
+
+    def _take(self, queue: deque[_Job], share: int) -> tuple[list[_Job], int]:
+        """Jobs for one pass from the head of `queue` (under the lock): the first live one,
+        then more while the pass holds fewer than `share` texts and the next fits in
+        `max_texts`; jobs whose callers were cancelled are dropped. The jobs and their texts."""
+        jobs: list[_Job] = []
+        size = 0
+        while queue:
+            if queue[0].future.done():
+                queue.popleft()
+                continue
+            if jobs and (size >= share or size + len(queue[0].texts) > self.max_texts):
+                break
+            jobs.append(queue.popleft())
+            size += len(jobs[-1].texts)
+        return jobs, size
 
     def _report(self, texts: int, waited_s: float) -> None:
         if self._on_pass is not None:
@@ -194,18 +204,13 @@ class ForwardScheduler:
             return 0.0
         started = time.perf_counter()
         with self._lock:
-            jobs: list[_Job] = []
-            while self._quick and sum(len(job.texts) for job in jobs) < self.max_texts:
-                job = self._quick.popleft()
-                if not job.future.done():
-                    jobs.append(job)
+            jobs, size = self._take(self._quick, self.max_texts)
             if not jobs:
                 return 0.0
             self.batches += 1
             self.passes_by_worker[worker] += 1
         loop = jobs[0].future.get_loop()
-        loop.call_soon_threadsafe(self._report, sum(len(job.texts) for job in jobs),
-                                  started - jobs[0].queued_at)
+        loop.call_soon_threadsafe(self._report, size, started - jobs[0].queued_at)
         outcomes = self._outcomes(worker, jobs, take_quick=False)
         loop.call_soon_threadsafe(_settle, outcomes)
         return time.perf_counter() - started
