@@ -8,6 +8,7 @@ import hashlib
 import json
 import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -58,6 +59,9 @@ def test_embed_csv_job_with_working_dir_matches_direct_computation(ray_head, tmp
     # The actor was forked from the job's warm-start zygote, which ends with the job.
     assert "loaded in" in logs and "(forked from the warm-start process)" in logs, logs[-3000:]
     assert_zygotes_gone(ray_head)
+    # ... and which the driver started before ray.init, to import torch meanwhile.
+    ready = [line for line in zygote_log(ray_head).splitlines() if " ready in " in line]
+    assert ready and "before its job was known" in ready[-1], ready
 
     table = pq.read_table(output)
     assert table.column_names == ["id", "question", "doc", "embedding"]
@@ -86,15 +90,32 @@ def test_embed_csv_job_with_working_dir_matches_direct_computation(ray_head, tmp
     assert sorted(p.name for p in output.parent.iterdir()) == ["embedded.parquet"]
 
 
+def raylets(head) -> list[int]:
+    return [pid for pid, args in command_lines().items()
+            if args[0].endswith("raylet") and any(str(head.temp_dir) in a for a in args)]
+
+
+def zygote_log(head) -> str:
+    from serve_app.ray_shell.warmstart import _log_path
+
+    return "".join(Path(_log_path(raylet)).read_text() for raylet in raylets(head))
+
+
 def assert_zygotes_gone(head, timeout_s: float = 15) -> None:
     """No warm-start zygote of this cluster outlives the job that started it."""
 
     def zygotes() -> list[int]:
-        raylets = [pid for pid, args in command_lines().items()
-                   if args[0].endswith("raylet") and any(str(head.temp_dir) in a for a in args)]
-        return [z for raylet in raylets for z in zygotes_of(raylet)]
+        # One a driver started before Ray names no raylet, only its driver (`--owner`).
+        early = [pid for pid, args in command_lines().items() if "--zygote" in args
+                 and any(a.startswith("--channel=") for a in args) and not driver_alive(args)]
+        return [z for raylet in raylets(head) for z in zygotes_of(raylet)] + early
 
     wait_for(lambda: not zygotes(), timeout_s, "the job's zygote to exit with the job")
+
+
+def driver_alive(args: list[str]) -> bool:
+    owner = next(a.split("=", 1)[1] for a in args if a.startswith("--owner="))
+    return Path(f"/proc/{owner}").exists()
 
 
 def test_similarity_xlsx_round_trip(ray_head, tmp_path, bundled_embedder):

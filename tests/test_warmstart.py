@@ -15,7 +15,7 @@ import traceback
 from pathlib import Path
 
 import pytest
-from conftest import cmdline, wait_for, zygotes_of
+from conftest import cmdline, command_lines, wait_for, zygotes_of
 
 from serve_app.ray_shell import warmstart
 
@@ -233,6 +233,84 @@ def test_a_zygote_forks_only_workers_of_its_job_and_ends_with_its_owner(script, 
         owner.wait()
 
 
+def early_zygote_of(owner: int, preload: str) -> int | None:
+    """The zygote a driver (`owner`) started before Ray for `preload`, once it has detached
+    (the process the driver started forks it and exits)."""
+    for pid, args in command_lines().items():
+        if "--zygote" in args and preload in args and f"--owner={owner}" in args and parent_of(pid) != owner:
+            return pid
+    return None
+
+
+def parent_of(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def mapped(pid: int, library: str) -> bool:
+    with open(f"/proc/{pid}/maps") as maps:
+        return library in maps.read()
+
+
+def test_a_zygote_started_before_ray_imports_ray_once_given_its_job_and_forks_that_jobs_workers(script):
+    """A batch job's driver starts its actors' zygote before ray.init, when no job id exists:
+    Ray's core library, which reads the id once as it loads, must wait for it."""
+    parent = os.getpid()  # stands in for the raylet
+    preload = "ray,json,decimal"  # Ray first, as in PRELOAD: it still loads last
+    log = Path(warmstart._log_path(parent))
+    try:
+        assert warmstart.early_zygote(preload) is True
+        assert warmstart.early_zygote(preload) is False  # one a preload
+        zygote = wait_for(lambda: early_zygote_of(os.getpid(), preload), 20, "the early zygote")
+        wait_for(lambda: mapped(zygote, "_decimal"), 30, "the zygote to import decimal")
+        assert not mapped(zygote, "_raylet")  # no job yet, so no Ray
+
+        assert warmstart.give_job(preload, parent, "0c000000") is True
+        assert warmstart.give_job(preload, parent, "0c000000") is False  # handed over once
+        reports = {}
+        for job in ("0c000000", "0d000000"):
+            proc = launch(script, "4", preload=preload, env_extra={"RAY_JOB_ID": job}, new_zygote=False)
+            out, _ = proc.communicate(timeout=60)
+            assert proc.returncode == 4
+            reports[job] = json.loads(out)
+        assert reports["0c000000"]["forked"] is True  # the job's worker, forked by that zygote ...
+        assert reports["0c000000"]["ppid"] == zygote
+        assert reports["0d000000"]["forked"] is False  # ... and no other job's
+        assert mapped(zygote, "_raylet")  # Ray came once the job was known
+        wait_for(lambda: log.exists() and f"zygote {zygote} ready" in log.read_text(), 10, "the ready line")
+        assert "before its job was known" in log.read_text()  # its output went to the raylet's log
+    finally:
+        warmstart.drop_early_zygotes()
+        with contextlib.suppress(NameError, ProcessLookupError):
+            os.kill(zygote, signal.SIGKILL)
+
+
+def test_an_early_zygote_ends_when_its_driver_needs_none_or_ends_before_ray(tmp_path):
+    preload = "json,fractions"  # a preload no other test uses
+    assert warmstart.early_zygote(preload) is True
+    zygote = wait_for(lambda: early_zygote_of(os.getpid(), preload), 20, "the early zygote")
+    warmstart.drop_early_zygotes()  # warm start does not apply after all (a GPU cluster, say)
+    wait_for(lambda: not os.path.exists(f"/proc/{zygote}"), 20, "the dropped zygote to exit")
+
+    # A driver that fails before Ray is up (ray.init refused, say) takes its zygote with it.
+    driver = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from serve_app.ray_shell import warmstart; "
+         f"warmstart.early_zygote({preload!r}); print('started', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert driver.stdout.readline().strip() == "started"
+        zygote = wait_for(lambda: early_zygote_of(driver.pid, preload), 20, "the driver's early zygote")
+        driver.stdin.close()
+        driver.wait(timeout=20)
+        wait_for(lambda: not os.path.exists(f"/proc/{zygote}"), 20, "the zygote to exit with its driver")
+    finally:
+        driver.kill()
+        driver.wait()
+
+
 def test_batch_actors_start_warm_only_where_it_applies(monkeypatch):
     """No zygote for GPU actors, for warm_start=off, or where the job brings its own interpreter."""
     from serve_app.batch import job
@@ -241,20 +319,24 @@ def test_batch_actors_start_warm_only_where_it_applies(monkeypatch):
     from serve_app.core.modelinfo import resolve_model
 
     spec = resolve_model("bundled:minilm")
-    started = []
+    started, dropped = [], []
     monkeypatch.setattr(warmstart, "driver_zygote", lambda model_type: started.append(model_type))
+    # A zygote started before Ray on the chance (`prepare_warm_start`) is told to go.
+    monkeypatch.setattr(warmstart, "drop_early_zygotes", lambda: dropped.append(True))
     assert warm_start_executable(AppArgs(warm_start="off"), spec, 0.0) is None
     assert warm_start_executable(AppArgs(), spec, 0.25) is None
     runtime_env = {"pip": ["requests"], "working_dir": "."}  # the job's, as Ray reports it
     monkeypatch.setattr(job, "_job_runtime_env", lambda: runtime_env)
     assert warm_start_executable(AppArgs(), spec, 0.0) is None
     assert started == []
+    assert len(dropped) == 3
 
     runtime_env = {"working_dir": "."}
     executable = warm_start_executable(AppArgs(), spec, 0.0)
     assert executable.split()[:3] == [sys.executable, "-m", "serve_app.ray_shell.warmstart"]
     assert "--no-new-zygote" in executable.split()  # other nodes start cold, leaving no zygote behind
     assert started == [spec.model_type]
+    assert len(dropped) == 3
 
 
 def test_python_and_python3_of_one_environment_share_a_zygote():

@@ -18,6 +18,14 @@ Serve read from the environment when imported (`RAY_SERVE_*` among them): a fork
 worker has the zygote's, which are the node's as Ray started it (the service sets them
 for the whole cluster); settings given per application in a runtime_env do not reach them.
 
+A batch job's driver starts its actors' zygote before `ray.init`, when no job id
+exists yet (`early_zygote`): the zygote imports torch and transformers, about
+three quarters of its imports, while Ray starts, then waits. Once Ray is up the
+driver binds the zygote's address itself and hands it the bound socket, the job id
+and the raylet's pid (`driver_zygote`); the zygote then imports Ray and forks the
+actors. A launcher that comes between finds the address bound and waits in its
+backlog, as with any zygote still importing.
+
 The address also names the code the zygote imports (`code_fingerprint`: this
 package's sources, where the preloaded libraries are installed), so `serve deploy`
 of new code on a long-lived cluster, or a reinstalled torch, gets a new zygote
@@ -52,6 +60,7 @@ REQUEST_TIMEOUT_S, so a peer that connects and says nothing holds up no one.
 
     python -m serve_app.ray_shell.warmstart [--preload=M,..] [--no-new-zygote] [--reply-timeout=S] WORKER_SCRIPT ARGS...
     python -m serve_app.ray_shell.warmstart --zygote ADDRESS PARENT_PID MODULES [--owner=PID] [--job-bound] [--check-every=S]
+    python -m serve_app.ray_shell.warmstart --zygote - 0 MODULES --owner=PID --channel=FD [--check-every=S]
 """
 
 from __future__ import annotations
@@ -206,14 +215,76 @@ def ensure_zygote(preload: str, parent_pid: int, *, job_id: str | None = None,
 
 
 def driver_zygote(model_type: str) -> bool:
-    """From a Ray driver: start the zygote for this job's workers on this node; True if new."""
+    """From a Ray driver: start the zygote for this job's workers on this node; True if new.
+
+    A zygote this driver started before Ray (`early_zygote`) gets the job, if it is still there.
+    """
     import ray
 
+    preload = preload_for(model_type)
     raylet = local_raylet_pid()
     if raylet is None:
+        drop_early_zygotes()
         return False
     job_id = ray.get_runtime_context().get_job_id()
-    return ensure_zygote(preload_for(model_type), raylet, job_id=job_id, owner_pid=os.getpid())
+    if give_job(preload, raylet, job_id):
+        return True
+    return ensure_zygote(preload, raylet, job_id=job_id, owner_pid=os.getpid())
+
+
+# A driver's zygotes started before Ray, by preload: the driver's end of each one's channel.
+_early: dict[str, socket.socket] = {}
+
+
+def early_zygote(preload: str) -> bool:
+    """From a driver about to start Ray: a zygote that imports what needs no job meanwhile; True if new.
+
+    Ray's modules wait for the job id (`driver_zygote` hands it over); the rest, torch and
+    transformers, take 2.5-3 s of one core (module docstring). The zygote ends with this
+    driver, and at once if the driver closes the channel without a job (`drop_early_zygotes`).
+    """
+    if sys.platform != "linux" or preload in _early:
+        return False
+    ours, theirs = socket.socketpair()
+    # Its output goes to the driver's until it knows its raylet, then to that raylet's zygote log.
+    command = [sys.executable, "-m", "serve_app.ray_shell.warmstart", "--zygote", "-", "0", preload,
+               f"--owner={os.getpid()}", f"--channel={theirs.fileno()}"]
+    with theirs:
+        subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True,
+                         pass_fds=(theirs.fileno(),), env=_zygote_env())
+    _early[preload] = ours
+    return True
+
+
+def drop_early_zygotes() -> None:
+    """Tell the zygotes this driver started before Ray that no job comes: they exit."""
+    while _early:
+        _early.popitem()[1].close()
+
+
+def give_job(preload: str, raylet: int, job_id: str) -> bool:
+    """Hand this driver's early zygote for `preload` its job: False if it has none, or it has gone.
+
+    The driver binds the zygote's address and sends it the bound socket, with the job id
+    and the raylet's pid: the address is there before the first actor's launcher looks for
+    it, however far the zygote has got with its imports.
+    """
+    channel = _early.pop(preload, None)
+    if channel is None:
+        return False
+    address = zygote_address(preload, raylet, job_id)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(address)
+        listener.listen(64)
+        body = json.dumps({"address": address[1:], "parent": raylet, "job": job_id}).encode()
+        socket.send_fds(channel, [body], [listener.fileno()])
+        return True
+    except OSError:  # it died, or a zygote of this job has the address already
+        return False
+    finally:
+        listener.close()  # the zygote holds its own copy
+        channel.close()
 
 
 def local_raylet_pid() -> int | None:
@@ -359,18 +430,24 @@ def start_zygote(address: str, parent: int, preload: str, *, env: dict[str, str]
     It lives while `parent` (the raylet) does, and `owner_pid` too when given, and retires
     as `retirement` says (asked every `check_every_s`).
     """
-    log = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"sheet-embeddings-zygote-{parent}.log")
     command = [sys.executable, "-m", "serve_app.ray_shell.warmstart", "--zygote", address[1:], str(parent),
                preload, f"--check-every={check_every_s:g}"]
     if owner_pid is not None:
         command.append(f"--owner={owner_pid}")
     if job_bound:
         command.append("--job-bound")
-    with open(log, "ab") as out:
-        subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
-            env={**os.environ, **(env or {}), "PYTORCH_NVML_BASED_CUDA_CHECK": "1"},
-        )
+    with open(_log_path(parent), "ab") as out:
+        subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
+                         env=_zygote_env(env))
+
+
+def _log_path(parent: int) -> str:
+    """The zygotes' log of one raylet's node."""
+    return os.path.join(os.environ.get("TMPDIR", "/tmp"), f"sheet-embeddings-zygote-{parent}.log")
+
+
+def _zygote_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    return {**os.environ, **(extra or {}), "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
 
 
 # --- the zygote -----------------------------------------------------------------------
@@ -392,22 +469,73 @@ def serve_zygote(address: str, parent: int, preload: str, owner: int | None = No
         return
     listener.listen(64)
     started = time.perf_counter()
+    _preload(preload.split(","))
+    _ready(started, "")
+    _serve(listener, address, parent, preload, owner, job_bound, check_every_s)
+
+
+def serve_early_zygote(channel_fd: int, preload: str, owner: int, check_every_s: float) -> None:
+    """A driver's zygote started before Ray (`early_zygote`): import all but Ray, wait for the job, serve it."""
+    if os.fork() > 0:
+        os._exit(0)
+    channel = socket.socket(fileno=channel_fd)
+    started = time.perf_counter()
+    modules = preload.split(",")
+    _preload([m for m in modules if m.split(".")[0] != "ray"])
+    if "ray._raylet" in sys.modules:  # its workers would carry no job id: Ray refuses them
+        print(f"zygote: one of {preload} imported Ray's core library before the job was known; "
+              "the job's workers start cold", flush=True)
+        return
+    waited = time.perf_counter()
+    try:
+        body, fds, _flags, _addr = socket.recv_fds(channel, 1 << 12, 1)
+    except OSError:
+        return
+    finally:
+        channel.close()
+    if not body or len(fds) != 1:
+        return  # the driver has no job for it, or has ended
+    job = json.loads(body)
+    listener = socket.socket(fileno=fds[0])
+    # What Ray would give the job's workers; read once, as Ray's core library loads below.
+    os.environ.update(RAY_JOB_ID=job["job"], RAY_RAYLET_PID=str(job["parent"]))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with open(_log_path(job["parent"]), "ab") as log:
+        for fd in (1, 2):
+            os.dup2(log.fileno(), fd)
+    idle = time.perf_counter() - waited
+    _preload([m for m in modules if m.split(".")[0] == "ray"])
+    _ready(started, f", {waited - started:.2f} s of it before its job was known, then {idle:.2f} s waiting for it")
+    _serve(listener, job["address"], job["parent"], preload, owner, False, check_every_s)
+
+
+def _preload(modules: list[str]) -> None:
     # Read once, when pyarrow's jemalloc starts (in this process: a forked worker inherits
     # it as it is, and gets its own environment back).
     name, option = _ARROW_JEMALLOC
-    os.environ[name] = ",".join(filter(None, [os.environ.get(name), option]))
-    for module in preload.split(","):
+    if option not in os.environ.get(name, ""):
+        os.environ[name] = ",".join(filter(None, [os.environ.get(name), option]))
+    for module in modules:
         try:
             importlib.import_module(module)
         except Exception as exc:  # noqa: BLE001 - a partial preload still saves time
             print(f"zygote: cannot preload {module}: {exc!r}", flush=True)
+
+
+def _ready(started: float, how: str) -> None:
     # Everything imported so far is collected once and frozen, as Python's gc docs advise for
     # a process that forks without exec: a forked worker's collections then skip it (Serve
     # runs a full one as a replica starts: 0.3 s with torch and Serve imported, 5 ms frozen)
     # and leave its pages shared.
     gc.collect()
     gc.freeze()
-    print(f"zygote {os.getpid()} ready in {time.perf_counter() - started:.2f} s", flush=True)
+    print(f"zygote {os.getpid()} ready in {time.perf_counter() - started:.2f} s{how}", flush=True)
+
+
+def _serve(listener: socket.socket, address: str, parent: int, preload: str, owner: int | None,
+           job_bound: bool, check_every_s: float) -> None:
+    """Fork a worker for every launcher of this user that asks, until the zygote's parent or owner ends."""
     pending: list[_Pending] = []  # connections whose request is still arriving
     children: dict[int, socket.socket] = {}
     job = os.environ.get("RAY_JOB_ID", "")  # the job its address names
@@ -663,6 +791,10 @@ def _kill(pid: int, signum: int) -> None:
 def main(argv: list[str]) -> None:
     if argv and argv[0] == "--zygote":
         options = dict(arg[2:].partition("=")[::2] for arg in argv[4:])
+        if "channel" in options:  # a driver's, started before Ray: no address or parent yet
+            serve_early_zygote(int(options["channel"]), argv[3], int(options["owner"]),
+                               float(options.get("check-every", RETIRE_CHECK_S)))
+            return
         serve_zygote(argv[1], int(argv[2]), argv[3],
                      int(options["owner"]) if "owner" in options else None,
                      job_bound="job-bound" in options,
