@@ -166,6 +166,40 @@ def test_search_returns_the_best_rows_first_and_counts_the_rows_it_embedded(ray_
     assert pd.isna(hits["rank"][2])
 
 
+def test_search_embeds_both_sides_in_one_actor_with_the_query_prompt_on_queries_only(
+        ray_head, tmp_path, small_standin_dir):
+    from serve_app.core.config import AppArgs
+    from serve_app.core.modelinfo import resolve_model
+    from serve_app.core.prompts import prompt_prefix
+    from serve_app.model.embedder import TextEmbedder
+
+    docs = ["Steps to reset a forgotten password", "   ", "租金应于每月第一天支付。", "Tax filing deadline"]
+    queries = ["forgot my password", "when is rent due", ""]
+    pd.DataFrame({"doc": docs}).to_csv(tmp_path / "corpus.csv", index=False)
+    pd.DataFrame({"q": queries}).to_csv(tmp_path / "q.csv", index=False)
+    output = tmp_path / "hits.parquet"
+    job = ray_head.submit("search", "--queries", str(tmp_path / "q.csv"), "--query-column", "q",
+                          "--corpus", str(tmp_path / "corpus.csv"), "--corpus-column", "doc",
+                          "--k", "3", "--output", str(output), model=str(small_standin_dir))
+    assert ray_head.wait(job) == "SUCCEEDED", ray_head.logs(job)[-3000:]
+    # One pool of actors for the corpus and the queries: the model is loaded once.
+    assert ray_head.logs(job).count(" loaded in ") == 1, ray_head.logs(job)[-3000:]
+
+    spec = resolve_model(str(small_standin_dir))
+    prefix = prompt_prefix(spec, AppArgs(), prompt_name="query")
+    assert prefix.startswith("Instruct: ")  # Qwen3's query instruction, as the service adds it
+    model = TextEmbedder(spec, dtype="float32")
+    corpus = {row: model.encode([docs[row]]).vectors[0] for row in (0, 2, 3)}  # the blank has none
+    hits = pq.read_table(output).to_pandas()
+    assert hits["q"].tolist() == ["forgot my password"] * 3 + ["when is rent due"] * 3 + [""]
+    for query in queries[:2]:
+        vector = model.encode([prefix + query]).vectors[0]
+        mine = hits[hits["q"] == query]
+        expected = sorted(((float(vector @ v), row) for row, v in corpus.items()), reverse=True)
+        assert mine["corpus_row"].tolist() == [row for _, row in expected]
+        np.testing.assert_allclose(mine["score"].to_numpy(), [score for score, _ in expected], atol=1e-4)
+
+
 def test_a_folder_whose_files_disagree_on_types_is_scored_and_rerun_into_itself(ray_head, tmp_path):
     # Exports of one table: an all-blank column in one file, an id column that holds
     # text in another, the columns in another order. The job failed on both commands

@@ -176,15 +176,39 @@ def run_search(queries: str, query_column: str, corpus: str, corpus_column: str,
     document_prefix = _prefix(opts, None, "document")
     corpus_ds, corpus_schema = _read(corpus, [corpus_column], opts, output)
     query_ds, query_schema = _read(queries, [query_column], opts, output)
-    embedding = pa.field("embedding", EMBEDDING_TYPE)
-    corpus_table = _collect(_embed(corpus_ds, opts, "embed", [corpus_column], [document_prefix]),
-                            corpus_schema.append(embedding))
-    query_table = _collect(_embed(query_ds, opts, "embed", [query_column], [query_prefix]),
-                           query_schema.append(embedding))
+    corpus_table = _collect(corpus_ds, corpus_schema)
+    query_table = _collect(query_ds, query_schema)
+    # Both sides' texts in one dataset, so one pool of actors loads the model once: a second
+    # pool for the queries loaded it again (1.1 s for the bundled model, 2.1 s for the stand-in).
+    texts = [*prefixed(corpus_table[corpus_column], document_prefix),
+             *prefixed(query_table[query_column], query_prefix)]
+    vectors = _embed_texts(texts, opts)
+    corpus_table = corpus_table.append_column("embedding", vectors[: corpus_table.num_rows])
+    query_table = query_table.append_column("embedding", vectors[corpus_table.num_rows :])
     table = top_k(query_table, corpus_table, k)
     with atomic_output(output) as temporary:
         write_table(table, temporary, fmt)
     return table.num_rows, query_table.num_rows, corpus_table.num_rows
+
+
+def prefixed(column: pa.ChunkedArray, prefix: str) -> list[str | None]:
+    """A column's texts with its side's prompt prefix; blanks stay None (no vector)."""
+    return [None if text is None else prefix + text for text in texts_of(column)]
+
+
+def _embed_texts(texts: list[str | None], opts: JobOptions) -> pa.Array:
+    """The texts' embeddings, in order (null where None), through one pool of actors."""
+    import ray
+
+    if not texts:
+        return pa.array([], type=EMBEDDING_TYPE)
+    table = pa.table({"text": pa.array(texts, type=pa.string())})
+    # Blocks of a few batches each: the actors of a cluster share them out.
+    size = opts.batch_size * 4
+    dataset = ray.data.from_arrow([table.slice(start, size) for start in range(0, len(texts), size)])
+    embedded = _collect(_embed(dataset, opts, "embed", ["text"], [""]),
+                        table.schema.append(pa.field("embedding", EMBEDDING_TYPE)))
+    return embedded["embedding"].combine_chunks()
 
 
 def top_k(queries: pa.Table, corpus: pa.Table, k: int, chunk: int = 256) -> pa.Table:
