@@ -14,7 +14,7 @@ import pytest
 import ray
 
 from serve_app.batch.__main__ import main
-from serve_app.batch.job import top_k
+from serve_app.batch.job import search_clashes, top_k
 from serve_app.batch.tables import (
     STOPPED,
     JobInputError,
@@ -268,6 +268,28 @@ def test_repeated_or_clashing_column_names_are_refused_before_any_work(tmp_path)
     pa.parquet.write_table(pa.table({"text": ["a"], "embedding": [[0.1, 0.2]]}), embedded)
     with pytest.raises(JobInputError, match="already has a column 'embedding', the one this job adds"):
         require_columns([embedded], "parquet", ["text"], adds="embedding")
+
+
+def test_a_search_whose_output_would_repeat_a_column_name_is_refused_before_any_work(tmp_path, capsys):
+    # A corpus column 'row' became a second 'corpus_row' beside the search's own, and a
+    # query column 'score' a second 'score': a CSV with two headers of one name, which
+    # pandas reads as score / score.1.
+    (tmp_path / "corpus.csv").write_text("row,doc\n7,Steps to reset a password\n")
+    (tmp_path / "q.csv").write_text("q,score\nforgot my password,3\n")
+    search = ["search", "--query-column", "q", "--corpus", str(tmp_path / "corpus.csv"),
+              "--corpus-column", "doc", "--output", str(tmp_path / "hits.csv"), "--model", "bundled:minilm"]
+    assert main([*search, "--queries", str(tmp_path / "q.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "two columns named 'score' (the queries' column and the search's own)" in err, err
+    assert "two columns named 'corpus_row' (the search's own and the corpus's column 'row')" in err, err
+    assert not (tmp_path / "hits.csv").exists()
+
+    assert search_clashes(["q"], ["row", "doc"]) == [
+        "two columns named 'corpus_row' (the search's own and the corpus's column 'row')"]
+    assert search_clashes(["corpus_doc", "rank"], ["doc"]) == [
+        "two columns named 'corpus_doc' (the queries' column and the corpus's column 'doc')",
+        "two columns named 'rank' (the queries' column and the search's own)"]
+    assert search_clashes(["q", "id"], ["id", "doc"]) == []  # corpus_id is not id
 
 
 def test_whole_numbers_of_two_widths_keep_whole_numbers():

@@ -159,7 +159,8 @@ def run(opts: argparse.Namespace) -> tuple[int, str, dict[str, float]]:
 
 def _check_inputs(opts: argparse.Namespace, output: str) -> None:
     """Everything that can be wrong with the files, found before Ray starts."""
-    from serve_app.batch.tables import input_files, output_format, require_columns
+    from serve_app.batch.job import search_clashes
+    from serve_app.batch.tables import column_names, input_files, output_format, require_columns
 
     output_format(output, ("parquet",) if opts.command == "embed" else ("csv", "xlsx", "parquet"))
     if opts.command == "search":
@@ -171,9 +172,14 @@ def _check_inputs(opts: argparse.Namespace, output: str) -> None:
         checks = [(opts.input, [opts.left, opts.right], "similarity")]
     else:
         checks = [(opts.input, [opts.column], "embedding")]
+    names = []
     for path, columns, adds in checks:
         files, fmt = input_files(path, output)
         require_columns(files, fmt, columns, opts.sheet, adds)
+        names.append(list(dict.fromkeys(n for f in files for n in column_names(f, fmt, opts.sheet))))
+    if opts.command == "search" and (clashes := search_clashes(*names)):
+        raise JobInputError(f"The search's output would have {' and '.join(clashes)}: rename that "
+                            "column of the queries or the corpus first.")
 
 
 def _dimensions(dimensions: int | None, args: AppArgs, full: int) -> int | None:

@@ -211,6 +211,21 @@ def _embed_texts(texts: list[str | None], opts: JobOptions) -> pa.Array:
     return embedded["embedding"].combine_chunks()
 
 
+# What a search adds after the queries' columns, before the corpus's (as corpus_NAME).
+SEARCH_ADDS = ("rank", "score", "corpus_row")
+
+
+def search_clashes(query_columns: list[str], corpus_columns: list[str]) -> list[str]:
+    """A phrase for each name a search's output would hold twice; none when all are unique."""
+    whose = {name: ["the queries' column"] for name in query_columns}
+    for name in SEARCH_ADDS:
+        whose.setdefault(name, []).append("the search's own")
+    for name in corpus_columns:
+        whose.setdefault(f"corpus_{name}", []).append(f"the corpus's column {name!r}")
+    return [f"two columns named {name!r} ({' and '.join(sources)})"
+            for name, sources in whose.items() if len(sources) > 1]
+
+
 def top_k(queries: pa.Table, corpus: pa.Table, k: int, chunk: int = 256) -> pa.Table:
     """Rows (query columns, rank, score, corpus_row, corpus columns), best match first."""
     from serve_app.core.vectors import cosine_matrix
@@ -247,9 +262,10 @@ def top_k(queries: pa.Table, corpus: pa.Table, k: int, chunk: int = 256) -> pa.T
                 scores.append(float(best_scores[i, rank]))
                 corpus_rows.append(int(usable[best[i, rank]]))
     out = queries.drop_columns(["embedding"]).take(pa.array(query_rows, type=pa.int64()))
-    out = out.append_column("rank", pa.array(ranks, type=pa.int32()))
-    out = out.append_column("score", pa.array(scores, type=pa.float32()))
-    out = out.append_column("corpus_row", pa.array(corpus_rows, type=pa.int64()))
+    rank, score, corpus_row = SEARCH_ADDS
+    out = out.append_column(rank, pa.array(ranks, type=pa.int32()))
+    out = out.append_column(score, pa.array(scores, type=pa.float32()))
+    out = out.append_column(corpus_row, pa.array(corpus_rows, type=pa.int64()))
     matched = corpus.drop_columns(["embedding"]).take(pa.array(corpus_rows, type=pa.int64()))
     for name in matched.column_names:
         out = out.append_column(f"corpus_{name}", matched[name])
