@@ -303,6 +303,9 @@ def test_an_early_zygote_ends_when_its_driver_needs_none_or_ends_before_ray(tmp_
     try:
         assert driver.stdout.readline().strip() == "started"
         zygote = wait_for(lambda: early_zygote_of(driver.pid, preload), 20, "the driver's early zygote")
+        # Its output goes to a log, not to the driver's stdout: a pipe held open by the zygote
+        # kept `python -m serve_app.batch ... | tee` waiting after the driver had failed.
+        assert os.readlink(f"/proc/{zygote}/fd/1") == warmstart._log_path("early")
         driver.stdin.close()
         driver.wait(timeout=20)
         wait_for(lambda: not os.path.exists(f"/proc/{zygote}"), 20, "the zygote to exit with its driver")

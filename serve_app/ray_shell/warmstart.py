@@ -246,11 +246,12 @@ def early_zygote(preload: str) -> bool:
     if sys.platform != "linux" or preload in _early:
         return False
     ours, theirs = socket.socketpair()
-    # Its output goes to the driver's until it knows its raylet, then to that raylet's zygote log.
+    # Its output goes to a log of its own until it knows its raylet, then to that raylet's
+    # zygote log: never to the driver's stdout, a pipe it would hold open after the driver.
     command = [sys.executable, "-m", "serve_app.ray_shell.warmstart", "--zygote", "-", "0", preload,
                f"--owner={os.getpid()}", f"--channel={theirs.fileno()}"]
-    with theirs:
-        subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True,
+    with theirs, open(_log_path("early"), "ab") as out:
+        subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
                          pass_fds=(theirs.fileno(),), env=_zygote_env())
     _early[preload] = ours
     return True
@@ -441,8 +442,8 @@ def start_zygote(address: str, parent: int, preload: str, *, env: dict[str, str]
                          env=_zygote_env(env))
 
 
-def _log_path(parent: int) -> str:
-    """The zygotes' log of one raylet's node."""
+def _log_path(parent: int | str) -> str:
+    """The zygotes' log of one raylet's node (of a driver's zygotes before Ray: "early")."""
     return os.path.join(os.environ.get("TMPDIR", "/tmp"), f"sheet-embeddings-zygote-{parent}.log")
 
 
