@@ -135,14 +135,14 @@ def run(opts: argparse.Namespace) -> tuple[int, str, dict[str, float]]:
         actors=opts.actors,
         sheet=opts.sheet,
     )
-    prepare_warm_start(args, spec)  # the actors' zygote imports torch while Ray starts
+    early = prepare_warm_start(args, spec)  # the actors' zygote imports torch while Ray starts
     import ray
 
     started = time.perf_counter()
     ray.init(logging_level=logging.WARNING, configure_logging=False)
     ray_start_s = time.perf_counter() - started
-    # The zygote gets its job now, not once the first dataset is planned (0.4 s later).
-    warm_start_executable(args, spec, resolve_gpu_fraction(args.gpu_fraction))
+    if early:  # it gets its job now, not once the first dataset is planned (0.4 s later)
+        warm_start_executable(args, spec, resolve_gpu_fraction(args.gpu_fraction))
     started = time.perf_counter()
     timing = {"ray_start_s": ray_start_s}
     if opts.command == "embed":
@@ -160,7 +160,7 @@ def run(opts: argparse.Namespace) -> tuple[int, str, dict[str, float]]:
 def _check_inputs(opts: argparse.Namespace, output: str) -> None:
     """Everything that can be wrong with the files, found before Ray starts."""
     from serve_app.batch.job import search_clashes
-    from serve_app.batch.tables import column_names, input_files, output_format, require_columns
+    from serve_app.batch.tables import input_files, output_format, require_columns
 
     output_format(output, ("parquet",) if opts.command == "embed" else ("csv", "xlsx", "parquet"))
     if opts.command == "search":
@@ -175,8 +175,7 @@ def _check_inputs(opts: argparse.Namespace, output: str) -> None:
     names = []
     for path, columns, adds in checks:
         files, fmt = input_files(path, output)
-        require_columns(files, fmt, columns, opts.sheet, adds)
-        names.append(list(dict.fromkeys(n for f in files for n in column_names(f, fmt, opts.sheet))))
+        names.append(require_columns(files, fmt, columns, opts.sheet, adds))
     if opts.command == "search" and (clashes := search_clashes(*names)):
         raise JobInputError(f"The search's output would have {' and '.join(clashes)}: rename that "
                             "column of the queries or the corpus first.")

@@ -371,8 +371,8 @@ def _embed(dataset, opts: JobOptions, task: str, columns: list[str], prefixes: l
     )
 
 
-def prepare_warm_start(args: AppArgs, spec: ModelSpec) -> None:
-    """Before Ray starts: the actors' zygote imports torch and transformers meanwhile.
+def prepare_warm_start(args: AppArgs, spec: ModelSpec) -> bool:
+    """Before Ray starts: the actors' zygote imports torch and transformers meanwhile; True if started.
 
     It gets the job once Ray is up (`warm_start_executable`), or exits if warm start
     turns out not to apply. The GPU check here is of this machine only; the cluster's
@@ -381,17 +381,17 @@ def prepare_warm_start(args: AppArgs, spec: ModelSpec) -> None:
     from serve_app.ray_shell.resources import resolve_gpu_fraction
     from serve_app.ray_shell.warmstart import early_zygote, preload_for, warm_start_enabled
 
-    if warm_start_enabled(args.warm_start, resolve_gpu_fraction(args.gpu_fraction)):
-        early_zygote(preload_for(spec.model_type))
+    # An explicit share is taken as given: its check (and warning) is the cluster's, later.
+    gpu_fraction = resolve_gpu_fraction(None) if args.gpu_fraction is None else args.gpu_fraction
+    return warm_start_enabled(args.warm_start, gpu_fraction) and early_zygote(preload_for(spec.model_type))
 
 
 def warm_start_executable(args: AppArgs, spec: ModelSpec, gpu_fraction: float) -> str | None:
     """Start the embedding actors through a warm-start zygote: their `py_executable`, or None.
 
     The zygote, started before Ray (`prepare_warm_start`) or else here, imports Ray,
-    torch and transformers (3.4 s of one core of 2) while Ray starts and Ray Data plans the
-    job; each actor
-    on this node is then forked from it with all of that done. The zygote belongs to
+    torch and transformers (3.4 s on 2 cores) while Ray starts and Ray Data plans the job;
+    each actor on this node is then forked from it with all of that done. The zygote belongs to
     this job (Ray's core library fixes a process's job id when loaded) and exits with
     this driver. Actors on other nodes start the ordinary way. None where it does not
     apply: GPU actors (as for the service), `warm_start=off`, or a job whose runtime

@@ -85,12 +85,15 @@ def column_names(file: Path, fmt: str, sheet: str | None = None) -> list[str]:
 
 
 def require_columns(files: list[Path], fmt: str, wanted: list[str], sheet: str | None = None,
-                    adds: str | None = None) -> None:
+                    adds: str | None = None) -> list[str]:
     """Fail at once, listing the columns a file has, when one it needs is missing; and when
     two columns share a name, or one already has the name of the column the job adds
-    (`adds`): columns are matched by name across the files of a folder."""
+    (`adds`): columns are matched by name across the files of a folder. Returns the
+    files' column names, each once, in the order first seen."""
+    names: dict[str, None] = {}
     for file in files:
         have = column_names(file, fmt, sheet)
+        names.update(dict.fromkeys(have))
         missing = [c for c in wanted if c not in have]
         if missing:
             raise JobInputError(
@@ -109,6 +112,7 @@ def require_columns(files: list[Path], fmt: str, wanted: list[str], sheet: str |
                 f"{file.name} already has a column {adds!r}, the one this job adds: rename or "
                 "remove it first."
             )
+    return list(names)
 
 
 def csv_schema(file: Path, text_columns: list[str]) -> pa.Schema:

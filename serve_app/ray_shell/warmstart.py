@@ -485,7 +485,7 @@ def serve_early_zygote(channel_fd: int, preload: str, owner: int, check_every_s:
     _preload([m for m in modules if m.split(".")[0] != "ray"])
     if "ray._raylet" in sys.modules:  # its workers would carry no job id: Ray refuses them
         print(f"zygote: one of {preload} imported Ray's core library before the job was known; "
-              "the job's workers start cold", flush=True)
+              "the driver starts a zygote once it is", flush=True)
         return
     waited = time.perf_counter()
     try:
