@@ -236,6 +236,26 @@ def zygotes_of(parent_pid: int) -> list[int]:
     return [pid for pid, args in command_lines().items() if "--zygote" in args and str(parent_pid) in args]
 
 
+def early_zygotes() -> dict[int, tuple[int, list[str]]]:
+    """The zygotes drivers started before Ray, which name no raylet: by pid, each one's
+    driver (`--owner=`) and arguments. The process a driver starts forks its zygote and
+    exits; it is left out."""
+    found = {}
+    for pid, args in command_lines().items():
+        if "--zygote" in args and any(a.startswith("--channel=") for a in args):
+            owner = int(next(a for a in args if a.startswith("--owner=")).split("=", 1)[1])
+            if _parent_of(pid) != owner:
+                found[pid] = (owner, args)
+    return found
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _ephemeral_low() -> int:
     try:
         return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])

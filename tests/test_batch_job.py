@@ -15,7 +15,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import command_lines, wait_for, zygotes_of
+from conftest import command_lines, early_zygotes, wait_for, zygotes_of
 from rayhead import REPO, RayHead
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -105,17 +105,11 @@ def assert_zygotes_gone(head, timeout_s: float = 15) -> None:
     """No warm-start zygote of this cluster outlives the job that started it."""
 
     def zygotes() -> list[int]:
-        # One a driver started before Ray names no raylet, only its driver (`--owner`).
-        early = [pid for pid, args in command_lines().items() if "--zygote" in args
-                 and any(a.startswith("--channel=") for a in args) and not driver_alive(args)]
+        # One a driver started before Ray names no raylet, only its driver.
+        early = [pid for pid, (driver, _) in early_zygotes().items() if not Path(f"/proc/{driver}").exists()]
         return [z for raylet in raylets(head) for z in zygotes_of(raylet)] + early
 
     wait_for(lambda: not zygotes(), timeout_s, "the job's zygote to exit with the job")
-
-
-def driver_alive(args: list[str]) -> bool:
-    owner = next(a.split("=", 1)[1] for a in args if a.startswith("--owner="))
-    return Path(f"/proc/{owner}").exists()
 
 
 def test_similarity_xlsx_round_trip(ray_head, tmp_path, bundled_embedder):

@@ -15,7 +15,7 @@ import traceback
 from pathlib import Path
 
 import pytest
-from conftest import cmdline, command_lines, wait_for, zygotes_of
+from conftest import cmdline, early_zygotes, wait_for, zygotes_of
 
 from serve_app.ray_shell import warmstart
 
@@ -204,12 +204,7 @@ def test_a_zygote_forks_only_workers_of_its_job_and_ends_with_its_owner(script, 
         assert warmstart.ensure_zygote(preload, parent, job_id="0a000000", owner_pid=owner.pid) is True
         address = warmstart.zygote_address(preload, parent, "0a000000")
         wait_for_zygote(address=address)
-        reports = {}
-        for job in ("0a000000", "0b000000"):
-            proc = launch(script, "3", preload=preload, env_extra={"RAY_JOB_ID": job}, new_zygote=False)
-            out, _ = proc.communicate(timeout=30)
-            assert proc.returncode == 3
-            reports[job] = json.loads(out)
+        reports = launch_for_jobs(script, "3", preload, ["0a000000", "0b000000"], timeout_s=30)
         assert reports["0a000000"]["forked"] is True  # the job's own worker is forked ...
         zygote = reports["0a000000"]["ppid"]
         assert address[1:] in cmdline(zygote)
@@ -234,19 +229,21 @@ def test_a_zygote_forks_only_workers_of_its_job_and_ends_with_its_owner(script, 
 
 
 def early_zygote_of(owner: int, preload: str) -> int | None:
-    """The zygote a driver (`owner`) started before Ray for `preload`, once it has detached
-    (the process the driver started forks it and exits)."""
-    for pid, args in command_lines().items():
-        if "--zygote" in args and preload in args and f"--owner={owner}" in args and parent_of(pid) != owner:
-            return pid
-    return None
+    """The zygote a driver (`owner`) started before Ray for `preload`, once it has detached."""
+    return next((pid for pid, (driver, args) in early_zygotes().items() if driver == owner and preload in args),
+                None)
 
 
-def parent_of(pid: int) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
+def launch_for_jobs(script, code: str, preload: str, jobs: list[str], timeout_s: float) -> dict[str, dict]:
+    """A worker launched as one of each Ray job in `jobs` would be (no new zygote), each
+    exiting with `code`: their reports, by job."""
+    reports = {}
+    for job in jobs:
+        proc = launch(script, code, preload=preload, env_extra={"RAY_JOB_ID": job}, new_zygote=False)
+        out, _ = proc.communicate(timeout=timeout_s)
+        assert proc.returncode == int(code)
+        reports[job] = json.loads(out)
+    return reports
 
 
 def mapped(pid: int, library: str) -> bool:
@@ -269,12 +266,7 @@ def test_a_zygote_started_before_ray_imports_ray_once_given_its_job_and_forks_th
 
         assert warmstart.give_job(preload, parent, "0c000000") is True
         assert warmstart.give_job(preload, parent, "0c000000") is False  # handed over once
-        reports = {}
-        for job in ("0c000000", "0d000000"):
-            proc = launch(script, "4", preload=preload, env_extra={"RAY_JOB_ID": job}, new_zygote=False)
-            out, _ = proc.communicate(timeout=60)
-            assert proc.returncode == 4
-            reports[job] = json.loads(out)
+        reports = launch_for_jobs(script, "4", preload, ["0c000000", "0d000000"], timeout_s=60)
         assert reports["0c000000"]["forked"] is True  # the job's worker, forked by that zygote ...
         assert reports["0c000000"]["ppid"] == zygote
         assert reports["0d000000"]["forked"] is False  # ... and no other job's
@@ -287,7 +279,7 @@ def test_a_zygote_started_before_ray_imports_ray_once_given_its_job_and_forks_th
             os.kill(zygote, signal.SIGKILL)
 
 
-def test_an_early_zygote_ends_when_its_driver_needs_none_or_ends_before_ray(tmp_path):
+def test_an_early_zygote_ends_when_its_driver_needs_none_or_ends_before_ray_and_writes_to_its_own_log(tmp_path):
     preload = "json,fractions"  # a preload no other test uses
     assert warmstart.early_zygote(preload) is True
     zygote = wait_for(lambda: early_zygote_of(os.getpid(), preload), 20, "the early zygote")
