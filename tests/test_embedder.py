@@ -15,6 +15,7 @@ from bench.corpus import sentences
 from serve_app.core.modelinfo import resolve_model
 from serve_app.model.embedder import (
     TextEmbedder,
+    _blocks,
     choose_dtype,
     cpu_bf16_features,
     half_matmul_speedup,
@@ -124,29 +125,80 @@ def test_a_pass_takes_its_new_thread_share_at_the_next_block(bundled_embedder):
     assert bundled_embedder._thread_state.source is None  # nothing kept after the call
 
 
-def test_between_runs_between_a_calls_passes_and_keeps_its_results_and_threads(
-    bundled_spec, bundled_embedder
+@pytest.mark.parametrize("name", ["bundled", "standin"])
+def test_between_runs_between_passes_and_before_every_block_and_may_embed_there(
+    name, bundled_spec, small_standin_dir
 ):
-    """`between` runs between two passes of a call and may embed there itself (the
-    scheduler runs a cell's text between two passes of a column's call): both answers are
-    what they would be alone, and the call's later passes still re-read its thread share
-    at every block."""
-    small = TextEmbedder(bundled_spec, dtype="float32", max_batch_tokens=64)
+    """`between` runs between two passes of a call and, on a CPU, before each transformer
+    block of a pass, and may embed there itself (the scheduler runs a cell's text there
+    while a column's pass waits): both answers are what they would be alone, the call
+    re-reads its thread share after each, and a call made there has no `between` of its
+    own. The stand-in runs as a replica runs it: packed, fused, short texts sharing rows."""
+    spec = bundled_spec if name == "bundled" else resolve_model(str(small_standin_dir))
+    model = TextEmbedder(spec, dtype="float32", max_batch_tokens=64)
+    if name == "standin":
+        model.speed_up()
+        assert model.rows_shared
     cell = "a cell's own text"
+    column_alone, cell_alone = model.encode(TEXTS).vectors, model.encode([cell]).vectors
+    blocks = _blocks(model.model)
     outer, inner = (lambda: 1), (lambda: 1)
     sources, nested = [], []
-    last = small.model.encoder.layer[-1]
-    handle = last.register_forward_pre_hook(lambda _m, _a: sources.append(small._thread_state.source))
+    handle = blocks[-1].register_forward_pre_hook(lambda _m, _a: sources.append(model._thread_state.source))
     try:
-        result = small.encode(TEXTS, outer, lambda: nested.append(small.encode([cell], inner)))
+        result = model.encode(TEXTS, outer, lambda: nested.append(model.encode([cell], inner)))
     finally:
         handle.remove()
     passes = sources.count(outer)
-    assert passes >= 2 and len(nested) == passes - 1
-    assert sources[-1] is outer and sources.count(inner) == len(nested)
-    assert small._thread_state.source is None
-    np.testing.assert_allclose(result.vectors, bundled_embedder.encode(TEXTS).vectors, atol=1e-5)
-    np.testing.assert_allclose(nested[0].vectors, bundled_embedder.encode([cell]).vectors, atol=1e-5)
+    assert passes >= 2 and len(nested) == passes - 1 + passes * len(blocks)
+    # Each call made there is one pass of its own: it did not run `between` again.
+    assert sources.count(inner) == len(nested)
+    assert sources[-1] is outer
+    assert model._thread_state.source is None and model._thread_state.between is None
+    np.testing.assert_allclose(result.vectors, column_alone, atol=1e-5)
+    for answer in nested:
+        np.testing.assert_allclose(answer.vectors, cell_alone, atol=1e-5)
+
+
+def test_the_scheduler_answers_a_cell_inside_the_one_pass_of_a_column(bundled_spec, bundled_embedder):
+    """A cell sent while a column's only pass runs is embedded and answered inside that pass
+    (between two of its blocks), not after it, and both get the vectors they get alone."""
+    import asyncio
+    import threading
+
+    from serve_app.model.scheduler import ForwardScheduler
+
+    model = TextEmbedder(bundled_spec, dtype="float32")
+    column, cell = sentences(16, seed=5), ["a cell's own text"]
+    blocks, events = _blocks(model.model), []
+    column_started, cell_queued = threading.Event(), threading.Event()
+
+    def started(_module, args):
+        events.append(("start", args[0].shape[0]))
+        if args[0].shape[0] == len(column):  # the column waits in its first block for the cell
+            column_started.set()
+            assert cell_queued.wait(10), "the test never sent its cell"
+
+    hooks = [blocks[0].register_forward_pre_hook(started),
+             blocks[-1].register_forward_hook(lambda _m, args, _o: events.append(("end", args[0].shape[0])))]
+
+    async def go():
+        scheduler = ForwardScheduler(model.encode, workers=1, cpus=1, max_texts=64)
+        running = asyncio.ensure_future(scheduler.embed(column))
+        assert await asyncio.to_thread(column_started.wait, 10), "the column's pass never began"
+        sent = asyncio.ensure_future(scheduler.embed(cell))
+        await asyncio.sleep(0)  # and the cell the scheduler's queue
+        cell_queued.set()
+        return await asyncio.wait_for(running, 10), await asyncio.wait_for(sent, 10)
+
+    try:
+        column_answer, cell_answer = asyncio.run(go())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert events == [("start", 16), ("start", 1), ("end", 1), ("end", 16)]
+    np.testing.assert_allclose(column_answer.vectors, bundled_embedder.encode(column).vectors, atol=1e-5)
+    np.testing.assert_allclose(cell_answer.vectors, bundled_embedder.encode(cell).vectors, atol=1e-5)
 
 
 def test_token_budget_splits_batches_without_changing_results(bundled_spec, bundled_embedder):

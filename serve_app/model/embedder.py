@@ -87,7 +87,7 @@ class TextEmbedder:
         self._thread_state = threading.local()
         if self.device.type == "cpu":
             for block in _blocks(self.model):
-                block.register_forward_pre_hook(self._recheck_threads)
+                block.register_forward_pre_hook(self._before_block)
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id or 0
@@ -251,19 +251,29 @@ class TextEmbedder:
         threads than there are cores (or fewer) until it ends: a large model's pass takes
         seconds.
 
-        `between`, if given, is called between two forward passes of the call; it may call
-        `encode` itself on this thread (the scheduler runs a cell's text there).
+        `between`, if given, is called between two forward passes of the call and, on a
+        CPU, before each transformer block of a pass; it may call `encode` itself on this
+        thread (the scheduler runs a cell's text there, so that the cell waits for one
+        block of a column's pass, tens of milliseconds, not for the rest of the pass, up
+        to a second for a 0.6B model on one core). A call made from it gets no `between`
+        of its own unless it passes one.
         """
-        outer = getattr(self._thread_state, "source", None)
+        state = self._thread_state
+        outer = getattr(state, "source", None), getattr(state, "between", None)
         if self.device.type == "cpu":
-            self._thread_state.source = threads
+            state.source, state.between = threads, between
         try:
             return self._encode(texts, threads, between)
         finally:
-            self._thread_state.source = outer
+            state.source, state.between = outer
 
-    def _recheck_threads(self, _module, _args) -> None:
-        if (source := getattr(self._thread_state, "source", None)) is not None:
+    def _before_block(self, _module, _args) -> None:
+        """Before each transformer block on a CPU: the call's `between`, then its thread
+        share, which `between` or another worker may have changed."""
+        state = self._thread_state
+        if (between := getattr(state, "between", None)) is not None:
+            between()
+        if (source := getattr(state, "source", None)) is not None:
             self._use_threads(source())
 
     def _encode(

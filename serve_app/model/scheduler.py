@@ -7,10 +7,13 @@ next free worker takes all of them at once, sorted by length into cache-sized
 forward passes. Each request is answered as soon as its own texts are done, not
 when everything it shared passes with is. A request of a few texts (an Excel cell) goes
 ahead of the larger ones waiting, in a pass of its own: when every worker is busy, the
-first worker to end a forward pass runs it there and then, between two passes of its
-call, so it waits for one pass, not for a long column queued before it nor for the rest
-of a call of several passes. Work whose caller was cancelled before its pass began is
-dropped; a pass that has begun runs out.
+first worker to reach a break in its call runs it there and then. The breaks are
+between two passes of the call and, on a CPU, between two transformer blocks of a pass
+(TextEmbedder.encode), so a cell waits for one block of a pass (tens of milliseconds
+for a 0.6B model on one core), not for the rest of the pass (up to a second), nor for
+the rest of a call of several passes, nor for a long column queued before it. A pass of
+quick requests is not broken into. Work whose caller was cancelled before its pass
+began is dropped; a pass that has begun runs out.
 
 On a CPU, two workers each run a pass on their share of the cores. Each worker is
 one fixed thread, and torch never runs on any other with more than one thread:
@@ -47,7 +50,8 @@ MIN_SPLIT_TEXTS = 8  # per worker: smaller batches stay in one pass
 # would hold it for seconds.
 QUICK_TEXTS = 8
 # encode(texts, threads, between) -> Encoded: threads() is asked before every forward pass
-# and block; between(), if not None, is called between two forward passes of the call.
+# and block; between(), if not None, is called between two forward passes of the call and,
+# on a CPU, before every block of a pass.
 EncodeFn = Callable[[list[Item], Callable[[], int], Callable[[], None] | None], Encoded]
 Outcome = tuple["_Job", "Encoded | BaseException"]
 
@@ -86,8 +90,8 @@ class ForwardScheduler:
         # batch_wait_timeout_s setting); 0: it starts at once.
         self.wait_s = wait_s
         self._gathering = False
-        # The queues are read and taken from on the event loop and, between passes, on the
-        # workers' threads.
+        # The queues are read and taken from on the event loop and, between passes and
+        # blocks, on the workers' threads.
         self._lock = threading.Lock()
         self._quick: deque[_Job] = deque()  # waiting requests of fewer than QUICK_TEXTS
         self._pending: deque[_Job] = deque()  # the rest, in arrival order
@@ -156,13 +160,15 @@ class ForwardScheduler:
             waiting = sum(len(job.texts) for queue in (self._quick, self._pending)
                           for job in queue if not job.future.done())
             share = min(self.max_texts, -(-waiting // self._busy.count(False)))
-            # Quick requests make a pass of their own, not the first of a large one.
-            jobs, size = self._take(self._next(), share)
+            # Quick requests make a pass of their own, not the first of a large one, and
+            # one that no later quick request interrupts.
+            queue = self._next()
+            jobs, size = self._take(queue, share)
             self._busy[worker] = True
             self.batches += 1
             self._report(size, time.perf_counter() - jobs[0].queued_at)
             self.passes_by_worker[worker] += 1
-            asyncio.get_running_loop().create_task(self._run(worker, jobs))
+            asyncio.get_running_loop().create_task(self._run(worker, jobs, queue is not self._quick))
 
     def _take(self, queue: deque[_Job], share: int) -> tuple[list[_Job], int]:
         """Jobs for one pass from the head of `queue` (under the lock): the first live one,
@@ -186,7 +192,8 @@ class ForwardScheduler:
 
     def _timed(self, texts: list[Item], worker: int, take_quick: bool = True) -> Encoded:
         """One encode call on `worker`'s thread; with `take_quick`, quick requests that
-        arrive meanwhile run between its passes (their time is not counted in its own)."""
+        arrive meanwhile run between its passes, and on a CPU between two blocks of a pass
+        (their time is not counted in its own)."""
         lent = [0.0]
 
         def between() -> None:
@@ -198,8 +205,9 @@ class ForwardScheduler:
         return encoded
 
     def _between_passes(self, worker: int) -> float:
-        """On `worker`'s thread, between two passes of its call: run the quick requests
-        waiting, in a pass of their own, and answer them; the seconds it took."""
+        """On `worker`'s thread, between two passes of its call or two blocks of a pass:
+        run the quick requests waiting, in a pass of their own, and answer them; the
+        seconds it took."""
         if not self._quick:  # a look without the lock: nearly always empty
             return 0.0
         started = time.perf_counter()
@@ -226,9 +234,9 @@ class ForwardScheduler:
         others = sum(self._busy[1:])
         return max(1, self._cpus - share * others)
 
-    async def _run(self, worker: int, jobs: list[_Job]) -> None:
+    async def _run(self, worker: int, jobs: list[_Job], take_quick: bool) -> None:
         try:
-            await self._pass(worker, jobs)
+            await self._pass(worker, jobs, take_quick)
         finally:
             with self._lock:
                 self._busy[worker] = False
@@ -236,10 +244,12 @@ class ForwardScheduler:
             if self._on_idle is not None and not any(self._busy):
                 self._on_idle()
 
-    async def _pass(self, worker: int, jobs: list[_Job]) -> None:
+    async def _pass(self, worker: int, jobs: list[_Job], take_quick: bool) -> None:
         loop = asyncio.get_running_loop()
         try:
-            outcomes = await loop.run_in_executor(self._executors[worker], self._outcomes, worker, jobs)
+            outcomes = await loop.run_in_executor(
+                self._executors[worker], self._outcomes, worker, jobs, take_quick
+            )
         except Exception as exc:  # the executor refused it (shut down)
             outcomes = [(job, exc) for job in jobs]
         _settle(outcomes)
