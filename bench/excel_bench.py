@@ -24,6 +24,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -133,13 +135,14 @@ async ([left, right]) => {
 """
 
 
-def measure_office(url: str, rows: int) -> dict:
+@contextmanager
+def office_page(url: str) -> Iterator:
+    """A headless Chromium page with the Office add-in's task pane from `url` loaded and
+    connected, Office.js faked by COUNT_REQUESTS (its functions in `window.__registered`)."""
     import shutil
 
     from playwright.sync_api import sync_playwright
 
-    texts = sentences(2 * rows, seed=8)
-    left, right = texts[:rows], texts[rows:]
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=shutil.which("chromium"),
@@ -151,11 +154,18 @@ def measure_office(url: str, rows: int) -> dict:
                        lambda route: route.fulfill(body="", content_type="text/javascript"))
             page.goto(f"{url}/excel/taskpane.html")
             page.wait_for_function("document.getElementById('status').textContent === 'connected'")
-            page.evaluate(CALCULATE, [["warm up"], ["the connection"]])
-            first = page.evaluate(CALCULATE, [left, right])
-            again = page.evaluate(CALCULATE, [left, right])
+            yield page
         finally:
             browser.close()
+
+
+def measure_office(url: str, rows: int) -> dict:
+    texts = sentences(2 * rows, seed=8)
+    left, right = texts[:rows], texts[rows:]
+    with office_page(url) as page:
+        page.evaluate(CALCULATE, [["warm up"], ["the connection"]])
+        first = page.evaluate(CALCULATE, [left, right])
+        again = page.evaluate(CALCULATE, [left, right])
     assert len(first["values"]) == rows and all(isinstance(v, float) for v in first["values"])
     assert again["values"] == first["values"]
     return {
