@@ -130,23 +130,25 @@ def test_between_runs_between_passes_and_before_every_block_and_may_embed_there(
     name, bundled_spec, small_standin_dir
 ):
     """`between` runs between two passes of a call and, on a CPU, before each transformer
-    block of a pass, and may embed there itself (the scheduler runs a cell's text there
-    while a column's pass waits): both answers are what they would be alone, the call
-    re-reads its thread share after each, and a call made there has no `between` of its
-    own. The stand-in runs as a replica runs it: packed, fused, short texts sharing rows."""
+    block of a pass of a quarter of the token budget or more (here every pass), and may
+    embed there itself (the scheduler runs a cell's text there while a column's pass
+    waits): both answers are what they would be alone, the call re-reads its thread share
+    after each, and a call made there has no `between` of its own. The stand-in runs as a
+    replica runs it: packed, fused, short texts sharing rows."""
     spec = bundled_spec if name == "bundled" else resolve_model(str(small_standin_dir))
     model = TextEmbedder(spec, dtype="float32", max_batch_tokens=64)
     if name == "standin":
         model.speed_up()
         assert model.rows_shared
-    cell = "a cell's own text"
-    column_alone, cell_alone = model.encode(TEXTS).vectors, model.encode([cell]).vectors
+    column, cell = sentences(8, seed=3), "a cell's own text"
+    assert min(model.encode(column).tokens) >= 16  # every pass holds a quarter of 64 or more
+    column_alone, cell_alone = model.encode(column).vectors, model.encode([cell]).vectors
     blocks = _blocks(model.model)
     outer, inner = (lambda: 1), (lambda: 1)
     sources, nested = [], []
     handle = blocks[-1].register_forward_pre_hook(lambda _m, _a: sources.append(model._thread_state.source))
     try:
-        result = model.encode(TEXTS, outer, lambda: nested.append(model.encode([cell], inner)))
+        result = model.encode(column, outer, lambda: nested.append(model.encode([cell], inner)))
     finally:
         handle.remove()
     passes = sources.count(outer)
@@ -160,44 +162,56 @@ def test_between_runs_between_passes_and_before_every_block_and_may_embed_there(
         np.testing.assert_allclose(answer.vectors, cell_alone, atol=1e-5)
 
 
-def test_the_scheduler_answers_a_cell_inside_the_one_pass_of_a_column(bundled_spec, bundled_embedder):
-    """A cell sent while a column's only pass runs is embedded and answered inside that pass
-    (between two of its blocks), not after it, and both get the vectors they get alone."""
+@pytest.mark.parametrize("running", ["column", "long text", "cell"])
+def test_the_scheduler_runs_a_cell_inside_a_long_pass_and_after_a_short_one(running, bundled_spec,
+                                                                            bundled_embedder):
+    """A cell sent while a long pass runs (a column's, or one long text's, which is a quick
+    request too) is embedded and answered inside that pass, between two of its blocks; one
+    sent while a short pass runs (another cell's) waits for it to end. Every answer is the
+    vector it has alone."""
     import asyncio
     import threading
 
     from serve_app.model.scheduler import ForwardScheduler
 
-    model = TextEmbedder(bundled_spec, dtype="float32")
-    column, cell = sentences(16, seed=5), ["a cell's own text"]
+    model = TextEmbedder(bundled_spec, dtype="float32", max_batch_tokens=512)  # short: under 128 tokens
+    first = {"column": sentences(8, seed=5), "long text": [" ".join(sentences(8, seed=6))],
+             "cell": ["another cell's text"]}[running]
+    cell = ["a cell's own text"]
     blocks, events = _blocks(model.model), []
-    column_started, cell_queued = threading.Event(), threading.Event()
+    first_started, cell_queued = threading.Event(), threading.Event()
 
     def started(_module, args):
-        events.append(("start", args[0].shape[0]))
-        if args[0].shape[0] == len(column):  # the column waits in its first block for the cell
-            column_started.set()
+        events.append(("start", tuple(args[0].shape[:2])))
+        if not first_started.is_set():  # the first pass waits in its first block for the cell
+            first_started.set()
             assert cell_queued.wait(10), "the test never sent its cell"
 
     hooks = [blocks[0].register_forward_pre_hook(started),
-             blocks[-1].register_forward_hook(lambda _m, args, _o: events.append(("end", args[0].shape[0])))]
+             blocks[-1].register_forward_hook(lambda _m, args, _o: events.append(("end", tuple(args[0].shape[:2]))))]
 
     async def go():
         scheduler = ForwardScheduler(model.encode, workers=1, cpus=1, max_texts=64)
-        running = asyncio.ensure_future(scheduler.embed(column))
-        assert await asyncio.to_thread(column_started.wait, 10), "the column's pass never began"
+        running_call = asyncio.ensure_future(scheduler.embed(first))
+        assert await asyncio.to_thread(first_started.wait, 10), "the first pass never began"
         sent = asyncio.ensure_future(scheduler.embed(cell))
-        await asyncio.sleep(0)  # and the cell the scheduler's queue
+        await asyncio.sleep(0)  # the cell has reached the scheduler's queue
         cell_queued.set()
-        return await asyncio.wait_for(running, 10), await asyncio.wait_for(sent, 10)
+        return await asyncio.wait_for(running_call, 10), await asyncio.wait_for(sent, 10)
 
     try:
-        column_answer, cell_answer = asyncio.run(go())
+        first_answer, cell_answer = asyncio.run(go())
     finally:
         for hook in hooks:
             hook.remove()
-    assert events == [("start", 16), ("start", 1), ("end", 1), ("end", 16)]
-    np.testing.assert_allclose(column_answer.vectors, bundled_embedder.encode(column).vectors, atol=1e-5)
+    tokens = bundled_embedder.encode(first).tokens
+    assert (sum(tokens) >= 128) == (running != "cell")
+    mine, its = (len(first), max(tokens)), (1, bundled_embedder.encode(cell).tokens[0])  # one pass each
+    if running == "cell":
+        assert events == [("start", mine), ("end", mine), ("start", its), ("end", its)]
+    else:
+        assert events == [("start", mine), ("start", its), ("end", its), ("end", mine)]
+    np.testing.assert_allclose(first_answer.vectors, bundled_embedder.encode(first).vectors, atol=1e-5)
     np.testing.assert_allclose(cell_answer.vectors, bundled_embedder.encode(cell).vectors, atol=1e-5)
 
 

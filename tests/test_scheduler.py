@@ -30,13 +30,11 @@ class FakeModel:
         self.fail_on = fail_on
         self.overflow_on = overflow_on  # this text's vector is refused, as TextEmbedder does
         self.passes: list[tuple[int, int, str]] = []  # (texts, threads, thread name)
-        self.breakable: list[bool] = []  # per call: whether it was given a `between`
         self.texts: list[list[str]] = []  # each pass's texts
         self.lock = threading.Condition()
         self._finish = threading.Semaphore(0) if gated else None
 
     def encode(self, texts, threads, between=None):
-        self.breakable.append(between is not None)
         size = self.pass_texts or len(texts)
         parts = []
         for start in range(0, len(texts), size):
@@ -235,21 +233,6 @@ def test_a_few_texts_run_between_two_passes_of_a_busy_workers_long_call():
     assert values(cell) == [20.0] and values(column) == [float(i) for i in range(1, 13)]
     assert model.texts == [numbered(1, 2, 3, 4), ["t20"], numbered(5, 6, 7, 8), numbered(9, 10, 11, 12)]
     assert scheduler.batches == 2 and scheduler.passes_by_worker == [2]
-
-
-def test_a_pass_of_quick_requests_is_not_broken_into_but_a_larger_one_is():
-    # The embedder runs `between` before every block of a pass on a CPU: a cell's own
-    # pass (a fraction of a second) is not held up by the next cell, a column's pass is.
-    model = FakeModel()
-
-    async def go():
-        scheduler = ForwardScheduler(model.encode, workers=1, cpus=1, max_texts=64)
-        await scheduler.embed(["t1"])
-        await scheduler.embed(numbered(*range(1, 13)))
-        await scheduler.embed(["t2", "t3"])
-
-    run(go())
-    assert model.breakable == [False, True, False]
 
 
 def test_lone_requests_use_worker_zero_whose_threads_are_warm():

@@ -252,16 +252,18 @@ class TextEmbedder:
         seconds.
 
         `between`, if given, is called between two forward passes of the call and, on a
-        CPU, before each transformer block of a pass; it may call `encode` itself on this
-        thread (the scheduler runs a cell's text there, so that the cell waits for one
-        block of a column's pass, tens of milliseconds, not for the rest of the pass, up
-        to a second for a 0.6B model on one core). A call made from it gets no `between`
-        of its own unless it passes one.
+        CPU, before each transformer block of a pass that is not short (a quarter of the
+        token budget or more); it may call `encode` itself on this thread. The scheduler
+        runs a cell's text there, so that the cell waits for one block of a column's pass,
+        tens of milliseconds, not for the rest of the pass, up to a second for a 0.6B model
+        on one core; a short pass (a few cells' texts) ends about as soon as the cell's
+        own would. A call made from `between` gets no `between` of its own unless it
+        passes one.
         """
         state = self._thread_state
         outer = getattr(state, "source", None), getattr(state, "between", None)
         if self.device.type == "cpu":
-            state.source, state.between = threads, between
+            state.source, state.between = threads, None  # _encode sets it for each pass
         try:
             return self._encode(texts, threads, between)
         finally:
@@ -287,9 +289,12 @@ class TextEmbedder:
         for n, rows in enumerate(plan([len(x) for x in ids], self.max_batch_tokens)):
             if n and between is not None:
                 between()
-            if threads is not None and self.device.type == "cpu":
-                self._use_threads(threads())
             flat = [i for row in rows for i in row]
+            if self.device.type == "cpu":
+                long_pass = sum(len(ids[i]) for i in flat) * 4 >= self.max_batch_tokens
+                self._thread_state.between = between if long_pass else None
+                if threads is not None:
+                    self._use_threads(threads())
             if len(flat) == len(rows):  # a text per row: padding's mask is the cheaper one
                 vectors[flat] = self._forward([ids[i] for i in flat])
             else:

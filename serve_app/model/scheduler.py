@@ -11,9 +11,10 @@ first worker to reach a break in its call runs it there and then. The breaks are
 between two passes of the call and, on a CPU, between two transformer blocks of a pass
 (TextEmbedder.encode), so a cell waits for one block of a pass (tens of milliseconds
 for a 0.6B model on one core), not for the rest of the pass (up to a second), nor for
-the rest of a call of several passes, nor for a long column queued before it. A pass of
-quick requests is not broken into. Work whose caller was cancelled before its pass
-began is dropped; a pass that has begun runs out.
+the rest of a call of several passes, nor for a long column queued before it. A short
+pass (a few cells' texts) is not broken into: it ends about as soon as the cell's own
+pass would. Work whose caller was cancelled before its pass began is dropped; a pass
+that has begun runs out.
 
 On a CPU, two workers each run a pass on their share of the cores. Each worker is
 one fixed thread, and torch never runs on any other with more than one thread:
@@ -51,7 +52,7 @@ MIN_SPLIT_TEXTS = 8  # per worker: smaller batches stay in one pass
 QUICK_TEXTS = 8
 # encode(texts, threads, between) -> Encoded: threads() is asked before every forward pass
 # and block; between(), if not None, is called between two forward passes of the call and,
-# on a CPU, before every block of a pass.
+# on a CPU, before every block of a pass that is not short.
 EncodeFn = Callable[[list[Item], Callable[[], int], Callable[[], None] | None], Encoded]
 Outcome = tuple["_Job", "Encoded | BaseException"]
 
@@ -160,15 +161,13 @@ class ForwardScheduler:
             waiting = sum(len(job.texts) for queue in (self._quick, self._pending)
                           for job in queue if not job.future.done())
             share = min(self.max_texts, -(-waiting // self._busy.count(False)))
-            # Quick requests make a pass of their own, not the first of a large one, and
-            # one that no later quick request interrupts.
-            queue = self._next()
-            jobs, size = self._take(queue, share)
+            # Quick requests make a pass of their own, not the first of a large one.
+            jobs, size = self._take(self._next(), share)
             self._busy[worker] = True
             self.batches += 1
             self._report(size, time.perf_counter() - jobs[0].queued_at)
             self.passes_by_worker[worker] += 1
-            asyncio.get_running_loop().create_task(self._run(worker, jobs, queue is not self._quick))
+            asyncio.get_running_loop().create_task(self._run(worker, jobs))
 
     def _take(self, queue: deque[_Job], share: int) -> tuple[list[_Job], int]:
         """Jobs for one pass from the head of `queue` (under the lock): the first live one,
@@ -193,7 +192,7 @@ class ForwardScheduler:
     def _timed(self, texts: list[Item], worker: int, take_quick: bool = True) -> Encoded:
         """One encode call on `worker`'s thread; with `take_quick`, quick requests that
         arrive meanwhile run between its passes, and on a CPU between two blocks of a pass
-        (their time is not counted in its own)."""
+        that is not short (their time is not counted in its own)."""
         lent = [0.0]
 
         def between() -> None:
@@ -234,9 +233,9 @@ class ForwardScheduler:
         others = sum(self._busy[1:])
         return max(1, self._cpus - share * others)
 
-    async def _run(self, worker: int, jobs: list[_Job], take_quick: bool) -> None:
+    async def _run(self, worker: int, jobs: list[_Job]) -> None:
         try:
-            await self._pass(worker, jobs, take_quick)
+            await self._pass(worker, jobs)
         finally:
             with self._lock:
                 self._busy[worker] = False
@@ -244,12 +243,10 @@ class ForwardScheduler:
             if self._on_idle is not None and not any(self._busy):
                 self._on_idle()
 
-    async def _pass(self, worker: int, jobs: list[_Job], take_quick: bool) -> None:
+    async def _pass(self, worker: int, jobs: list[_Job]) -> None:
         loop = asyncio.get_running_loop()
         try:
-            outcomes = await loop.run_in_executor(
-                self._executors[worker], self._outcomes, worker, jobs, take_quick
-            )
+            outcomes = await loop.run_in_executor(self._executors[worker], self._outcomes, worker, jobs)
         except Exception as exc:  # the executor refused it (shut down)
             outcomes = [(job, exc) for job in jobs]
         _settle(outcomes)
