@@ -120,11 +120,7 @@ COLUMN_WITH_CELLS = """
 async ([left, right, firstCell, period]) => {
   const fn = window.__registered["EMBED_SIM"];
   const start = performance.now();
-  const calls = [];
-  for (let i = 0; i < left.length; i += 1) {
-    calls.push(fn([[left[i]]], [[right[i]]], null, { address: `Sheet1!C${i + 2}` }));
-    if (i % 100 === 99) await new Promise((r) => setTimeout(r, 0));
-  }
+  const calls = await window.__embedSimColumn(left, right);
   let done = false;
   const column = Promise.all(calls).then(() => { done = true; return (performance.now() - start) / 1000; });
   const cells = [];

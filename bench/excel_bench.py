@@ -96,7 +96,7 @@ def measure(url: str, rows: int) -> dict:
     }
 
 
-# Counts what the page sends, before any of the add-in's scripts run.
+# Counts what the page sends, before any of the add-in's scripts run; fakes Office.js.
 COUNT_REQUESTS = """
 window.__sent = { embeddings: 0, models: 0 };
 const realFetch = window.fetch.bind(window);
@@ -114,19 +114,24 @@ window.CustomFunctions = {
   Error: CustomFunctionsError, ErrorCode: { invalidValue: "#VALUE!", notAvailable: "#N/A" },
   associate: (id, fn) => { window.__registered[id] = fn; },
 };
-"""
-
-# The column, cell by cell, in slices of 100 calls as Excel's runtime hands them over.
-CALCULATE = """
-async ([left, right]) => {
+// An =EMBED_SIM column, cell by cell, in slices of 100 calls as Excel's runtime hands them
+// over: the calls' promises, once all are made.
+window.__embedSimColumn = async (left, right) => {
   const fn = window.__registered["EMBED_SIM"];
-  const before = { ...window.__sent };
-  const start = performance.now();
   const calls = [];
   for (let i = 0; i < left.length; i += 1) {
     calls.push(fn([[left[i]]], [[right[i]]], null, { address: `Sheet1!C${i + 2}` }));
     if (i % 100 === 99) await new Promise((r) => setTimeout(r, 0));
   }
+  return calls;
+};
+"""
+
+CALCULATE = """
+async ([left, right]) => {
+  const before = { ...window.__sent };
+  const start = performance.now();
+  const calls = await window.__embedSimColumn(left, right);
   const values = (await Promise.all(calls)).map((v) => v[0][0]);
   return { seconds: (performance.now() - start) / 1000, values,
            embeddings: window.__sent.embeddings - before.embeddings,

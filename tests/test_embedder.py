@@ -1,10 +1,12 @@
 """The model path against sentence-transformers, the reference implementation."""
 
+import asyncio
 import json
 import logging
 import os
 import subprocess
 import sys
+import threading
 from dataclasses import asdict
 
 import numpy as np
@@ -22,6 +24,7 @@ from serve_app.model.embedder import (
     pool,
     tokenize_on_the_calling_thread,
 )
+from serve_app.model.scheduler import ForwardScheduler
 
 TEXTS = [
     "The lessee shall pay rent on the first day of each month.",
@@ -169,11 +172,6 @@ def test_the_scheduler_runs_a_cell_inside_a_long_pass_and_after_a_short_one(runn
     request too) is embedded and answered inside that pass, between two of its blocks; one
     sent while a short pass runs (another cell's) waits for it to end. Every answer is the
     vector it has alone."""
-    import asyncio
-    import threading
-
-    from serve_app.model.scheduler import ForwardScheduler
-
     model = TextEmbedder(bundled_spec, dtype="float32", max_batch_tokens=512)  # short: under 128 tokens
     first = {"column": sentences(8, seed=5), "long text": [" ".join(sentences(8, seed=6))],
              "cell": ["another cell's text"]}[running]

@@ -110,11 +110,9 @@ def run(opts: argparse.Namespace) -> tuple[int, str, dict[str, float]]:
         run_embed,
         run_search,
         run_similarity,
-        warm_start_executable,
     )
     from serve_app.core.hubfiles import model_directory, say_on_stderr
     from serve_app.core.modelinfo import resolve_model
-    from serve_app.ray_shell.resources import resolve_gpu_fraction
 
     output = _absolute_output(opts.output)
     _check_inputs(opts, output)
@@ -135,14 +133,13 @@ def run(opts: argparse.Namespace) -> tuple[int, str, dict[str, float]]:
         actors=opts.actors,
         sheet=opts.sheet,
     )
-    early = prepare_warm_start(args, spec)  # the actors' zygote imports torch while Ray starts
+    prepare_warm_start(args, spec)  # the actors' zygote imports torch while Ray starts
     import ray
 
     started = time.perf_counter()
     ray.init(logging_level=logging.WARNING, configure_logging=False)
     ray_start_s = time.perf_counter() - started
-    if early:  # it gets its job now, not once the first dataset is planned (0.4 s later)
-        warm_start_executable(args, spec, resolve_gpu_fraction(args.gpu_fraction))
+    job.placement()  # the zygote gets its job now, not once the first dataset is planned (0.4 s later)
     started = time.perf_counter()
     timing = {"ray_start_s": ray_start_s}
     if opts.command == "embed":

@@ -9,7 +9,7 @@ kept, so row i of the output is row i of the input.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -46,6 +46,18 @@ class JobOptions:
     batch_size: int = 256
     actors: int | None = None
     sheet: str | None = None
+    _placement: tuple[float, str | None] | None = field(default=None, init=False, repr=False)
+
+    def placement(self) -> tuple[float, str | None]:
+        """Once Ray is up: the actors' GPU share and their warm-start `py_executable` (None:
+        they start cold), decided on the first call and kept for the job. The driver calls
+        it right after `ray.init`, so a zygote started before Ray gets its job then."""
+        from serve_app.ray_shell.resources import resolve_gpu_fraction
+
+        if self._placement is None:
+            gpu_fraction = resolve_gpu_fraction(self.args.gpu_fraction)
+            self._placement = gpu_fraction, warm_start_executable(self.args, self.spec, gpu_fraction)
+        return self._placement
 
 
 class EmbedRows:
@@ -342,15 +354,12 @@ def _arrow_safe(frame, columns: list[str]):
 def _embed(dataset, opts: JobOptions, task: str, columns: list[str], prefixes: list[str]):
     from ray.data import ActorPoolStrategy
 
-    from serve_app.ray_shell.resources import resolve_gpu_fraction
-
-    gpu_fraction = resolve_gpu_fraction(opts.args.gpu_fraction)
+    gpu_fraction, warm = opts.placement()
     actors = opts.actors or _default_actors(gpu_fraction)
     logger.info("Embedding with %d actor(s), %s GPU each, %d rows a batch",
                 actors, gpu_fraction or "no", opts.batch_size)
     _say_if_the_actors_do_not_fit(actors, opts.args.replica_cpus, gpu_fraction)
     remote_args = {}
-    warm = warm_start_executable(opts.args, opts.spec, gpu_fraction)
     if warm is not None:
         remote_args["runtime_env"] = {"py_executable": warm}
     return dataset.map_batches(
@@ -371,10 +380,10 @@ def _embed(dataset, opts: JobOptions, task: str, columns: list[str], prefixes: l
     )
 
 
-def prepare_warm_start(args: AppArgs, spec: ModelSpec) -> bool:
-    """Before Ray starts: the actors' zygote imports torch and transformers meanwhile; True if started.
+def prepare_warm_start(args: AppArgs, spec: ModelSpec) -> None:
+    """Before Ray starts: the actors' zygote imports torch and transformers meanwhile.
 
-    It gets the job once Ray is up (`warm_start_executable`), or exits if warm start
+    It gets the job once Ray is up (`JobOptions.placement`), or exits if warm start
     turns out not to apply. The GPU check here is of this machine only; the cluster's
     comes later.
     """
@@ -383,7 +392,8 @@ def prepare_warm_start(args: AppArgs, spec: ModelSpec) -> bool:
 
     # An explicit share is taken as given: its check (and warning) is the cluster's, later.
     gpu_fraction = resolve_gpu_fraction(None) if args.gpu_fraction is None else args.gpu_fraction
-    return warm_start_enabled(args.warm_start, gpu_fraction) and early_zygote(preload_for(spec.model_type))
+    if warm_start_enabled(args.warm_start, gpu_fraction):
+        early_zygote(preload_for(spec.model_type))
 
 
 def warm_start_executable(args: AppArgs, spec: ModelSpec, gpu_fraction: float) -> str | None:

@@ -196,14 +196,14 @@ class ForwardScheduler:
         lent = [0.0]
 
         def between() -> None:
-            lent[0] += self._between_passes(worker)
+            lent[0] += self._quick_in_a_break(worker)
 
         started = time.perf_counter()
         encoded = self._encode(texts, lambda: self._threads(worker), between if take_quick else None)
         encoded.model_ms = (time.perf_counter() - started - lent[0]) * 1000
         return encoded
 
-    def _between_passes(self, worker: int) -> float:
+    def _quick_in_a_break(self, worker: int) -> float:
         """On `worker`'s thread, between two passes of its call or two blocks of a pass:
         run the quick requests waiting, in a pass of their own, and answer them; the
         seconds it took."""
