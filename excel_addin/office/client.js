@@ -7,7 +7,8 @@
  *
  * Excel calls a custom function once per cell, so a filled-down column of 10,000
  * =EMBED_SIM cells is 10,000 calls, handed over in slices. Each call queues the texts
- * the cache lacks; a full chunk leaves at once, and the rest when no new text has
+ * the cache lacks; a full chunk leaves at once. The rest leaves at the end of the task
+ * when the calls had paused (a lone cell waits for nothing), else when no new text has
  * arrived for `flushDelayMs`. A chunk of a few texts (a cell recalculated while a long
  * column computes) does not queue behind the column's chunks for a slot: it has one more
  * slot of its own, and the service runs it between two forward passes. The add-in's copy
@@ -101,6 +102,8 @@
       this.queues = new Map(); // prompt -> Map(text -> deferred)
       this.pending = new Map(); // cache key -> promise of [model, vector], fetched now
       this.timer = null;
+      this.leading = false; // the timer sends what this task queued, not after a pause
+      this.lastQueued = -Infinity; // when a call last queued texts (Date.now())
       this.inFlight = 0;
       this.waitingForSlot = []; // chunks of QUICK_TEXTS or more, in order
       this.waitingQuick = []; // smaller chunks: they go first, and may use one slot more
@@ -209,20 +212,29 @@
       return deferred.promise;
     }
 
-    /** Full chunks leave now; a partial one once the calls have paused for flushDelayMs. */
+    /** Full chunks leave now. The rest leaves at the end of this task if no call came in the
+     * flushDelayMs before (a lone cell, or a column's first slice), else once the calls
+     * have paused for flushDelayMs. */
     scheduleFlush() {
       for (const [prompt, queue] of this.queues) {
         while (queue.size >= this.settings.chunkSize) this.send(prompt, this.take(queue));
         if (queue.size === 0) this.queues.delete(prompt);
       }
-      if (this.timer !== null) clearTimeout(this.timer);
+      const now = Date.now();
+      const paused = now - this.lastQueued >= this.settings.flushDelayMs;
+      this.lastQueued = now;
+      if (this.timer !== null) {
+        if (this.leading) return; // these texts leave with the task's first
+        clearTimeout(this.timer);
+      }
+      this.leading = paused;
       this.timer = setTimeout(() => {
         this.timer = null;
         for (const [prompt, queue] of this.queues) {
           while (queue.size) this.send(prompt, this.take(queue));
         }
         this.queues.clear();
-      }, this.settings.flushDelayMs);
+      }, paused ? 0 : this.settings.flushDelayMs);
     }
 
     take(queue) {

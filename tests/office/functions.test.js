@@ -76,15 +76,18 @@ async function calculateColumn(id, rows, slice = 100) {
   return Promise.all(results);
 }
 
-/** fetch, counting the requests it sends by method and path. */
+/** fetch, counting the requests it sends by method and path, and the texts of each
+ * embedding request in the order sent. */
 function countingFetch() {
   const counts = {};
+  const sizes = [];
   const fetch = async (url, options) => {
     const key = `${options.method} ${new URL(url).pathname.replace(/^\/[^/]+(?=\/v1\/)/, "")}`;
     counts[key] = (counts[key] || 0) + 1;
+    if (key === "POST /v1/embeddings") sizes.push(JSON.parse(options.body).input.length);
     return globalThis.fetch(url, options);
   };
-  return { fetch, counts };
+  return { fetch, counts, sizes };
 }
 
 function assertClose(got, want, where) {
@@ -119,9 +122,9 @@ test("values equal the Python add-in's on the same cells", { skip: !expected }, 
   }
 });
 
-test("a 2,000-row column of separate cells costs ceil(unique / chunk) requests, and recalculating it none",
+test("a 2,000-row column of separate cells costs full chunks and two partial ones at most, and recalculating it none",
   { skip: !SERVER }, async () => {
-    const { fetch, counts } = countingFetch();
+    const { fetch, counts, sizes } = countingFetch();
     functions.configure({ serverUrl: SERVER, apiKey: "", instruction: "", fetch });
     const chunk = functions.getClient().settings.chunkSize;
     const rows = Array.from({ length: 2000 }, (_, i) => [
@@ -129,7 +132,12 @@ test("a 2,000-row column of separate cells costs ceil(unique / chunk) requests, 
     const unique = 700 + 450;
     const first = await calculateColumn("EMBED_SIM", rows);
     assert.ok(first.every((v) => typeof v[0][0] === "number"), "every cell has a score");
-    assert.equal(counts["POST /v1/embeddings"], Math.ceil(unique / chunk));
+    // Full chunks, what the first slices left over (sent at once: the calls had paused
+    // before them) and the rest once the calls pause again.
+    assert.equal(counts["POST /v1/embeddings"], sizes.length);
+    assert.ok(sizes.filter((n) => n < chunk).length <= 2, `at most two partial chunks: ${sizes}`);
+    assert.ok(sizes.every((n) => n <= chunk), `${sizes}`);
+    assert.equal(sizes.reduce((a, b) => a + b), unique, `each distinct text sent once: ${sizes}`);
     const before = { ...counts };
     const again = await calculateColumn("EMBED_SIM", rows);
     assert.deepEqual(again, first);
@@ -301,6 +309,41 @@ test("a server that does not answer in time is a readable timeout", async (t) =>
   assert.equal(error.code, "#VALUE!");
   assert.match(error.message, /did not answer within 0\.3 s\. It may be starting or busy; recalculate/);
   functions.configure({ timeoutMs: 300000 });
+});
+
+test("a lone cell's texts leave at once; a column's later slices wait for the calls to pause", async (t) => {
+  const sizes = [];
+  const url = await fakeServer(t, async (request, response) => {
+    if (request.method === "GET") return answer(response, 200, MODELS);
+    let raw = "";
+    for await (const part of request) raw += part;
+    const input = JSON.parse(raw).input;
+    sizes.push(input.length);
+    answer(response, 200, { object: "list", model: "fake-model", data: input.map((text, index) => ({
+      object: "embedding", index,
+      embedding: Buffer.from(new Float32Array([text.length, 1, 0, 0]).buffer).toString("base64") })) });
+  });
+  // A pause far longer than the test may wait: a cell that waited for it would fail.
+  functions.configure({ serverUrl: url, apiKey: "", fetch: undefined, flushDelayMs: 60000 });
+  t.after(() => functions.configure({ flushDelayMs: 25 }));
+  let timer;
+  const late = new Promise((resolve) => { timer = setTimeout(() => resolve("still waiting"), 5000); });
+  const cell = await Promise.race([calculate("EMBED_SIM", [["a lone cell"]], [["its other side"]]), late]);
+  clearTimeout(timer);
+  assert.equal(typeof cell[0][0], "number", `the cell was answered without waiting for a pause: ${cell}`);
+  assert.deepEqual(sizes, [2], "its two texts in one request");
+
+  // 300 rows in slices of 100, a few milliseconds apart: the first slice leaves at once
+  // (with any slice that reached the runtime before it left), the rest together once the
+  // calls pause, not one request per slice.
+  functions.configure({ flushDelayMs: 300 }); // a new client: it learns the model first,
+  await functions.getClient().info(); // or every slice would wait for that answer together
+  const rows = Array.from({ length: 300 }, (_, i) => [[[`clause number ${i}`]]]);
+  const column = await calculateColumn("EMBED", rows);
+  assert.deepEqual(column.map((v) => v[0][0]), rows.map(([[[text]]]) => text.length));
+  assert.equal(sizes.length, 3, `a cell, the first slices, the rest: ${sizes}`);
+  assert.ok(sizes[1] >= 100 && sizes[1] < 300 && sizes[1] % 100 === 0, `${sizes}`);
+  assert.equal(sizes[1] + sizes[2], 300);
 });
 
 test("a cell's text is sent while a long column's requests hold every slot", async (t) => {
