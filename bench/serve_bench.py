@@ -39,22 +39,19 @@ sys.path.insert(0, str(Path(__file__).parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from corpus import sentences, short_texts  # noqa: E402
-from served import bench_environment  # noqa: E402
+from served import bench_environment, wait_for_speed_up  # noqa: E402
 
 
-def wait_until_sped_up(app: str, raw_model, timeout_s: float = 120.0) -> None:
-    """Wait for the app's replica to turn on the fast paths the raw model has (it does so
-    in the background once ready)."""
+def wait_until_sped_up(app: str, raw_model) -> None:
+    """Wait for the app's replica to turn on its fast paths, and check they are the raw model's."""
     from ray import serve
 
-    handle = serve.get_deployment_handle("Embedder", app_name=app)
+    wait_for_speed_up(app)
+    described = serve.get_deployment_handle("Embedder", app_name=app).describe.remote().result()
     want = {"weights_packed": raw_model.weights_packed, "rows_shared": raw_model.rows_shared,
             "elementwise_fused": raw_model.elementwise_fused}
-    deadline = time.monotonic() + timeout_s
-    while {k: handle.describe.remote().result()[k] for k in want} != want:
-        if time.monotonic() > deadline:
-            raise SystemExit(f"the served replica had not turned on {want} after {timeout_s:.0f} s")
-        time.sleep(0.2)
+    if {k: described[k] for k in want} != want:
+        raise SystemExit(f"the served replica's fast paths are {described['speed_up']}, the raw model's {want}")
     print(f"served: the replica's fast paths are on as the raw model's: {want}", flush=True)
 
 

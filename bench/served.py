@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -25,6 +26,7 @@ def served_app(name: str, port: int, **args) -> Iterator[str]:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(build_app(AppArgs(**args)), name=name, route_prefix=f"/{name}")
+        print(f"served: {'; '.join(wait_for_speed_up(name))}", flush=True)
         yield f"http://127.0.0.1:{port}/{name}"
     finally:
         serve.shutdown()
@@ -39,3 +41,21 @@ def bench_environment(port: int) -> dict[str, str]:
 
     drain = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
     return tuned_environment({**drain, **os.environ}, port=port)
+
+
+def wait_for_speed_up(app: str, timeout_s: float = 120.0) -> list[str]:
+    """Wait until the app's replica has turned on its CPU fast paths (it does so in the
+    background once ready, serving meanwhile on the plain ones); what it did, a sentence each."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("Embedder", app_name=app)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        described = handle.describe.remote().result(timeout_s=30)
+        if described["speed_up"] is not None:
+            return described["speed_up"]
+        if described["failure"]:
+            raise SystemExit(described["failure"])
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the served replica had not turned on its fast paths after {timeout_s:.0f} s")
+        time.sleep(0.2)

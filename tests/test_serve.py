@@ -97,10 +97,11 @@ def test_qwen3_standin_is_served_through_the_openai_client(serve_cluster, small_
 
     replica = serve.get_deployment_handle("Embedder", app_name="standin")
     packs = can_pack(reference_model.model, torch.device("cpu"), reference_model.dtype) is None
-    serve_cluster.wait_for(lambda: replica.describe.remote().result(timeout_s=30)["rows_shared"],
-                           timeout_s=60, what="the replica's rows shared")
+    serve_cluster.wait_for(lambda: replica.describe.remote().result(timeout_s=30)["speed_up"],
+                           timeout_s=60, what="the replica's fast paths turned on")
     described = replica.describe.remote().result(timeout_s=30)
-    assert described["weights_packed"] == described["elementwise_fused"] == packs
+    assert described["rows_shared"] and described["weights_packed"] == described["elementwise_fused"] == packs
+    assert len(described["speed_up"]) == 3 and any("share rows" in s for s in described["speed_up"]), described
     again = client.embeddings.create(model=model, input=[*texts, *sentences(20)])
     want = reference_model.encode([*texts, *sentences(20)]).vectors
     assert (np.array([d.embedding for d in again.data]) * want).sum(axis=1).min() >= 0.999

@@ -48,6 +48,7 @@ class Embedder:
         self._model = None
         self._failure: str | None = None
         self._failed_at = 0.0
+        self._sped_up: list[str] | None = None  # what _speed_up did, once it is done
         self._health_period_s = settings.health_check_period_s
         started = time.perf_counter()
         age = _process_age_s()
@@ -130,10 +131,14 @@ class Embedder:
 
     def _speed_up(self) -> None:
         try:
-            for sentence in self._model.speed_up(threads=1):
-                logger.info(sentence)
-        except Exception:  # the plain layers keep serving
+            sentences = self._model.speed_up(threads=1)
+        except Exception as exc:  # the plain layers keep serving
             logger.exception("Turning on the CPU fast paths failed; the plain paths keep serving")
+            sentences = [f"Turning on the CPU fast paths failed ({type(exc).__name__}); "
+                         "the plain paths keep serving"]
+        for sentence in sentences:
+            logger.info(sentence)
+        self._sped_up = sentences
 
     def check_health(self) -> None:
         """Ray's health check: a replica whose model failed to load reports unhealthy.
@@ -169,6 +174,9 @@ class Embedder:
             "weights_packed": bool(self._model and self._model.weights_packed),
             "elementwise_fused": bool(self._model and self._model.elementwise_fused),
             "rows_shared": bool(self._model and self._model.rows_shared),
+            # None until the background turn-on of those fast paths has ended, then a
+            # sentence on each (a replica serves at full speed from then on).
+            "speed_up": self._sped_up,
             "gpu_share": self._model.gpu_share if self._model else None,  # MiB, on a shared GPU
             "failure": self._failure,
             "startup": self._startup,
