@@ -114,18 +114,9 @@ window.CustomFunctions = {
   Error: CustomFunctionsError, ErrorCode: { invalidValue: "#VALUE!", notAvailable: "#N/A" },
   associate: (id, fn) => { window.__registered[id] = fn; },
 };
-// An =EMBED_SIM column, cell by cell, in slices of 100 calls as Excel's runtime hands them
-// over: the calls' promises, once all are made.
-window.__embedSimColumn = async (left, right) => {
-  const fn = window.__registered["EMBED_SIM"];
-  const calls = [];
-  for (let i = 0; i < left.length; i += 1) {
-    calls.push(fn([[left[i]]], [[right[i]]], null, { address: `Sheet1!C${i + 2}` }));
-    if (i % 100 === 99) await new Promise((r) => setTimeout(r, 0));
-  }
-  return calls;
-};
 """
+# window.__embedSimColumn(left, right): a column handed over as Excel does.
+EMBED_SIM_COLUMN = (Path(__file__).parent / "office_column.js").read_text(encoding="utf-8")
 
 CALCULATE = """
 async ([left, right]) => {
@@ -143,7 +134,8 @@ async ([left, right]) => {
 @contextmanager
 def office_page(url: str) -> Iterator:
     """A headless Chromium page with the Office add-in's task pane from `url` loaded and
-    connected, Office.js faked by COUNT_REQUESTS (its functions in `window.__registered`)."""
+    connected, Office.js faked by COUNT_REQUESTS (its functions in `window.__registered`),
+    and EMBED_SIM_COLUMN installed."""
     import shutil
 
     from playwright.sync_api import sync_playwright
@@ -154,7 +146,7 @@ def office_page(url: str) -> Iterator:
             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
         try:
             page = browser.new_page()
-            page.add_init_script(COUNT_REQUESTS)
+            page.add_init_script(COUNT_REQUESTS + EMBED_SIM_COLUMN)
             page.route("https://appsforoffice.microsoft.com/**",
                        lambda route: route.fulfill(body="", content_type="text/javascript"))
             page.goto(f"{url}/excel/taskpane.html")

@@ -52,18 +52,12 @@ window.CustomFunctions = {
 };
 """
 
-# A column of =EMB.EMBED_SIM(A_i, B_i) cells, each its own call, in slices as Excel makes them.
+# A column of =EMB.EMBED_SIM(A_i, B_i) cells, each its own call, in slices as Excel makes them
+# (the benchmarks' helper): each cell's score, or its error.
+EMBED_SIM_COLUMN = (REPO / "bench" / "office_column.js").read_text(encoding="utf-8")
 COMPUTE_COLUMN = """
-async ([left, right]) => {
-  const fn = window.__registered["EMBED_SIM"];
-  const calls = [];
-  for (let i = 0; i < left.length; i += 1) {
-    calls.push(fn([[left[i]]], [[right[i]]], null, { address: `Sheet1!C${i + 2}` })
-      .then((v) => v[0][0], (e) => `${e.code}: ${e.message}`));
-    if (i % 100 === 99) await new Promise((r) => setTimeout(r, 0));
-  }
-  return Promise.all(calls);
-}
+async ([left, right]) => Promise.all((await window.__embedSimColumn(left, right))
+  .map((call) => call.then((v) => v[0][0], (e) => `${e.code}: ${e.message}`)))
 """
 
 
@@ -140,7 +134,8 @@ def test_chromium_runs_the_addin_from_the_service_over_https(https_service):
             page = browser.new_page()
             blocked = []
             page.route("https://appsforoffice.microsoft.com/**",
-                       lambda route: route.fulfill(body=OFFICE_STUB, content_type="text/javascript"))
+                       lambda route: route.fulfill(body=OFFICE_STUB + EMBED_SIM_COLUMN,
+                                                   content_type="text/javascript"))
             page.route(lambda url: not url.startswith((base, "https://appsforoffice.microsoft.com/")),
                        lambda route: (blocked.append(route.request.url), route.abort()))
             page.goto(f"{base}/excel/taskpane.html")
