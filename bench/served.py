@@ -26,7 +26,7 @@ def served_app(name: str, port: int, **args) -> Iterator[str]:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(build_app(AppArgs(**args)), name=name, route_prefix=f"/{name}")
-        print(f"served: {'; '.join(wait_for_speed_up(name))}", flush=True)
+        print(f"the replica's fast paths: {'; '.join(wait_for_speed_up(name))}", flush=True)
         yield f"http://127.0.0.1:{port}/{name}"
     finally:
         serve.shutdown()
