@@ -44,10 +44,7 @@ from served import bench_environment, wait_for_speed_up  # noqa: E402
 
 def wait_until_sped_up(app: str, raw_model) -> None:
     """Wait for the app's replica to turn on its fast paths, and check they are the raw model's."""
-    from ray import serve
-
-    wait_for_speed_up(app)
-    described = serve.get_deployment_handle("Embedder", app_name=app).describe.remote().result()
+    described = wait_for_speed_up(app)
     want = {"weights_packed": raw_model.weights_packed, "rows_shared": raw_model.rows_shared,
             "elementwise_fused": raw_model.elementwise_fused}
     if {k: described[k] for k in want} != want:

@@ -26,7 +26,7 @@ def served_app(name: str, port: int, **args) -> Iterator[str]:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(build_app(AppArgs(**args)), name=name, route_prefix=f"/{name}")
-        print(f"the replica's fast paths: {'; '.join(wait_for_speed_up(name))}", flush=True)
+        print(f"the replica's fast paths: {'; '.join(wait_for_speed_up(name)['speed_up'])}", flush=True)
         yield f"http://127.0.0.1:{port}/{name}"
     finally:
         serve.shutdown()
@@ -43,9 +43,10 @@ def bench_environment(port: int) -> dict[str, str]:
     return tuned_environment({**drain, **os.environ}, port=port)
 
 
-def wait_for_speed_up(app: str, timeout_s: float = 120.0) -> list[str]:
+def wait_for_speed_up(app: str, timeout_s: float = 120.0) -> dict:
     """Wait until the app's replica has turned on its CPU fast paths (it does so in the
-    background once ready, serving meanwhile on the plain ones); what it did, a sentence each."""
+    background once ready, serving meanwhile on the plain ones); its describe() then, whose
+    "speed_up" says what it did, a sentence each."""
     from ray import serve
 
     handle = serve.get_deployment_handle("Embedder", app_name=app)
@@ -53,7 +54,7 @@ def wait_for_speed_up(app: str, timeout_s: float = 120.0) -> list[str]:
     while True:
         described = handle.describe.remote().result(timeout_s=30)
         if described["speed_up"] is not None:
-            return described["speed_up"]
+            return described
         if described["failure"]:
             raise SystemExit(described["failure"])
         if time.monotonic() > deadline:

@@ -156,6 +156,19 @@ async function fakeServer(t, handler) {
   return `http://127.0.0.1:${server.address().port}`;
 }
 
+/** The JSON body a fake server was sent. */
+async function bodyOf(request) {
+  let raw = "";
+  for await (const part of request) raw += part;
+  return JSON.parse(raw);
+}
+
+/** An embeddings answer's data: vectorOf(text, index), base64 float32, for each input. */
+function embeddingData(input, vectorOf) {
+  return input.map((text, index) => ({ object: "embedding", index,
+    embedding: Buffer.from(new Float32Array(vectorOf(text, index)).buffer).toString("base64") }));
+}
+
 function answer(response, status, body, headers = {}) {
   response.writeHead(status, { "Content-Type": "application/json", ...headers });
   response.end(JSON.stringify(body));
@@ -224,11 +237,8 @@ test("a new model version under the same name is fetched afresh, not served from
       return answer(response, 200, { object: "list", data: [{ id: "fake-model", dimensions: 4, system_fingerprint: fingerprint }] });
     }
     posts += 1;
-    let raw = "";
-    for await (const part of request) raw += part;
     const value = fingerprint === "fp_0123456789" ? [1, 0, 0, 0] : [0, 1, 0, 0];
-    const vector = Buffer.from(new Float32Array(value).buffer).toString("base64");
-    const data = JSON.parse(raw).input.map((_, index) => ({ object: "embedding", index, embedding: vector }));
+    const data = embeddingData((await bodyOf(request)).input, () => value);
     return answer(response, 200, { object: "list", model: "fake-model", system_fingerprint: fingerprint, data });
   });
   functions.configure({ serverUrl: url, apiKey: "", fetch: undefined, modelTtlMs: 0 });
@@ -245,12 +255,9 @@ test("SEMANTIC_SEARCH sends its query with the model's query prompt; an instruct
   const posts = [];
   const url = await fakeServer(t, async (request, response) => {
     if (request.method === "GET") return answer(response, 200, MODELS);
-    let raw = "";
-    for await (const part of request) raw += part;
-    const body = JSON.parse(raw);
+    const body = await bodyOf(request);
     posts.push([body.input, body.instruction ?? null, body.prompt_name ?? null]);
-    const data = body.input.map((_, index) => ({
-      object: "embedding", index, embedding: Buffer.from(new Float32Array([1, index, 0, 0]).buffer).toString("base64") }));
+    const data = embeddingData(body.input, (_, index) => [1, index, 0, 0]);
     return answer(response, 200, { object: "list", model: "fake-model", data });
   });
   functions.configure({ serverUrl: url, apiKey: "", instruction: "", fetch: undefined });
@@ -273,12 +280,9 @@ test("an answer of two versions (fp_mixed) is asked again and never cached", asy
       return answer(response, 200, { object: "list", data: [{ id: "fake-model", dimensions: 4, system_fingerprint: "fp_0123456789" }] });
     }
     posts += 1;
-    let raw = "";
-    for await (const part of request) raw += part;
     const fingerprint = answers.length ? answers.shift() : "fp_0123456789";
     const value = fingerprint === "fp_mixed" ? [1, 0, 0, 0] : [0, 0, 1, 0];
-    const vector = Buffer.from(new Float32Array(value).buffer).toString("base64");
-    const data = JSON.parse(raw).input.map((_, index) => ({ object: "embedding", index, embedding: vector }));
+    const data = embeddingData((await bodyOf(request)).input, () => value);
     return answer(response, 200, { object: "list", model: "fake-model", system_fingerprint: fingerprint, data });
   });
   functions.configure({ serverUrl: url, apiKey: "", fetch: undefined });
@@ -315,13 +319,10 @@ test("a lone cell's texts leave at once; a column's later slices wait for the ca
   const sizes = [];
   const url = await fakeServer(t, async (request, response) => {
     if (request.method === "GET") return answer(response, 200, MODELS);
-    let raw = "";
-    for await (const part of request) raw += part;
-    const input = JSON.parse(raw).input;
+    const { input } = await bodyOf(request);
     sizes.push(input.length);
-    answer(response, 200, { object: "list", model: "fake-model", data: input.map((text, index) => ({
-      object: "embedding", index,
-      embedding: Buffer.from(new Float32Array([text.length, 1, 0, 0]).buffer).toString("base64") })) });
+    answer(response, 200, { object: "list", model: "fake-model",
+      data: embeddingData(input, (text) => [text.length, 1, 0, 0]) });
   });
   // A pause far longer than the test may wait: a cell that waited for it would fail.
   functions.configure({ serverUrl: url, apiKey: "", fetch: undefined, flushDelayMs: 60000 });
@@ -351,11 +352,8 @@ test("a cell's text is sent while a long column's requests hold every slot", asy
   let holding = true;
   const url = await fakeServer(t, async (request, response) => {
     if (request.method === "GET") return answer(response, 200, MODELS);
-    let raw = "";
-    for await (const part of request) raw += part;
-    const input = JSON.parse(raw).input;
-    const data = input.map((text, index) => ({ object: "embedding", index,
-      embedding: Buffer.from(new Float32Array([text.length, 1, 0, 0]).buffer).toString("base64") }));
+    const { input } = await bodyOf(request);
+    const data = embeddingData(input, (text) => [text.length, 1, 0, 0]);
     const reply = () => answer(response, 200, { object: "list", model: "fake-model", data });
     if (holding && input.length >= 8) held.push(reply);
     else reply();
