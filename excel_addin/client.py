@@ -9,10 +9,12 @@ not sent again.
 
 Which model the server runs (its name and `system_fingerprint`, which changes with the
 weights or settings under the same name) is learnt from every embeddings answer and,
-when no answer has named it for `model_ttl_s` (30 s), from GET /v1/models, which the
-ingress answers without waking the model. So a sheet that is fully cached costs at most one small GET per
-30 s, and after the server changes model its vectors are fetched afresh within 30 s. If
-that GET fails, the formula shows the error rather than vectors of a model that may be gone.
+when no answer has named it for `model_ttl_s` (30 s) and the cache holds some of a
+calculation's texts, from GET /v1/models, which the ingress answers without waking the
+model. So a sheet that is fully cached costs at most one small GET per 30 s, and after the
+server changes model its vectors are fetched afresh within 30 s. If that GET fails, the
+formula shows the error rather than vectors of a model that may be gone. A calculation
+none of whose texts is cached (a cell just typed) skips the GET: its answer names the model.
 
 Formulas run in threads (xlwings' async mode); the lock guards only the bookkeeping,
 never an HTTP call, so a one-cell formula does not wait behind a 10,000-row column.
@@ -192,7 +194,7 @@ class EmbedClient:
         prompt: Prompt = ((("instruction", instruction),) if instruction
                           else (("prompt_name", prompt_name),) if prompt_name else ())
         distinct = list(dict.fromkeys(texts))
-        model = self._served_model()
+        model = self._served_model(distinct, prompt)
         for _ in range(3):
             found = self._lookup_or_fetch(distinct, prompt, model)
             models = {answered for answered, _ in found.values()}
@@ -230,11 +232,17 @@ class EmbedClient:
             raise ValueError(
                 f"dimensions must be between {low} and {width} for {name}, not {dimensions}.")
 
-    def _served_model(self) -> Served:
-        """The model the server answers with: remembered for `model_ttl_s`, then asked again."""
+    def _served_model(self, texts: list[str] = (), prompt: Prompt = ()) -> Served:
+        """The model the server answers with: remembered for `model_ttl_s`, then asked again,
+        unless none of `texts` is cached under the model last known. Those are all sent, and
+        their answers name the model (`vectors` looks up again if it changed), so asking
+        first would only add a round trip to a cell just typed."""
         with self._lock:
             if self._clock() - self._model_seen < self.settings.model_ttl_s:
                 return self._model
+            known = self._model
+            if known is not None and texts and not any((known, prompt, t) in self._cache for t in texts):
+                return known
         return self.info()["served"]
 
     def _learn(self, model: Served) -> Served:

@@ -140,6 +140,35 @@ def test_a_cached_sheet_is_fetched_again_only_when_the_server_changes_model(fake
     assert client.model_checks == 3  # GET /v1/models: the first call, then once per 31 s step
 
 
+def test_a_cell_just_typed_after_the_time_to_live_is_sent_without_asking_for_the_model(
+        fake_server, make_client):
+    """None of its texts cached: the answer names the model, so GET /v1/models would only
+    add a round trip; a model changed meanwhile is still caught from that answer."""
+    clock = FakeClock()
+    client = make_client(clock=clock, model_ttl_s=30.0)
+    client.vectors(["termination"])
+    assert (client.model_checks, client.requests) == (1, 1)
+
+    clock.now += 31
+    typed = client.vectors(["notice period"])
+    assert (client.model_checks, client.requests) == (1, 2)
+    np.testing.assert_array_equal(typed["notice period"], fake_server.vector("notice period"))
+
+    fake_server.model = "fake-model-b"
+    clock.now += 31
+    typed = client.vectors(["renewal"])
+    assert (client.model_checks, client.requests) == (1, 3)
+    np.testing.assert_array_equal(typed["renewal"], fake_server.vector("renewal", model="fake-model-b"))
+    # The answer named the new model: what was cached under the old one is not used.
+    again = client.vectors(["termination"])
+    assert client.requests == 4
+    np.testing.assert_array_equal(again["termination"], fake_server.vector("termination", model="fake-model-b"))
+
+    clock.now += 31  # cached texts after the time-to-live: the model is asked first
+    client.vectors(["termination", "a new cell"])
+    assert client.model_checks == 2
+
+
 def test_a_cached_sheet_is_fetched_again_when_the_same_model_name_serves_another_version(
         fake_server, make_client):
     """A new model_revision (or token limit, or precision) under the same served name gives

@@ -73,6 +73,9 @@
         this.bytes -= evicted.byteLength;
       }
     }
+    has(key) {
+      return this.entries.has(key); // without making it the newest
+    }
     get size() {
       return this.entries.size;
     }
@@ -115,7 +118,7 @@
       // The prompt as the request's own fields, in a string: a cache and queue key.
       const prompt = JSON.stringify(
         instruction ? { instruction } : promptName ? { prompt_name: promptName } : {});
-      let model = await this.servedModel();
+      let model = await this.servedModel(texts, prompt);
       for (let attempt = 0; attempt < 3; attempt += 1) {
         const [found, answered] = await this.lookupOrFetch(texts, prompt, model);
         if (answered.size === 0 || (answered.size === 1 && answered.has(model))) return found;
@@ -158,10 +161,17 @@
       return [found, answered];
     }
 
-    /** The model the server answers with: remembered for modelTtlMs, then asked again. */
-    async servedModel() {
-      if (this.model !== null && Date.now() - this.modelSeen < this.settings.modelTtlMs) {
-        return this.model;
+    /** The model the server answers with: remembered for modelTtlMs, then asked again,
+     * unless none of `texts` is cached under the model last known. Those are all sent, and
+     * their answers name the model (`vectors` looks up again if it changed), so asking
+     * first would only add a round trip to a cell just typed. */
+    async servedModel(texts = [], prompt = "") {
+      const known = this.model;
+      if (known !== null) {
+        if (Date.now() - this.modelSeen < this.settings.modelTtlMs) return known;
+        if (texts.length && !texts.some((text) => this.cache.has(this.key(known, prompt, text)))) {
+          return known;
+        }
       }
       return (await this.info()).servedAs;
     }

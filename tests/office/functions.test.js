@@ -251,6 +251,37 @@ test("a new model version under the same name is fetched afresh, not served from
   functions.configure({ modelTtlMs: 30000 });
 });
 
+test("a cell just typed after the time-to-live is sent without asking for the model", async (t) => {
+  // None of its texts cached: the answer names the model, so GET /v1/models would only add
+  // a round trip; a model changed meanwhile is still caught from that answer.
+  let model = "fake-model-a";
+  const seen = [];
+  const url = await fakeServer(t, async (request, response) => {
+    if (request.method === "GET") {
+      seen.push("GET");
+      return answer(response, 200, { object: "list", data: [{ id: model, dimensions: 4 }] });
+    }
+    const input = (await bodyOf(request)).input;
+    seen.push(`POST ${input.join(",")}`);
+    const value = model === "fake-model-a" ? [1, 0, 0, 0] : [0, 1, 0, 0];
+    return answer(response, 200, { object: "list", model, data: embeddingData(input, () => value) });
+  });
+  functions.configure({ serverUrl: url, apiKey: "", fetch: undefined, modelTtlMs: 0 }); // always stale
+  t.after(() => functions.configure({ modelTtlMs: 30000 }));
+  assert.deepEqual(await calculate("EMBED", [["termination"]]), [[1, 0, 0, 0]]);
+  assert.deepEqual(await calculate("EMBED", [["notice period"]]), [[1, 0, 0, 0]]);
+  model = "fake-model-b";
+  assert.deepEqual(await calculate("EMBED", [["renewal"]]), [[0, 1, 0, 0]]);
+  // The answer named the new model: what was cached under the old one is not used.
+  assert.deepEqual(await calculate("EMBED", [["termination"]]), [[0, 1, 0, 0]]);
+  // (The GET after "renewal": its answer named another model, so that calculation asked
+  // which one serves now, as it must with a time-to-live of 0.)
+  assert.deepEqual(seen, ["GET", "POST termination", "POST notice period", "POST renewal", "GET", "POST termination"]);
+  // A cached text: the model is asked first, and the cache answers.
+  assert.deepEqual(await calculate("EMBED", [["renewal"]]), [[0, 1, 0, 0]]);
+  assert.deepEqual(seen.slice(6), ["GET"]);
+});
+
 test("SEMANTIC_SEARCH sends its query with the model's query prompt; an instruction takes its place", async (t) => {
   const posts = [];
   const url = await fakeServer(t, async (request, response) => {
