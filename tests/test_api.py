@@ -155,7 +155,6 @@ def error_of(response, status):
     ("payload", "param"),
     [
         ({"input": ""}, "input"),
-        ({"input": "   \n\t"}, "input"),
         ({"input": []}, "input"),
         ({"input": ["fine", ""]}, "input[1]"),
         ({"input": 42}, "input"),
@@ -226,7 +225,9 @@ def test_oversized_body_is_413_before_it_is_read(bundled_embedder):
 
 def test_unknown_route_and_wrong_method(http):
     assert error_of(http.get("/v2/embeddings"), 404)["message"].startswith("No route")
-    error_of(http.get("/v1/embeddings"), 405)
+    wrong = http.get("/v1/embeddings")
+    error_of(wrong, 405)
+    assert wrong.headers["allow"] == "POST"  # as RFC 9110 asks of a 405
 
 
 def test_unexpected_failures_are_a_generic_500(bundled_spec):

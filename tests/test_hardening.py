@@ -100,6 +100,13 @@ def test_cors_opens_only_to_listed_origins(bundled_embedder):
         refused = preflight(http, "https://evil.example")
         assert refused.status_code == 400
         assert "access-control-allow-origin" not in refused.headers
+        # The official openai client in a browser sends headers of its own, per version.
+        sdk = http.options("/v1/embeddings", headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type,x-stainless-lang,"
+                                              "x-stainless-retry-count,x-stainless-timeout,openai-project"})
+        assert sdk.status_code == 200, sdk.text
+        assert "x-stainless-retry-count" in sdk.headers["access-control-allow-headers"].lower()
 
 
 # --- request ids, logs, metrics ---------------------------------------------------
@@ -184,6 +191,34 @@ def test_a_request_whose_client_left_is_counted_as_499_not_as_a_server_error(bun
                          code="client_closed_request") == 1
     assert metrics.count("embed_requests_total", route="/v1/embeddings", status="500") == 0
     assert any("/v1/embeddings status=499" in r.getMessage() for r in caplog.records)
+
+
+def test_a_client_that_left_mid_upload_is_counted_as_499_not_as_a_server_error(bundled_embedder, caplog):
+    service = make_service(bundled_embedder)
+    service.metrics = Metrics()
+    app = create_app(service)
+    arriving = [{"type": "http.request", "body": b'{"input": "par', "more_body": True},
+                {"type": "http.disconnect"}]
+    sent = []
+
+    async def receive():
+        return arriving.pop(0)
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/v1/embeddings", "raw_path": b"/v1/embeddings",
+             "query_string": b"", "root_path": "", "client": ("127.0.0.1", 5000),
+             "server": ("127.0.0.1", 8000),
+             "headers": [(b"content-type", b"application/json"), (b"content-length", b"100")]}
+    with caplog.at_level(logging.INFO):
+        asyncio.run(app(scope, receive, send))
+    metrics = service.metrics
+    assert metrics.count("embed_errors_total", route="/v1/embeddings", status="499",
+                         code="client_closed_request") == 1
+    assert metrics.count("embed_requests_total", route="/v1/embeddings", status="500") == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 # --- the shared cache -------------------------------------------------------------
@@ -277,8 +312,9 @@ BATTERY = [
     ("deep nesting", b'{"input": ' + b"[" * 5000 + b"]" * 5000 + b"}", "application/json"),
     ("invalid utf-8", b'{"input": "\xff\xfe bad"}', "application/json"),
     ("lone surrogate", b'{"input": "\\ud800"}', "application/json"),
-    ("only control characters", b'{"input": "\\u0000\\u0001"}', "application/json"),
-    ("whitespace only", b'{"input": ["ok", " \\t\\n "]}', "application/json"),
+    ("empty string", b'{"input": ["ok", ""]}', "application/json"),
+    ("similarity of only control characters", b'{"left": "\\u0000\\u0001", "right": "a"}', "application/json"),
+    ("similarity of whitespace only", b'{"left": ["ok"], "right": [" \\t\\n "]}', "application/json"),
     ("huge string", b'{"input": "' + b"a" * 120_000 + b'"}', "application/json"),
     ("huge list", b'{"input": [' + b",".join([b'"a"'] * 3000) + b"]}", "application/json"),
     ("huge instruction", b'{"input": "a", "instruction": "' + b"i" * 5000 + b'"}', "application/json"),
@@ -300,6 +336,24 @@ def test_control_characters_inside_text_are_embedded_not_refused(http):
     response = http.post("/v1/embeddings", json={"input": ["tab\there", "bell\x07 and nul\x00 inside"]})
     assert response.status_code == 200
     assert len(response.json()["data"]) == 2
+
+
+def test_blank_texts_are_embedded_as_openai_does_and_only_an_empty_one_is_refused(http):
+    # Clients send " " for an empty document so that one does not fail the whole request.
+    response = http.post("/v1/embeddings", json={"input": ["a text", " ", "\t\n", "\u200b", "\u0000\u0001"]})
+    assert response.status_code == 200, response.text
+    assert len(response.json()["data"]) == 5
+    error = error_of(http.post("/v1/embeddings", json={"input": ["a text", ""]}), 400)
+    assert error["param"] == "input[1]" and "empty string" in error["message"]
+
+
+def test_emoji_newer_than_pythons_unicode_tables_and_private_use_characters_are_content(http):
+    # U+1FAE8 (Unicode 15) and U+1FAE9 (16) are unassigned in Python 3.11's tables; U+E000
+    # is private use. OpenAI embeds them; /v1/similarity refused them as "blank".
+    texts = ["\U0001FAE8", "\U0001FAE9", "\ue000"]
+    assert http.post("/v1/embeddings", json={"input": texts}).status_code == 200
+    response = http.post("/v1/similarity", json={"left": texts, "right": ["a", "b", "c"]})
+    assert response.status_code == 200, response.text
 
 
 # --- fuzzing against the published OpenAPI document --------------------------------

@@ -44,12 +44,12 @@
     return String(value);
   }
 
-  /** Whether a text holds anything but whitespace, control and invisible format characters
-   * (a zero-width space, a soft hyphen, a byte-order mark): the service refuses a text
-   * without, so such a cell is blank rather than the failure of its whole request. As
-   * cells.py's has_content: a character outside Unicode's Other and Separator categories. */
+  /** Whether a text holds a character that shows something: not a control, format (a
+   * zero-width space, a soft hyphen, a byte-order mark), surrogate or separator. A cell
+   * without one is blank. Private-use and unassigned characters count, as in cells.py's
+   * has_content, whose Unicode tables may be older than this browser's. */
   function hasContent(text) {
-    return /[^\p{C}\p{Z}]/u.test(text);
+    return /[^\p{Cc}\p{Cf}\p{Cs}\p{Z}]/u.test(text);
   }
 
   /** A number as Excel's General format shows it: 1024, 0.5, 1.23457E+15. */

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,16 +67,22 @@ def cell_text(value: Any) -> Cell:
     return str(value)
 
 
+# Unicode categories that show nothing: control, format (a zero-width space, a soft hyphen,
+# a byte-order mark), surrogates, and the separators (every whitespace character is one of
+# these or a control). Private-use and unassigned characters count as content: an emoji newer
+# than this Python's Unicode tables is unassigned here, and is the text's whole point.
+NOTHING_SHOWN = frozenset({"Cc", "Cf", "Cs", "Zs", "Zl", "Zp"})
+
+
 def has_content(text: str) -> bool:
-    """Whether a text holds anything but whitespace, control and invisible format characters
-    (a zero-width space, a soft hyphen, a byte-order mark): the service refuses a text
-    without, so such a cell is blank rather than the failure of its whole request."""
+    """Whether a text holds a character outside `NOTHING_SHOWN`: a cell without one is
+    blank, and /v1/similarity refuses such a text. As cells.js's hasContent."""
     stripped = text.strip()
     if not stripped:
         return False
     if stripped[0].isprintable():  # the common case, decided by one character
         return True
-    return any(ch.isprintable() and not ch.isspace() for ch in stripped)
+    return any(unicodedata.category(ch) not in NOTHING_SHOWN for ch in stripped)
 
 
 def number_text(x: float) -> str:

@@ -75,6 +75,13 @@ class UnsupportedMediaType(ServiceError):
     error_type = "invalid_request_error"
 
 
+class ClientClosed(ServiceError):
+    """The client left before its request was read whole: counted as 499, not as a fault."""
+
+    status_code = 499
+    error_type = "invalid_request_error"
+
+
 class Overloaded(ServiceError):
     status_code = 503
     error_type = "overloaded_error"

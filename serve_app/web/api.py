@@ -18,11 +18,12 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from serve_app.core.errors import (
+    ClientClosed,
     InvalidRequest,
     MethodNotAllowed,
     NotFound,
@@ -180,11 +181,15 @@ async def read_json(request: Request) -> Any:
     if declared and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+    except ClientDisconnect:  # gone mid-upload: not a server error (and no one reads this)
+        raise ClientClosed("The client closed the connection before its request was read.",
+                           code="client_closed_request") from None
     raw = b"".join(chunks)
     if not raw.strip():
         raise InvalidRequest("The request body is empty; send a JSON object.", code="invalid_json")
@@ -268,7 +273,9 @@ async def http_error(request: Request, exc: Exception) -> Response:
     else:
         error = InvalidRequest(str(exc.detail))
         error.status_code = exc.status_code
-    return await service_error(request, error)
+    response = await service_error(request, error)
+    response.headers.update(exc.headers or {})  # a 405's Allow
+    return response
 
 
 class UnexpectedErrorMiddleware:
@@ -330,7 +337,10 @@ def create_app(service: EmbeddingService, api_key_digests: list[str] | None = No
             CORSMiddleware,
             allow_origins=service.args.cors_origins,
             allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            # Any request header: the origin list is the gate (and keys, where set). The
+            # official openai client sends X-Stainless-* headers, whose set changes with
+            # its versions, and OpenAI-Organization/-Project where configured.
+            allow_headers=["*"],
             expose_headers=["X-Request-ID", TRUNCATED_HEADER, IGNORED_HEADER, "Retry-After"],
             max_age=600,
         ))

@@ -8,7 +8,7 @@ from pydantic.json_schema import models_json_schema
 from serve_app.web import schemas
 
 _ERRORS = {
-    "400": "Invalid input: empty or blank text, wrong types, dimensions out of range, too many inputs.",
+    "400": "Invalid input: an empty text (on /v1/similarity also a blank one), wrong types, dimensions out of range, too many inputs.",
     "401": "Missing or wrong API key (when keys are configured).",
     "404": "Unknown model.",
     "413": "Request body over the size limit.",

@@ -186,8 +186,10 @@ def parse(model: type[Model], payload: object) -> Model:
         raise InvalidRequest(_describe(exc), param=_param(exc)) from None
 
 
-def texts_of(value: TextOrTexts, field: str, max_items: int, max_chars: int | None = None) -> list[str]:
-    """The texts of an `input`-like field, refusing empty, blank and oversized ones."""
+def texts_of(value: TextOrTexts, field: str, max_items: int, max_chars: int | None = None,
+             blank_ok: bool = False) -> list[str]:
+    """The texts of an `input`-like field, refusing empty and oversized ones, and blank ones
+    (only whitespace, control or format characters) unless `blank_ok`."""
     texts = [value] if isinstance(value, str) else value
     if not texts:
         raise InvalidRequest(f"'{field}' must not be an empty list.", param=field)
@@ -200,10 +202,13 @@ def texts_of(value: TextOrTexts, field: str, max_items: int, max_chars: int | No
         )
     for i, text in enumerate(texts):
         where = field if isinstance(value, str) else f"{field}[{i}]"
-        if not has_content(text):
+        if not text:
+            raise InvalidRequest(f"'{where}' is an empty string; every text must contain something to embed.",
+                                 param=where)
+        if not blank_ok and not has_content(text):
             raise InvalidRequest(
-                f"'{where}' is empty or only whitespace or control characters; every text must "
-                "contain something to embed.",
+                f"'{where}' is only whitespace or control characters; every text must contain "
+                "something to compare.",
                 param=where,
             )
         if max_chars is not None and len(text) > max_chars:
@@ -221,7 +226,9 @@ def embedding_inputs(
 ) -> list[Item]:
     """The texts, or token-id arrays as `TokenIds`, of an embeddings `input`."""
     if isinstance(value, str) or not value or isinstance(value[0], str):
-        return texts_of(value, "input", max_items, max_chars)
+        # Blank texts are embedded, as OpenAI's API does: clients send " " for an empty
+        # document (BERTopic, for one) so that one does not fail the whole request.
+        return texts_of(value, "input", max_items, max_chars, blank_ok=True)
     arrays = [value] if isinstance(value[0], int) else value
     if not accept_token_ids:
         raise InvalidRequest(
