@@ -309,6 +309,14 @@ def test_openapi_document_describes_every_route(http):
     json.dumps(doc)  # plain JSON, nothing unserialisable
 
 
+def test_the_model_cards_fields_are_all_in_the_openapi_document(lenient):
+    doc = lenient.get("/openapi.json").json()
+    published = set(doc["components"]["schemas"]["ModelCard"]["properties"])
+    for card in lenient.get("/v1/models").json()["data"]:  # the served model's, then an alias's
+        assert set(card) <= published, set(card) - published
+    assert set(doc["components"]["schemas"]["ModelRuntime"]["properties"]) == {"device", "dtype", "reason"}
+
+
 def test_health_does_not_touch_the_model(bundled_spec):
     from starlette.testclient import TestClient
 

@@ -16,6 +16,26 @@ def test_served_name_overrides_model_id():
     assert AppArgs(model="bundled:minilm", served_model_name="minilm").model_id == "minilm"
 
 
+def test_null_and_auto_as_strings_unset_what_may_be_unset():
+    # From key=value on the command line, where a file would say `null`.
+    args = AppArgs.model_validate({
+        "model": "bundled:minilm", "model_revision": "null", "gpu_fraction": "auto", "max_replicas": "AUTO",
+        "max_batch_tokens": "none", "dtype": "auto", "served_model_name": "auto"})
+    assert (args.model_revision, args.gpu_fraction, args.max_replicas, args.max_batch_tokens) == (None,) * 4
+    assert args.dtype == "auto" and args.served_model_name == "auto"  # words of their own there
+    with pytest.raises(ValidationError, match="max_replicas"):
+        AppArgs.model_validate({"max_replicas": "automatic"})
+
+
+def test_every_setting_is_in_the_readmes_configuration_table():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Configuration"):]
+    section = section[: section.index("\n## ", 1)]
+    assert [name for name in AppArgs.model_fields if f"`{name}`" not in section] == []
+
+
 def test_cli_strings_are_typed():
     # `serve run serve_app:build_app key=value` passes every value as a string.
     args = AppArgs.model_validate(

@@ -61,6 +61,24 @@ def test_config_file_with_overrides_gets_a_checked_copy():
         temporary.unlink()
 
 
+def test_null_and_auto_on_the_command_line_unset_what_the_config_file_pins(tmp_path):
+    config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    config["applications"][0]["args"].update(
+        model_revision="0123456789abcdef0123456789abcdef01234567", gpu_fraction=0.5, max_replicas=2)
+    path = tmp_path / "pinned.yaml"
+    path.write_text(yaml.safe_dump(config))
+    command, temporary, _ = serve_run_command([
+        str(path), "model=bundled:minilm", "model_revision=null", "gpu_fraction=auto", "max_replicas=auto"])
+    try:
+        args = yaml.safe_load(temporary.read_text())["applications"][0]["args"]
+        assert args["model"] == "bundled:minilm"
+        assert not {"model_revision", "gpu_fraction", "max_replicas"} & set(args)  # their defaults
+    finally:
+        temporary.unlink()
+    with pytest.raises(ValueError, match="dtype"):  # a setting whose auto is a word of its own
+        serve_run_command(["serve_config.yaml", "dtype=automatic"])
+
+
 def test_a_bad_override_is_refused_before_anything_starts():
     with pytest.raises(ValueError, match="gpu_fraction"):
         serve_run_command(["serve_config.yaml", "gpu_fraction=3"])
@@ -220,7 +238,7 @@ def test_a_misspelt_setting_in_the_config_file_stops_the_start_with_one_line(tmp
     assert one_line(out.stderr) == (
         "Error: 'max_input_tokenz' is not a setting (did you mean 'max_input_tokens'?), in "
         f"application 'embeddings' in {path}. The settings are those of "
-        "serve_app.core.config.AppArgs; serve_config.yaml lists them."
+        "serve_app.core.config.AppArgs; the README's Configuration section lists them."
     )
 
 

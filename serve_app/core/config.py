@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -21,6 +21,16 @@ DEFAULT_INSTRUCTION_TEMPLATE = "Instruct: {instruction}\nQuery:"
 DEFAULT_QUERY_INSTRUCTION = (
     "Given a web search query, retrieve relevant passages that answer the query"
 )
+
+
+def _unset_word(field: Any, value: Any) -> Any:
+    """`value` for AppArgs._unset_words: None where it says so for `field`, else as it is."""
+    if field is None or not isinstance(value, str) or type(None) not in get_args(field.annotation):
+        return value
+    word = value.strip().lower()
+    if word in ("null", "none") or (word == "auto" and str not in get_args(field.annotation)):
+        return None
+    return value
 
 
 class AppArgs(BaseModel):
@@ -254,6 +264,17 @@ class AppArgs(BaseModel):
         if "{instruction}" not in value:
             raise ValueError("instruction_template must contain '{instruction}'")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unset_words(cls, values: Any) -> Any:
+        """Strings from `key=value` (python -m serve_app, serve run) as the config file's
+        `null` would be: `null` or `none` for a setting that may be unset, and `auto` for one
+        whose automatic choice is its unset value (gpu_fraction, max_replicas...), so the
+        command line can undo what a file pins."""
+        if not isinstance(values, dict):
+            return values
+        return {key: _unset_word(cls.model_fields.get(key), value) for key, value in values.items()}
 
     @model_validator(mode="after")
     def _aliases_are_other_names(self) -> AppArgs:

@@ -138,7 +138,7 @@ def _app_args(values: object, where: str) -> AppArgs:
                 problems.append(f"{key}: {message}" if key else message)
         raise ValueError(
             f"{'; '.join(problems)}, in {where}. The settings are those of "
-            "serve_app.core.config.AppArgs; serve_config.yaml lists them."
+            "serve_app.core.config.AppArgs; the README's Configuration section lists them."
         ) from None
 
 

@@ -11,7 +11,10 @@ _ERRORS = {
     "400": "Invalid input: an empty text (on /v1/similarity also a blank one), wrong types, dimensions out of range, too many inputs.",
     "401": "Missing or wrong API key (when keys are configured).",
     "404": "Unknown model.",
+    "405": "Wrong method; the Allow header names the right one.",
     "413": "Request body over the size limit.",
+    "500": "The model gave inf or NaN for a text (code model_output_not_finite: float16 is too "
+           "narrow for it), or an internal fault (a generic message; details in the log).",
     "503": "Overloaded or model unavailable; retry after the Retry-After header.",
 }
 

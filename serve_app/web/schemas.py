@@ -138,6 +138,13 @@ class SimilarityResponse(BaseModel):
     )
 
 
+class ModelRuntime(BaseModel):
+    device: str
+    dtype: str
+    reason: str = Field(description="Why, e.g. why dtype=auto chose bfloat16 on this CPU; before "
+                        "any replica has answered, the configured values and a note saying so.")
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -146,8 +153,12 @@ class ModelCard(BaseModel):
     dimensions: int
     min_dimensions: int = Field(description="The smallest `dimensions` a request may ask for.")
     max_input_tokens: int
+    runtime: ModelRuntime
     system_fingerprint: str = Field(
         description="The model version this server answers with, as its embeddings say.")
+    revision: str | None = Field(None, description="A hub model's commit, which every replica loads.")
+    aliases: list[str] | None = Field(None, description="Other names a request's `model` may give it.")
+    alias_of: str | None = Field(None, description="On an alias's card: the served model's id.")
 
 
 class ModelList(BaseModel):
