@@ -1,4 +1,5 @@
-"""HTTP to the embedding service for the formulas: chunks, dedupe, a cache, readable errors.
+"""HTTP to the embedding service for the formulas: chunks, dedupe, a cache, retries of a busy
+server, readable errors.
 
 Vectors are cached at full width, keyed by model, prompt (instruction) and text (one client per
 server URL), so recalculating a sheet whose texts did not change sends no embedding
@@ -76,6 +77,10 @@ class Settings:
     requests_in_flight: int = 2  # a long column's chunks out at once
     cache_mb: int = 512
     model_ttl_s: float = 30.0  # how long the served model's name is trusted unasked
+    # A busy server (429, 503) is asked again after its Retry-After, as the Office add-in
+    # does: at most max_retries times, each wait at most max_retry_wait_s (2 min in all).
+    max_retries: int = 4
+    max_retry_wait_s: float = 30.0
     ca_file: str | None = None  # a CA certificate (PEM) to trust instead of the computer's
 
     def __repr__(self) -> str:
@@ -158,6 +163,7 @@ class EmbedClient:
         settings: Settings,
         transport: httpx.BaseTransport | None = None,
         clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.settings = settings
         self.requests = 0  # embedding requests (POST /v1/embeddings) sent, for tests and benchmarks
@@ -171,6 +177,7 @@ class EmbedClient:
             verify=trust(settings.ca_file) if settings.server_url.startswith("https:") else True,
         )
         self._clock = clock
+        self._sleep = sleep
         # The lock guards the cache, the pending fetches, the model and the counters, and is
         # never held over an HTTP call: a one-cell formula must not wait behind a long column.
         self._lock = threading.Lock()
@@ -218,11 +225,15 @@ class EmbedClient:
         with self._lock:
             self.model_checks += 1
         body = self._call("GET", "/v1/models")
-        card = body["data"][0]
-        served = self._learn((card["id"], card.get("system_fingerprint") or ""))
+        try:
+            card = body["data"][0]
+            name = card["id"]
+        except (KeyError, IndexError, TypeError):
+            raise ServiceError(_not_this_service(self.settings.server_url, "its JSON lists no model")) from None
+        served = self._learn((name, card.get("system_fingerprint") or ""))
         with self._lock:
             self._min_dimensions = card.get("min_dimensions") or 1
-        return {"model": card["id"], "dimensions": card.get("dimensions"), "served": served}
+        return {"model": name, "dimensions": card.get("dimensions"), "served": served}
 
     def _check_dimensions(self, dimensions: int, width: int, name: str) -> None:
         """As the server checks a request's `dimensions`: the cache holds full vectors, so a
@@ -343,21 +354,66 @@ class EmbedClient:
         with self._lock:
             self.requests += 1
         body = self._call("POST", "/v1/embeddings", json=payload)
-        if len(body["data"]) != len(texts):
+        url = self.settings.server_url
+        data = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(data, list):
+            raise ServiceError(_not_this_service(url, "its JSON holds no embeddings"))
+        if len(data) != len(texts):
             raise ServiceError(
-                f"The embedding server at {self.settings.server_url} answered {len(body['data'])} "
+                f"The embedding server at {url} answered {len(data)} "
                 f"vectors for {len(texts)} texts. Check that EMBED_SERVER_URL is this service."
             )
-        vectors = [_decode(item["embedding"]) for item in body["data"]]
+        try:
+            vectors = [_decode(item["embedding"]) for item in data]
+        except (KeyError, TypeError, ValueError):  # not base64 float32 (binascii.Error is a ValueError)
+            raise ServiceError(_not_this_service(url, "its embeddings are not base64 vectors")) from None
         answered = (body.get("model"), body.get("system_fingerprint") or "")
         if answered[1] == MIXED:
             return answered, vectors, False
         return self._learn(answered), vectors, True
 
     def _call(self, method: str, path: str, **kwargs) -> dict:
+        """One HTTP call's JSON; 429 and 503 asked again after Retry-After; failures as ServiceError."""
+        for attempt in range(self.settings.max_retries + 1):
+            response = self._send(method, path, **kwargs)
+            if response.status_code not in (429, 503) or attempt == self.settings.max_retries:
+                break
+            self._sleep(_retry_wait_s(response, self.settings.max_retry_wait_s))
+        url = self.settings.server_url
+        if response.status_code == 200:
+            try:
+                return response.json()
+            except ValueError:
+                content_type = response.headers.get("content-type") or "no content type"
+                raise ServiceError(_not_this_service(url, f"it sent {content_type}, not JSON")) from None
+        raise ServiceError(self._failure(response, path))
+
+    def _failure(self, response: httpx.Response, path: str) -> str:
+        """The sentence for an answer other than 200."""
+        url, status, message = self.settings.server_url, response.status_code, _server_message(response)
+        if status == 401 and not self.settings.api_key:
+            return (f"The embedding server at {url} needs an API key. Set EMBED_API_KEY to the key "
+                    "your admin gave you (in the xlwings config or the environment).")
+        if status == 401:
+            return f"The embedding server at {url} refused the API key. Check EMBED_API_KEY."
+        if status == 404 and not _is_envelope(response):
+            # Ray Serve's front answers 404 in plain text until the application is deployed.
+            return (f"Nothing answers at {url}{path} yet: the embedding service may still be "
+                    "starting (recalculate in a few seconds), or EMBED_SERVER_URL names the wrong address.")
+        if status in (429, 503):
+            return f"The embedding server is busy or unavailable: {message} Recalculate to retry."
+        if 400 <= status < 500:
+            return f"The embedding server refused the request: {message}"
+        return f"The embedding server at {url} failed ({status}): {message}"
+
+    def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
+        """The server's answer, whatever its status; no answer at all as ServiceError."""
         url = self.settings.server_url
         try:
-            response = self._http.request(method, path, **kwargs)
+            return self._http.request(method, path, **kwargs)
+        except httpx.ConnectTimeout:
+            # No connection within 10 s (an unreachable host), not a server slow to answer.
+            raise ServiceError(_unreachable(url)) from None
         except httpx.ConnectError as exc:
             untrusted = _certificate_refusal(exc)
             if untrusted is not None:
@@ -366,10 +422,7 @@ class EmbedClient:
                     f"({untrusted}). Install the office's CA certificate as a trusted root, or set "
                     "EMBED_CA_FILE to it."
                 ) from None
-            raise ServiceError(
-                f"Cannot reach the embedding server at {url}. Is it running? "
-                "If it runs elsewhere, set EMBED_SERVER_URL."
-            ) from None
+            raise ServiceError(_unreachable(url)) from None
         except httpx.TimeoutException:
             raise ServiceError(
                 f"The embedding server at {url} did not answer within {self.settings.timeout_s:g} s. "
@@ -377,36 +430,29 @@ class EmbedClient:
             ) from None
         except httpx.HTTPError as exc:
             raise ServiceError(f"The request to the embedding server at {url} failed: {exc}.") from None
-        if response.status_code == 200:
-            try:
-                return response.json()
-            except ValueError:
-                raise ServiceError(_not_this_service(url, response.headers.get("content-type"))) from None
-        message = _server_message(response)
-        if response.status_code == 401:
-            raise ServiceError(
-                f"The embedding server at {url} refused the API key. Check EMBED_API_KEY."
-            )
-        if response.status_code == 404 and not _is_envelope(response):
-            # Ray Serve's front answers 404 in plain text until the application is deployed.
-            raise ServiceError(
-                f"Nothing answers at {url}{path} yet: the embedding service may still be "
-                "starting (recalculate in a few seconds), or EMBED_SERVER_URL names the wrong address."
-            )
-        if response.status_code in (429, 503):
-            raise ServiceError(f"The embedding server is busy or unavailable: {message} Recalculate to retry.")
-        if 400 <= response.status_code < 500:
-            raise ServiceError(f"The embedding server refused the request: {message}")
-        raise ServiceError(f"The embedding server at {url} failed ({response.status_code}): {message}")
 
     def close(self) -> None:
         self._http.close()
 
 
-def _not_this_service(url: str, content_type: str | None) -> str:
-    return (f"The server at {url} answered, but not as the embedding service does (it sent "
-            f"{content_type or 'no content type'}, not JSON). Check that EMBED_SERVER_URL is "
-            "the embedding service's address.")
+def _not_this_service(url: str, what: str) -> str:
+    """A 200 answer that is not the service's: `what` says how (an HTML page, other JSON)."""
+    return (f"The server at {url} answered, but not as the embedding service does ({what}). "
+            "Check that EMBED_SERVER_URL is the embedding service's address.")
+
+
+def _unreachable(url: str) -> str:
+    return f"Cannot reach the embedding server at {url}. Is it running? If it runs elsewhere, set EMBED_SERVER_URL."
+
+
+def _retry_wait_s(response: httpx.Response, cap_s: float) -> float:
+    """Seconds to wait before asking a busy server again: its Retry-After (in seconds), else
+    1 s, at most `cap_s`; client.js's retryAfterMs."""
+    try:
+        seconds = float(response.headers.get("retry-after", ""))
+    except ValueError:  # absent, or an HTTP date
+        seconds = 0.0
+    return min(cap_s, seconds if math.isfinite(seconds) and seconds > 0 else 1.0)
 
 
 def _is_envelope(response: httpx.Response) -> bool:

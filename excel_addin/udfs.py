@@ -2,7 +2,10 @@
 
 Each is a few lines over client.py (HTTP, cache) and cells.py (what a cell is).
 Ranges arrive as lists of rows (`ndim=2`), error cells as their text
-(`err_to_str=True`). A blank input gives a blank output (an empty text: xlwings'
+(`err_to_str=True`); a range's trailing blank rows and columns are left out, so a
+whole-column reference (B:B) costs its used rows only. An argument of one value (a
+query, an instruction, k) given a range is a sentence, not the range's text (Office
+refuses such a range itself). A blank input gives a blank output (an empty text: xlwings'
 threading mode takes a formula that returned None for one not yet computed, and
 would start it again for ever), an error input gives #N/A in its place, and any
 failure is one readable sentence in the cell.
@@ -13,6 +16,7 @@ stays responsive while a long column computes.
 from __future__ import annotations
 
 import functools
+import re
 import sys
 from typing import Any
 
@@ -65,7 +69,7 @@ def readable(function):
 @readable
 def embed_sim(a, b, instruction=None):
     """Cosine similarity of a and b; ranges give one score per cell pair, and one cell compares with each."""
-    left, right = as_grid(a), as_grid(b)
+    left, right = _used_pair(as_grid(a), as_grid(b))
     rows, cols = _paired_shape(shape(left), shape(right))
     lefts = [[cell_text(c) for c in row] for row in _broadcast(left, rows, cols)]
     rights = [[cell_text(c) for c in row] for row in _broadcast(right, rows, cols)]
@@ -89,8 +93,8 @@ def embed_sim(a, b, instruction=None):
 @readable
 def sim_matrix(range1, range2, instruction=None):
     """All-pairs cosine similarity: one row per text of range1, one column per text of range2."""
-    rows = [cell_text(c) for c in flatten(as_grid(range1))]
-    cols = [cell_text(c) for c in flatten(as_grid(range2))]
+    rows = [cell_text(c) for c in flatten(_used(as_grid(range1)))]
+    cols = [cell_text(c) for c in flatten(_used(as_grid(range2)))]
     task = _instruction(instruction)
     if task is None:
         row_vectors = col_vectors = _vectors_of(rows + cols, None)
@@ -110,13 +114,13 @@ def sim_matrix(range1, range2, instruction=None):
 @readable
 def semantic_search(query, candidates, k=5, instruction=None):
     """The k candidates most similar to query, best first, as rows of (text, score)."""
-    top = 5 if k in (None, "") else _whole_number(k, "k", low=1, high=10_000)
-    question = cell_text(query)
+    top = _whole_number(k, "k", low=1, high=10_000) or 5  # a blank k cell: 5
+    question = cell_text(_one_cell(query, "query"))
     if isinstance(question, Blank):
         return None
     if isinstance(question, CellError):
         return not_available()
-    texts = [t for t in dict.fromkeys(cell_text(c) for c in flatten(as_grid(candidates))) if isinstance(t, str)]
+    texts = [t for t in dict.fromkeys(cell_text(c) for c in flatten(_used(as_grid(candidates)))) if isinstance(t, str)]
     if not texts:
         raise ValueError("the candidates range holds no text.")
     # Without an instruction, the query takes the model's own query prompt, as the batch
@@ -135,8 +139,8 @@ def semantic_search(query, candidates, k=5, instruction=None):
 @readable
 def embed(text, dimensions=None, instruction=None):
     """The embedding vector of each text, as a row of numbers."""
-    width = None if dimensions in (None, "") else _whole_number(dimensions, "dimensions", 1, 100_000)
-    cells = [cell_text(c) for c in flatten(as_grid(text))]
+    width = _whole_number(dimensions, "dimensions", 1, 100_000)
+    cells = [cell_text(c) for c in flatten(_used(as_grid(text)))]
     vectors = _vectors_of(cells, _instruction(instruction), width)
     sample = next((v for v in vectors.values()), None)
     size = len(sample) if sample is not None else 1
@@ -163,8 +167,56 @@ def embed_info():
 # --- helpers --------------------------------------------------------------------------
 
 
+def _one_cell(value, name: str):
+    """The value of an argument that takes one cell: xlwings hands a range given to it as a
+    list, whose text ("['a', 'b']") must not be embedded. A one-cell range is that cell."""
+    if not isinstance(value, (list, tuple)):
+        return value
+    cells = flatten(as_grid(value))
+    if len(cells) != 1:
+        raise ValueError(f"{name} must be one cell, not a range.")
+    return cells[0]
+
+
+def _used(grid: list[list]) -> list[list]:
+    """`grid` without its trailing blank rows and columns (one cell at least): a whole
+    column (B:B) arrives as 1,048,576 rows. Blanks inside the used part keep their place."""
+    rows, cols = _extent(grid)
+    return [row[:cols] for row in grid[:rows]]
+
+
+def _used_pair(a: list[list], b: list[list]) -> tuple[list[list], list[list]]:
+    """EMBED_SIM's two ranges, each as `_used` leaves it, except that two ranges of one shape
+    keep one shape: the rows and columns used in either."""
+    if shape(a) != shape(b):
+        return _used(a), _used(b)
+    (ra, ca), (rb, cb) = _extent(a), _extent(b)
+    rows, cols = max(ra, rb), max(ca, cb)
+    return [row[:cols] for row in a[:rows]], [row[:cols] for row in b[:rows]]
+
+
+def _extent(grid: list[list]) -> tuple[int, int]:
+    """How many rows and columns of `grid` reach its last non-blank cell (1 x 1 at least)."""
+    rows = cols = 1
+    for i in range(len(grid) - 1, -1, -1):  # from the end: a whole column is mostly blank
+        if not all(map(_blank, grid[i])):
+            rows = i + 1
+            break
+    for row in grid[:rows]:
+        for j in range(len(row) - 1, cols - 1, -1):
+            if not _blank(row[j]):
+                cols = j + 1
+                break
+    return rows, cols
+
+
+def _blank(value) -> bool:
+    return value is None or isinstance(cell_text(value), Blank)
+
+
 def _instruction(instruction) -> str | None:
     """The formula's instruction, else EMBED_INSTRUCTION, else none."""
+    instruction = _one_cell(instruction, "instruction")
     text = cell_text(instruction) if instruction is not None else BLANK
     if isinstance(text, CellError):  # not silently dropped: the scores would differ
         raise ValueError(f"the instruction cell holds {text.text}.")
@@ -209,11 +261,23 @@ def _single_or_grid(grid):
     return grid[0][0] if shape(grid) == (1, 1) else grid
 
 
-def _whole_number(value, name: str, low: int, high: int) -> int:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a whole number, not '{value}'.") from None
-    if number != int(number) or not low <= number <= high:
-        raise ValueError(f"{name} must be a whole number from {low} to {high}, not {value}.")
+# A number as a cell shows it or one may type it: ASCII digits (Python's float() would also
+# read "1_000", "nan" and other scripts' digits, which functions.js's Number() does not).
+NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
+
+def _whole_number(value, name: str, low: int, high: int) -> int | None:
+    """A count argument (k, dimensions) read from the text its cell shows, as functions.js
+    reads it: None where the cell is blank, else a whole number from `low` to `high`."""
+    cell = cell_text(_one_cell(value, name))
+    if isinstance(cell, Blank):
+        return None
+    if isinstance(cell, CellError):
+        raise ValueError(f"{name} must be a whole number, not {cell.text}.")
+    text = cell.strip()
+    if not NUMBER.fullmatch(text):  # TRUE, a date, a word
+        raise ValueError(f"{name} must be a whole number, not '{text}'.")
+    number = float(text)
+    if not (number.is_integer() and low <= number <= high):
+        raise ValueError(f"{name} must be a whole number from {low} to {high}, not {text}.")
     return int(number)

@@ -1,10 +1,12 @@
 """The add-in's HTTP client against a small OpenAI-shaped server (conftest's FakeEmbeddingServer):
 formulas in threads do not wait for each other, a text in flight is sent once, the cache follows
-the served model, a cache smaller than one call still answers, the API key stays out of reprs;
-where the settings come from; and which prompt fields a formula's requests carry."""
+the served model, a cache smaller than one call still answers, the API key stays out of reprs,
+a busy server is asked again, an answer not the service's is a sentence; where the settings come
+from; which prompt fields a formula's requests carry, and what a formula sends for a whole column."""
 
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import numpy as np
 import pytest
 from conftest import FakeClock
@@ -20,8 +22,8 @@ def make_client(fake_server):
     """EmbedClients pointed at the fake server, closed after the test."""
     made = []
 
-    def make(clock=None, **settings) -> EmbedClient:
-        extra = {"clock": clock} if clock else {}
+    def make(clock=None, sleep=None, **settings) -> EmbedClient:
+        extra = {k: v for k, v in (("clock", clock), ("sleep", sleep)) if v}
         client = EmbedClient(Settings(server_url=fake_server.url, **settings), **extra)
         made.append(client)
         return client
@@ -60,13 +62,19 @@ def test_a_named_prompt_is_sent_as_one_cached_apart_and_an_instruction_takes_its
         (None, None), (None, "query"), ("Find the clause", None)]
 
 
-def test_semantic_search_sends_its_query_with_the_models_query_prompt(monkeypatch, fake_server):
-    # As the batch job's search does: Qwen3's query instruction, none for models without a
-    # query prompt (the server decides); a formula's instruction takes its place.
+@pytest.fixture()
+def formulas(monkeypatch, fake_server):
+    """The xlwings formulas pointed at the fake server, as EMBED_SERVER_URL would in Excel."""
     for name in ("EMBED_API_KEY", "EMBED_INSTRUCTION"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("EMBED_SERVER_URL", fake_server.url)
     monkeypatch.setattr("excel_addin.client._xlwings_user_config", lambda: {})
+    return udfs
+
+
+def test_semantic_search_sends_its_query_with_the_models_query_prompt(formulas, fake_server):
+    # As the batch job's search does: Qwen3's query instruction, none for models without a
+    # query prompt (the server decides); a formula's instruction takes its place.
     udfs.semantic_search("reset my password", [["Steps to reset"], ["Refunds"]], 1)
     udfs.semantic_search("reset my password", [["Steps to reset"], ["Refunds"]], 1, "Find the article")
     posts = [(r["input"], r["instruction"], r["prompt_name"])
@@ -96,7 +104,7 @@ def test_a_text_in_flight_in_another_thread_is_sent_once(fake_server, make_clien
 
 
 def test_a_failed_fetch_gives_the_threads_waiting_for_it_the_same_sentence(fake_server, make_client):
-    client = make_client()
+    client = make_client(max_retries=0)
     fake_server.hold = fake_server.fail = {"shared"}
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(client.vectors, ["shared", "first only"])
@@ -357,7 +365,7 @@ def test_a_long_columns_second_chunk_is_sent_while_the_first_is_in_the_server(fa
 
 
 def test_a_failed_chunk_fails_the_call_and_stops_the_chunks_after_it(fake_server, make_client):
-    client = make_client(chunk_size=100)
+    client = make_client(chunk_size=100, max_retries=0)
     column = [f"row {i}" for i in range(500)]
     fake_server.hold, fake_server.fail = {"row 0"}, {"row 100"}
     with ThreadPoolExecutor(1) as pool:
@@ -374,3 +382,136 @@ def test_a_failed_chunk_fails_the_call_and_stops_the_chunks_after_it(fake_server
     again = client.vectors(["row 0", "row 300"])  # the first chunk's answer was kept
     assert client.requests == before + 1
     np.testing.assert_array_equal(again["row 300"], fake_server.vector("row 300"))
+
+
+# --- a busy server, and answers that are not the service's -----------------------------------
+
+
+class BusyOnce(set):
+    """FakeEmbeddingServer.fail for a server that recovers: a request carrying one of these
+    texts is answered 503, and the texts it carried are then embedded."""
+
+    def intersection(self, texts):
+        busy = super().intersection(texts)
+        self.difference_update(busy)
+        return busy
+
+
+def test_a_busy_server_is_asked_again_after_retry_after_as_the_office_addin_does(fake_server, make_client):
+    waits = []  # the client's sleeps, recorded instead of slept
+    client = make_client(sleep=waits.append)
+    fake_server.fail = BusyOnce({"termination"})
+    got = client.vectors(["termination"])
+    np.testing.assert_array_equal(got["termination"], fake_server.vector("termination"))
+    assert fake_server.carrying("termination") == 2
+    assert waits == [1.0]  # no Retry-After: 1 s, as client.js waits
+
+    fake_server.fail = {"renewal"}  # busy for good: asked 1 + max_retries (4) times, then the sentence
+    waits.clear()
+    with pytest.raises(ServiceError, match=r"busy or unavailable: The model is restarting\. Recalculate to retry\."):
+        client.vectors(["renewal"])
+    assert fake_server.carrying("renewal") == 5 and waits == [1.0] * 4
+
+
+def test_the_wait_before_asking_again_is_client_js_rule():
+    from excel_addin.client import _retry_wait_s
+
+    def wait(retry_after=None, cap_s=30.0):
+        headers = {} if retry_after is None else {"Retry-After": retry_after}
+        return _retry_wait_s(httpx.Response(503, headers=headers), cap_s)
+
+    assert wait("2") == 2.0 and wait("0.25") == 0.25
+    assert wait() == wait("0") == wait("Wed, 21 Oct 2026 07:28:00 GMT") == wait("inf") == 1.0
+    assert wait("120") == 30.0 and wait("2", cap_s=0.5) == 0.5  # each wait capped: 2 min at most in all
+
+
+def mock_client(handler, **settings) -> EmbedClient:
+    """A client whose requests `handler` answers (httpx.Request -> httpx.Response)."""
+    return EmbedClient(Settings(server_url="http://127.0.0.1:9", **settings), transport=httpx.MockTransport(handler))
+
+
+MODELS = {"object": "list", "data": [{"id": "fake-model", "object": "model", "dimensions": 4}]}
+NOT_THE_SERVICE = (r"^The server at http://127\.0\.0\.1:9 answered, but not as the embedding service does "
+                   r"\(.+\)\. Check that EMBED_SERVER_URL is the embedding service's address\.$")
+
+
+@pytest.mark.parametrize("models, embeddings", [
+    ({"status": "ok"}, None),  # a health check's answer where /v1/models should be
+    ({"object": "list", "data": []}, None),
+    (["fake-model"], None),
+    (MODELS, {"status": "ok"}),
+    (MODELS, {"object": "list", "model": "fake-model"}),  # no "data"
+    (MODELS, {"object": "list", "model": "fake-model", "data": [{"embedding": [0.1, 0.2, 0.3, 0.4]}]}),  # floats
+    (MODELS, {"object": "list", "model": "fake-model", "data": [{"embedding": "not base64!"}]}),
+    (MODELS, {"object": "list", "model": "fake-model", "data": [{"vector": "AAAAAA=="}]}),
+    (MODELS, "ok"),
+])
+def test_a_200_answer_not_the_services_is_a_sentence(models, embeddings):
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json=models if request.method == "GET" else embeddings)
+
+    client = mock_client(answer)
+    with pytest.raises(ServiceError, match=NOT_THE_SERVICE):
+        client.vectors(["a clause"])
+
+
+def test_a_connect_timeout_is_a_server_that_cannot_be_reached_not_a_slow_one():
+    def unreachable(request: httpx.Request) -> httpx.Response:  # no answer to the connection within 10 s
+        raise httpx.ConnectTimeout("timed out", request=request)
+
+    with pytest.raises(ServiceError) as failed:
+        mock_client(unreachable).info()
+    assert str(failed.value) == ("Cannot reach the embedding server at http://127.0.0.1:9. Is it running? "
+                                 "If it runs elsewhere, set EMBED_SERVER_URL.")
+
+
+def test_a_401_says_a_key_is_needed_when_none_is_set_and_refused_when_one_was_sent():
+    def keyed(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(401, json={"error": {"message": "Invalid API key.", "type": "invalid_request_error",
+                                                   "param": None, "code": "invalid_api_key"}})
+
+    with pytest.raises(ServiceError) as without_key:
+        mock_client(keyed).info()
+    assert str(without_key.value) == (
+        "The embedding server at http://127.0.0.1:9 needs an API key. Set EMBED_API_KEY to the key your "
+        "admin gave you (in the xlwings config or the environment).")
+    with pytest.raises(ServiceError) as wrong_key:
+        mock_client(keyed, api_key="not-the-key").info()
+    assert str(wrong_key.value) == "The embedding server at http://127.0.0.1:9 refused the API key. Check EMBED_API_KEY."
+
+
+# --- what the formulas send for their arguments ------------------------------------------------
+
+WHOLE_COLUMN = 1_048_576  # rows of a whole-column reference (B:B), as xlwings hands it over
+
+
+def test_a_whole_column_costs_its_used_rows_only_and_blanks_inside_keep_their_place(formulas, fake_server):
+    used = [["refund"], [None], ["reset my password"], ["   "]]  # whitespace only is blank
+    column = used + [[None]] * (WHOLE_COLUMN - len(used))
+    matrix = udfs.sim_matrix([["a"], ["b"]], column)
+    assert [len(row) for row in matrix] == [3, 3] and matrix[0][1] is None
+    vectors = udfs.embed(column)
+    assert len(vectors) == 3 and vectors[1] == [None] * fake_server.dimensions
+    # Two such columns are cut at the last row either uses: their rows stay paired.
+    scores = udfs.embed_sim([["refund"]] + [[None]] * 999, used + [[None]] * 996)
+    assert len(scores) == 3 and scores[0][0] == pytest.approx(1.0) and scores[2] == [None]
+    # A block's trailing blank columns go too.
+    block = [["a", "b", None], [None, None, None]]
+    assert np.array(udfs.embed_sim(block, block)).shape == (1, 2)
+
+
+def test_a_range_given_to_a_one_cell_argument_is_a_sentence_naming_it(formulas, fake_server):
+    # xlwings hands a range given to an argument declared without ndim as a list.
+    assert udfs.semantic_search(["reset", "refund"], [["Refunds"]]) == (
+        "SEMANTIC_SEARCH: query must be one cell, not a range.")
+    assert udfs.embed_sim("a", "b", [["Find", "the clause"]]) == "EMBED_SIM: instruction must be one cell, not a range."
+    assert udfs.embed([["a"]], [32.0, 64.0]) == "EMBED: dimensions must be one cell, not a range."
+    assert fake_server.seen == []  # nothing was sent, neither the range's text
+    # A range of one cell is that cell.
+    assert udfs.semantic_search(["Refunds"], [["Refunds"], ["Rent"]], [[1.0]])[0][0] == "Refunds"
+
+
+def test_a_blank_k_or_dimensions_cell_takes_the_default(formulas, fake_server):
+    candidates = [[f"clause {i}"] for i in range(7)]
+    assert len(udfs.semantic_search("q", candidates, "   ")) == len(udfs.semantic_search("q", candidates, None)) == 5
+    assert len(udfs.embed([["a"]], " ")) == fake_server.dimensions

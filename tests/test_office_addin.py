@@ -73,6 +73,20 @@ def test_numbers_read_the_same_in_python_and_javascript():
     assert javascript_cells(numbers) == [{"text": number_text(x)} for x in numbers]
 
 
+def test_argument_checks_give_the_sentences_both_addins_share(monkeypatch):
+    # The Office add-in's half is in tests/office/functions.test.js: TRUE, an error value,
+    # a fraction, a word, a range where one cell goes, each the same sentence in both.
+    from excel_addin import udfs
+
+    cases = json.loads((REPO / "tests" / "cell_cases.json").read_text(encoding="utf-8"))["arguments"]
+    with socket.socket() as refusing:  # bound, never listening: a request sent would fail otherwise
+        refusing.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("EMBED_SERVER_URL", f"http://127.0.0.1:{refusing.getsockname()[1]}")
+        monkeypatch.setattr("excel_addin.client._xlwings_user_config", lambda: {})
+        got = [getattr(udfs, case["function"].lower())(*python_args(case["args"])) for case in cases]
+    assert got == [case["message"] for case in cases]
+
+
 # --- the metadata, in step with the code and with the xlwings formulas --------------------------
 
 

@@ -137,7 +137,7 @@ def test_wrong_or_missing_key_is_a_readable_sentence(monkeypatch, sheet_env):
     monkeypatch.setenv("EMBED_API_KEY", "not-the-key")
     assert "refused the API key. Check EMBED_API_KEY." in udfs.embed_sim([["a"]], [["b"]])
     monkeypatch.delenv("EMBED_API_KEY")
-    assert "refused the API key" in udfs.embed_info()
+    assert "needs an API key. Set EMBED_API_KEY" in udfs.embed_info()
     monkeypatch.setenv("EMBED_API_KEY", EXCEL_KEY)
     assert udfs.embed_sim([["a"]], [["a"]]) == pytest.approx(1.0, abs=1e-5)
 

@@ -185,7 +185,8 @@
         });
       }
       const body = await this.modelAsked;
-      const card = body.data[0];
+      const card = body && Array.isArray(body.data) ? body.data[0] : undefined;
+      if (!card || card.id === undefined) throw new ServiceError(this.notThisService("its JSON lists no model"));
       const served = this.learn(card.id, card.system_fingerprint);
       this.minDimensions = card.min_dimensions || 1;
       return { model: card.id, dimensions: card.dimensions, servedAs: served };
@@ -267,17 +268,25 @@
         const payload = { input: texts, encoding_format: "base64", ...JSON.parse(prompt) };
         this.requests += 1;
         const body = await this.call("POST", "/v1/embeddings", payload);
-        if (!Array.isArray(body.data) || body.data.length !== texts.length) {
+        if (!body || !Array.isArray(body.data)) {
+          throw new ServiceError(this.notThisService("its JSON holds no embeddings"));
+        }
+        if (body.data.length !== texts.length) {
           throw new ServiceError(
-            `The embedding server at ${this.where()} answered ${body.data ? body.data.length : 0} ` +
+            `The embedding server at ${this.where()} answered ${body.data.length} ` +
             `vectors for ${texts.length} texts. Check that the add-in is served by this service.`);
+        }
+        let vectors;
+        try {
+          vectors = body.data.map((item) => decode(item.embedding));
+        } catch (error) {
+          throw new ServiceError(this.notThisService("its embeddings are not base64 vectors"));
         }
         // An answer of two versions is neither cached nor taken as the served model, so
         // the calculation asks again (vectors).
         const mixed = body.system_fingerprint === MIXED;
         const served = mixed ? servedAs(body.model, MIXED) : this.learn(body.model, body.system_fingerprint);
-        body.data.forEach((item, i) => {
-          const vector = decode(item.embedding);
+        vectors.forEach((vector, i) => {
           if (!mixed) this.cache.set(this.key(served, prompt, texts[i]), vector);
           chunk[i][1].resolve([served, vector]);
         });
@@ -313,6 +322,12 @@
       return this.serverUrl || "this add-in's server";
     }
 
+    /** A 200 answer that is not the service's: `what` says how (an HTML page, other JSON). */
+    notThisService(what) {
+      return `The server at ${this.where()} answered, but not as the embedding service does (${what}). ` +
+        "Check that the add-in was installed from the embedding service's manifest.";
+    }
+
     /** One HTTP call; 429/503 retried after Retry-After; failures as ServiceError. */
     async call(method, path, payload) {
       for (let attempt = 0; ; attempt += 1) {
@@ -321,10 +336,8 @@
           try {
             return await response.json();
           } catch (error) {
-            throw new ServiceError(
-              `The server at ${this.where()} answered, but not as the embedding service does (it sent ` +
-              `${response.headers.get("content-type") || "no content type"}, not JSON). Check that ` +
-              "the add-in was installed from the embedding service's manifest.");
+            const type = response.headers.get("content-type") || "no content type";
+            throw new ServiceError(this.notThisService(`it sent ${type}, not JSON`));
           }
         }
         const message = await serverMessage(response);
@@ -333,7 +346,7 @@
           await sleep(retryAfterMs(response, this.settings.maxRetryWaitMs));
           continue;
         }
-        throw new ServiceError(describe(status, message, this.where(), path, response));
+        throw new ServiceError(describe(status, message, this.where(), path, response, this.settings.apiKey));
       }
     }
 
@@ -364,7 +377,10 @@
     }
   }
 
-  function describe(status, message, where, path, response) {
+  function describe(status, message, where, path, response, apiKey) {
+    if (status === 401 && !apiKey) {
+      return `The embedding server at ${where} needs an API key. Enter the key your admin gave you in the add-in's task pane.`;
+    }
     if (status === 401) return `The embedding server at ${where} refused the API key. Set it in the add-in's task pane.`;
     if (status === 404 && !(response.headers.get("content-type") || "").includes("json")) {
       return `Nothing answers at ${where}${path} yet: the embedding service may still be starting ` +
@@ -397,9 +413,11 @@
     return new Promise((resolve) => setTimeout(resolve, ms));
   }
 
-  /** A base64 vector as the service sends it: little-endian float32. */
+  /** A base64 vector as the service sends it: little-endian float32. Throws on anything else. */
   function decode(text) {
+    if (typeof text !== "string") throw new TypeError("not base64");
     const bytes = Uint8Array.from(atob(text), (c) => c.charCodeAt(0));
+    if (bytes.length % 4) throw new RangeError("not float32");
     const view = new DataView(bytes.buffer);
     const vector = new Float32Array(bytes.length / 4);
     for (let i = 0; i < vector.length; i += 1) vector[i] = view.getFloat32(i * 4, true);

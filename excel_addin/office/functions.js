@@ -3,8 +3,9 @@
  * =EMBED_INFO, with the same arguments and meaning as the xlwings ones
  * (excel_addin/udfs.py). A blank input gives a blank output and costs no request, an
  * error input gives #N/A in its place, and any failure is #VALUE! with one readable
- * sentence (Excel shows it in the cell's error menu). functions.json describes them
- * to Excel; a test keeps the two in step.
+ * sentence (Excel shows it in the cell's error menu). A range's trailing blank rows and
+ * columns are left out: Excel hands a whole column (B:B) over as 1,048,576 rows.
+ * functions.json describes them to Excel; a test keeps the two in step.
  */
 (function (exports) {
   "use strict";
@@ -12,6 +13,8 @@
   const cells = typeof require === "function" ? require("./cells.js") : globalThis.SheetCells;
   const http = typeof require === "function" ? require("./client.js") : globalThis.SheetClient;
   const { BLANK, CellError, asGrid, cellText, flatten, shape } = cells;
+  // A number as a cell shows it or one may type it (udfs.py's NUMBER).
+  const NUMBER = /^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$/;
 
   const STORAGE_KEYS = { apiKey: "sheet-embeddings.api-key", instruction: "sheet-embeddings.instruction" };
   const settings = { serverUrl: defaultServerUrl(), apiKey: "", instruction: "" };
@@ -93,8 +96,7 @@
    * compares with each.
    */
   async function embedSim(a, b, instruction) {
-    const left = asGrid(a);
-    const right = asGrid(b);
+    const [left, right] = usedPair(asGrid(a), asGrid(b));
     const [rows, cols] = pairedShape(shape(left), shape(right));
     const lefts = broadcast(left, rows, cols).map((row) => row.map(cellText));
     const rights = broadcast(right, rows, cols).map((row) => row.map(cellText));
@@ -113,8 +115,8 @@
 
   /** All-pairs cosine similarity: one row per text of range1, one column per text of range2. */
   async function simMatrix(range1, range2, instruction) {
-    const rows = flatten(asGrid(range1)).map(cellText);
-    const cols = flatten(asGrid(range2)).map(cellText);
+    const rows = flatten(used(asGrid(range1))).map(cellText);
+    const cols = flatten(used(asGrid(range2))).map(cellText);
     const task = instructionOf(instruction);
     let rowVectors;
     let colVectors;
@@ -128,11 +130,11 @@
 
   /** The k candidates most similar to query, best first, as rows of (text, score). */
   async function semanticSearch(query, candidates, k, instruction) {
-    const top = k === null || k === undefined || k === "" ? 5 : wholeNumber(k, "k", 1, 10000);
-    const question = cellText(asGrid(query)[0][0]);
+    const top = wholeNumber(k, "k", 1, 10000) || 5; // a blank k cell: 5
+    const question = cellText(oneCell(query, "query"));
     if (question === BLANK) return [[""]];
     if (question instanceof CellError) return [[notAvailable()]];
-    const texts = [...new Set(flatten(asGrid(candidates)).map(cellText))]
+    const texts = [...new Set(flatten(used(asGrid(candidates))).map(cellText))]
       .filter((t) => typeof t === "string");
     if (!texts.length) throw new InputError("the candidates range holds no text.");
     // Without an instruction, the query takes the model's own query prompt, as the batch
@@ -148,9 +150,8 @@
 
   /** The embedding vector of each text, as a row of numbers. */
   async function embed(text, dimensions, instruction) {
-    const width = dimensions === null || dimensions === undefined || dimensions === ""
-      ? null : wholeNumber(dimensions, "dimensions", 1, 100000);
-    const values = flatten(asGrid(text)).map(cellText);
+    const width = wholeNumber(dimensions, "dimensions", 1, 100000);
+    const values = flatten(used(asGrid(text))).map(cellText);
     const vectors = await vectorsOf(values, instructionOf(instruction));
     const sample = vectors.values().next().value;
     if (sample && width !== null) {
@@ -180,8 +181,8 @@
   // --- helpers ----------------------------------------------------------------------
 
   function instructionOf(instruction) {
-    const text = instruction === null || instruction === undefined ? BLANK : cellText(
-      Array.isArray(instruction) ? asGrid(instruction)[0][0] : instruction);
+    const text = instruction === null || instruction === undefined ? BLANK
+      : cellText(oneCell(instruction, "instruction"));
     if (text instanceof CellError) throw new InputError(`the instruction cell holds ${text.text}.`);
     return typeof text === "string" ? text : settings.instruction || "";
   }
@@ -212,13 +213,64 @@
     return Array.from({ length: rows }, () => new Array(cols).fill(grid[0][0]));
   }
 
-  function wholeNumber(value, name, low, high) {
-    const number = Number(Array.isArray(value) ? asGrid(value)[0][0] : value);
-    if (typeof value === "boolean" || Number.isNaN(number)) {
-      throw new InputError(`${name} must be a whole number, not '${value}'.`);
+  /** The value of an argument that takes one cell (functions.json declares it scalar, so
+   * Excel refuses a range; udfs.py's _one_cell). A one-cell range is that cell. */
+  function oneCell(value, name) {
+    if (!Array.isArray(value)) return value;
+    const values = flatten(asGrid(value));
+    if (values.length !== 1) throw new InputError(`${name} must be one cell, not a range.`);
+    return values[0];
+  }
+
+  /** `grid` without its trailing blank rows and columns (one cell at least); blanks inside
+   * the used part keep their place (udfs.py's _used). */
+  function used(grid) {
+    const [rows, cols] = extent(grid);
+    return grid.slice(0, rows).map((row) => row.slice(0, cols));
+  }
+
+  /** EMBED_SIM's two ranges, each as `used` leaves it, except that two ranges of one shape
+   * keep one shape: the rows and columns used in either. */
+  function usedPair(a, b) {
+    const [sa, sb] = [shape(a), shape(b)];
+    if (sa[0] !== sb[0] || sa[1] !== sb[1]) return [used(a), used(b)];
+    const [[ra, ca], [rb, cb]] = [extent(a), extent(b)];
+    const [rows, cols] = [Math.max(ra, rb), Math.max(ca, cb)];
+    return [a, b].map((grid) => grid.slice(0, rows).map((row) => row.slice(0, cols)));
+  }
+
+  /** How many rows and columns of `grid` reach its last non-blank cell (1 x 1 at least). */
+  function extent(grid) {
+    let rows = 1;
+    let cols = 1;
+    for (let i = grid.length - 1; i >= 0; i -= 1) { // from the end: a whole column is mostly blank
+      if (grid[i].some((cell) => cellText(cell) !== BLANK)) {
+        rows = i + 1;
+        break;
+      }
     }
+    for (const row of grid.slice(0, rows)) {
+      for (let j = row.length - 1; j >= cols; j -= 1) {
+        if (cellText(row[j]) !== BLANK) {
+          cols = j + 1;
+          break;
+        }
+      }
+    }
+    return [rows, cols];
+  }
+
+  /** A count argument (k, dimensions) read from the text its cell shows, as udfs.py reads
+   * it: null where the cell is blank, else a whole number from `low` to `high`. */
+  function wholeNumber(value, name, low, high) {
+    const cell = cellText(oneCell(value, name));
+    if (cell === BLANK) return null;
+    if (cell instanceof CellError) throw new InputError(`${name} must be a whole number, not ${cell.text}.`);
+    const text = cell.trim();
+    if (!NUMBER.test(text)) throw new InputError(`${name} must be a whole number, not '${text}'.`);
+    const number = Number(text);
     if (!Number.isInteger(number) || number < low || number > high) {
-      throw new InputError(`${name} must be a whole number from ${low} to ${high}, not ${value}.`);
+      throw new InputError(`${name} must be a whole number from ${low} to ${high}, not ${text}.`);
     }
     return number;
   }

@@ -32,6 +32,7 @@ globalThis.CustomFunctions = {
 
 const functions = require("../../excel_addin/office/functions.js");
 const metadata = require("../../excel_addin/office/functions.json");
+const sharedCases = require("../cell_cases.json");
 functions.register();
 
 const SERVER = process.env.ADDIN_SERVER;
@@ -428,4 +429,91 @@ test("bad arguments are a sentence naming the formula", async () => {
   // An error cell as the instruction is said, not dropped (the scores would differ).
   const task = await calculate("EMBED_SIM", "a", "b", { error: "#REF!" });
   assert.equal(task.message, "EMBED_SIM: the instruction cell holds #REF!.");
+});
+
+test("argument checks give the sentences of tests/cell_cases.json, as the xlwings formulas do", async () => {
+  // tests/test_office_addin.py checks the xlwings half. Nothing may be sent: the checks come first.
+  functions.configure({ serverUrl: await refusingUrl(), apiKey: "", instruction: "", fetch: undefined });
+  for (const c of sharedCases.arguments) {
+    const error = await calculate(c.function, ...c.args);
+    assert.equal(error.message, c.message, `${c.function}(${JSON.stringify(c.args)})`);
+  }
+});
+
+test("a blank k or dimensions cell takes the default", async (t) => {
+  const url = await fakeServer(t, async (request, response) => {
+    if (request.method === "GET") return answer(response, 200, MODELS);
+    const { input } = await bodyOf(request);
+    answer(response, 200, { object: "list", model: "fake-model", data: embeddingData(input, (_, i) => [1, i, 0, 0]) });
+  });
+  functions.configure({ serverUrl: url, apiKey: "", instruction: "", fetch: undefined });
+  const candidates = Array.from({ length: 7 }, (_, i) => [`clause ${i}`]);
+  assert.equal((await calculate("SEMANTIC_SEARCH", "q", candidates, "   ")).length, 5);
+  assert.equal((await calculate("EMBED", [["a"]], " "))[0].length, 4);
+});
+
+test("a 401 says a key is needed when none is set, and refused when one was sent", async (t) => {
+  const url = await fakeServer(t, (request, response) => answer(response, 401,
+    { error: { message: "Invalid API key.", type: "invalid_request_error", param: null, code: "invalid_api_key" } }));
+  functions.configure({ serverUrl: url, apiKey: "", fetch: undefined });
+  assert.equal((await calculate("EMBED_INFO")).message,
+    `The embedding server at ${url} needs an API key. Enter the key your admin gave you in the add-in's task pane.`);
+  functions.configure({ apiKey: "not-the-key" });
+  assert.equal((await calculate("EMBED_INFO")).message,
+    `The embedding server at ${url} refused the API key. Set it in the add-in's task pane.`);
+});
+
+test("a 200 answer that is not the service's is a sentence, not an exception's text", async (t) => {
+  let models;
+  let embeddings;
+  const url = await fakeServer(t, (request, response) =>
+    answer(response, 200, request.method === "GET" ? models : embeddings));
+  const notTheService = new RegExp("^The server at http://\\S+ answered, but not as the embedding service does " +
+    "\\(.+\\)\\. Check that the add-in was installed from the embedding service's manifest\\.$");
+  const good = { object: "list", data: [{ id: "fake-model", object: "model", dimensions: 4 }] };
+  const answers = [ // the same as tests/test_client.py's
+    [{ status: "ok" }, null], [{ object: "list", data: [] }, null], [["fake-model"], null],
+    [good, { status: "ok" }],
+    [good, { object: "list", model: "fake-model" }],
+    [good, { object: "list", model: "fake-model", data: [{ embedding: [0.1, 0.2, 0.3, 0.4] }] }],
+    [good, { object: "list", model: "fake-model", data: [{ embedding: "not base64!" }] }],
+    [good, { object: "list", model: "fake-model", data: [{ vector: "AAAAAA==" }] }],
+    [good, "ok"],
+  ];
+  for (const [i, [m, e]] of answers.entries()) {
+    [models, embeddings] = [m, e];
+    functions.configure({ serverUrl: `${url}/${i}`, apiKey: "", fetch: undefined }); // a new client each
+    const error = await calculate("EMBED", [[`clause ${i}`]]);
+    assert.equal(error.code, "#VALUE!", `answer ${i}`);
+    assert.match(error.message, notTheService, `answer ${i}`);
+  }
+});
+
+test("a whole column costs its used rows only, and blanks inside keep their place", async (t) => {
+  const sent = [];
+  const url = await fakeServer(t, async (request, response) => {
+    if (request.method === "GET") return answer(response, 200, MODELS);
+    const { input } = await bodyOf(request);
+    sent.push(...input);
+    answer(response, 200, { object: "list", model: "fake-model", data: embeddingData(input, (text) => [text.length, 1, 0, 0]) });
+  });
+  functions.configure({ serverUrl: url, apiKey: "", instruction: "", fetch: undefined });
+  const used = [["refund"], [null], ["reset my password"], ["   "]];
+  const column = used.concat(Array.from({ length: 1048576 - used.length }, () => [null])); // B:B
+  const matrix = await calculate("SIM_MATRIX", [["a"], ["b"]], column);
+  assert.deepEqual(matrix.map((row) => row.length), [3, 3]);
+  assert.equal(matrix[0][1], "");
+  const vectors = await calculate("EMBED", column);
+  assert.equal(vectors.length, 3);
+  assert.deepEqual(vectors[1], ["", "", "", ""]);
+  // Two such columns are cut at the last row either uses: their rows stay paired.
+  const scores = await calculate("EMBED_SIM", [["refund"]].concat(Array.from({ length: 999 }, () => [null])),
+    used.concat(Array.from({ length: 996 }, () => [null])));
+  assert.equal(scores.length, 3);
+  assert.ok(Math.abs(scores[0][0] - 1) < 1e-6);
+  assert.deepEqual(scores[2], [""]);
+  // A block's trailing blank columns go too.
+  const block = [["a", "b", null], [null, null, null]];
+  assert.deepEqual((await calculate("EMBED_SIM", block, block)).map((row) => row.length), [2]);
+  assert.deepEqual(new Set(sent), new Set(["a", "b", "refund", "reset my password"]));
 });
