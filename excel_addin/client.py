@@ -233,7 +233,8 @@ class EmbedClient:
         served = self._learn((name, card.get("system_fingerprint") or ""))
         with self._lock:
             self._min_dimensions = card.get("min_dimensions") or 1
-        return {"model": name, "dimensions": card.get("dimensions"), "served": served}
+        return {"model": name, "dimensions": card.get("dimensions"), "served": served,
+                "max_input_tokens": card.get("max_input_tokens")}
 
     def _check_dimensions(self, dimensions: int, width: int, name: str) -> None:
         """As the server checks a request's `dimensions`: the cache holds full vectors, so a

@@ -158,10 +158,12 @@ def embed(text, dimensions=None, instruction=None):
 @xw.func(category=CATEGORY)
 @readable
 def embed_info():
-    """The embedding server, model and dimension in use, or why the server cannot be reached."""
+    """The embedding server, model, dimension and how much of a cell the model reads, or why
+    the server cannot be reached."""
     client = get_client()
     info = client.info()
-    return f"{client.settings.server_url} · {info['model']} · {info['dimensions']} dimensions"
+    reads = f" · reads {info['max_input_tokens']:,} tokens of a cell" if info.get("max_input_tokens") else ""
+    return f"{client.settings.server_url} · {info['model']} · {info['dimensions']} dimensions{reads}"
 
 
 # --- helpers --------------------------------------------------------------------------

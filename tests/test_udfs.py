@@ -121,6 +121,7 @@ def test_embed_gives_rows_of_numbers(sheet_env):
 def test_embed_info_names_server_model_and_width(sheet_env):
     info = udfs.embed_info()
     assert sheet_env["open"] in info and "bundled:minilm" in info and "384 dimensions" in info
+    assert info.endswith(" · reads 256 tokens of a cell")  # longer cells are embedded from their start
 
 
 def test_server_down_is_a_readable_sentence(monkeypatch, sheet_env):

@@ -189,7 +189,7 @@
       if (!card || card.id === undefined) throw new ServiceError(this.notThisService("its JSON lists no model"));
       const served = this.learn(card.id, card.system_fingerprint);
       this.minDimensions = card.min_dimensions || 1;
-      return { model: card.id, dimensions: card.dimensions, servedAs: served };
+      return { model: card.id, dimensions: card.dimensions, servedAs: served, maxInputTokens: card.max_input_tokens };
     }
 
     key(model, prompt, text) {

@@ -175,7 +175,8 @@
   async function embedInfo() {
     const info = await getClient().info();
     const where = settings.serverUrl || (globalThis.location ? globalThis.location.origin : "");
-    return `${where} · ${info.model} · ${info.dimensions} dimensions`;
+    const reads = info.maxInputTokens ? ` · reads ${info.maxInputTokens.toLocaleString("en-US")} tokens of a cell` : "";
+    return `${where} · ${info.model} · ${info.dimensions} dimensions${reads}`;
   }
 
   // --- helpers ----------------------------------------------------------------------

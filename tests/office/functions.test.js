@@ -452,6 +452,13 @@ test("a blank k or dimensions cell takes the default", async (t) => {
   assert.equal((await calculate("EMBED", [["a"]], " "))[0].length, 4);
 });
 
+test("EMBED_INFO names the server, the model, its width and how much of a cell it reads", async (t) => {
+  const url = await fakeServer(t, (request, response) => answer(response, 200,
+    { object: "list", data: [{ id: "fake-model", dimensions: 4, max_input_tokens: 8192 }] }));
+  functions.configure({ serverUrl: url, apiKey: "", fetch: undefined });
+  assert.equal(await calculate("EMBED_INFO"), `${url} · fake-model · 4 dimensions · reads 8,192 tokens of a cell`);
+});
+
 test("a 401 says a key is needed when none is set, and refused when one was sent", async (t) => {
   const url = await fakeServer(t, (request, response) => answer(response, 401,
     { error: { message: "Invalid API key.", type: "invalid_request_error", param: null, code: "invalid_api_key" } }));
