@@ -155,11 +155,10 @@ def embed(text, dimensions=None, instruction=None):
     return rows[0] if len(rows) == 1 else rows
 
 
-@xw.func(category=CATEGORY)
+@xw.func(category=CATEGORY, async_mode="threading")  # Excel stays usable while it connects
 @readable
 def embed_info():
-    """The embedding server, model, dimension and how much of a cell the model reads, or why
-    the server cannot be reached."""
+    """The embedding server, model, dimension and how much of a cell it reads, or why the server cannot be reached."""
     client = get_client()
     info = client.info()
     reads = f" · reads {info['max_input_tokens']:,} tokens of a cell" if info.get("max_input_tokens") else ""

@@ -104,11 +104,20 @@ def xlwings_formulas() -> dict[str, dict]:
                 docs[d.args[0].value] = next(k.value.value for k in d.keywords if k.arg == "doc")
         names = [a.arg for a in fn.args.args]
         optional = names[len(names) - len(fn.args.defaults):] if fn.args.defaults else []
+        func = next(d for d in fn.decorator_list if isinstance(d, ast.Call) and getattr(d.func, "attr", "") == "func")
         formulas[fn.name.upper()] = {
             "doc": ast.get_docstring(fn),
             "parameters": [(n, n in optional, docs[n]) for n in names],
+            "options": {k.arg: k.value.value for k in func.keywords if isinstance(k.value, ast.Constant)},
         }
     return formulas
+
+
+def test_every_xlwings_formula_runs_in_a_thread_so_excel_stays_usable_while_it_waits():
+    # Without async_mode, Excel's window freezes for as long as the formula waits on the
+    # network: EMBED_INFO up to the 10 s connect timeout when the server is unreachable.
+    for name, formula in xlwings_formulas().items():
+        assert formula["options"].get("async_mode") == "threading", name
 
 
 def test_functions_json_describes_the_xlwings_formulas_argument_for_argument():
