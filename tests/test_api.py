@@ -225,6 +225,10 @@ def test_oversized_body_is_413_before_it_is_read(bundled_embedder):
 
 def test_unknown_route_and_wrong_method(http):
     assert error_of(http.get("/v2/embeddings"), 404)["message"].startswith("No route")
+    # Not a bare redirect to http://, which behind the HTTPS front would be the wrong scheme.
+    slash = http.post("/v1/embeddings/", json={"input": "a"}, follow_redirects=False)
+    assert error_of(slash, 404)["message"] == (
+        "No route /v1/embeddings/ (did you mean /v1/embeddings?); see /openapi.json.")
     wrong = http.get("/v1/embeddings")
     error_of(wrong, 405)
     assert wrong.headers["allow"] == "POST"  # as RFC 9110 asks of a 405

@@ -267,7 +267,9 @@ async def service_error(request: Request, exc: Exception) -> Response:
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
-        error: ServiceError = NotFound(f"No route {request.url.path}; see /openapi.json.")
+        path = request.url.path
+        hint = f" (did you mean {path.rstrip('/')}?)" if path != "/" and path.endswith("/") else ""
+        error: ServiceError = NotFound(f"No route {path}{hint}; see /openapi.json.")
     elif exc.status_code == 405:
         error = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}.")
     else:
@@ -357,6 +359,9 @@ def create_app(service: EmbeddingService, api_key_digests: list[str] | None = No
             HTTPException: http_error,
         },
     )
+    # Starlette would answer /v1/embeddings/ with a bare 307 to an http:// address, which
+    # behind the HTTPS front points at the wrong scheme; a 404 that names the route instead.
+    app.router.redirect_slashes = False
     app.state.service = service
     app.state.keyed = bool(api_key_digests)  # /health says so: an operator can check from afar
     app.state.openapi = openapi_document(service.model_id)
