@@ -6,7 +6,7 @@ from conftest import BUNDLED, make_service
 from starlette.testclient import TestClient
 
 from serve_app.web.api import create_app
-from serve_app.web.auth import key_digests_from_env
+from serve_app.web.auth import key_digests_from_env, keys_as_digests
 
 
 @pytest.fixture()
@@ -21,6 +21,18 @@ def test_digests_only_never_the_keys():
     assert len(digests) == 2 and all(len(d) == 64 for d in digests)
     assert not any("secret" in d for d in digests)
     assert key_digests_from_env({}) == []
+
+
+def test_a_launcher_passes_on_the_keys_digests_and_they_guard_the_api_as_the_keys_do(bundled_embedder):
+    passed_on = keys_as_digests({"EMBED_API_KEYS": "alpha-key,beta-key", "PATH": "/bin"})
+    assert "EMBED_API_KEYS" not in passed_on and "alpha" not in str(passed_on)
+    assert key_digests_from_env(passed_on) == key_digests_from_env({"EMBED_API_KEYS": "alpha-key,beta-key"})
+    with TestClient(create_app(make_service(bundled_embedder), key_digests_from_env(passed_on))) as client:
+        assert client.get("/v1/models", headers={"Authorization": "Bearer beta-key"}).status_code == 200
+        assert client.get("/v1/models", headers={"Authorization": "Bearer gamma-key"}).status_code == 401
+    assert keys_as_digests({"PATH": "/bin"}) == {"PATH": "/bin"}
+    with pytest.raises(ValueError, match="EMBED_API_KEY_DIGESTS"):
+        key_digests_from_env({"EMBED_API_KEY_DIGESTS": "alpha-key"})  # a key where its digest goes
 
 
 @pytest.mark.parametrize(

@@ -140,6 +140,42 @@ def test_https_is_served_by_haproxy_with_the_same_answers(tmp_path, run_haproxy)
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=10)
 
 
+def listening_addresses(port: int) -> set[str]:
+    """The addresses TCP sockets listen on at `port` (Linux /proc/net), as IPv4 dotted quads
+    or "::" / "::1" style for IPv6."""
+    import ipaddress
+
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in Path(table).read_text().splitlines()[1:]:
+            local, state = row.split()[1], row.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # LISTEN
+                raw = bytes.fromhex(address)
+                # The kernel prints each 32-bit word in host (little-endian) order.
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                found.add(str(ipaddress.ip_address(raw)))
+    return found
+
+
+def test_the_admin_socket_is_this_users_alone_and_the_side_ports_listen_where_the_service_does(
+        tmp_path, run_haproxy):
+    port = free_port()
+    config = ray_config(tmp_path, port, routes=False)
+    side = {}
+    section = None
+    for line in config.read_text().split("\n"):
+        section = line.strip() if line and not line[0].isspace() else section
+        if section in ("frontend prometheus", "listen stats") and line.strip().startswith("bind "):
+            side[section] = int(line.split()[1].rsplit(":", 1)[1])
+    assert set(side) == {"frontend prometheus", "listen stats"}
+    run_haproxy(config, front(tmp_path), f"http://127.0.0.1:{port}")
+    assert (tmp_path / "admin.sock").stat().st_mode & 0o777 == 0o600  # Ray asks for 666
+    for name, side_port in side.items():
+        assert listening_addresses(side_port) == {"127.0.0.1"}, name  # Ray's: every interface
+    assert listening_addresses(port) == {"127.0.0.1"}
+
+
 def test_edits_are_made_once_and_each_is_in_the_configuration(tmp_path):
     text = ray_config(tmp_path, free_port(), routes=False).read_text()
     edited, notes = haproxy_front.edit_config(text, "/etc/service/both.pem")
@@ -154,7 +190,8 @@ def test_a_template_without_the_lines_is_left_as_it_is_with_a_note():
     text = "global\n    daemon\nfrontend other\n    bind :1\n"
     edited, notes = haproxy_front.edit_config(text, "/x.pem")
     assert edited == text
-    assert len(notes) == 2 and "404 rule" in notes[1] and "HTTPS not set up" in notes[0]
+    assert len(notes) == 3 and "admin socket" in notes[0] and "HTTPS not set up" in notes[1]
+    assert "404 rule" in notes[2]
 
 
 def test_the_front_script_execs_the_real_binary_with_the_edited_file(tmp_path):

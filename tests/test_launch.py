@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -17,12 +18,16 @@ from conftest import free_port, processes_with, service_env, wait_for
 
 from serve_app.ray_shell.launch import (
     FAST_SERVE_ENV,
+    HAPROXY_FILES,
     RUN_VARIABLE,
     SIDE_PORTS,
     busy_ports,
     end_leftovers,
+    front_environment,
     http_port,
+    private_ray_token,
     processes_of_run,
+    run,
     serve_run_command,
     tuned_environment,
 )
@@ -82,6 +87,38 @@ def test_null_and_auto_on_the_command_line_unset_what_the_config_file_pins(tmp_p
 def test_a_bad_override_is_refused_before_anything_starts():
     with pytest.raises(ValueError, match="gpu_fraction"):
         serve_run_command(["serve_config.yaml", "gpu_fraction=3"])
+
+
+def test_what_a_run_writes_is_this_users_alone(tmp_path):
+    # Ray's token file, its session's files and the zygotes' logs are made by the run's
+    # processes: with a shell's usual umask (022) every user of the machine could read them.
+    written = tmp_path / "written-by-the-run"
+    code = f"open({str(written)!r}, 'w').write('x')"
+    assert run([sys.executable, "-c", code], dict(os.environ)) == 0
+    assert written.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_ray_token_left_readable_by_others_is_made_this_users_alone(tmp_path):
+    token = tmp_path / ".ray" / "auth_token"
+    token.parent.mkdir()
+    token.write_text("t")
+    token.chmod(0o644)  # as Ray 2.60 writes it
+    private_ray_token(tmp_path)
+    assert token.stat().st_mode & 0o777 == 0o600
+
+
+def test_haproxys_files_go_to_the_runs_private_folder_not_the_shared_tmp_one(tmp_path):
+    base = tuned_environment({"PATH": os.environ["PATH"]})
+    mine = Path(tempfile.mkdtemp(prefix="haproxy-"))  # as a run makes it
+    try:
+        env = front_environment(base, tmp_path, haproxy_files=mine)
+    finally:
+        mine.rmdir()
+    assert {env[name] for name in HAPROXY_FILES} == {
+        str(mine / "haproxy.cfg"), str(mine / "admin.sock"), str(mine), str(mine / "server-state"),
+        str(mine / "metrics.sock")}
+    deep = tmp_path / ("d" * 60)  # Ray's node id after it, HAProxy would refuse the socket's path
+    assert not set(HAPROXY_FILES) & set(front_environment(base, tmp_path, haproxy_files=deep))
 
 
 def test_tuned_environment_keeps_what_the_operator_set():
@@ -324,15 +361,18 @@ def wait_until_serving(service: subprocess.Popen, port: int, timeout_s: float = 
     wait_for(answers, timeout_s, f"the service to answer on port {port}", interval_s=1)
 
 
-def answers_until_serving(service: subprocess.Popen, port: int, timeout_s: float = 180) -> list[httpx.Response]:
-    """Every HTTP answer to a one-text embeddings request, sent again and again from the
-    start, up to and including the first 200."""
+def answers_until_serving(service: subprocess.Popen, port: int, timeout_s: float = 180,
+                          key: str | None = None) -> list[httpx.Response]:
+    """Every HTTP answer to a one-text embeddings request (with `key`, if given), sent again
+    and again from the start, up to and including the first 200."""
     answers = []
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
 
     def served() -> bool:
         assert service.poll() is None, "the service stopped during start-up"
         try:
-            reply = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"input": "hi"}, timeout=30)
+            reply = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"input": "hi"}, timeout=30,
+                               headers=headers)
         except httpx.HTTPError:  # not listening yet, or held while the replica starts
             return False
         answers.append(reply)
@@ -349,6 +389,8 @@ def test_the_start_command_answers_503_until_ready_says_where_serves_on_loopback
     port = free_port(side_ports=True)
     env = service_env()
     del env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"]  # the service's own drain
+    key = f"launch-key-{secrets.token_hex(8)}"
+    env["EMBED_API_KEYS"] = key
     log = tmp_path / "stderr.log"
     service = subprocess.Popen(
         [sys.executable, "-m", "serve_app", "model=bundled:minilm", f"port={port}"],
@@ -358,7 +400,10 @@ def test_the_start_command_answers_503_until_ready_says_where_serves_on_loopback
         stdout=subprocess.DEVNULL, stderr=log.open("wb"),
     )
     try:
-        answers = answers_until_serving(service, port)
+        answers = answers_until_serving(service, port, key=key)
+        # The key reached the app as its digest only: no process the launcher started holds it.
+        assert processes_with("EMBED_API_KEYS", key) == [service.pid]
+        assert httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"input": "hi"}, timeout=30).status_code == 401
         # Before the application is deployed: 503 "starting" in the envelope, never a 404.
         for reply in answers[:-1]:
             assert (reply.status_code, reply.json()["error"]["code"]) == (503, "starting"), reply.text
@@ -374,6 +419,14 @@ def test_the_start_command_answers_503_until_ready_says_where_serves_on_loopback
         listening = {row[1] for row in rows if row[3] == "0A"}  # state LISTEN
         assert f"0100007F:{port:04X}" in listening
         assert f"00000000:{port:04X}" not in listening
+        # HAProxy's statistics page and metrics too (Ray binds them to every interface)...
+        for side in (port + 404, port + 1101):
+            assert {a for a in listening if a.endswith(f":{side:04X}")} == {f"0100007F:{side:04X}"}
+        # ...and its admin socket is this user's alone, in the run's private folder.
+        sockets = [s for s in Path(tempfile.gettempdir()).glob("haproxy-*/*/admin.sock")
+                   if f"127.0.0.1:{port}" in (s.parent / "haproxy.cfg").read_text()]
+        assert len(sockets) == 1 and sockets[0].stat().st_mode & 0o777 == 0o600
+        assert sockets[0].parent.parent.name != "haproxy-serve"  # Ray's folder, shared by every user
         service.send_signal(signal.SIGTERM)
         # Serve's default 30 s drain of the ingress made a stop take 34 s; with the
         # service's 5 s it takes about 12 s on 2 cores (30: room for a loaded machine).

@@ -306,6 +306,30 @@ def test_an_early_zygote_ends_when_its_driver_needs_none_or_ends_before_ray_and_
         driver.wait()
 
 
+def test_the_zygotes_log_is_in_a_folder_of_this_users_alone_and_a_planted_one_is_not_used(
+        monkeypatch, tmp_path):
+    # A log of a predictable name in the shared /tmp could be another user's file (every
+    # worker start failed on it) or a link they planted (appended to, wherever it points).
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    mine = tmp_path / f"sheet-embeddings-{os.getuid()}"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o777)
+    mine.symlink_to(elsewhere)
+    with warmstart._open_log("early") as log:
+        log.write(b"a line")
+    assert log.name == os.devnull and list(elsewhere.iterdir()) == []
+    mine.unlink()
+    mine.mkdir(mode=0o755)  # this user's, but others may read and enter it
+    os.chmod(mine, 0o755)
+    with warmstart._open_log("early") as log:
+        assert log.name == os.devnull
+    mine.rmdir()
+    with warmstart._open_log("early") as log:
+        log.write(b"a line\n")
+    assert log.name == str(mine / "zygote-early.log") and (mine.stat().st_mode & 0o777) == 0o700
+    assert (mine / "zygote-early.log").read_bytes() == b"a line\n"
+
+
 def test_batch_actors_start_warm_only_where_it_applies(monkeypatch):
     """No zygote for GPU actors, for warm_start=off, or where the job brings its own interpreter."""
     from serve_app.batch import job
@@ -402,7 +426,7 @@ def test_the_zygote_refuses_a_peer_of_another_user(script, tmp_path):
     with out:
         assert out.read() == b"reply:"  # closed unanswered: nothing was forked for it
     assert exit_code(pid) == 0
-    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"sheet-embeddings-zygote-{os.getpid()}.log"
+    log = Path(warmstart._log_path(os.getpid()))
     wait_for(lambda: f"refused pid {pid}: it runs as uid {NOBODY}" in log.read_text(), 10,
              "the zygote to log the refusal")
     proc = launch(script, "2", preload=preload, new_zygote=False)  # its own user is still served

@@ -14,6 +14,10 @@ and then becomes the real HAProxy (exec, same pid, so Ray's checks of its proces
    the same fast front as a plain one, and the same answers while starting. Requests go on
    to the replica as plain HTTP, marked `X-Forwarded-Proto: https`, so that the add-in's
    manifest names the https:// address the PCs reached.
+3. Who may talk to HAProxy's side doors. Ray makes its admin socket `mode 666` (any user of
+   the machine could redirect the traffic, keys and texts, or stop the service): it is made
+   the service user's alone (600). Ray binds the statistics page and the metrics endpoint to
+   every interface: they listen where the service does (127.0.0.1 unless host= says more).
 
 If Ray's template ever changes so that a line is not found, that edit is skipped (the
 configuration stays Ray's own) and one line says so on HAProxy's stderr log. The edits
@@ -77,7 +81,8 @@ def edit_config(text: str, certificate: str | None = None) -> tuple[str, list[st
         return text, []  # edited already
     notes = []
     section = None
-    default_rule = bind_line = None
+    default_rule = bind_line = admin_socket = None
+    side_binds = []  # the statistics page's and the metrics endpoint's
     for index, line in enumerate(lines):
         if line and not line[0].isspace():
             section = line.strip()
@@ -85,6 +90,23 @@ def edit_config(text: str, certificate: str | None = None) -> tuple[str, list[st
             default_rule = index
         elif section == "frontend http_frontend" and line.strip().startswith("bind ") and bind_line is None:
             bind_line = index
+        elif section == "global" and line.strip().startswith("stats socket ") and " mode 666 " in line + " ":
+            admin_socket = index
+        elif section in ("frontend prometheus", "listen stats") and line.strip().startswith("bind "):
+            side_binds.append(index)
+    if admin_socket is None:
+        notes.append("no 'stats socket ... mode 666' line in global: the admin socket's mode left as Ray's")
+    else:
+        lines[admin_socket] = (lines[admin_socket] + " ").replace(" mode 666 ", " mode 600 ").rstrip()
+        lines[admin_socket] += f"  {_MARK} this user's alone"
+    if bind_line is not None and side_binds:
+        address = lines[bind_line].split()[1].rsplit(":", 1)[0]  # as Ray wrote the service's
+        if address not in ("", "*", "0.0.0.0", "::", "[::]"):
+            for index in side_binds:
+                indent, words = lines[index][: len(lines[index]) - len(lines[index].lstrip())], lines[index].split()
+                port = words[1].rsplit(":", 1)[1]
+                lines[index] = f"{indent}bind {address}:{port} {' '.join(words[2:])}".rstrip()
+                lines[index] += f"  {_MARK} where the service listens"
     if certificate is not None:
         if bind_line is None:
             notes.append("no bind line in frontend http_frontend: HTTPS not set up")

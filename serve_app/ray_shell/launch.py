@@ -41,6 +41,7 @@ from serve_app.ray_shell.preflight import (
     read_config,
     tls_files,
 )
+from serve_app.web.auth import keys_as_digests
 
 # Measured on a 2-core CPU machine (README, bench/serve_bench.py): single-text p50 went from
 # +34 ms over the raw model to +10 ms, throughput from 0.62x to 0.98x of raw.
@@ -73,6 +74,27 @@ SIDE_PORTS = {
 }
 
 
+# Where Ray puts HAProxy's files, by variable: each in the run's private folder for them ("":
+# the folder itself).
+HAPROXY_FILES = {
+    "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg",
+    "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": "",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state",
+    "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "metrics.sock",
+}
+
+
+def private_ray_token(home: Path | None = None) -> None:
+    """Ray writes its cluster token (~/.ray/auth_token) readable by every user of the machine
+    (0644), and with it anyone could run code in the cluster as this user, past the API keys.
+    A run makes new files private (umask 077); this tightens one an earlier Ray left."""
+    token = (home or Path.home()) / ".ray" / "auth_token"
+    with contextlib.suppress(OSError):
+        if token.stat().st_uid == os.getuid() and token.stat().st_mode & 0o077:
+            token.chmod(0o600)
+
+
 def tuned_environment(base: dict[str, str] | None = None, port: int = DEFAULT_PORT,
                       ray_proxy: bool = False) -> dict[str, str]:
     """`base` (default: this process's environment) with the tuned flags and side ports for
@@ -92,11 +114,12 @@ def tuned_environment(base: dict[str, str] | None = None, port: int = DEFAULT_PO
 
 
 def front_environment(env: dict[str, str], directory: Path,
-                      certificate: tuple[str, str] | None = None) -> dict[str, str]:
+                      certificate: tuple[str, str] | None = None,
+                      haproxy_files: Path | None = None) -> dict[str, str]:
     """`env` with Serve's HAProxy run through `haproxy_front` (503 while starting, HTTPS),
     its files written to `directory` (private: it may hold a copy of the TLS key);
-    `certificate`: the (certificate, key) files for HTTPS. Unchanged where Ray's own proxy
-    fronts the service."""
+    `certificate`: the (certificate, key) files for HTTPS; `haproxy_files`: a private folder
+    for HAProxy's own files. Unchanged where Ray's own proxy fronts the service."""
     if env.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
         return env
     env = dict(env)
@@ -111,6 +134,14 @@ def front_environment(env: dict[str, str], directory: Path,
     )
     script.chmod(0o700)
     env.update({"RAY_SERVE_HAPROXY_BINARY_PATH": str(script), haproxy_front.REAL_BINARY_VARIABLE: real})
+    # HAProxy's files (its configuration, admin socket, state) in a private folder rather
+    # than Ray's /tmp/haproxy-serve, which every user shares and whoever made it first owns
+    # (and could swap the configuration of another's HAProxy in). Ray adds the node's id (56
+    # characters) to each path, and HAProxy takes socket paths of at most 97 bytes: under a
+    # long TMPDIR, Ray's place stays.
+    if haproxy_files is not None and len(str(haproxy_files)) + 1 + 56 + len("/metrics.sock") <= 97:
+        for variable, name in HAPROXY_FILES.items():
+            env.setdefault(variable, str(haproxy_files / name) if name else str(haproxy_files))
     if certificate is not None:
         # HAProxy takes the certificate and its key in one file.
         pem = directory / "certificate-and-key.pem"
@@ -285,9 +316,11 @@ def run(command: list[str], env: dict[str, str],
         # Its own session: a signal to our process group (a process manager's SIGTERM, the
         # terminal's SIGINT or SIGHUP) reaches only us, and serve run gets one SIGINT from
         # us instead of dying on the group's signal along with Ray's daemons.
+        # umask 077: what the run writes (Ray's token file, its session's files and logs, the
+        # zygotes' logs) is this user's alone, not readable by every user of an office server.
         child = subprocess.Popen(
             command, env={**env, RUN_VARIABLE: token}, stdin=subprocess.DEVNULL,
-            start_new_session=True, preexec_fn=_stop_with_parent(os.getpid()),
+            start_new_session=True, preexec_fn=_stop_with_parent(os.getpid()), umask=0o077,
         )
         if pending:
             child.send_signal(signal.SIGINT)
@@ -304,7 +337,7 @@ def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__.strip())
         return 0
-    temporary = front = None
+    temporary = front = haproxy_files = None
     try:
         try:
             haproxy = tuned_environment()["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
@@ -328,11 +361,14 @@ def main(argv: list[str]) -> int:
             )
             return 2
         front = Path(tempfile.mkdtemp(prefix="sheet-embeddings-front-"))
+        haproxy_files = Path(tempfile.mkdtemp(prefix="haproxy-"))  # short: see front_environment
         try:
-            env = front_environment(env, front, https)
+            env = front_environment(env, front, https, haproxy_files)
         except OSError as exc:
             print(f"Error: cannot set up the HTTP front: {exc}", file=sys.stderr)
             return 2
+        private_ray_token()
+        env = keys_as_digests(env)
         secure = bool(https or tls_files(config))
         if secure:
             via = "HAProxy" if https else "Ray's own proxy"
@@ -341,5 +377,6 @@ def main(argv: list[str]) -> int:
     finally:
         if temporary is not None:
             temporary.unlink(missing_ok=True)
-        if front is not None:
-            shutil.rmtree(front, ignore_errors=True)
+        for folder in (front, haproxy_files):
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)

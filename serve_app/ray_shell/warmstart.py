@@ -77,6 +77,7 @@ import runpy
 import select
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -250,7 +251,7 @@ def early_zygote(preload: str) -> bool:
     # zygote log: never to the driver's stdout, a pipe it would hold open after the driver.
     command = [sys.executable, "-m", "serve_app.ray_shell.warmstart", "--zygote", "-", "0", preload,
                f"--owner={os.getpid()}", f"--channel={theirs.fileno()}"]
-    with theirs, open(_log_path("early"), "ab") as out:
+    with theirs, _open_log("early") as out:
         subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
                          pass_fds=(theirs.fileno(),), env=_zygote_env())
     _early[preload] = ours
@@ -437,14 +438,31 @@ def start_zygote(address: str, parent: int, preload: str, *, env: dict[str, str]
         command.append(f"--owner={owner_pid}")
     if job_bound:
         command.append("--job-bound")
-    with open(_log_path(parent), "ab") as out:
+    with _open_log(parent) as out:
         subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
                          env=_zygote_env(env))
 
 
 def _log_path(parent: int | str) -> str:
-    """The zygotes' log of one raylet's node (of a driver's zygotes before Ray: "early")."""
-    return os.path.join(os.environ.get("TMPDIR", "/tmp"), f"sheet-embeddings-zygote-{parent}.log")
+    """The zygotes' log of one raylet's node (of a driver's zygotes before Ray: "early"), in
+    this user's own folder: in a shared /tmp, a file of a name anyone can predict may be
+    another user's (every worker start would fail on it) or a link they planted."""
+    folder = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"sheet-embeddings-{os.getuid()}")
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(folder, 0o700)
+    info = os.lstat(folder)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise PermissionError(f"{folder} is not a folder of this user's alone")
+    return os.path.join(folder, f"zygote-{parent}.log")
+
+
+def _open_log(parent: int | str):
+    """The zygotes' log, open for appending; without one (`_log_path` refused its folder, or
+    it cannot be written) warm starts go on, their output discarded."""
+    try:
+        return open(_log_path(parent), "ab")
+    except OSError:
+        return open(os.devnull, "ab")
 
 
 def _zygote_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -502,7 +520,7 @@ def serve_early_zygote(channel_fd: int, preload: str, owner: int, check_every_s:
     os.environ.update(RAY_JOB_ID=job["job"], RAY_RAYLET_PID=str(job["parent"]))
     sys.stdout.flush()
     sys.stderr.flush()
-    with open(_log_path(job["parent"]), "ab") as log:
+    with _open_log(job["parent"]) as log:
         for fd in (1, 2):
             os.dup2(log.fileno(), fd)
     idle = time.perf_counter() - waited

@@ -1,8 +1,10 @@
 """Optional API keys: `Authorization: Bearer <key>` on every route but two.
 
 Keys come from EMBED_API_KEYS (comma-separated) in the environment of the process
-that builds the app, never from a config file. Only their SHA-256 digests travel
-to the replicas (Ray keeps a deployment's arguments in its own store), and a
+that builds the app, never from a config file, or as their hex SHA-256 digests from
+EMBED_API_KEY_DIGESTS: `python -m serve_app` turns the one into the other before it
+starts anything, so the keys themselves are in no process of the cluster. Only digests
+travel to the replicas (Ray keeps a deployment's arguments in its own store), and a
 presented key is compared against every digest in constant time. Keys are never
 logged. Only /health, /openapi.json and the Office add-in's files under /excel/ stay
 open; everything else, /v1 and the /embeddings and /models that clients without /v1
@@ -14,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 
 import orjson
 
@@ -21,14 +24,35 @@ from serve_app.core.errors import Unauthorized
 from serve_app.web.requestlog import app_path
 
 API_KEYS_ENV = "EMBED_API_KEYS"
+DIGESTS_ENV = "EMBED_API_KEY_DIGESTS"
 OPEN_PATHS = frozenset({"/health", "/openapi.json"})
 OPEN_PREFIXES = ("/excel/",)  # the Office add-in's manifest and static files: no secrets
 
 
 def key_digests_from_env(environ: dict[str, str] | None = None) -> list[str]:
-    """Hex SHA-256 digests of the keys in EMBED_API_KEYS; empty when unset (no auth)."""
-    raw = (os.environ if environ is None else environ).get(API_KEYS_ENV, "")
-    return sorted({_digest(key.strip()) for key in raw.split(",") if key.strip()})
+    """Hex SHA-256 digests of the keys in EMBED_API_KEYS and those in EMBED_API_KEY_DIGESTS;
+    empty when neither is set (no auth)."""
+    environ = os.environ if environ is None else environ
+    keys = environ.get(API_KEYS_ENV, "")
+    digests = {_digest(key.strip()) for key in keys.split(",") if key.strip()}
+    for given in environ.get(DIGESTS_ENV, "").split(","):
+        if given.strip():
+            if not re.fullmatch(r"[0-9a-f]{64}", given.strip().lower()):
+                raise ValueError(f"{DIGESTS_ENV} holds something that is not a hex SHA-256 digest.")
+            digests.add(given.strip().lower())
+    return sorted(digests)
+
+
+def keys_as_digests(environ: dict[str, str]) -> dict[str, str]:
+    """`environ` with EMBED_API_KEYS replaced by their digests (EMBED_API_KEY_DIGESTS): what
+    the processes a launcher starts need, without the keys for them to leak (every process
+    of a Ray cluster inherits its environment, and /proc shows it to the same user)."""
+    if not environ.get(API_KEYS_ENV):
+        return environ
+    environ = dict(environ)
+    environ[DIGESTS_ENV] = ",".join(key_digests_from_env(environ))
+    del environ[API_KEYS_ENV]
+    return environ
 
 
 def _digest(key: str) -> str:
