@@ -184,6 +184,13 @@ def test_edits_are_made_once_and_each_is_in_the_configuration(tmp_path):
     assert 'ssl crt "/etc/service/both.pem"' in edited
     assert "http-request set-header X-Forwarded-Proto https" in edited
     assert haproxy_front.edit_config(edited, "/etc/service/both.pem") == (edited, [])
+    # The host asked for (Ray's own is loopback then): the public bind alone listens there,
+    # HTTPS on it, and the side ports follow it.
+    port = free_port()
+    opened, _ = haproxy_front.edit_config(ray_config(tmp_path, port, routes=False).read_text(),
+                                          "/etc/service/both.pem", "0.0.0.0")
+    assert f'bind 0.0.0.0:{port} ssl crt "/etc/service/both.pem"' in opened
+    assert "bind 127.0.0.1:" not in opened
 
 
 def test_a_template_without_the_lines_is_left_as_it_is_with_a_note():

@@ -1,6 +1,7 @@
 """`python -m serve_app`: the command it runs, the environment it runs it in, what it
 refuses before starting, and how it stops."""
 
+import contextlib
 import os
 import secrets
 import signal
@@ -350,6 +351,29 @@ def test_what_a_run_leaves_behind_is_ended_and_nothing_else():
         other.wait()
 
 
+def listening_sockets(pids: list[int]) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket these processes listen on (Linux /proc)."""
+    import ipaddress
+
+    inodes = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):  # ended meanwhile
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if (target := os.readlink(fd)).startswith("socket:["):
+                        inodes.add(target[8:-1])
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in Path(table).read_text().splitlines()[1:]:
+            fields = row.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
+                address, port = fields[1].split(":")
+                raw = bytes.fromhex(address)
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # host-order words
+                found.add((str(ipaddress.ip_address(raw)), int(port, 16)))
+    return found
+
+
 def wait_until_serving(service: subprocess.Popen, port: int, timeout_s: float = 180) -> None:
     def answers() -> bool:
         assert service.poll() is None, "the service stopped during start-up"
@@ -486,6 +510,8 @@ def test_every_port_the_service_opened_is_free_after_it_stops(how):
     # Every process of this start (Ray's, HAProxy) inherits the variable: what is left shows.
     test_run = secrets.token_hex(8)
     command = [sys.executable, "-m", "serve_app", "model=bundled:minilm", f"port={port}"]
+    if how == "sigterm_to_its_process_group":
+        command.append("host=0.0.0.0")  # and, while it runs, only HAProxy listens there
     env = service_env(SHEET_EMBEDDINGS_TEST_RUN=test_run)
     terminal = Terminal() if how == "its_terminal_closing" else None
     if terminal is not None:
@@ -495,6 +521,13 @@ def test_every_port_the_service_opened_is_free_after_it_stops(how):
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_until_serving(service, port)
+        if "host=0.0.0.0" in command:
+            # Ray binds its replicas' HTTP ports and its fallback proxy to the service's host:
+            # plain HTTP to the network, also when HAProxy serves HTTPS. They stay on loopback.
+            listeners = listening_sockets(processes_with("SHEET_EMBEDDINGS_TEST_RUN", test_run))
+            assert ("0.0.0.0", port) in listeners
+            behind = {(a, p) for a, p in listeners if 30000 <= p <= 31000 or p == port + 500}
+            assert len(behind) >= 2 and {a for a, _ in behind} == {"127.0.0.1"}, behind
         if terminal is not None:
             terminal.close()  # the terminal sends SIGHUP
         else:

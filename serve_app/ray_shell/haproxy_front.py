@@ -14,7 +14,11 @@ and then becomes the real HAProxy (exec, same pid, so Ray's checks of its proces
    the same fast front as a plain one, and the same answers while starting. Requests go on
    to the replica as plain HTTP, marked `X-Forwarded-Proto: https`, so that the add-in's
    manifest names the https:// address the PCs reached.
-3. Who may talk to HAProxy's side doors. Ray makes its admin socket `mode 666` (any user of
+3. Where the service listens. Ray binds its replicas' ports and its fallback proxy to the
+   service's host, so `host=0.0.0.0` would put them on the network too, in plain HTTP even
+   when the service is HTTPS. The launcher gives Ray 127.0.0.1 and the host asked for in
+   SHEET_EMBEDDINGS_HAPROXY_HOST: only HAProxy's public `bind` line listens there.
+4. Who may talk to HAProxy's side doors. Ray makes its admin socket `mode 666` (any user of
    the machine could redirect the traffic, keys and texts, or stop the service): it is made
    the service user's alone (600). Ray binds the statistics page and the metrics endpoint to
    every interface: they listen where the service does (127.0.0.1 unless host= says more).
@@ -40,6 +44,7 @@ from serve_app.web.requestlog import SANE_ID_PATTERN
 
 REAL_BINARY_VARIABLE = "SHEET_EMBEDDINGS_HAPROXY_BINARY"
 CERTIFICATE_VARIABLE = "SHEET_EMBEDDINGS_HAPROXY_PEM"
+HOST_VARIABLE = "SHEET_EMBEDDINGS_HAPROXY_HOST"  # where the service listens, when Ray's host is loopback
 RETRY_AFTER_S = 2
 
 _ROUTER_404 = "http-request return status 404"
@@ -74,7 +79,7 @@ def _has_routes(lines: list[str]) -> bool:
     return any(line.strip().startswith("use_backend ") for line in lines)
 
 
-def edit_config(text: str, certificate: str | None = None) -> tuple[str, list[str]]:
+def edit_config(text: str, certificate: str | None = None, host: str | None = None) -> tuple[str, list[str]]:
     """Ray's HAProxy configuration with our edits, and a note for each edit not made."""
     lines = text.split("\n")
     if any(_MARK in line for line in lines):
@@ -94,13 +99,21 @@ def edit_config(text: str, certificate: str | None = None) -> tuple[str, list[st
             admin_socket = index
         elif section in ("frontend prometheus", "listen stats") and line.strip().startswith("bind "):
             side_binds.append(index)
+    if host is not None:
+        if bind_line is None:
+            notes.append(f"no bind line in frontend http_frontend: not listening on {host}")
+        else:
+            words = lines[bind_line].split()
+            indent = lines[bind_line][: len(lines[bind_line]) - len(lines[bind_line].lstrip())]
+            words[1] = f"{host}:{words[1].rsplit(':', 1)[1]}"
+            lines[bind_line] = indent + " ".join(words)  # no comment: HTTPS appends to the line
     if admin_socket is None:
         notes.append("no 'stats socket ... mode 666' line in global: the admin socket's mode left as Ray's")
     else:
         lines[admin_socket] = (lines[admin_socket] + " ").replace(" mode 666 ", " mode 600 ").rstrip()
         lines[admin_socket] += f"  {_MARK} this user's alone"
     if bind_line is not None and side_binds:
-        address = lines[bind_line].split()[1].rsplit(":", 1)[0]  # as Ray wrote the service's
+        address = lines[bind_line].split()[1].rsplit(":", 1)[0]  # the service's
         if address not in ("", "*", "0.0.0.0", "::", "[::]"):
             for index in side_binds:
                 indent, words = lines[index][: len(lines[index]) - len(lines[index].lstrip())], lines[index].split()
@@ -152,7 +165,8 @@ def _edit_file(path: str) -> None:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         with open(path, encoding="utf-8") as f:
             text = f.read()
-        edited, notes = edit_config(text, os.environ.get(CERTIFICATE_VARIABLE) or None)
+        edited, notes = edit_config(text, os.environ.get(CERTIFICATE_VARIABLE) or None,
+                                    os.environ.get(HOST_VARIABLE) or None)
         if edited != text:
             with open(path, "w", encoding="utf-8") as f:
                 f.write(edited)

@@ -19,6 +19,7 @@ application is deployed, and HTTPS (tls_certfile=, tls_keyfile=) goes through HA
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import secrets
 import shlex
@@ -83,6 +84,13 @@ HAPROXY_FILES = {
     "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state",
     "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "metrics.sock",
 }
+
+
+def _public_host(config: dict) -> str | None:
+    """The host a config asks the service to listen on, where it is not loopback and HAProxy
+    can be told it (an IPv4 address or a name; an IPv6 one stays with Ray)."""
+    host = str((config.get("http_options") or {}).get("host") or "0.0.0.0")  # Ray's default here
+    return None if host in ("127.0.0.1", "localhost") or ":" in host else host
 
 
 def private_ray_token(home: Path | None = None) -> None:
@@ -352,6 +360,15 @@ def main(argv: list[str]) -> int:
             return 2
         # HTTPS still in http_options: Ray's own proxy serves it.
         env = tuned_environment(port=port, ray_proxy=tls_files(config) is not None)
+        announced = config
+        if env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and (host := _public_host(config)):
+            # Ray binds its replicas' ports and its fallback proxy to this host too, in plain
+            # HTTP: they stay on loopback, and only HAProxy's public bind listens there.
+            config = copy.deepcopy(config)
+            config.setdefault("http_options", {})["host"] = "127.0.0.1"
+            temporary = write_config(config, temporary)
+            command[-1] = str(temporary)
+            env[haproxy_front.HOST_VARIABLE] = host
         if busy := busy_ports(env, port):
             print(
                 f"Error: already in use: {'; '.join(busy)}. Is another instance running on this "
@@ -373,7 +390,7 @@ def main(argv: list[str]) -> int:
         if secure:
             via = "HAProxy" if https else "Ray's own proxy"
             print(f"HTTPS on port {port}, through {via}.", file=sys.stderr)
-        return run(command, env, started=lambda child: announce_when_ready(child, config, port, secure))
+        return run(command, env, started=lambda child: announce_when_ready(child, announced, port, secure))
     finally:
         if temporary is not None:
             temporary.unlink(missing_ok=True)
