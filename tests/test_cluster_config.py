@@ -23,6 +23,13 @@ def test_gpu_workers_scale_to_zero_and_head_has_no_gpu():
     assert gpu_types and all(t["min_workers"] == 0 for t in gpu_types)
 
 
+def test_the_heads_dashboard_and_job_api_listen_on_loopback_only():
+    # Reached through `ray dashboard cluster.yaml` (an SSH forward), as the README says: on
+    # the network it would be one more door, guarded by Ray's token alone.
+    start = " ".join(load()["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in start and "0.0.0.0" not in start
+
+
 def test_validation_would_catch_a_broken_config():
     # The check above is only worth something if Ray rejects a bad file.
     import pytest
