@@ -117,6 +117,7 @@ def test_similarity_xlsx_round_trip(ray_head, tmp_path, bundled_embedder):
     frame["question"] = frame["question"].astype(object)
     frame.loc[4, "question"] = 1024  # a number cell
     frame["when"] = [dt.datetime(2024, 1, d + 1) for d in range(8)]
+    frame["note"] = ["NA", "None", "null", "N/A", "nan", "NULL", "", "ok"]  # text, not blanks
     frame.to_excel(tmp_path / "pairs.xlsx", index=False, sheet_name="Pairs")
     output = tmp_path / "scored.xlsx"
     job = ray_head.submit("similarity", "--input", str(tmp_path / "pairs.xlsx"), "--left", "question",
@@ -124,7 +125,9 @@ def test_similarity_xlsx_round_trip(ray_head, tmp_path, bundled_embedder):
     assert ray_head.wait(job) == "SUCCEEDED", ray_head.logs(job)[-3000:]
 
     scored = pd.read_excel(output)
-    assert list(scored.columns) == ["id", "question", "doc", "when", "similarity"]
+    assert list(scored.columns) == ["id", "question", "doc", "when", "note", "similarity"]
+    notes = pd.read_excel(output, keep_default_na=False, na_values=[""])["note"]
+    assert notes.tolist()[:6] == ["NA", "None", "null", "N/A", "nan", "NULL"] and pd.isna(notes[6])
     assert scored["id"].tolist() == list(range(8))
     assert scored["similarity"].isna().tolist() == [False, True, True, False, False, False, False, False]
     left = [str(frame["question"][i]) for i in range(8) if i not in (1, 2)]
@@ -133,6 +136,38 @@ def test_similarity_xlsx_round_trip(ray_head, tmp_path, bundled_embedder):
     got = scored["similarity"].dropna().to_numpy()
     np.testing.assert_allclose(got, expected, atol=1e-4)
     assert got[0] > got[4]  # password question vs reset steps beats it vs tax deadline
+
+
+def test_a_semicolon_csv_with_line_breaks_in_cells_is_scored_and_its_csv_output_read_back(
+        ray_head, tmp_path, bundled_embedder):
+    # Excel's "CSV UTF-8" where the decimal mark is a comma: a byte-order mark, semicolons,
+    # and Alt+Enter line breaks in cells, in a file past the reader's 1 MB blocks (which
+    # were cut inside the quotes: "Expected 3 columns, got 1").
+    questions = ["How do I reset\nmy password?", "Wann ist die Miete fällig?", "合同\n终止的条件"]
+    docs = ["Steps to reset\na forgotten password", "Die Miete ist am Ersten fällig; danach 5 % Zinsen.",
+            "任何一方可提前三十天\n书面通知终止本合同。"]
+    rows = 30_000
+    lines = "".join(f'{i};"{questions[i % 3]}";"{docs[i % 3]}"\n' for i in range(rows))
+    (tmp_path / "rows.csv").write_bytes(b"\xef\xbb\xbf" + f"id;question;doc\n{lines}".encode())
+    assert (tmp_path / "rows.csv").stat().st_size > 2 << 20
+    scored = tmp_path / "scored.csv"
+    job = ray_head.submit("similarity", "--input", str(tmp_path / "rows.csv"), "--left", "question",
+                          "--right", "doc", "--output", str(scored))
+    assert ray_head.wait(job) == "SUCCEEDED", ray_head.logs(job)[-3000:]
+    assert scored.read_bytes().startswith(b'\xef\xbb\xbf"id","question","doc","similarity"\n')  # for Excel
+    table = pd.read_csv(scored, encoding="utf-8-sig")
+    assert table["id"].tolist() == list(range(rows))
+    assert table["question"].tolist()[:3] == questions and table["doc"].tolist()[:3] == docs
+    expected = np.sum(direct(bundled_embedder, questions) * direct(bundled_embedder, docs), axis=1)
+    np.testing.assert_allclose(table["similarity"][:3], expected, atol=1e-4)
+
+    # The output, mark and all, is the next job's input.
+    embedded = tmp_path / "embedded.parquet"
+    job = ray_head.submit("embed", "--input", str(scored), "--column", "doc", "--output", str(embedded))
+    assert ray_head.wait(job) == "SUCCEEDED", ray_head.logs(job)[-3000:]
+    table = pq.read_table(embedded)
+    assert table.column_names == ["id", "question", "doc", "similarity", "embedding"]
+    assert table["id"].to_pylist() == list(range(rows)) and table["doc"].to_pylist()[:3] == docs
 
 
 def test_search_returns_the_best_rows_first_and_counts_the_rows_it_embedded(ray_head, tmp_path, bundled_embedder):

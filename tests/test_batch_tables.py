@@ -9,6 +9,7 @@ import signal
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.csv  # noqa: F401  (pa.csv)
 import pyarrow.parquet  # noqa: F401  (pa.parquet)
 import pytest
 import ray
@@ -25,8 +26,10 @@ from serve_app.batch.tables import (
     csv_schema,
     input_files,
     output_format,
+    read_xlsx,
     require_columns,
     text_or_none,
+    write_table,
 )
 
 
@@ -117,7 +120,8 @@ def test_missing_column_lists_the_columns_and_unreadable_file_is_named(tmp_path)
     pd.DataFrame({"Frage": ["a"], "Antwort": ["b"]}).to_excel(tmp_path / "s.xlsx", index=False)
     with pytest.raises(JobInputError) as err:
         require_columns([tmp_path / "s.xlsx"], "xlsx", ["question"])
-    assert str(err.value) == "s.xlsx has no column 'question'. Its columns are: 'Frage', 'Antwort'."
+    assert str(err.value) == ("s.xlsx has no column 'question' on its sheet 'Sheet1'. "
+                              "Its columns are: 'Frage', 'Antwort'.")
     with pytest.raises(JobInputError, match="no sheet 'Other'. Its sheets are: 'Sheet1'"):
         require_columns([tmp_path / "s.xlsx"], "xlsx", ["Frage"], sheet="Other")
 
@@ -143,7 +147,6 @@ def test_atomic_output_renames_on_success_and_leaves_nothing_on_failure(tmp_path
     assert list(tmp_path.iterdir()) == [target]
 
 
-
 def test_sigterm_removes_the_temporary_file_and_says_so_before_anything_unwinds(tmp_path, capfd):
     # Ray sends SIGKILL 3 s after SIGTERM; unwinding a Ray Data pipeline may take longer,
     # so the file must be gone, and the sentence printed, when the signal arrives.
@@ -161,6 +164,7 @@ def test_sigterm_removes_the_temporary_file_and_says_so_before_anything_unwinds(
             open_writer.close()
     assert list(tmp_path.iterdir()) == []
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
+
 
 def test_top_k_orders_matches_and_keeps_blank_queries():
     unit = np.eye(3, dtype=np.float32)
@@ -302,3 +306,188 @@ def test_a_column_that_is_text_from_the_start_is_not_read_through(tmp_path):
     rows = tmp_path / "rows.csv"
     rows.write_text("body,n\n" + "".join(f"long text {i},{i}\n" for i in range(50)))
     assert csv_schema(rows, ["title"]).types == [pa.string(), pa.int64()]
+
+
+# --- what office files hold: line breaks in cells, encodings, separators, odd sheets -----
+
+
+def refused_before_ray(argv: list[str], monkeypatch, capsys) -> str:
+    """The sentence a command ends with, failing before Ray starts."""
+
+    def no_ray(*_args, **_kwargs):
+        raise AssertionError("Ray was started: the input should have been refused before")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    code = main([*argv, "--model", "bundled:minilm"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    return err.strip().removeprefix("error: ")
+
+
+def similarity(rows, output) -> list[str]:
+    return ["similarity", "--input", str(rows), "--left", "question", "--right", "doc", "--output", str(output)]
+
+
+def test_a_csv_cell_with_line_breaks_is_read_past_the_first_megabyte(tmp_path):
+    # Alt+Enter in an Excel cell: pyarrow cut its 1 MB blocks inside the quotes and failed
+    # the file ("CSV parse error: Expected 2 columns, got 1").
+    rows = tmp_path / "rows.csv"
+    rows.write_text("id,question\n" + "".join(f'{i},"first line {i}\nsecond line"\n' for i in range(60_000)))
+    assert rows.stat().st_size > 1 << 20
+    assert require_columns([rows], "csv", ["question"]) == ["id", "question"]
+    assert csv_schema(rows, ["question"]).types == [pa.int64(), pa.string()]
+
+
+def test_a_csv_that_is_not_utf8_is_refused_before_ray_naming_the_byte_and_row(tmp_path, monkeypatch, capsys):
+    # A Windows "ANSI" export passed the check and failed a Ray read task, or came out as bytes.
+    rows = tmp_path / "rows.csv"
+    rows.write_bytes(b"question,doc\n" + b"tea,leaves\n" * 3 + b"caf\xe9 au lait,milk\n")
+    assert refused_before_ray(similarity(rows, tmp_path / "out.csv"), monkeypatch, capsys) == (
+        "rows.csv is not UTF-8 text (byte 0xE9 in row 5, column 'question'): in Excel, save it as "
+        "'CSV UTF-8 (Comma delimited)'; elsewhere, save it with the encoding UTF-8.")
+    rows.write_bytes(b"question,caf\xe9\ntea,leaves\n")
+    assert "rows.csv is not UTF-8 text (byte 0xE9 in its header)" in refused_before_ray(
+        similarity(rows, tmp_path / "out.csv"), monkeypatch, capsys)
+    assert list(tmp_path.iterdir()) == [rows]
+
+
+def test_a_bad_row_far_down_a_text_only_csv_is_refused_before_ray_naming_its_row(tmp_path, monkeypatch, capsys):
+    # Every column text: the check read only the first megabyte, and the job failed part way.
+    rows = tmp_path / "rows.csv"
+    rows.write_text("question,doc\n" + "q,d\n" * 300_000 + "q,d,a stray field\n")
+    assert refused_before_ray(similarity(rows, tmp_path / "out.csv"), monkeypatch, capsys) == (
+        "rows.csv has 3 fields in row 300002, where its header has 2 (the row begins 'q,d,a stray "
+        "field'): put quotes around a value that holds a comma.")
+    rows.write_text("question;doc\n" + "q;d\n" * 9 + "q\n")
+    assert "rows.csv has 1 fields in row 11, where its header has 2 (the row begins 'q'): add the missing " \
+        "fields" in refused_before_ray(similarity(rows, tmp_path / "out.csv"), monkeypatch, capsys)
+
+
+@pytest.mark.parametrize(("separator", "name"), [(";", "semicolons"), ("\t", "tabs")])
+def test_a_csv_separated_by_semicolons_or_tabs_is_read_with_them(tmp_path, separator, name):
+    # Excel's exports where the decimal mark is a comma: "has no column 'question'. Its
+    # columns are: 'question;doc'".
+    rows = tmp_path / "rows.csv"
+    rows.write_text(f'question{separator}doc{separator}"a, b"\nhow{separator}"x{separator} y"{separator}3,5\n')
+    assert require_columns([rows], "csv", ["question", "doc"]) == ["question", "doc", "a, b"]
+    assert csv_schema(rows, ["question"]).names == ["question", "doc", "a, b"]
+    commas = tmp_path / "commas.csv"
+    commas.write_text("question,doc;notes\nhow,x\n")  # a tie goes to the comma
+    assert require_columns([commas], "csv", ["question"]) == ["question", "doc;notes"]
+
+    from serve_app.batch.tables import count_rows
+
+    with pytest.raises(JobInputError, match=f"separated differently \\(commas.csv by commas; rows.csv by {name}\\)"):
+        count_rows([commas, rows], "csv")
+
+
+def test_an_xlsx_keeps_text_that_pandas_would_make_blank(tmp_path):
+    pd.DataFrame({"question": ["NA", "None", "null", "N/A", "nan", None], "n": [1, None, 3, 4, 5, 6]}).to_excel(
+        tmp_path / "s.xlsx", index=False)
+    frame = read_xlsx(tmp_path / "s.xlsx", None)
+    assert frame["question"].tolist()[:5] == ["NA", "None", "null", "N/A", "nan"]
+    assert pd.isna(frame["question"][5])  # an empty cell is still blank
+    assert frame["n"].dtype == np.float64 and pd.isna(frame["n"][1])  # and numbers stay numbers
+
+
+def test_an_xlsx_with_repeated_or_blank_headers_is_refused_as_a_csv_is(tmp_path):
+    # pandas renamed them ("note.1", "Unnamed: 2"), silently.
+    import openpyxl
+
+    def sheet(name, *rows):
+        book = openpyxl.Workbook()
+        for row in rows:
+            book.active.append(row)
+        book.save(tmp_path / name)
+        return tmp_path / name
+
+    twice = sheet("twice.xlsx", ["note", "question", "note"], [1, "how", 2])
+    with pytest.raises(JobInputError, match="twice.xlsx has more than one column named 'note'"):
+        require_columns([twice], "xlsx", ["question"])
+    blanks = sheet("blanks.xlsx", ["question", None, "doc", None, "when"], ["how", 1, "x", 2, 3])
+    with pytest.raises(JobInputError, match="more than one column named one with no name"):
+        require_columns([blanks], "xlsx", ["question"])
+    # Data right of the last header is a column with no name too.
+    beyond = sheet("beyond.xlsx", ["question", None, "doc"], ["how", 1, "x", "stray"])
+    assert require_columns([beyond], "xlsx", ["question"]) == ["question", "", "doc"]
+    with pytest.raises(JobInputError, match="beyond.xlsx has more than one column named one with no name"):
+        read_xlsx(beyond, None)
+    one = sheet("one.xlsx", ["question", None, "doc", None], ["how", 1, "x"])
+    assert list(read_xlsx(one, None).columns) == ["question", "", "doc"]  # as a CSV's ",," would be
+
+
+def test_excels_lock_file_beside_an_open_workbook_is_not_input(tmp_path):
+    pd.DataFrame({"question": ["a"]}).to_excel(tmp_path / "book.xlsx", index=False)
+    (tmp_path / "~$book.xlsx").write_bytes(b"\x0bana" + bytes(150))  # "File is not a zip file"
+    files, fmt = input_files(tmp_path)
+    assert [f.name for f in files] == ["book.xlsx"] and fmt == "xlsx"
+
+
+def test_a_column_missing_from_a_workbook_names_the_sheet_read_and_the_others(tmp_path):
+    with pd.ExcelWriter(tmp_path / "multi.xlsx") as book:
+        pd.DataFrame({"Quarterly report": ["Q1"]}).to_excel(book, sheet_name="Summary", index=False)
+        pd.DataFrame({"question": ["how"]}).to_excel(book, sheet_name="Data", index=False)
+    with pytest.raises(JobInputError) as err:
+        require_columns([tmp_path / "multi.xlsx"], "xlsx", ["question"])
+    assert str(err.value) == (
+        "multi.xlsx has no column 'question' on its sheet 'Summary'. Its columns are: 'Quarterly report'. "
+        "The workbook's sheets are: 'Summary', 'Data'; name the one to read with --sheet.")
+    assert require_columns([tmp_path / "multi.xlsx"], "xlsx", ["question"], sheet="Data") == ["question"]
+
+
+def test_an_output_the_job_could_not_write_is_refused_before_ray(tmp_path, monkeypatch, capsys):
+    rows = tmp_path / "rows.csv"
+    rows.write_text("question,doc\nhow,x\n")
+    (tmp_path / "scored.csv").mkdir()
+    assert refused_before_ray(similarity(rows, tmp_path / "scored.csv"), monkeypatch, capsys) == (
+        f"The output {tmp_path / 'scored.csv'} is a folder: give the path of a file to write in it, "
+        f"such as {tmp_path / 'scored.csv' / 'output.csv'}.")
+    (tmp_path / "notes").write_text("a file")
+    assert refused_before_ray(similarity(rows, tmp_path / "notes" / "new" / "out.csv"), monkeypatch, capsys) == (
+        f"Cannot write {tmp_path / 'notes' / 'new' / 'out.csv'}: {tmp_path / 'notes'} is a file, not a folder. "
+        "Choose another --output.")
+
+
+def test_a_sheet_too_long_for_excel_is_refused_before_ray_and_at_write_time(tmp_path, monkeypatch, capsys):
+    rows = tmp_path / "rows.csv"
+    rows.write_text("question,doc\n" + "q,d\n" * 1_048_576)
+    assert refused_before_ray(similarity(rows, tmp_path / "scored.xlsx"), monkeypatch, capsys) == (
+        "The output would have 1,048,576 rows, more than an Excel sheet holds (1,048,575 below its "
+        "header): write it as .csv or .parquet instead.")
+    target = tmp_path / "out" / "scored.xlsx"
+    with pytest.raises(JobInputError, match="more than an Excel sheet holds"), atomic_output(target) as temporary:
+        write_table(pa.table({"n": np.zeros(1_048_576)}), temporary, "xlsx")
+    assert list(target.parent.iterdir()) == []
+
+
+def test_an_xlsx_output_drops_what_a_sheet_cannot_hold(tmp_path):
+    # openpyxl refused a vertical tab (IllegalCharacterError) and pandas a time zone, after
+    # all the work and with a traceback.
+    import openpyxl
+
+    when = pa.array([dt.datetime(2024, 3, 1, 12, 0)], type=pa.timestamp("us", tz="UTC"))
+    table = pa.table({"text": ["line\x0bbreak\ttab"], "when": when.cast(pa.timestamp("us", tz="Europe/Berlin"))})
+    write_table(table, tmp_path / "out.xlsx", "xlsx")
+    row = next(openpyxl.load_workbook(tmp_path / "out.xlsx").active.iter_rows(min_row=2, values_only=True))
+    assert row == ("linebreak\ttab", dt.datetime(2024, 3, 1, 13, 0))  # Berlin's clock
+
+
+def test_a_csv_output_opens_as_utf8_in_excel_and_reads_back_as_input(tmp_path):
+    # Excel on Windows showed "cafÃ©" for a CSV without a byte-order mark.
+    write_table(pa.table({"question": ["café", "合同"], "n": [1, None]}), tmp_path / "out.csv", "csv")
+    assert (tmp_path / "out.csv").read_bytes().startswith(b"\xef\xbb\xbf\"question\",\"n\"\n")
+    assert require_columns([tmp_path / "out.csv"], "csv", ["question"]) == ["question", "n"]
+    assert pa.csv.read_csv(tmp_path / "out.csv").to_pylist() == [{"question": "café", "n": 1},
+                                                                   {"question": "合同", "n": None}]
+
+
+def test_a_sheet_is_cut_into_blocks_for_the_actors_to_share(tmp_path):
+    # A sheet was one block: one actor embedded all of it and the progress sat at 0/1.
+    from serve_app.batch.job import sheet_blocks
+
+    pd.DataFrame({"text": [f"row {i}" for i in range(600)]}).to_excel(tmp_path / "a.xlsx", index=False)
+    pd.DataFrame({"text": ["last"], "n": [1]}).to_excel(tmp_path / "b.xlsx", index=False)
+    blocks, schema = sheet_blocks([tmp_path / "a.xlsx", tmp_path / "b.xlsx"], None, ["text"], 256)
+    assert [block.num_rows for block in blocks] == [256, 256, 88, 1]
+    assert all(block.schema == schema for block in blocks) and schema.names == ["text", "n"]
+    assert pa.concat_tables(blocks)["text"].to_pylist() == [f"row {i}" for i in range(600)] + ["last"]

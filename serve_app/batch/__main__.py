@@ -157,9 +157,18 @@ def run(opts: argparse.Namespace) -> tuple[int, str, dict[str, float]]:
 def _check_inputs(opts: argparse.Namespace, output: str) -> None:
     """Everything that can be wrong with the files, found before Ray starts."""
     from serve_app.batch.job import search_clashes
-    from serve_app.batch.tables import input_files, output_format, require_columns
+    from serve_app.batch.tables import (
+        SHEET_ROWS,
+        check_output,
+        count_rows,
+        input_files,
+        output_format,
+        require_columns,
+        too_many_rows,
+    )
 
-    output_format(output, ("parquet",) if opts.command == "embed" else ("csv", "xlsx", "parquet"))
+    fmt = output_format(output, ("parquet",) if opts.command == "embed" else ("csv", "xlsx", "parquet"))
+    check_output(output)
     if opts.command == "search":
         if opts.k < 1:
             raise JobInputError(f"--k must be at least 1, not {opts.k}.")
@@ -169,13 +178,19 @@ def _check_inputs(opts: argparse.Namespace, output: str) -> None:
         checks = [(opts.input, [opts.left, opts.right], "similarity")]
     else:
         checks = [(opts.input, [opts.column], "embedding")]
-    names = []
+    names, rows = [], []
     for path, columns, adds in checks:
-        files, fmt = input_files(path, output)
-        names.append(require_columns(files, fmt, columns, opts.sheet, adds))
+        files, input_fmt = input_files(path, output)
+        names.append(require_columns(files, input_fmt, columns, opts.sheet, adds))
+        rows.append(count_rows(files, input_fmt, opts.sheet))  # reads a CSV through: its bad rows
     if opts.command == "search" and (clashes := search_clashes(*names)):
         raise JobInputError(f"The search's output would have {' and '.join(clashes)}: rename that "
                             "column of the queries or the corpus first.")
+    if fmt == "xlsx" and None not in rows:
+        # A search writes k rows a query, at most one a corpus row, and at least one.
+        written = rows[0] * max(1, min(opts.k, rows[1])) if opts.command == "search" else rows[0]
+        if written >= SHEET_ROWS:
+            raise JobInputError(too_many_rows(written, at_most=opts.command == "search"))
 
 
 def _dimensions(dimensions: int | None, args: AppArgs, full: int) -> int | None:

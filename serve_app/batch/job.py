@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -18,6 +19,7 @@ from serve_app.batch.tables import (
     atomic_output,
     common_schema,
     conform,
+    csv_parse_options,
     csv_schema,
     input_files,
     output_format,
@@ -215,9 +217,7 @@ def _embed_texts(texts: list[str | None], opts: JobOptions) -> pa.Array:
     if not texts:
         return pa.array([], type=EMBEDDING_TYPE)
     table = pa.table({"text": pa.array(texts, type=pa.string())})
-    # Blocks of a few batches each: the actors of a cluster share them out.
-    size = opts.batch_size * 4
-    dataset = ray.data.from_arrow([table.slice(start, size) for start in range(0, len(texts), size)])
+    dataset = ray.data.from_arrow(_blocks(table, opts.batch_size * 4))
     embedded = _collect(_embed(dataset, opts, "embed", ["text"], [""]),
                         table.schema.append(pa.field("embedding", EMBEDDING_TYPE)))
     return embedded["embedding"].combine_chunks()
@@ -331,11 +331,27 @@ def _read(path: str, columns: list[str], opts: JobOptions, output: str):
         # whole files give them.
         schema = common_schema([csv_schema(f, columns) for f in files])
         convert = csv.ConvertOptions(column_types=dict(zip(schema.names, schema.types, strict=True)))
-        return ray.data.read_csv([str(f) for f in files], convert_options=convert, num_cpus=READ_CPUS), schema
-    sheets = [pa.Table.from_pandas(_arrow_safe(read_xlsx(f, opts.sheet), columns), preserve_index=False)
+        return ray.data.read_csv([str(f) for f in files], parse_options=csv_parse_options(files),
+                                 convert_options=convert, num_cpus=READ_CPUS), schema
+    blocks, schema = sheet_blocks(files, opts.sheet, columns, opts.batch_size * 4)
+    return ray.data.from_arrow(blocks), schema
+
+
+def sheet_blocks(files: list[Path], sheet: str | None, columns: list[str],
+                 rows: int) -> tuple[list[pa.Table], pa.Schema]:
+    """The sheets' rows in blocks of `rows` rows, all with one schema (`common_schema`).
+    A sheet made one block, which went to one actor: the others stood idle and Ray Data's
+    progress sat at 0/1 until the end."""
+    sheets = [pa.Table.from_pandas(_arrow_safe(read_xlsx(f, sheet), columns), preserve_index=False)
               for f in files]
-    schema = common_schema([sheet.schema for sheet in sheets])
-    return ray.data.from_arrow([conform(sheet, schema) for sheet in sheets]), schema
+    schema = common_schema([table.schema for table in sheets])
+    return [block for table in sheets for block in _blocks(conform(table, schema), rows)], schema
+
+
+def _blocks(table: pa.Table, rows: int) -> list[pa.Table]:
+    """`table` in blocks of `rows` rows (a table with none: one empty block), for the
+    actors of a cluster to share out."""
+    return [table.slice(start, rows) for start in range(0, table.num_rows, rows)] or [table]
 
 
 def _arrow_safe(frame, columns: list[str]):

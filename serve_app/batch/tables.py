@@ -8,14 +8,16 @@ a half-written file under the output's name.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import math
 import os
+import re
 import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
 import pyarrow as pa
@@ -32,12 +34,13 @@ class JobInputError(Exception):
 def input_files(path: str | Path, output: str | Path | None = None) -> tuple[list[Path], str]:
     """The files behind `path` (a file, or a folder of one format) and that format. A folder's
     listing leaves out `output`: a job writing into its input folder, run again, would
-    otherwise read its last output as more input."""
+    otherwise read its last output as more input. It also leaves out hidden files and
+    the lock file Excel keeps beside an open workbook (`~$book.xlsx`)."""
     path = Path(path)
     if path.is_dir():
         skip = Path(output).resolve() if output is not None else None
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in FORMATS
-                       and not p.name.startswith(".") and p.resolve() != skip)
+                       and not p.name.startswith((".", "~$")) and p.resolve() != skip)
         if not files:
             raise JobInputError(
                 f"The folder {path} holds no .csv, .xlsx or .parquet file."
@@ -65,9 +68,28 @@ def output_format(path: str | Path, allowed: tuple[str, ...]) -> str:
     return fmt
 
 
+def check_output(path: str | Path) -> None:
+    """Refuse, before any work, an output the job could not write at the end: the name of
+    a folder, or a path under a file or under a folder this user cannot write to. Missing
+    folders on the way are made when the output is written."""
+    path = Path(path)
+    if path.is_dir():
+        raise JobInputError(f"The output {path} is a folder: give the path of a file to write in it, "
+                            f"such as {path / ('output' + path.suffix)}.")
+    above = path.parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise JobInputError(f"Cannot write {path}: {above} is a file, not a folder. Choose another --output.")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise JobInputError(f"Cannot write {path}: this user may not write in the folder {above}. "
+                            "Choose another --output.")
+
+
 def column_names(file: Path, fmt: str, sheet: str | None = None) -> list[str]:
-    """The header of one input file, read without loading its rows (a CSV's first block),
-    as the job's reader names the columns: repeats kept (pandas would rename them)."""
+    """The header of one input file, read without loading its rows (a CSV's first block,
+    a sheet's first row), as the job's reader names the columns: repeats kept (pandas
+    would rename them)."""
     try:
         if fmt == "parquet":
             import pyarrow.parquet as pq
@@ -76,8 +98,11 @@ def column_names(file: Path, fmt: str, sheet: str | None = None) -> list[str]:
         if fmt == "csv":
             from pyarrow import csv
 
-            return list(csv.open_csv(file).schema.names)  # as Ray Data's reader names them
-        return [str(c) for c in read_xlsx(file, sheet, nrows=0).columns]
+            # As Ray Data's reader names them. A bad row among the first is for `check_csv`
+            # to name.
+            skip = csv_parse_options([file], invalid_row_handler=lambda _row: "skip")
+            return list(csv.open_csv(file, parse_options=skip).schema.names)
+        return sheet_header(file, sheet).names
     except JobInputError:
         raise
     except Exception as exc:
@@ -96,23 +121,152 @@ def require_columns(files: list[Path], fmt: str, wanted: list[str], sheet: str |
         names.update(dict.fromkeys(have))
         missing = [c for c in wanted if c not in have]
         if missing:
+            where, sheets = "", ""
+            if fmt == "xlsx":  # the data may be on another sheet than the one read
+                header = sheet_header(file, sheet)
+                where = f" on its sheet {header.title!r}"
+                if len(header.sheets) > 1:
+                    sheets = (f" The workbook's sheets are: {', '.join(map(repr, header.sheets))}; "
+                              "name the one to read with --sheet.")
             raise JobInputError(
-                f"{file.name} has no column {', '.join(repr(m) for m in missing)}. "
-                f"Its columns are: {', '.join(repr(h) for h in have)}."
+                f"{file.name} has no column {', '.join(repr(m) for m in missing)}{where}. "
+                f"Its columns are: {', '.join(repr(h) for h in have)}.{sheets}"
             )
-        repeated = sorted({name for name in have if have.count(name) > 1})
-        if repeated:
-            which = ", ".join("one with no name" if not n else repr(n) for n in repeated)
-            raise JobInputError(
-                f"{file.name} has more than one column named {which}: give each column a name "
-                "of its own (columns are matched by name)."
-            )
+        refuse_repeats(file, have)
         if adds is not None and adds in have:
             raise JobInputError(
                 f"{file.name} already has a column {adds!r}, the one this job adds: rename or "
                 "remove it first."
             )
     return list(names)
+
+
+def refuse_repeats(file: Path, names: list[str]) -> None:
+    """Refuse a file with two columns of one name (or two with none)."""
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        which = ", ".join("one with no name" if not n else repr(n) for n in repeated)
+        raise JobInputError(
+            f"{file.name} has more than one column named {which}: give each column a name "
+            "of its own (columns are matched by name)."
+        )
+
+
+def count_rows(files: list[Path], fmt: str, sheet: str | None = None) -> int | None:
+    """The rows of the files (None where a sheet does not say), found before any work. A CSV
+    is read through once for it, so that a row the job's reader would fail on part way
+    through the job (`check_csv`) is refused now."""
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return sum(pq.read_metadata(file).num_rows for file in files)
+    if fmt == "csv":
+        csv_parse_options(files)  # one separator for them all
+        return sum(check_csv(file) for file in files)
+    counts = [sheet_header(file, sheet).rows for file in files]
+    return None if None in counts else sum(counts)
+
+
+# --- CSV --------------------------------------------------------------------------
+
+SEPARATORS = {",": "commas", ";": "semicolons", "\t": "tabs"}
+
+
+def csv_separator(file: Path) -> str:
+    """The character a CSV's fields are separated by, judged from its header line: a comma,
+    or a semicolon or a tab where the header holds more of those outside quotes (Excel's
+    exports where the decimal mark is a comma, and tab-separated text, are often .csv)."""
+    header = _header_line(file)
+    counts = dict.fromkeys(SEPARATORS, 0)
+    quoted = False
+    for char in header:
+        if char == '"':
+            quoted = not quoted
+        elif not quoted and char in counts:
+            counts[char] += 1
+    return max(counts, key=counts.__getitem__)  # a tie goes to the comma
+
+
+def csv_parse_options(files: list[Path], invalid_row_handler=None):
+    """How the job's readers split the files' rows: by the one separator their headers use,
+    and with line breaks allowed inside quoted cells (Alt+Enter in Excel). Without that,
+    pyarrow cuts its 1 MB blocks at any line break, and a cut inside a cell failed the
+    file ("Expected 2 columns, got 1")."""
+    from pyarrow import csv
+
+    found = {file: csv_separator(file) for file in files}
+    if len(set(found.values())) > 1:
+        kinds = "; ".join(f"{file.name} by {SEPARATORS[sep]}" for file, sep in found.items())
+        raise JobInputError(f"The CSV files of one folder are separated differently ({kinds}): "
+                            "save them all with one separator.")
+    return csv.ParseOptions(delimiter=found.popitem()[1] if found else ",", newlines_in_values=True,
+                            invalid_row_handler=invalid_row_handler)
+
+
+def _header_line(file: Path) -> str:
+    with open(file, "rb") as stream:
+        line = stream.readline(1 << 20).removeprefix(codecs.BOM_UTF8)
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(file, line[exc.start], 1, None) from exc
+
+
+def _not_utf8(file: Path, byte: int, row: int, column: str | None) -> JobInputError:
+    where = f"row {row}, column {column!r}" if column is not None else "its header"
+    return JobInputError(
+        f"{file.name} is not UTF-8 text (byte 0x{byte:02X} in {where}): in Excel, save it as "
+        "'CSV UTF-8 (Comma delimited)'; elsewhere, save it with the encoding UTF-8."
+    )
+
+
+def check_csv(file: Path) -> int:
+    """Read a CSV through once, every column as bytes, and return its number of rows. A
+    row with more or fewer fields than the header, or text that is not UTF-8 (a Windows
+    "ANSI" export), is refused naming its row (the header is row 1) and what to do;
+    the job's read tasks would fail on it with a traceback, part way through the job."""
+    from pyarrow import csv
+
+    names = column_names(file, "csv")
+    invalid = []
+
+    def first_invalid(row) -> str:
+        invalid.append(row)
+        return "error"
+
+    rows = 0
+    try:
+        reader = csv.open_csv(
+            file,
+            read_options=csv.ReadOptions(use_threads=False),  # rows are numbered only in one thread
+            parse_options=csv_parse_options([file], first_invalid),
+            convert_options=csv.ConvertOptions(column_types=dict.fromkeys(names, pa.binary())),
+        )
+        for batch in reader:
+            for name, column in zip(batch.schema.names, batch.columns, strict=True):
+                try:
+                    column.cast(pa.string())  # checks the bytes are UTF-8
+                except pa.ArrowInvalid:  # rare: find the row, in Python
+                    for i, value in enumerate(column.to_pylist()):
+                        try:
+                            value.decode("utf-8")
+                        except UnicodeDecodeError as exc:
+                            raise _not_utf8(file, value[exc.start], rows + i + 2, name) from None
+                    raise
+            rows += batch.num_rows
+    except pa.ArrowInvalid as exc:
+        if not invalid:
+            raise JobInputError(f"Cannot read {file} as CSV: {exc}") from exc
+        row = invalid[0]
+        if row.actual_columns > row.expected_columns:
+            fix = f"put quotes around a value that holds a {SEPARATORS[csv_separator(file)][:-1]}"
+        else:
+            fix = "add the missing fields (empty ones will do), or close a quote left open above it"
+        raise JobInputError(
+            f"{file.name} has {row.actual_columns} fields in row {row.number}, where its header has "
+            f"{row.expected_columns} (the row begins {row.text[:60]!r}): {fix}."
+        ) from exc
+    return rows
 
 
 def csv_schema(file: Path, text_columns: list[str]) -> pa.Schema:
@@ -122,8 +276,9 @@ def csv_schema(file: Path, text_columns: list[str]) -> pa.Schema:
     the reader here widens a column's type as it goes."""
     from pyarrow import csv
 
+    parse = csv_parse_options([file])
     try:
-        first = csv.open_csv(file).schema  # the first block's names and types
+        first = csv.open_csv(file, parse_options=parse).schema  # the first block's names and types
     except pa.ArrowInvalid as exc:
         raise JobInputError(f"Cannot read {file} as CSV: {exc}") from exc
     # A column that is text in the first block stays text, whatever follows; only the others
@@ -134,7 +289,8 @@ def csv_schema(file: Path, text_columns: list[str]) -> pa.Schema:
     types = {}
     if others:  # only those columns are converted; the rest are merely parsed over
         try:
-            inferred = csv.read_csv(file, convert_options=csv.ConvertOptions(include_columns=others))
+            inferred = csv.read_csv(file, parse_options=parse,
+                                    convert_options=csv.ConvertOptions(include_columns=others))
         except pa.ArrowInvalid as exc:
             raise JobInputError(f"Cannot read {file} as CSV: {exc}") from exc
         types = {field.name: field.type for field in inferred.schema}
@@ -173,19 +329,55 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
-def read_xlsx(file: Path, sheet: str | None, nrows: int | None = None):
-    """One sheet of a workbook (the first unless named) as a pandas frame."""
-    try:
-        return pd.read_excel(file, sheet_name=sheet or 0, nrows=nrows, engine="openpyxl")
-    except ValueError as exc:
-        if sheet and "not found" in str(exc).lower():
-            import openpyxl
+# --- XLSX -------------------------------------------------------------------------
 
-            names = openpyxl.load_workbook(file, read_only=True).sheetnames
+
+class SheetHeader(NamedTuple):
+    """A worksheet's column names (its first row), its name, the workbook's sheets, and its
+    rows below the header as the sheet's recorded size gives them (None if it gives none)."""
+
+    names: list[str]
+    title: str
+    sheets: list[str]
+    rows: int | None
+
+
+def sheet_header(file: Path, sheet: str | None) -> SheetHeader:
+    """One sheet's header row (the first sheet unless named), as it stands: a blank cell
+    is a column with no name; blanks after the last name are no columns."""
+    import openpyxl
+
+    book = openpyxl.load_workbook(file, read_only=True, data_only=True)
+    try:
+        if sheet is not None and sheet not in book.sheetnames:
             raise JobInputError(
-                f"{file.name} has no sheet {sheet!r}. Its sheets are: {', '.join(map(repr, names))}."
-            ) from exc
-        raise
+                f"{file.name} has no sheet {sheet!r}. Its sheets are: {', '.join(map(repr, book.sheetnames))}."
+            )
+        worksheet = book[sheet] if sheet is not None else book.worksheets[0]
+        first = next(worksheet.iter_rows(max_row=1, values_only=True), ())
+        names = [cell if isinstance(cell, str) else text_or_none(cell) or "" for cell in first]
+        while names and names[-1] == "":
+            names.pop()
+        rows = worksheet.max_row - 1 if worksheet.max_row else None
+        return SheetHeader(names, worksheet.title, list(book.sheetnames), rows)
+    finally:
+        book.close()
+
+
+def read_xlsx(file: Path, sheet: str | None):
+    """One sheet of a workbook (the first unless named) as a pandas frame, its columns
+    named as its header row names them. Its cells are read as a CSV's are: text stays
+    text ("NA", "None", "null" too; pandas' default makes those blanks), and only empty
+    cells are blank."""
+    names = sheet_header(file, sheet).names
+    frame = pd.read_excel(file, sheet_name=sheet or 0, engine="openpyxl",
+                          keep_default_na=False, na_values=[""])
+    # pandas renames repeated and blank headers ("doc.1", "Unnamed: 2"); a column of data
+    # right of the last header is one with no name.
+    width = len(frame.columns)
+    frame.columns = names[:width] + [""] * (width - len(names))
+    refuse_repeats(file, list(frame.columns))
+    return frame
 
 
 def text_or_none(value: Any) -> str | None:
@@ -251,6 +443,9 @@ def _stop_on_sigterm(temporary: Path):
         return None
 
 
+SHEET_ROWS = 1_048_576  # an Excel worksheet's rows, its header's included
+
+
 def write_table(table: pa.Table, path: Path, fmt: str) -> None:
     """Write `table` in `fmt` to `path` (already a temporary path)."""
     if fmt == "parquet":
@@ -260,8 +455,42 @@ def write_table(table: pa.Table, path: Path, fmt: str) -> None:
     elif fmt == "csv":
         from pyarrow import csv
 
-        csv.write_csv(table, path)  # keeps integer columns with nulls as integers
+        # With a byte-order mark: Excel opens a CSV without one in the machine's old code
+        # page ("café" shows as "cafÃ©"). pyarrow, and so Ray Data and this job, read past it.
+        with open(path, "wb") as out:
+            out.write(codecs.BOM_UTF8)
+            csv.write_csv(table, out)  # keeps integer columns with nulls as integers
     else:
+        if table.num_rows >= SHEET_ROWS:
+            raise JobInputError(too_many_rows(table.num_rows))
         # Nullable integers stay integers in the sheet (rank 1, not 1.0).
         nullable = {pa.int64(): pd.Int64Dtype(), pa.int32(): pd.Int32Dtype()}
-        table.to_pandas(types_mapper=nullable.get).to_excel(path, index=False, engine="openpyxl")
+        sheet_ready(table).to_pandas(types_mapper=nullable.get).to_excel(path, index=False, engine="openpyxl")
+
+
+def too_many_rows(rows: int, at_most: bool = False) -> str:
+    """The sentence for an output too long for a worksheet."""
+    return (f"The output would have {'up to ' if at_most else ''}{rows:,} rows, more than an Excel "
+            f"sheet holds ({SHEET_ROWS - 1:,} below its header): write it as .csv or .parquet instead.")
+
+
+# Characters a worksheet cannot hold (openpyxl's IllegalCharacterError): control
+# characters other than tab, line feed and carriage return.
+_NOT_IN_A_SHEET = r"[\x00-\x08\x0B\x0C\x0E-\x1F]"
+
+
+def sheet_ready(table: pa.Table) -> pa.Table:
+    """`table` as a worksheet can hold it: control characters dropped from its text (a
+    vertical tab from old exports failed the whole write), and dates and times with a
+    time zone as the clock showed them there (Excel's have no zone)."""
+    import pyarrow.compute as pc
+
+    columns = []
+    for column in table.columns:
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            column = pc.replace_substring_regex(column, pattern=_NOT_IN_A_SHEET, replacement="")
+        elif pa.types.is_timestamp(column.type) and column.type.tz is not None:
+            column = pc.local_timestamp(column)
+        columns.append(column)
+    names = [re.sub(_NOT_IN_A_SHEET, "", name) for name in table.column_names]
+    return pa.Table.from_arrays(columns, names=names)
