@@ -448,6 +448,14 @@ def test_an_output_the_job_could_not_write_is_refused_before_ray(tmp_path, monke
         "Choose another --output.")
 
 
+def test_an_output_that_would_replace_the_input_is_refused_before_ray(tmp_path, monkeypatch, capsys):
+    rows = tmp_path / "rows.csv"
+    rows.write_text("question,doc\n00123,x\n")
+    assert refused_before_ray(similarity(rows, rows), monkeypatch, capsys) == (
+        f"--output {rows} is this job's input: give another file to write, and the input stays as it is.")
+    assert rows.read_text() == "question,doc\n00123,x\n"
+
+
 def test_a_sheet_too_long_for_excel_is_refused_before_ray_and_at_write_time(tmp_path, monkeypatch, capsys):
     rows = tmp_path / "rows.csv"
     rows.write_text("question,doc\n" + "q,d\n" * 1_048_576)
