@@ -30,6 +30,32 @@ def test_the_heads_dashboard_and_job_api_listen_on_loopback_only():
     assert "--dashboard-host=127.0.0.1" in start and "0.0.0.0" not in start
 
 
+def test_the_head_gives_ray_the_keys_digests_not_the_keys(tmp_path):
+    # Every Ray process on the head inherits `ray start`'s environment; the app needs only
+    # the digests. The head's own command, run as its shell runs it, over a keys file.
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from serve_app.web.auth import key_digests_from_env
+
+    start = " ".join(load()["head_start_ray_commands"])
+    assert "EMBED_API_KEYS" not in start
+    given = re.search(r'EMBED_API_KEY_DIGESTS="(\$\(.*?\))";', start).group(1)
+    bin_dir = tmp_path / "bin"  # the node's python3 is the one the project is installed in
+    bin_dir.mkdir()
+    (bin_dir / "python3").symlink_to(sys.executable)
+    env = {"HOME": str(tmp_path), "PATH": f"{bin_dir}:/usr/bin:/bin"}
+    (tmp_path / ".embeddings-api-keys").write_text("alpha-key,beta-key\n")
+    digests = subprocess.run(["bash", "-c", f"echo {given}"], env=env, capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parents[1], check=True).stdout.strip()
+    assert digests.split(",") == key_digests_from_env({"EMBED_API_KEYS": "alpha-key,beta-key"})
+    (tmp_path / ".embeddings-api-keys").unlink()  # no keys file: no keys, and nothing printed
+    quiet = subprocess.run(["bash", "-c", f"echo {given}"], env=env, capture_output=True, text=True, check=True)
+    assert (quiet.stdout.strip(), quiet.stderr) == ("", "")
+
+
 def test_validation_would_catch_a_broken_config():
     # The check above is only worth something if Ray rejects a bad file.
     import pytest

@@ -17,6 +17,7 @@ import hashlib
 import hmac
 import os
 import re
+import sys
 
 import orjson
 
@@ -114,3 +115,9 @@ def _bearer(scope) -> str | None:
             if scheme.lower() == "bearer" and token.strip():
                 return token.strip()
     return None
+
+
+if __name__ == "__main__":
+    # `python -m serve_app.web.auth < KEYS_FILE`: the keys' digests, comma-separated, for
+    # EMBED_API_KEY_DIGESTS where a cluster starts (cluster.yaml), so its processes get no key.
+    print(",".join(key_digests_from_env({API_KEYS_ENV: sys.stdin.read().replace("\n", ",")})))
