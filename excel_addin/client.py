@@ -377,7 +377,7 @@ class EmbedClient:
         """One HTTP call's JSON; 429 and 503 asked again after Retry-After; failures as ServiceError."""
         for attempt in range(self.settings.max_retries + 1):
             response = self._send(method, path, **kwargs)
-            if response.status_code not in (429, 503) or attempt == self.settings.max_retries:
+            if not _worth_retrying(response) or attempt == self.settings.max_retries:
                 break
             self._sleep(_retry_wait_s(response, self.settings.max_retry_wait_s))
         url = self.settings.server_url
@@ -462,6 +462,20 @@ def _is_envelope(response: httpx.Response) -> bool:
         return isinstance(response.json().get("error"), dict)
     except Exception:
         return False
+
+
+# A 503 not to send again: the request itself may be what the replica died of (memory).
+NOT_RETRIED = frozenset({"replica_out_of_memory"})
+
+
+def _worth_retrying(response: httpx.Response) -> bool:
+    """429 and 503, but not one whose code says the request is the cause (client.js's rule)."""
+    if response.status_code not in (429, 503):
+        return False
+    try:
+        return response.json()["error"]["code"] not in NOT_RETRIED
+    except Exception:
+        return True
 
 
 def _server_message(response: httpx.Response) -> str:

@@ -187,10 +187,13 @@ def _used(grid: list[list]) -> list[list]:
 
 
 def _used_pair(a: list[list], b: list[list]) -> tuple[list[list], list[list]]:
-    """EMBED_SIM's two ranges, each as `_used` leaves it, except that two ranges of one shape
-    keep one shape: the rows and columns used in either."""
+    """EMBED_SIM's two ranges without the trailing rows and columns blank in both; a single
+    cell against a range, the range as `_used` leaves it. Ranges of two other shapes stay as
+    they are, for `_paired_shape` to refuse (trimmed, a mostly blank one could pass for a cell)."""
     if shape(a) != shape(b):
-        return _used(a), _used(b)
+        if (1, 1) in (shape(a), shape(b)):
+            return _used(a), _used(b)
+        return a, b
     (ra, ca), (rb, cb) = _extent(a), _extent(b)
     rows, cols = max(ra, rb), max(ca, cb)
     return [row[:cols] for row in a[:rows]], [row[:cols] for row in b[:rows]]

@@ -413,6 +413,27 @@ def test_a_busy_server_is_asked_again_after_retry_after_as_the_office_addin_does
     assert fake_server.carrying("renewal") == 5 and waits == [1.0] * 4
 
 
+def test_a_503_saying_the_request_ran_the_replica_out_of_memory_is_not_sent_again():
+    # Sent again, the same chunk could bring the next replica down too (STYLE: never retry
+    # work that may be what killed the worker).
+    sent = []
+
+    def out_of_memory(request: httpx.Request) -> httpx.Response:
+        if request.method == "GET":
+            return httpx.Response(200, json=MODELS)
+        sent.append(request)
+        return httpx.Response(503, headers={"Retry-After": "1"}, json={"error": {
+            "message": "The model's replica ran out of memory on this request; send fewer or shorter texts.",
+            "type": "service_unavailable_error", "param": None, "code": "replica_out_of_memory"}})
+
+    waits = []
+    client = EmbedClient(Settings(server_url="http://127.0.0.1:9"), transport=httpx.MockTransport(out_of_memory),
+                         sleep=waits.append)
+    with pytest.raises(ServiceError, match="ran out of memory on this request"):
+        client.vectors(["a long clause"])
+    assert (len(sent), waits) == (1, [])
+
+
 def test_the_wait_before_asking_again_is_client_js_rule():
     from excel_addin.client import _retry_wait_s
 
@@ -495,6 +516,8 @@ def test_a_whole_column_costs_its_used_rows_only_and_blanks_inside_keep_their_pl
     # Two such columns are cut at the last row either uses: their rows stay paired.
     scores = udfs.embed_sim([["refund"]] + [[None]] * 999, used + [[None]] * 996)
     assert len(scores) == 3 and scores[0][0] == pytest.approx(1.0) and scores[2] == [None]
+    # Ranges of two shapes are refused as before, even when one is blank below its first row.
+    assert udfs.embed_sim([["refund"]] + [[None]] * 8, [["a"]] * 19).startswith("EMBED_SIM: ")
     # A block's trailing blank columns go too.
     block = [["a", "b", None], [None, None, None]]
     assert np.array(udfs.embed_sim(block, block)).shape == (1, 2)

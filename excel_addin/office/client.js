@@ -33,6 +33,9 @@
   // serve_app/model/scheduler.py QUICK_TEXTS treats it the same way).
   const QUICK_TEXTS = 8;
 
+  // A 503 not to send again: the request itself may be what the replica died of (memory).
+  const NOT_RETRIED = new Set(["replica_out_of_memory"]);
+
   class ServiceError extends Error {}
 
   const MIXED = "fp_mixed"; // the system_fingerprint of an answer from two versions (a rolling update)
@@ -340,9 +343,9 @@
             throw new ServiceError(this.notThisService(`it sent ${type}, not JSON`));
           }
         }
-        const message = await serverMessage(response);
+        const { message, code } = await serverError(response);
         const status = response.status;
-        if ((status === 429 || status === 503) && attempt < this.settings.maxRetries) {
+        if ((status === 429 || status === 503) && !NOT_RETRIED.has(code) && attempt < this.settings.maxRetries) {
           await sleep(retryAfterMs(response, this.settings.maxRetryWaitMs));
           continue;
         }
@@ -391,12 +394,13 @@
     return `The embedding server at ${where} failed (${status}): ${message}`;
   }
 
-  async function serverMessage(response) {
+  /** The error envelope's message and code, or a stand-in for an answer without one. */
+  async function serverError(response) {
     try {
       const body = await response.json();
-      return body.error.message;
+      return { message: body.error.message, code: body.error.code };
     } catch (error) {
-      return `HTTP ${response.status}.`;
+      return { message: `HTTP ${response.status}.`, code: null };
     }
   }
 

@@ -230,11 +230,15 @@
     return grid.slice(0, rows).map((row) => row.slice(0, cols));
   }
 
-  /** EMBED_SIM's two ranges, each as `used` leaves it, except that two ranges of one shape
-   * keep one shape: the rows and columns used in either. */
+  /** EMBED_SIM's two ranges without the trailing rows and columns blank in both; a single
+   * cell against a range, the range as `used` leaves it. Ranges of two other shapes stay as
+   * they are, for `pairedShape` to refuse (trimmed, a mostly blank one could pass for a cell). */
   function usedPair(a, b) {
     const [sa, sb] = [shape(a), shape(b)];
-    if (sa[0] !== sb[0] || sa[1] !== sb[1]) return [used(a), used(b)];
+    if (sa[0] !== sb[0] || sa[1] !== sb[1]) {
+      const single = (s) => s[0] === 1 && s[1] === 1;
+      return single(sa) || single(sb) ? [used(a), used(b)] : [a, b];
+    }
     const [[ra, ca], [rb, cb]] = [extent(a), extent(b)];
     const [rows, cols] = [Math.max(ra, rb), Math.max(ca, cb)];
     return [a, b].map((grid) => grid.slice(0, rows).map((row) => row.slice(0, cols)));

@@ -230,6 +230,21 @@ test("503 is retried after Retry-After, and a server that stays busy says so", a
   functions.configure({ maxRetries: 4 });
 });
 
+test("a 503 saying the request ran the replica out of memory is not sent again", async (t) => {
+  let posts = 0;
+  const url = await fakeServer(t, (request, response) => {
+    if (request.method === "GET") return answer(response, 200, MODELS);
+    posts += 1;
+    return answer(response, 503, { error: { message: "The model's replica ran out of memory on this request.",
+      type: "service_unavailable_error", param: null, code: "replica_out_of_memory" } }, { "Retry-After": "1" });
+  });
+  functions.configure({ serverUrl: url, apiKey: "", fetch: undefined });
+  const error = await calculate("EMBED", [["a long clause"]]);
+  assert.equal(error.code, "#VALUE!");
+  assert.match(error.message, /ran out of memory on this request/);
+  assert.equal(posts, 1);
+});
+
 test("a new model version under the same name is fetched afresh, not served from the cache", async (t) => {
   let fingerprint = "fp_0123456789";
   let posts = 0;
@@ -519,6 +534,10 @@ test("a whole column costs its used rows only, and blanks inside keep their plac
   assert.equal(scores.length, 3);
   assert.ok(Math.abs(scores[0][0] - 1) < 1e-6);
   assert.deepEqual(scores[2], [""]);
+  // Ranges of two shapes are refused as before, even when one is blank below its first row.
+  const mismatched = await calculate("EMBED_SIM", [["refund"]].concat(Array.from({ length: 8 }, () => [null])),
+    Array.from({ length: 19 }, () => ["a"]));
+  assert.equal(mismatched.message, "EMBED_SIM: a and b must have the same shape, or one must be a single cell; got 9x1 and 19x1.");
   // A block's trailing blank columns go too.
   const block = [["a", "b", null], [null, null, null]];
   assert.deepEqual((await calculate("EMBED_SIM", block, block)).map((row) => row.length), [2]);
