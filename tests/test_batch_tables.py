@@ -363,6 +363,15 @@ def test_a_bad_row_far_down_a_text_only_csv_is_refused_before_ray_naming_its_row
         "fields" in refused_before_ray(similarity(rows, tmp_path / "out.csv"), monkeypatch, capsys)
 
 
+def test_a_comma_csv_whose_header_holds_semicolons_is_read_with_commas(tmp_path):
+    # The header alone would say semicolons (three against one); every row has one comma.
+    rows = tmp_path / "rows.csv"
+    rows.write_text("question,notes (a;b;c)\nhow do I reset,x; y\nrefunds,none\n")
+    from serve_app.batch.tables import csv_separator
+
+    assert csv_separator(rows) == ","
+
+
 @pytest.mark.parametrize(("separator", "name"), [(";", "semicolons"), ("\t", "tabs")])
 def test_a_csv_separated_by_semicolons_or_tabs_is_read_with_them(tmp_path, separator, name):
     # Excel's exports where the decimal mark is a comma: "has no column 'question'. Its

@@ -339,9 +339,8 @@ def _read(path: str, columns: list[str], opts: JobOptions, output: str):
 
 def sheet_blocks(files: list[Path], sheet: str | None, columns: list[str],
                  rows: int) -> tuple[list[pa.Table], pa.Schema]:
-    """The sheets' rows in blocks of `rows` rows, all with one schema (`common_schema`).
-    A sheet made one block, which went to one actor: the others stood idle and Ray Data's
-    progress sat at 0/1 until the end."""
+    """The sheets' rows in blocks of `rows` rows, all with one schema (`common_schema`): the
+    blocks go to the actors in turn, and Ray Data's progress counts them."""
     sheets = [pa.Table.from_pandas(_arrow_safe(read_xlsx(f, sheet), columns), preserve_index=False)
               for f in files]
     schema = common_schema([table.schema for table in sheets])

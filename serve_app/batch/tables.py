@@ -173,18 +173,40 @@ SEPARATORS = {",": "commas", ";": "semicolons", "\t": "tabs"}
 
 
 def csv_separator(file: Path) -> str:
-    """The character a CSV's fields are separated by, judged from its header line: a comma,
-    or a semicolon or a tab where the header holds more of those outside quotes (Excel's
-    exports where the decimal mark is a comma, and tab-separated text, are often .csv)."""
-    header = _header_line(file)
-    counts = dict.fromkeys(SEPARATORS, 0)
+    """The character a CSV's fields are separated by (Excel's exports where the decimal mark
+    is a comma use semicolons, and tab-separated text is often .csv): of comma, semicolon and
+    tab, the first that splits each of the file's first rows (up to 64 KB) into the same
+    number of fields, more than one; where none does, the one the header holds most of."""
+    header = _header_line(file)  # refuses a header that is not UTF-8
+    with open(file, "rb") as stream:
+        head = stream.read(1 << 16)
+    complete = len(head) < 1 << 16
+    rows = _separators_per_row(head.removeprefix(codecs.BOM_UTF8).decode("utf-8", "replace"))
+    if not complete and len(rows) > 1:
+        rows.pop()  # cut off part way
+    for separator in SEPARATORS:
+        if rows and rows[0][separator] > 0 and all(row[separator] == rows[0][separator] for row in rows):
+            return separator
+    counts = _separators_per_row(header)[0]
+    return max(counts, key=counts.__getitem__)  # a tie goes to the comma
+
+
+def _separators_per_row(text: str) -> list[dict[str, int]]:
+    """How many of each separator every row of `text` holds outside quotes."""
+    rows = [dict.fromkeys(SEPARATORS, 0)]
     quoted = False
-    for char in header:
+    for char in text:
         if char == '"':
             quoted = not quoted
-        elif not quoted and char in counts:
-            counts[char] += 1
-    return max(counts, key=counts.__getitem__)  # a tie goes to the comma
+        elif quoted:
+            continue
+        elif char == "\n":
+            rows.append(dict.fromkeys(SEPARATORS, 0))
+        elif char in SEPARATORS:
+            rows[-1][char] += 1
+    if len(rows) > 1 and not any(rows[-1].values()):
+        rows.pop()  # the empty one after the last line break
+    return rows
 
 
 def csv_parse_options(files: list[Path], invalid_row_handler=None):
