@@ -3,6 +3,7 @@ fake embedding server for the add-in client."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 # No test may reach a model hub: these machines cannot, and CI must not try.
@@ -210,6 +211,32 @@ def command_lines() -> dict[int, list[str]]:
             found[int(proc.name)] = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
         except OSError:
             continue
+    return found
+
+
+def listening_sockets(pids: list[int] | None = None) -> set[tuple[str, int]]:
+    """(address, port) of the TCP sockets listening on this machine (Linux /proc/net), or of
+    those that `pids` hold."""
+    import ipaddress
+
+    inodes = None
+    if pids is not None:
+        inodes = set()
+        for pid in pids:
+            with contextlib.suppress(OSError):  # ended meanwhile
+                for fd in Path(f"/proc/{pid}/fd").iterdir():
+                    with contextlib.suppress(OSError):
+                        if (target := os.readlink(fd)).startswith("socket:["):
+                            inodes.add(target[8:-1])
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in Path(table).read_text().splitlines()[1:]:
+            fields = row.split()
+            if fields[3] == "0A" and (inodes is None or fields[9] in inodes):  # LISTEN
+                address, port = fields[1].split(":")
+                raw = bytes.fromhex(address)
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # host-order words
+                found.add((str(ipaddress.ip_address(raw)), int(port, 16)))
     return found
 
 

@@ -27,6 +27,13 @@ def test_on_loopback_it_says_the_address_this_machine_only_and_how_to_open_it():
     assert "http://127.0.0.1:8000/excel/manifest.xml" in text
 
 
+def test_a_config_file_that_names_no_host_is_announced_on_every_interface_as_ray_binds_it():
+    unnamed = config()
+    del unnamed["http_options"]["host"]
+    text = ready_message(unnamed, 8000, False, {"model": "bundled:minilm", "api_keys": False})
+    assert "other machines too (host 0.0.0.0)" in text and "this machine only" not in text
+
+
 def test_on_every_interface_it_names_this_host_and_warns_when_no_key_is_asked_for():
     without = ready_message(config("0.0.0.0"), 8001, False, {"model": "m", "api_keys": False})
     assert f"http://{socket.gethostname()}:8001/v1" in without

@@ -229,6 +229,7 @@ def test_unknown_route_and_wrong_method(http):
     slash = http.post("/v1/embeddings/", json={"input": "a"}, follow_redirects=False)
     assert error_of(slash, 404)["message"] == (
         "No route /v1/embeddings/ (did you mean /v1/embeddings?); see /openapi.json.")
+    assert error_of(http.get("/v2/nothing/"), 404)["message"] == "No route /v2/nothing/; see /openapi.json."
     wrong = http.get("/v1/embeddings")
     error_of(wrong, 405)
     assert wrong.headers["allow"] == "POST"  # as RFC 9110 asks of a 405

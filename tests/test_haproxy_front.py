@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import free_port, wait_for
+from conftest import free_port, listening_sockets, wait_for
 
 from serve_app.ray_shell import haproxy_front
 from serve_app.ray_shell.launch import front_environment, tuned_environment
@@ -140,24 +140,6 @@ def test_https_is_served_by_haproxy_with_the_same_answers(tmp_path, run_haproxy)
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=10)
 
 
-def listening_addresses(port: int) -> set[str]:
-    """The addresses TCP sockets listen on at `port` (Linux /proc/net), as IPv4 dotted quads
-    or "::" / "::1" style for IPv6."""
-    import ipaddress
-
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for row in Path(table).read_text().splitlines()[1:]:
-            local, state = row.split()[1], row.split()[3]
-            address, hex_port = local.split(":")
-            if state == "0A" and int(hex_port, 16) == port:  # LISTEN
-                raw = bytes.fromhex(address)
-                # The kernel prints each 32-bit word in host (little-endian) order.
-                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
-                found.add(str(ipaddress.ip_address(raw)))
-    return found
-
-
 def test_the_admin_socket_is_this_users_alone_and_the_side_ports_listen_where_the_service_does(
         tmp_path, run_haproxy):
     port = free_port()
@@ -171,9 +153,9 @@ def test_the_admin_socket_is_this_users_alone_and_the_side_ports_listen_where_th
     assert set(side) == {"frontend prometheus", "listen stats"}
     run_haproxy(config, front(tmp_path), f"http://127.0.0.1:{port}")
     assert (tmp_path / "admin.sock").stat().st_mode & 0o777 == 0o600  # Ray asks for 666
-    for name, side_port in side.items():
-        assert listening_addresses(side_port) == {"127.0.0.1"}, name  # Ray's: every interface
-    assert listening_addresses(port) == {"127.0.0.1"}
+    listening = listening_sockets()
+    for name, where in [*side.items(), ("the service", port)]:
+        assert {a for a, p in listening if p == where} == {"127.0.0.1"}, name  # Ray's sides: every interface
 
 
 def test_edits_are_made_once_and_each_is_in_the_configuration(tmp_path):

@@ -1,7 +1,6 @@
 """`python -m serve_app`: the command it runs, the environment it runs it in, what it
 refuses before starting, and how it stops."""
 
-import contextlib
 import os
 import secrets
 import signal
@@ -15,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import free_port, processes_with, service_env, wait_for
+from conftest import free_port, listening_sockets, processes_with, service_env, wait_for
 
 from serve_app.ray_shell.launch import (
     FAST_SERVE_ENV,
@@ -85,6 +84,16 @@ def test_null_and_auto_on_the_command_line_unset_what_the_config_file_pins(tmp_p
         serve_run_command(["serve_config.yaml", "dtype=automatic"])
 
 
+def test_a_malformed_digest_beside_keys_stops_the_start_with_one_line(monkeypatch, capsys):
+    from serve_app.ray_shell.launch import main
+
+    monkeypatch.setenv("EMBED_API_KEYS", "alpha-key")
+    monkeypatch.setenv("EMBED_API_KEY_DIGESTS", "alpha-key")  # a key where its digest goes
+    assert main(["model=bundled:minilm", f"port={free_port(side_ports=True)}"]) == 2
+    assert capsys.readouterr().err == (
+        "Error: EMBED_API_KEY_DIGESTS holds something that is not a hex SHA-256 digest.\n")
+
+
 def test_a_bad_override_is_refused_before_anything_starts():
     with pytest.raises(ValueError, match="gpu_fraction"):
         serve_run_command(["serve_config.yaml", "gpu_fraction=3"])
@@ -95,8 +104,10 @@ def test_what_a_run_writes_is_this_users_alone(tmp_path):
     # processes: with a shell's usual umask (022) every user of the machine could read them.
     written = tmp_path / "written-by-the-run"
     code = f"open({str(written)!r}, 'w').write('x')"
+    handler = signal.getsignal(signal.SIGTERM)
     assert run([sys.executable, "-c", code], dict(os.environ)) == 0
     assert written.stat().st_mode & 0o777 == 0o600
+    assert signal.getsignal(signal.SIGTERM) is handler  # run() puts the process's handlers back
 
 
 def test_a_ray_token_left_readable_by_others_is_made_this_users_alone(tmp_path):
@@ -351,29 +362,6 @@ def test_what_a_run_leaves_behind_is_ended_and_nothing_else():
         other.wait()
 
 
-def listening_sockets(pids: list[int]) -> set[tuple[str, int]]:
-    """(address, port) of every TCP socket these processes listen on (Linux /proc)."""
-    import ipaddress
-
-    inodes = set()
-    for pid in pids:
-        with contextlib.suppress(OSError):  # ended meanwhile
-            for fd in Path(f"/proc/{pid}/fd").iterdir():
-                with contextlib.suppress(OSError):
-                    if (target := os.readlink(fd)).startswith("socket:["):
-                        inodes.add(target[8:-1])
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for row in Path(table).read_text().splitlines()[1:]:
-            fields = row.split()
-            if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
-                address, port = fields[1].split(":")
-                raw = bytes.fromhex(address)
-                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # host-order words
-                found.add((str(ipaddress.ip_address(raw)), int(port, 16)))
-    return found
-
-
 def wait_until_serving(service: subprocess.Popen, port: int, timeout_s: float = 180) -> None:
     def answers() -> bool:
         assert service.poll() is None, "the service stopped during start-up"
@@ -439,13 +427,10 @@ def test_the_start_command_answers_503_until_ready_says_where_serves_on_loopback
         assert log.read_text(errors="replace").count("Ready: ") == 1
         assert "Who can reach it: this machine only (host 127.0.0.1)" in log.read_text(errors="replace")
         # Only on loopback (Ray's default in this mode would be every interface).
-        rows = [line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:]]
-        listening = {row[1] for row in rows if row[3] == "0A"}  # state LISTEN
-        assert f"0100007F:{port:04X}" in listening
-        assert f"00000000:{port:04X}" not in listening
         # HAProxy's statistics page and metrics too (Ray binds them to every interface)...
-        for side in (port + 404, port + 1101):
-            assert {a for a in listening if a.endswith(f":{side:04X}")} == {f"0100007F:{side:04X}"}
+        listening = listening_sockets()
+        for where in (port, port + 404, port + 1101):
+            assert {a for a, p in listening if p == where} == {"127.0.0.1"}, where
         # ...and its admin socket is this user's alone, in the run's private folder.
         sockets = [s for s in Path(tempfile.gettempdir()).glob("haproxy-*/*/admin.sock")
                    if f"127.0.0.1:{port}" in (s.parent / "haproxy.cfg").read_text()]

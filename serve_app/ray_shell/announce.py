@@ -29,7 +29,8 @@ EVERY_INTERFACE = {"0.0.0.0", "::", ""}
 def _host_and_app(config: dict) -> tuple[str, dict | None]:
     """The host the service listens on, and its application (the first of ours; None
     where the config file runs only other applications)."""
-    host = (config.get("http_options") or {}).get("host", "127.0.0.1")
+    # A config file that names no host gets Ray's default: every interface.
+    host = (config.get("http_options") or {}).get("host") or "0.0.0.0"
     apps = config.get("applications") or []
     return host, next((a for a in apps if a.get("import_path") in OUR_BUILDERS), None)
 

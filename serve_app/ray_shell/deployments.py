@@ -241,7 +241,8 @@ class Ingress:
         if not self._api_key_digests:
             logger.warning(
                 "No API keys: anyone who can reach the service's port can use it. Keys come from "
-                "EMBED_API_KEYS in the environment of the process that builds the app: for "
+                "EMBED_API_KEYS (or their digests, EMBED_API_KEY_DIGESTS) in the environment of the "
+                "process that builds the app: for "
                 "`python -m serve_app`, its own; for `serve deploy` to a running cluster, that of "
                 "`ray start` on the head node. GET /health says whether keys are on (api_keys).")
         if warm_start:

@@ -75,6 +75,10 @@ def _answers(error: ServiceError) -> list[str]:
     ]
 
 
+def _indent(line: str) -> str:
+    return line[: len(line) - len(line.lstrip())]
+
+
 def _has_routes(lines: list[str]) -> bool:
     return any(line.strip().startswith("use_backend ") for line in lines)
 
@@ -104,7 +108,7 @@ def edit_config(text: str, certificate: str | None = None, host: str | None = No
             notes.append(f"no bind line in frontend http_frontend: not listening on {host}")
         else:
             words = lines[bind_line].split()
-            indent = lines[bind_line][: len(lines[bind_line]) - len(lines[bind_line].lstrip())]
+            indent = _indent(lines[bind_line])
             words[1] = f"{host}:{words[1].rsplit(':', 1)[1]}"
             lines[bind_line] = indent + " ".join(words)  # no comment: HTTPS appends to the line
     if admin_socket is None:
@@ -116,7 +120,7 @@ def edit_config(text: str, certificate: str | None = None, host: str | None = No
         address = lines[bind_line].split()[1].rsplit(":", 1)[0]  # the service's
         if address not in ("", "*", "0.0.0.0", "::", "[::]"):
             for index in side_binds:
-                indent, words = lines[index][: len(lines[index]) - len(lines[index].lstrip())], lines[index].split()
+                indent, words = _indent(lines[index]), lines[index].split()
                 port = words[1].rsplit(":", 1)[1]
                 lines[index] = f"{indent}bind {address}:{port} {' '.join(words[2:])}".rstrip()
                 lines[index] += f"  {_MARK} where the service listens"
@@ -124,7 +128,7 @@ def edit_config(text: str, certificate: str | None = None, host: str | None = No
         if bind_line is None:
             notes.append("no bind line in frontend http_frontend: HTTPS not set up")
         else:
-            indent = lines[bind_line][: len(lines[bind_line]) - len(lines[bind_line].lstrip())]
+            indent = _indent(lines[bind_line])
             lines[bind_line] += f' ssl crt "{certificate}"  {_MARK} HTTPS'
             # Replaces whatever a client sent: what the replica reads is HAProxy's word.
             lines.insert(bind_line + 1, f"{indent}http-request set-header X-Forwarded-Proto https")
@@ -133,7 +137,7 @@ def edit_config(text: str, certificate: str | None = None, host: str | None = No
     if default_rule is None:
         notes.append("Ray's 404 rule in backend default_backend not found: answers left as Ray's")
     else:
-        indent = lines[default_rule][: len(lines[default_rule]) - len(lines[default_rule].lstrip())]
+        indent = _indent(lines[default_rule])
         if _has_routes(lines):
             rules, why = _answers(NOT_FOUND), "an unknown route, in the OpenAI envelope"
         else:

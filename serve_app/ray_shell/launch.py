@@ -150,6 +150,9 @@ def front_environment(env: dict[str, str], directory: Path,
     if haproxy_files is not None and len(str(haproxy_files)) + 1 + 56 + len("/metrics.sock") <= 97:
         for variable, name in HAPROXY_FILES.items():
             env.setdefault(variable, str(haproxy_files / name) if name else str(haproxy_files))
+    elif haproxy_files is not None:
+        print(f"Note: HAProxy's files go to Ray's shared /tmp/haproxy-serve: {haproxy_files} is too long "
+              "a path for its sockets (a shorter TMPDIR keeps them private).", file=sys.stderr)
     if certificate is not None:
         # HAProxy takes the certificate and its key in one file.
         pem = directory / "certificate-and-key.pem"
@@ -318,8 +321,7 @@ def run(command: list[str], env: dict[str, str],
 
     # Handlers first: a caught signal is reset to its default in the child, while an
     # ignored one stays ignored, and a shell starting us in the background ignores SIGINT.
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, graceful)
+    before = {signum: signal.signal(signum, graceful) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         # Its own session: a signal to our process group (a process manager's SIGTERM, the
         # terminal's SIGINT or SIGHUP) reaches only us, and serve run gets one SIGINT from
@@ -339,6 +341,8 @@ def run(command: list[str], env: dict[str, str],
         if ended := end_leftovers(token):
             with contextlib.suppress(OSError):  # a terminal that closed
                 print(f"Stopped what serve run left running: pids {ended}.", file=sys.stderr)
+        for signum, handler in before.items():  # as they were: run() may be called again
+            signal.signal(signum, handler)
 
 
 def main(argv: list[str]) -> int:
@@ -385,7 +389,11 @@ def main(argv: list[str]) -> int:
             print(f"Error: cannot set up the HTTP front: {exc}", file=sys.stderr)
             return 2
         private_ray_token()
-        env = keys_as_digests(env)
+        try:
+            env = keys_as_digests(env)
+        except ValueError as exc:  # a malformed EMBED_API_KEY_DIGESTS
+            print(f"Error: {exc}", file=sys.stderr)
+            return 2
         secure = bool(https or tls_files(config))
         if secure:
             via = "HAProxy" if https else "Ray's own proxy"

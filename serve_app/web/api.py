@@ -268,7 +268,8 @@ async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
         path = request.url.path
-        hint = f" (did you mean {path.rstrip('/')}?)" if path != "/" and path.endswith("/") else ""
+        bare = path.rstrip("/")
+        hint = f" (did you mean {bare}?)" if bare != path and bare in _ROUTE_PATHS else ""
         error: ServiceError = NotFound(f"No route {path}{hint}; see /openapi.json.")
     elif exc.status_code == 405:
         error = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}.")
@@ -329,6 +330,8 @@ ROUTES = [
     Route("/openapi.json", openapi, methods=["GET"]),
 ]
 
+
+_ROUTE_PATHS = frozenset(route.path for route in ROUTES if "{" not in route.path)
 
 def create_app(service: EmbeddingService, api_key_digests: list[str] | None = None) -> Starlette:
     """The ASGI app over a service (in process or through Ray); keys, if any, guard /v1."""

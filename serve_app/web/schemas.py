@@ -181,7 +181,8 @@ class Health(BaseModel):
     status: Literal["ok"]
     model: str
     replicas: str = Field(description="Whether the model is loaded; /health never wakes it.")
-    api_keys: bool = Field(description="Whether API keys guard the API (EMBED_API_KEYS where the app was built).")
+    api_keys: bool = Field(description="Whether API keys guard the API (EMBED_API_KEYS or EMBED_API_KEY_DIGESTS "
+                           "where the app was built).")
 
 
 Model = TypeVar("Model", bound=BaseModel)
@@ -218,8 +219,8 @@ def texts_of(value: TextOrTexts, field: str, max_items: int, max_chars: int | No
                                  param=where)
         if not blank_ok and not has_content(text):
             raise InvalidRequest(
-                f"'{where}' is only whitespace or control characters; every text must contain "
-                "something to compare.",
+                f"'{where}' is only whitespace, control or invisible format characters; every text "
+                "must contain something to compare.",
                 param=where,
             )
         if max_chars is not None and len(text) > max_chars:
