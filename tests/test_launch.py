@@ -89,6 +89,8 @@ def test_a_malformed_digest_beside_keys_stops_the_start_with_one_line(monkeypatc
 
     monkeypatch.setenv("EMBED_API_KEYS", "alpha-key")
     monkeypatch.setenv("EMBED_API_KEY_DIGESTS", "alpha-key")  # a key where its digest goes
+    for variable in SIDE_PORTS:  # set by the suite's own services: ports that may be taken
+        monkeypatch.delenv(variable, raising=False)
     assert main(["model=bundled:minilm", f"port={free_port(side_ports=True)}"]) == 2
     assert capsys.readouterr().err == (
         "Error: EMBED_API_KEY_DIGESTS holds something that is not a hex SHA-256 digest.\n")

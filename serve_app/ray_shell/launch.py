@@ -364,6 +364,11 @@ def main(argv: list[str]) -> int:
             return 2
         # HTTPS still in http_options: Ray's own proxy serves it.
         env = tuned_environment(port=port, ray_proxy=tls_files(config) is not None)
+        try:
+            env = keys_as_digests(env)
+        except ValueError as exc:  # a malformed EMBED_API_KEY_DIGESTS
+            print(f"Error: {exc}", file=sys.stderr)
+            return 2
         announced = config
         if env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and (host := _public_host(config)):
             # Ray binds its replicas' ports and its fallback proxy to this host too, in plain
@@ -389,11 +394,6 @@ def main(argv: list[str]) -> int:
             print(f"Error: cannot set up the HTTP front: {exc}", file=sys.stderr)
             return 2
         private_ray_token()
-        try:
-            env = keys_as_digests(env)
-        except ValueError as exc:  # a malformed EMBED_API_KEY_DIGESTS
-            print(f"Error: {exc}", file=sys.stderr)
-            return 2
         secure = bool(https or tls_files(config))
         if secure:
             via = "HAProxy" if https else "Ray's own proxy"
