@@ -20,6 +20,7 @@ from serve_app.core.cells import BLANK, CellError, as_grid, cell_text, flatten, 
         (False, "FALSE"),
         (dt.datetime(2024, 3, 1), "2024-03-01"),
         (dt.datetime(2024, 3, 1, 14, 30, 5), "2024-03-01 14:30:05"),
+        (dt.datetime(1899, 12, 30, 14, 24), "14:24:00"),  # a time-only cell, as xlwings reads it
         (dt.date(2025, 12, 31), "2025-12-31"),
         ("Termination clause", "Termination clause"),
         ("  合同终止  ", "  合同终止  "),

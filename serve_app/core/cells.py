@@ -26,6 +26,11 @@ COM_ERRORS = frozenset({
 })
 
 
+# The date of Excel's serial number 0: xlwings reads a cell holding only a time (14:24) as
+# that day at that time.
+EXCEL_DAY_ZERO = dt.date(1899, 12, 30)
+
+
 @dataclass(frozen=True)
 class Blank:
     """A blank cell: gives a blank result, costs no request."""
@@ -55,6 +60,8 @@ def cell_text(value: Any) -> Cell:
     if isinstance(value, int) and value in COM_ERRORS:
         return CellError("#N/A")
     if isinstance(value, dt.datetime):
+        if value.date() == EXCEL_DAY_ZERO:  # a time of day: Excel's serial 0.x, as xlwings reads it
+            return value.time().isoformat(timespec="seconds")
         if value.time() == dt.time(0, 0):
             return value.date().isoformat()
         return value.replace(tzinfo=None).isoformat(sep=" ", timespec="seconds")
