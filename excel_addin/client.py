@@ -391,13 +391,14 @@ class EmbedClient:
 
     def _failure(self, response: httpx.Response, path: str) -> str:
         """The sentence for an answer other than 200."""
-        url, status, message = self.settings.server_url, response.status_code, _server_message(response)
+        url, status, error = self.settings.server_url, response.status_code, _server_error(response)
+        message = error["message"] if error and "message" in error else f"HTTP {status}."
         if status == 401 and not self.settings.api_key:
             return (f"The embedding server at {url} needs an API key. Set EMBED_API_KEY to the key "
                     "your admin gave you (in the xlwings config or the environment).")
         if status == 401:
             return f"The embedding server at {url} refused the API key. Check EMBED_API_KEY."
-        if status == 404 and not _is_envelope(response):
+        if status == 404 and error is None:
             # Ray Serve's front answers 404 in plain text until the application is deployed.
             return (f"Nothing answers at {url}{path} yet: the embedding service may still be "
                     "starting (recalculate in a few seconds), or EMBED_SERVER_URL names the wrong address.")
@@ -456,33 +457,24 @@ def _retry_wait_s(response: httpx.Response, cap_s: float) -> float:
     return min(cap_s, seconds if math.isfinite(seconds) and seconds > 0 else 1.0)
 
 
-def _is_envelope(response: httpx.Response) -> bool:
-    """Whether the answer is this service's OpenAI error envelope."""
-    try:
-        return isinstance(response.json().get("error"), dict)
-    except Exception:
-        return False
-
-
 # A 503 not to send again: the request itself may be what the replica died of (memory).
 NOT_RETRIED = frozenset({"replica_out_of_memory"})
 
 
 def _worth_retrying(response: httpx.Response) -> bool:
     """429 and 503, but not one whose code says the request is the cause (client.js's rule)."""
-    if response.status_code not in (429, 503):
-        return False
-    try:
-        return response.json()["error"]["code"] not in NOT_RETRIED
-    except Exception:
-        return True
+    error = _server_error(response)
+    return response.status_code in (429, 503) and (error or {}).get("code") not in NOT_RETRIED
 
 
-def _server_message(response: httpx.Response) -> str:
+def _server_error(response: httpx.Response) -> dict | None:
+    """The answer's OpenAI error envelope (`error`), or None where it is not one (as
+    client.js's serverError reads it)."""
     try:
-        return response.json()["error"]["message"]
+        error = response.json().get("error")
     except Exception:
-        return f"HTTP {response.status_code}."
+        return None
+    return error if isinstance(error, dict) else None
 
 
 def _decode(embedding: str) -> np.ndarray:

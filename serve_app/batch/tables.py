@@ -257,11 +257,12 @@ def check_csv(file: Path) -> int:
         return "error"
 
     rows = 0
+    parse = csv_parse_options([file], first_invalid)
     try:
         reader = csv.open_csv(
             file,
             read_options=csv.ReadOptions(use_threads=False),  # rows are numbered only in one thread
-            parse_options=csv_parse_options([file], first_invalid),
+            parse_options=parse,
             convert_options=csv.ConvertOptions(column_types=dict.fromkeys(names, pa.binary())),
         )
         for batch in reader:
@@ -281,7 +282,7 @@ def check_csv(file: Path) -> int:
             raise JobInputError(f"Cannot read {file} as CSV: {exc}") from exc
         row = invalid[0]
         if row.actual_columns > row.expected_columns:
-            fix = f"put quotes around a value that holds a {SEPARATORS[csv_separator(file)][:-1]}"
+            fix = f"put quotes around a value that holds a {SEPARATORS[parse.delimiter][:-1]}"
         else:
             fix = "add the missing fields (empty ones will do), or close a quote left open above it"
         raise JobInputError(

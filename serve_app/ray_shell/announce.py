@@ -20,7 +20,7 @@ import time
 import urllib.request
 
 from serve_app.core.config import AppArgs
-from serve_app.ray_shell.preflight import OUR_BUILDERS
+from serve_app.ray_shell.preflight import OUR_BUILDERS, service_host
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 EVERY_INTERFACE = {"0.0.0.0", "::", ""}
@@ -29,8 +29,7 @@ EVERY_INTERFACE = {"0.0.0.0", "::", ""}
 def _host_and_app(config: dict) -> tuple[str, dict | None]:
     """The host the service listens on, and its application (the first of ours; None
     where the config file runs only other applications)."""
-    # A config file that names no host gets Ray's default: every interface.
-    host = (config.get("http_options") or {}).get("host") or "0.0.0.0"
+    host = service_host(config)
     apps = config.get("applications") or []
     return host, next((a for a in apps if a.get("import_path") in OUR_BUILDERS), None)
 

@@ -40,6 +40,7 @@ from serve_app.ray_shell.preflight import (
     checked_config,
     prepare_models,
     read_config,
+    service_host,
     tls_files,
 )
 from serve_app.web.auth import keys_as_digests
@@ -89,7 +90,7 @@ HAPROXY_FILES = {
 def _public_host(config: dict) -> str | None:
     """The host a config asks the service to listen on, where it is not loopback and HAProxy
     can be told it (an IPv4 address or a name; an IPv6 one stays with Ray)."""
-    host = str((config.get("http_options") or {}).get("host") or "0.0.0.0")  # Ray's default here
+    host = service_host(config)
     return None if host in ("127.0.0.1", "localhost") or ":" in host else host
 
 

@@ -14,6 +14,12 @@ DEFAULT_PORT = 8000  # Serve's
 OUR_BUILDERS = ("serve_app:build_app", "serve_app.ray_shell.deployments:build_app")
 
 
+def service_host(config: dict) -> str:
+    """The host a Serve config has the service listen on; one that names none gets Ray's
+    default, every interface."""
+    return str((config.get("http_options") or {}).get("host") or "0.0.0.0")
+
+
 def read_config(path: str) -> dict:
     """A Serve config file's contents, or a ValueError that says in one line why it has none."""
     import yaml
