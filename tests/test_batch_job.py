@@ -6,8 +6,13 @@ import asyncio
 import datetime as dt
 import hashlib
 import json
+import os
 import re
+import shutil
+import stat
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +20,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import command_lines, early_zygotes, wait_for, zygotes_of
+from conftest import BUNDLED, command_lines, early_zygotes, wait_for, zygotes_of
 from rayhead import REPO, RayHead
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -453,3 +458,41 @@ def test_stopped_job_leaves_no_output(ray_head, tmp_path):
     # The driver removes its temporary file as it stops: nothing is left under any name.
     wait_for(lambda: list(output.parent.iterdir()) == [], 10, "the output folder to be left empty")
     assert "The job was stopped before it finished; no output was written." in ray_head.logs(job)
+
+
+def test_a_job_on_a_ray_of_its_own_runs_with_rays_token_and_leaves_its_files_to_its_user(tmp_path):
+    # Run as a user runs it on an office server: no RAY_AUTH_MODE (Ray 2.60 then turns its
+    # token on; the actors' zygote, started before Ray, must carry it, or they are refused
+    # and the job waits for them forever) and the usual umask 022. The job starts Ray's
+    # daemons, which write the cluster token (with it anyone could run code as this
+    # user), the session's files and the logs (which hold the texts of any error).
+    home = tmp_path / "home"
+    home.mkdir()
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Unix socket paths
+    source = tmp_path / "questions.csv"
+    pd.DataFrame({"question": ["How do I reset my password?", "合同终止的条件是什么？"]}).to_csv(source, index=False)
+    output = tmp_path / "out" / "embedded.parquet"  # in a folder the job makes
+    env = {**os.environ, "HOME": str(home), "RAY_TMPDIR": str(ray_tmp), "HF_HUB_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_MODE", None)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "serve_app.batch", "embed", "--model", BUNDLED, "--input", str(source),
+             "--column", "question", "--output", str(output)],
+            env=env, cwd=REPO, capture_output=True, text=True, timeout=120,
+            preexec_fn=lambda: os.umask(0o022),
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert pq.read_table(output).num_rows == 2
+        # The output, and the folder made for it, are the user's to share, as the umask says.
+        assert stat.S_IMODE(output.stat().st_mode) == 0o644
+        assert stat.S_IMODE(output.parent.stat().st_mode) == 0o755
+        token = home / ".ray" / "auth_token"
+        assert stat.S_IMODE(token.stat().st_mode) == 0o600
+        readable = [
+            str(path) for path in ray_tmp.rglob("*")
+            if path.is_file() and not path.is_symlink() and path.stat().st_mode & 0o077
+        ]
+        assert readable == [], readable[:10]
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -82,8 +82,12 @@ def settings(opts: argparse.Namespace) -> AppArgs:
 def main(argv: list[str] | None = None) -> int:
     opts = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # What the job starts writes for this user alone, as `python -m serve_app` does: a Ray of
+    # its own (its token, session files, logs, which hold the texts of any error), its
+    # zygote, its workers. The output, and folders made for it, get the user's own umask.
+    user_umask = os.umask(0o077)
     try:
-        rows, output, timing = run(opts)
+        rows, output, timing = run(opts, user_umask)
     except JobStopped:
         return 2  # already said, as the signal arrived
     except (JobInputError, ModelLoadError, ServiceError, ValueError) as exc:
@@ -91,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             raise  # its traceback is what helps
         print(f"error: {_message(exc)}", file=sys.stderr)
         return 2
+    finally:
+        os.umask(user_umask)
     work = max(timing["work_s"], 1e-9)
     what, doing, speed = "", "embedding and writing", f"{rows / work:.1f} rows/s"
     if opts.command == "search":  # it writes k rows a query: its speed is of the rows it embedded
@@ -102,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run(opts: argparse.Namespace) -> tuple[int, str, dict[str, float]]:
+def run(opts: argparse.Namespace, user_umask: int | None = None) -> tuple[int, str, dict[str, float]]:
     """Check the arguments and the model, then run the command on Ray."""
     from serve_app.batch.job import (
         JobOptions,
@@ -132,11 +138,15 @@ def run(opts: argparse.Namespace) -> tuple[int, str, dict[str, float]]:
         batch_size=opts.batch_size,
         actors=opts.actors,
         sheet=opts.sheet,
+        umask=user_umask,
     )
     prepare_warm_start(args, spec)  # the actors' zygote imports torch while Ray starts
     import ray
 
+    from serve_app.ray_shell.launch import private_ray_token
+
     started = time.perf_counter()
+    private_ray_token()
     ray.init(logging_level=logging.WARNING, configure_logging=False)
     ray_start_s = time.perf_counter() - started
     job.placement()  # the zygote gets its job now, not once the first dataset is planned (0.4 s later)

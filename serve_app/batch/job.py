@@ -48,6 +48,7 @@ class JobOptions:
     batch_size: int = 256
     actors: int | None = None
     sheet: str | None = None
+    umask: int | None = None  # the user's, for the output, where the job runs under another
     _placement: tuple[float, str | None] | None = field(default=None, init=False, repr=False)
 
     def placement(self) -> tuple[float, str | None]:
@@ -162,7 +163,7 @@ def run_embed(input_path: str, column: str, output: str, opts: JobOptions) -> in
     schema = schema.append(pa.field("embedding", EMBEDDING_TYPE))
     rows = 0
     # Written as the batches come; an input with no rows still gets every column.
-    with atomic_output(output) as temporary, pq.ParquetWriter(temporary, schema) as writer:
+    with atomic_output(output, opts.umask) as temporary, pq.ParquetWriter(temporary, schema) as writer:
         for batch in embedded.iter_batches(batch_format="pyarrow", batch_size=None):
             writer.write_table(conform(batch, schema))
             rows += batch.num_rows
@@ -176,7 +177,7 @@ def run_similarity(input_path: str, left: str, right: str, output: str, opts: Jo
     dataset, schema = _read(input_path, [left, right], opts, output)
     scored = _embed(dataset, opts, "similarity", [left, right], [query_prefix, ""])
     table = _collect(scored, schema.append(pa.field("similarity", pa.float32())))
-    with atomic_output(output) as temporary:
+    with atomic_output(output, opts.umask) as temporary:
         write_table(table, temporary, fmt)
     return table.num_rows
 
@@ -200,7 +201,7 @@ def run_search(queries: str, query_column: str, corpus: str, corpus_column: str,
     corpus_table = corpus_table.append_column("embedding", vectors[: corpus_table.num_rows])
     query_table = query_table.append_column("embedding", vectors[corpus_table.num_rows :])
     table = top_k(query_table, corpus_table, k)
-    with atomic_output(output) as temporary:
+    with atomic_output(output, opts.umask) as temporary:
         write_table(table, temporary, fmt)
     return table.num_rows, query_table.num_rows, corpus_table.num_rows
 

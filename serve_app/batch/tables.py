@@ -424,19 +424,25 @@ def texts_of(column: pa.ChunkedArray | pa.Array) -> list[str | None]:
 
 
 @contextlib.contextmanager
-def atomic_output(target: str | Path) -> Iterator[Path]:
-    """A temporary path beside `target`, renamed onto it only if the block succeeds.
+def atomic_output(target: str | Path, umask: int | None = None) -> Iterator[Path]:
+    """A temporary path beside `target`, renamed onto it only if the block succeeds; with
+    `umask`, the file and the folders made for it get the modes that umask gives.
 
     SIGTERM (what `ray job stop` sends first) removes the temporary file at once,
     says so, and raises `JobStopped`: Ray sends SIGKILL 3 s later, and unwinding a
     Ray Data pipeline on a busy machine can take longer than that.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    for folder in reversed([f for f in (target.parent, *target.parent.parents) if not f.exists()]):
+        folder.mkdir(exist_ok=True)
+        if umask is not None:
+            folder.chmod(0o777 & ~umask)
     temporary = target.with_name(f".{target.stem}.partial-{os.getpid()}{target.suffix}")
     previous = _stop_on_sigterm(temporary)
     try:
         yield temporary
+        if umask is not None:
+            temporary.chmod(0o666 & ~umask)
         os.replace(temporary, target)
     finally:
         with contextlib.suppress(FileNotFoundError):

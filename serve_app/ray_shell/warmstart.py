@@ -279,7 +279,11 @@ def give_job(preload: str, raylet: int, job_id: str) -> bool:
     try:
         listener.bind(address)
         listener.listen(64)
-        body = json.dumps({"address": address[1:], "parent": raylet, "job": job_id}).encode()
+        # With the Ray settings `ray.init` put in the driver's environment since the zygote
+        # started (RAY_AUTH_MODE=token, where none was set): Ray's core library reads them
+        # once, when the zygote loads it, and workers without the token are refused.
+        ray_env = {k: v for k, v in os.environ.items() if k.startswith("RAY_")}
+        body = json.dumps({"address": address[1:], "parent": raylet, "job": job_id, "env": ray_env}).encode()
         socket.send_fds(channel, [body], [listener.fileno()])
         return True
     except OSError:  # it died, or a zygote of this job has the address already
@@ -517,6 +521,7 @@ def serve_early_zygote(channel_fd: int, preload: str, owner: int, check_every_s:
     job = json.loads(body)
     listener = socket.socket(fileno=fds[0])
     # What Ray would give the job's workers; read once, as Ray's core library loads below.
+    os.environ.update(job.get("env", {}))
     os.environ.update(RAY_JOB_ID=job["job"], RAY_RAYLET_PID=str(job["parent"]))
     sys.stdout.flush()
     sys.stderr.flush()
