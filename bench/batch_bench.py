@@ -120,8 +120,7 @@ def run_submitted(source: Path, target: Path, opts) -> dict:
     """`ray start --head`, then `ray job submit --working-dir .` through the job API."""
     import signal
 
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}  # a local single-user cluster
-    os.environ["RAY_AUTH_MODE"] = "disabled"
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}  # as the README starts a local cluster
     dashboard = free_port()
     started = time.perf_counter()
     head = subprocess.Popen(
@@ -133,9 +132,13 @@ def run_submitted(source: Path, target: Path, opts) -> dict:
     try:
         from ray.job_submission import JobStatus, JobSubmissionClient
 
+        token_file = Path.home() / ".ray" / "auth_token"  # `ray start` writes it if missing
         while True:
             try:
-                client = JobSubmissionClient(f"http://127.0.0.1:{dashboard}")
+                client = JobSubmissionClient(
+                    f"http://127.0.0.1:{dashboard}",
+                    headers={"Authorization": f"Bearer {token_file.read_text().strip()}"},
+                )
                 break
             except Exception:
                 if head.poll() is not None or time.perf_counter() - started > 120:

@@ -22,12 +22,12 @@ class RayHead:
     def __init__(self, temp_dir: Path, serve_env: dict[str, str] | None = None) -> None:
         self.temp_dir = temp_dir
         self.dashboard_port = free_port()
-        # A local test cluster without token authentication (Ray 2.60 turns it on); the
-        # README shows the token-authenticated way for shared clusters. Serve runs with
+        # Token authentication, as the README starts a local cluster (Ray 2.60's default:
+        # without it Ray's daemons take any caller on every interface). Serve runs with
         # Ray's defaults (Python proxy) unless `serve_env` gives its flags: the session's
         # own settings are left out.
         base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")}
-        self.env = {**base, **(serve_env or {}), "RAY_AUTH_MODE": "disabled"}
+        self.env = {**base, **(serve_env or {}), "RAY_AUTH_MODE": "token"}
         command = [
             str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
             f"--port={free_port()}", f"--dashboard-port={self.dashboard_port}",
@@ -48,11 +48,14 @@ class RayHead:
     def _connect(self):
         from ray.job_submission import JobSubmissionClient
 
-        os.environ["RAY_AUTH_MODE"] = "disabled"
+        # The token `ray start` keeps in ~/.ray/auth_token, sent as `ray job submit` sends it
+        # with RAY_AUTH_MODE=token (this process's Ray settings are left as they are).
+        token_file = Path.home() / ".ray" / "auth_token"
         deadline = time.monotonic() + 90
         while True:
             try:
-                return JobSubmissionClient(f"http://127.0.0.1:{self.dashboard_port}")
+                self.headers = {"Authorization": f"Bearer {token_file.read_text().strip()}"}
+                return JobSubmissionClient(f"http://127.0.0.1:{self.dashboard_port}", headers=self.headers)
             except Exception:
                 if time.monotonic() > deadline or self.process.poll() is not None:
                     raise
@@ -91,7 +94,6 @@ class RayHead:
         # outside the `ray start` process group, so they are found by their command lines
         # while the raylet still names its node, and killed after the group.
         strays = _processes_of(self.temp_dir)
-        os.environ.pop("RAY_AUTH_MODE", None)
         for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
             try:
                 os.killpg(self.process.pid, sig)

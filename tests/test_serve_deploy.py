@@ -48,7 +48,7 @@ def ingress_replicas(head: RayHead) -> int | None:
     """How many replicas the app's ingress has, stopping ones included (Ray's REST API)."""
     try:
         details = httpx.get(f"http://127.0.0.1:{head.dashboard_port}/api/serve/applications/",
-                            timeout=5).json()
+                            headers=head.headers, timeout=5).json()
         return len(details["applications"]["embeddings"]["deployments"]["Ingress"]["replicas"])
     except (httpx.HTTPError, KeyError, ValueError):
         return None
