@@ -96,6 +96,30 @@ def test_a_malformed_digest_beside_keys_stops_the_start_with_one_line(monkeypatc
         "Error: EMBED_API_KEY_DIGESTS holds something that is not a hex SHA-256 digest.\n")
 
 
+@pytest.mark.parametrize("address", [None, "auto", "http://127.0.0.1:8265"])
+def test_the_service_starts_a_ray_of_its_own_even_beside_a_ray_start_cluster(address, monkeypatch, capsys):
+    # `serve run` calls ray.init(), which joins the cluster a `ray start --head` left running
+    # on this machine (the README starts one for batch jobs): the service would then run in
+    # that cluster's environment, without this run's flags, ports, umask or stop.
+    import serve_app.ray_shell.launch as launch
+
+    given = {}
+    monkeypatch.setattr(launch, "run", lambda command, env, started=None: given.update(env) or 0)
+    for variable in SIDE_PORTS:  # set by the suite's own services: ports that may be taken
+        monkeypatch.delenv(variable, raising=False)
+    if address is None:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    else:
+        monkeypatch.setenv("RAY_ADDRESS", address)
+    assert launch.main(["model=bundled:minilm", f"port={free_port(side_ports=True)}"]) == 0
+    assert given["RAY_ADDRESS"] == "local"  # ray.init("local"): a new cluster, whatever runs
+    said = capsys.readouterr().err
+    if address is None:
+        assert "RAY_ADDRESS" not in said
+    else:
+        assert f"Note: RAY_ADDRESS={address} is left aside: this command starts a Ray of its own." in said
+
+
 def test_a_bad_override_is_refused_before_anything_starts():
     with pytest.raises(ValueError, match="gpu_fraction"):
         serve_run_command(["serve_config.yaml", "gpu_fraction=3"])

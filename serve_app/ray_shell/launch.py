@@ -370,6 +370,13 @@ def main(argv: list[str]) -> int:
         except ValueError as exc:  # a malformed EMBED_API_KEY_DIGESTS
             print(f"Error: {exc}", file=sys.stderr)
             return 2
+        if env.get("RAY_ADDRESS", "local") not in ("", "local"):
+            print(f"Note: RAY_ADDRESS={env['RAY_ADDRESS']} is left aside: this command starts a Ray "
+                  "of its own. To run the service on that cluster, `serve deploy` a config file "
+                  "to it (README, 'GPUs and clusters').", file=sys.stderr)
+        # A Ray of its own, always: `serve run` would join a cluster that `ray start` left
+        # running on this machine, where none of this run's settings, ports or stop apply.
+        env["RAY_ADDRESS"] = "local"
         announced = config
         if env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and (host := _public_host(config)):
             # Ray binds its replicas' ports and its fallback proxy to this host too, in plain
