@@ -63,6 +63,12 @@ def test_embed_csv_job_with_working_dir_matches_direct_computation(ray_head, tmp
     assert "Wrote 8 rows" in logs
     # The actor was forked from the job's warm-start zygote, which ends with the job.
     assert "loaded in" in logs and "(forked from the warm-start process)" in logs, logs[-3000:]
+    # The actor's line says what it turned on (float32: no packing, so no fusing) in
+    # sentences, each ended.
+    said = re.search(r"Model bundled:minilm loaded in .*", logs).group(0)
+    assert "(only bfloat16 ones are packed). Elementwise work not fused: it needs the packed " \
+           "linear weights. Short texts share rows of a pass" in said, said
+    assert said.endswith(").")
     assert_zygotes_gone(ray_head)
     # ... and which the driver started before ray.init, to import torch meanwhile.
     ready = [line for line in zygote_log(ray_head).splitlines() if " ready in " in line]

@@ -102,8 +102,9 @@ class EmbedRows:
         # before the first batch, not beside it as in a replica.
         sentences = home.submit(lambda: [*self.model.speed_up(), self.model.settle_gpu_share()]).result()
         how = "forked from the warm-start process" if forked_from_zygote() else "cold start"
-        print(f"Model {self.model.spec.name} loaded in {time.perf_counter() - started:.1f} s ({how}). "
-              f"{' '.join(filter(None, sentences))}", flush=True)
+        said = " ".join(s if s.endswith(".") else f"{s}." for s in sentences if s)
+        print(f"Model {self.model.spec.name} loaded in {time.perf_counter() - started:.1f} s ({how}). {said}",
+              flush=True)
 
     async def __call__(self, batch: pa.Table, task: str, columns: list[str], prefixes: list[str],
                        dimensions: int | None = None) -> pa.Table:
