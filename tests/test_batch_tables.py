@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import os
 import signal
 
 import numpy as np
@@ -15,21 +16,18 @@ import pytest
 import ray
 
 from serve_app.batch.__main__ import main
+from serve_app.batch.csvfiles import csv_schema
+from serve_app.batch.errors import STOPPED, JobInputError, JobStopped
 from serve_app.batch.job import search_clashes, top_k
+from serve_app.batch.output import atomic_output, write_table
+from serve_app.batch.sheets import read_xlsx
 from serve_app.batch.tables import (
-    STOPPED,
-    JobInputError,
-    JobStopped,
-    atomic_output,
     common_schema,
     conform,
-    csv_schema,
     input_files,
     output_format,
-    read_xlsx,
     require_columns,
     text_or_none,
-    write_table,
 )
 
 
@@ -367,9 +365,30 @@ def test_a_comma_csv_whose_header_holds_semicolons_is_read_with_commas(tmp_path)
     # The header alone would say semicolons (three against one); every row has one comma.
     rows = tmp_path / "rows.csv"
     rows.write_text("question,notes (a;b;c)\nhow do I reset,x; y\nrefunds,none\n")
-    from serve_app.batch.tables import csv_separator
+    from serve_app.batch.csvfiles import csv_separator
 
     assert csv_separator(rows) == ","
+
+
+def test_a_csvs_separator_is_found_once_for_all_the_checks_until_the_file_changes(tmp_path, monkeypatch):
+    # The checks before Ray (columns, rows, every row's fields) and the schema each need it:
+    # scanning the first 64 KB in Python four times per file added up over a folder.
+    import serve_app.batch.csvfiles as csvfiles
+    from serve_app.batch.tables import count_rows
+
+    scans = []
+    scan = csvfiles._separators_per_row
+    monkeypatch.setattr(csvfiles, "_separators_per_row", lambda text: scans.append(1) or scan(text))
+    rows = tmp_path / "rows.csv"
+    rows.write_text("question;doc\n" + "how do I reset;x\n" * 50)
+    assert require_columns([rows], "csv", ["question"]) == ["question", "doc"]
+    assert count_rows([rows], "csv") == 50
+    assert csv_schema(rows, ["question"]).names == ["question", "doc"]
+    assert len(scans) == 1
+    rows.write_text("question,doc\n" + "how do I reset,x\n" * 50 + "refunds,y\n")  # saved again
+    os.utime(rows, ns=(rows.stat().st_atime_ns, rows.stat().st_mtime_ns + 1_000_000))
+    assert count_rows([rows], "csv") == 51
+    assert len(scans) == 2
 
 
 @pytest.mark.parametrize(("separator", "name"), [(";", "semicolons"), ("\t", "tabs")])

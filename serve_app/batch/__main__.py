@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from serve_app.batch.tables import JobInputError, JobStopped
+from serve_app.batch.errors import JobInputError, JobStopped
 from serve_app.core.config import AppArgs, config_args
 from serve_app.core.errors import ModelLoadError, ServiceError
 
@@ -167,14 +167,13 @@ def run(opts: argparse.Namespace, user_umask: int | None = None) -> tuple[int, s
 def _check_inputs(opts: argparse.Namespace, output: str) -> None:
     """Everything that can be wrong with the files, found before Ray starts."""
     from serve_app.batch.job import search_clashes
+    from serve_app.batch.sheets import SHEET_ROWS, too_many_rows
     from serve_app.batch.tables import (
-        SHEET_ROWS,
         check_output,
         count_rows,
         input_files,
         output_format,
         require_columns,
-        too_many_rows,
     )
 
     fmt = output_format(output, ("parquet",) if opts.command == "embed" else ("csv", "xlsx", "parquet"))

@@ -15,18 +15,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from serve_app.batch.csvfiles import csv_parse_options, csv_schema
+from serve_app.batch.output import atomic_output, write_table
+from serve_app.batch.sheets import read_xlsx
 from serve_app.batch.tables import (
-    atomic_output,
     common_schema,
     conform,
-    csv_parse_options,
-    csv_schema,
     input_files,
     output_format,
-    read_xlsx,
     text_or_none,
     texts_of,
-    write_table,
 )
 from serve_app.core.config import AppArgs
 from serve_app.core.modelinfo import ModelSpec

@@ -1,0 +1,101 @@
+"""XLSX: reading one sheet of a workbook as a table, and what a worksheet can hold of the
+output (its rows, its characters)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pandas as pd
+import pyarrow as pa
+
+from serve_app.batch.errors import JobInputError, refuse_repeats
+from serve_app.core.cells import Blank, CellError, cell_text
+
+
+class SheetHeader(NamedTuple):
+    """A worksheet's column names (its first row), its name, the workbook's sheets, and its
+    rows below the header as the sheet's recorded size gives them (None if it gives none)."""
+
+    names: list[str]
+    title: str
+    sheets: list[str]
+    rows: int | None
+
+
+def sheet_header(file: Path, sheet: str | None) -> SheetHeader:
+    """One sheet's header row (the first sheet unless named), as it stands: a blank cell
+    is a column with no name; blanks after the last name are no columns."""
+    import openpyxl
+
+    book = openpyxl.load_workbook(file, read_only=True, data_only=True)
+    try:
+        if sheet is not None and sheet not in book.sheetnames:
+            raise JobInputError(
+                f"{file.name} has no sheet {sheet!r}. Its sheets are: {', '.join(map(repr, book.sheetnames))}."
+            )
+        worksheet = book[sheet] if sheet is not None else book.worksheets[0]
+        first = next(worksheet.iter_rows(max_row=1, values_only=True), ())
+        names = [_header_text(cell) for cell in first]
+        while names and names[-1] == "":
+            names.pop()
+        rows = worksheet.max_row - 1 if worksheet.max_row else None
+        return SheetHeader(names, worksheet.title, list(book.sheetnames), rows)
+    finally:
+        book.close()
+
+
+def _header_text(cell: Any) -> str:
+    """A header cell's name: its text, numbers and dates as shown; blank or an error: ""."""
+    if cell is None or isinstance(cell, str):
+        return cell or ""
+    text = cell_text(cell)
+    return "" if isinstance(text, Blank | CellError) else text
+
+
+def read_xlsx(file: Path, sheet: str | None):
+    """One sheet of a workbook (the first unless named) as a pandas frame, its columns
+    named as its header row names them. Its cells are read as a CSV's are: text stays
+    text ("NA", "None", "null" too; pandas' default makes those blanks), and only empty
+    cells are blank."""
+    names = sheet_header(file, sheet).names
+    frame = pd.read_excel(file, sheet_name=sheet or 0, engine="openpyxl",
+                          keep_default_na=False, na_values=[""])
+    # pandas renames repeated and blank headers ("doc.1", "Unnamed: 2"); a column of data
+    # right of the last header is one with no name.
+    width = len(frame.columns)
+    frame.columns = names[:width] + [""] * (width - len(names))
+    refuse_repeats(file, list(frame.columns))
+    return frame
+
+
+SHEET_ROWS = 1_048_576  # an Excel worksheet's rows, its header's included
+
+
+def too_many_rows(rows: int, at_most: bool = False) -> str:
+    """The sentence for an output too long for a worksheet."""
+    return (f"The output would have {'up to ' if at_most else ''}{rows:,} rows, more than an Excel "
+            f"sheet holds ({SHEET_ROWS - 1:,} below its header): write it as .csv or .parquet instead.")
+
+
+# Characters a worksheet cannot hold (openpyxl's IllegalCharacterError): control
+# characters other than tab, line feed and carriage return.
+_NOT_IN_A_SHEET = r"[\x00-\x08\x0B\x0C\x0E-\x1F]"
+
+
+def sheet_ready(table: pa.Table) -> pa.Table:
+    """`table` as a worksheet can hold it: control characters dropped from its text (a
+    vertical tab from old exports failed the whole write), and dates and times with a
+    time zone as the clock showed them there (Excel's have no zone)."""
+    import pyarrow.compute as pc
+
+    columns = []
+    for column in table.columns:
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            column = pc.replace_substring_regex(column, pattern=_NOT_IN_A_SHEET, replacement="")
+        elif pa.types.is_timestamp(column.type) and column.type.tz is not None:
+            column = pc.local_timestamp(column)
+        columns.append(column)
+    names = [re.sub(_NOT_IN_A_SHEET, "", name) for name in table.column_names]
+    return pa.Table.from_arrays(columns, names=names)
