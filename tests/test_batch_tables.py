@@ -508,6 +508,24 @@ def test_an_xlsx_output_drops_what_a_sheet_cannot_hold(tmp_path):
     assert row == ("linebreak\ttab", dt.datetime(2024, 3, 1, 13, 0))  # Berlin's clock
 
 
+def test_text_too_long_for_an_excel_cell_is_refused_not_cut(tmp_path):
+    # openpyxl cut it to 32,767 characters with only a warning: the output lost text.
+    import openpyxl
+
+    target = tmp_path / "out" / "scored.xlsx"
+    longest = "合同" * 16_384  # 32,768 characters
+    table = pa.table({"question": ["short", longest, "x" * 40_000], "similarity": [0.5, 0.25, 0.125]})
+    message = ("Row 4 of the output, column 'question', holds 40,000 characters, more than an Excel cell "
+               "holds (32,767): write the output as .csv or .parquet instead, or shorten that text.")
+    with pytest.raises(JobInputError) as refused, atomic_output(target) as temporary:
+        write_table(table, temporary, "xlsx")
+    assert str(refused.value) == message
+    assert list(target.parent.iterdir()) == []
+    fits = pa.table({"question": [longest[:-1]]})  # 32,767: what a cell holds, kept whole
+    write_table(fits, tmp_path / "fits.xlsx", "xlsx")
+    assert openpyxl.load_workbook(tmp_path / "fits.xlsx").active["A2"].value == longest[:-1]
+
+
 def test_a_csv_output_opens_as_utf8_in_excel_and_reads_back_as_input(tmp_path):
     # Excel on Windows showed "cafÃ©" for a CSV without a byte-order mark.
     write_table(pa.table({"question": ["café", "合同"], "n": [1, None]}), tmp_path / "out.csv", "csv")

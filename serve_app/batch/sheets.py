@@ -84,18 +84,37 @@ def too_many_rows(rows: int, at_most: bool = False) -> str:
 _NOT_IN_A_SHEET = r"[\x00-\x08\x0B\x0C\x0E-\x1F]"
 
 
+CELL_CHARACTERS = 32_767  # the most an Excel cell holds; openpyxl cuts longer text there
+
+
 def sheet_ready(table: pa.Table) -> pa.Table:
     """`table` as a worksheet can hold it: control characters dropped from its text (a
     vertical tab from old exports failed the whole write), and dates and times with a
-    time zone as the clock showed them there (Excel's have no zone)."""
+    time zone as the clock showed them there (Excel's have no zone). Text too long for a
+    cell is refused, not cut (openpyxl cut it with only a warning)."""
     import pyarrow.compute as pc
 
     columns = []
-    for column in table.columns:
+    for name, column in zip(table.column_names, table.columns, strict=True):
         if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
             column = pc.replace_substring_regex(column, pattern=_NOT_IN_A_SHEET, replacement="")
+            _refuse_long_cells(name, column)
         elif pa.types.is_timestamp(column.type) and column.type.tz is not None:
             column = pc.local_timestamp(column)
         columns.append(column)
     names = [re.sub(_NOT_IN_A_SHEET, "", name) for name in table.column_names]
     return pa.Table.from_arrays(columns, names=names)
+
+
+def _refuse_long_cells(name: str, column: pa.ChunkedArray) -> None:
+    import pyarrow.compute as pc
+
+    lengths = pc.utf8_length(column)
+    longest = pc.max(lengths).as_py()
+    if longest is not None and longest > CELL_CHARACTERS:
+        row = pc.index(lengths, longest).as_py() + 2  # the sheet's row: the header is row 1
+        raise JobInputError(
+            f"Row {row} of the output, column {name!r}, holds {longest:,} characters, more than an "
+            f"Excel cell holds ({CELL_CHARACTERS:,}): write the output as .csv or .parquet instead, "
+            "or shorten that text."
+        )
