@@ -6,6 +6,7 @@ import datetime as dt
 import math
 import os
 import signal
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -74,7 +75,7 @@ def test_input_files_from_a_folder_of_one_format(tmp_path):
         input_files(tmp_path)
     with pytest.raises(JobInputError, match="does not exist"):
         input_files(tmp_path / "missing.csv")
-    with pytest.raises(JobInputError, match=r"\.csv, \.xlsx or \.parquet"):
+    with pytest.raises(JobInputError, match=r"\.csv, \.xlsx, \.xlsm or \.parquet"):
         input_files(tmp_path / "notes.txt")
 
 
@@ -112,6 +113,36 @@ def test_output_format_by_extension():
     assert output_format("/x/out.XLSX", ("csv", "xlsx")) == "xlsx"
     with pytest.raises(JobInputError, match=r"must end in \.parquet"):
         output_format("/x/out.csv", ("parquet",))
+
+
+def macro_workbook(path: Path, frame: pd.DataFrame) -> Path:
+    """An .xlsm as Excel saves one: the workbook part of the macro-enabled content type."""
+    import zipfile
+
+    plain = path.with_suffix(".xlsx")
+    frame.to_excel(plain, index=False)
+    with zipfile.ZipFile(plain) as source, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as target:
+        for item in source.infolist():
+            data = source.read(item)
+            if item.filename == "[Content_Types].xml":
+                data = data.replace(b"application/vnd.openxmlformats-officedocument.spreadsheetml.sheet.main+xml",
+                                    b"application/vnd.ms-excel.sheet.macroEnabled.main+xml")
+                assert b"macroEnabled" in data
+            target.writestr(item, data)
+    plain.unlink()
+    return path
+
+
+def test_a_macro_enabled_workbook_is_read_and_an_xlsm_output_refused(tmp_path, monkeypatch, capsys):
+    # xlwings users keep their workbooks as .xlsm: "input files must end in .csv, .xlsx or .parquet".
+    book = macro_workbook(tmp_path / "cases.xlsm", pd.DataFrame({"question": ["合同终止", "007"], "doc": ["a", "b"]}))
+    files, fmt = input_files(book)
+    assert (files, fmt) == ([book], "xlsx")
+    assert require_columns(files, fmt, ["question"]) == ["question", "doc"]
+    assert read_xlsx(book, None)["question"].tolist() == ["合同终止", "007"]
+    assert input_files(tmp_path) == ([book], "xlsx")  # and in a folder
+    assert refused_before_ray(similarity(book, tmp_path / "scored.xlsm"), monkeypatch, capsys) == (
+        f"The output {tmp_path / 'scored.xlsm'} must end in .csv, .xlsx, .parquet (the output holds no macros).")
 
 
 def test_missing_column_lists_the_columns_and_unreadable_file_is_named(tmp_path):

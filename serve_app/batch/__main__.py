@@ -23,12 +23,12 @@ def parser() -> argparse.ArgumentParser:
     commands = top.add_subparsers(dest="command", required=True)
 
     embed = commands.add_parser("embed", help="add an 'embedding' column (Parquet output)")
-    embed.add_argument("--input", required=True, help="a .csv/.xlsx/.parquet file or a folder of them")
+    embed.add_argument("--input", required=True, help="a .csv/.xlsx/.xlsm/.parquet file or a folder of them")
     embed.add_argument("--column", required=True, help="the column to embed")
     embed.add_argument("--output", required=True, help="the .parquet file to write")
 
     sim = commands.add_parser("similarity", help="add a 'similarity' column: cosine of two columns")
-    sim.add_argument("--input", required=True, help="a .csv/.xlsx/.parquet file or a folder of them")
+    sim.add_argument("--input", required=True, help="a .csv/.xlsx/.xlsm/.parquet file or a folder of them")
     sim.add_argument("--left", required=True, help="the column the instruction applies to (queries)")
     sim.add_argument("--right", required=True, help="the column compared with it (documents)")
     sim.add_argument("--output", required=True, help=".xlsx, .csv or .parquet, by extension")
@@ -55,7 +55,7 @@ def parser() -> argparse.ArgumentParser:
         group.add_argument("--gpu-fraction", type=float, help="GPU share per actor; default as the service")
         group.add_argument("--actors", type=int, help="model actors; default one per node (CPU) or per GPU share")
         group.add_argument("--batch-size", type=int, default=256, help="rows per model call (default 256)")
-        group.add_argument("--sheet", help="worksheet of .xlsx inputs; default the first")
+        group.add_argument("--sheet", help="worksheet of .xlsx/.xlsm inputs; default the first")
     return top
 
 

@@ -21,7 +21,9 @@ from serve_app.batch.errors import JobInputError, refuse_repeats
 from serve_app.batch.sheets import sheet_header
 from serve_app.core.cells import Blank, CellError, cell_text
 
-FORMATS = {".csv": "csv", ".xlsx": "xlsx", ".parquet": "parquet"}
+# What a job reads, by extension: a macro-enabled workbook (.xlsm, as xlwings users keep
+# theirs) is read as any workbook. Its output is never one: it would hold no macros.
+FORMATS = {".csv": "csv", ".xlsx": "xlsx", ".xlsm": "xlsx", ".parquet": "parquet"}
 
 
 def input_files(path: str | Path, output: str | Path | None = None) -> tuple[list[Path], str]:
@@ -36,7 +38,7 @@ def input_files(path: str | Path, output: str | Path | None = None) -> tuple[lis
                        and not p.name.startswith((".", "~$")) and p.resolve() != skip)
         if not files:
             raise JobInputError(
-                f"The folder {path} holds no .csv, .xlsx or .parquet file."
+                f"The folder {path} holds no .csv, .xlsx, .xlsm or .parquet file."
             )
     elif path.is_file():
         files = [path]
@@ -45,7 +47,7 @@ def input_files(path: str | Path, output: str | Path | None = None) -> tuple[lis
     formats = {FORMATS.get(p.suffix.lower()) for p in files}
     if None in formats:
         raise JobInputError(
-            f"Cannot read {files[0]}: input files must end in .csv, .xlsx or .parquet."
+            f"Cannot read {files[0]}: input files must end in .csv, .xlsx, .xlsm or .parquet."
         )
     if len(formats) > 1:
         raise JobInputError(f"The folder {path} mixes formats ({', '.join(sorted(formats))}); use one.")
@@ -54,10 +56,12 @@ def input_files(path: str | Path, output: str | Path | None = None) -> tuple[lis
 
 def output_format(path: str | Path, allowed: tuple[str, ...]) -> str:
     """The output format its extension names, if the command can write it."""
-    fmt = FORMATS.get(Path(path).suffix.lower())
+    suffix = Path(path).suffix.lower()
+    fmt = None if suffix == ".xlsm" else FORMATS.get(suffix)
     if fmt not in allowed:
         wanted = ", ".join(f".{a}" for a in allowed)
-        raise JobInputError(f"The output {path} must end in {wanted}.")
+        why = " (the output holds no macros)" if suffix == ".xlsm" and "xlsx" in allowed else ""
+        raise JobInputError(f"The output {path} must end in {wanted}{why}.")
     return fmt
 
 
