@@ -28,8 +28,13 @@ class RayHead:
         # own settings are left out.
         base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")}
         self.env = {**base, **(serve_env or {}), "RAY_AUTH_MODE": "token"}
+        # As the README starts one: `ray start` checks a token only where one exists (a
+        # fresh machine has none until a Ray generates it).
+        ray_cli = str(Path(sys.executable).with_name("ray"))
+        subprocess.run([ray_cli, "get-auth-token", "--generate"], env=self.env, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
         command = [
-            str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
+            ray_cli, "start", "--head", "--block",
             f"--port={free_port()}", f"--dashboard-port={self.dashboard_port}",
             "--dashboard-host=127.0.0.1", "--include-dashboard=true",
             f"--ray-client-server-port={free_port()}",
