@@ -199,7 +199,8 @@ def run_raw(texts: list[str], opts) -> dict[str, float]:
     from forward_sweep import run as split_run
 
     from serve_app.core.modelinfo import resolve_model
-    from serve_app.model.embedder import TextEmbedder, default_cpu_threads
+    from serve_app.model.embedder import TextEmbedder
+    from serve_app.model.hardware import default_cpu_threads
 
     global _RAW
     cpus = default_cpu_threads()

@@ -43,7 +43,8 @@ def main() -> None:
     opts = parser.parse_args()
 
     from serve_app.core.modelinfo import resolve_model
-    from serve_app.model.embedder import TextEmbedder, default_cpu_threads
+    from serve_app.model.embedder import TextEmbedder
+    from serve_app.model.hardware import default_cpu_threads
 
     spec = resolve_model(opts.model)
     corpus = sentences(opts.texts)

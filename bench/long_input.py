@@ -37,7 +37,8 @@ def main() -> None:
     opts = parser.parse_args()
 
     from serve_app.core.modelinfo import resolve_model
-    from serve_app.model.embedder import TextEmbedder, default_cpu_threads
+    from serve_app.model.embedder import TextEmbedder
+    from serve_app.model.hardware import default_cpu_threads
 
     embedder = TextEmbedder(resolve_model(opts.model), max_input_tokens=opts.tokens,
                             cpu_threads=default_cpu_threads())

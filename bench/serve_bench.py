@@ -92,7 +92,8 @@ def main() -> None:
 
     from serve_app.core.config import AppArgs
     from serve_app.core.modelinfo import resolve_model
-    from serve_app.model.embedder import TextEmbedder, default_cpu_threads
+    from serve_app.model.embedder import TextEmbedder
+    from serve_app.model.hardware import default_cpu_threads
     from serve_app.ray_shell.app import build_app
 
     corpus = sentences(opts.texts)
@@ -169,7 +170,7 @@ def compare(model, baseline, url: str, peer_url: str | None, opts, corpus: list[
     from cpu_share import CpuShare, cpu_share
     from forward_sweep import run as split_run
 
-    from serve_app.model.embedder import default_cpu_threads
+    from serve_app.model.hardware import default_cpu_threads
 
     def client(*args: str, target: str = url) -> dict:
         out = subprocess.run(

@@ -32,7 +32,8 @@ def main() -> None:
     opts = parser.parse_args()
 
     from serve_app.core.modelinfo import resolve_model
-    from serve_app.model.embedder import TextEmbedder, _blocks, default_cpu_threads
+    from serve_app.model.embedder import TextEmbedder, _blocks
+    from serve_app.model.hardware import default_cpu_threads
     from serve_app.model.scheduler import ForwardScheduler
 
     cpus = default_cpu_threads()

@@ -15,13 +15,11 @@ import torch
 
 from bench.corpus import sentences
 from serve_app.core.modelinfo import resolve_model
-from serve_app.model.embedder import (
-    TextEmbedder,
-    _blocks,
+from serve_app.model.embedder import TextEmbedder, _blocks, pool
+from serve_app.model.hardware import (
     choose_dtype,
     cpu_bf16_features,
     half_matmul_speedup,
-    pool,
     tokenize_on_the_calling_thread,
 )
 from serve_app.model.scheduler import ForwardScheduler
@@ -306,7 +304,7 @@ def test_a_replica_with_no_gpu_share_runs_on_the_cpu_though_it_sees_a_gpu(monkey
     # Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for an actor that asked for no GPU, so such a
     # replica on a GPU node sees the card; it must not take a GPU that Ray did not give it.
     from serve_app.core.config import AppArgs
-    from serve_app.model.embedder import _pick_device
+    from serve_app.model.hardware import pick_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     settings = AppArgs(model="bundled:minilm")  # device: auto
@@ -314,9 +312,9 @@ def test_a_replica_with_no_gpu_share_runs_on_the_cpu_though_it_sees_a_gpu(monkey
     assert embedder.device.type == "cpu"
     assert embedder.encode(["still answers"]).vectors.shape == (1, 384)
     # With a share, or outside Ray (no share asked), auto still means the GPU.
-    assert _pick_device("auto", 0.25).type == "cuda"
-    assert _pick_device("auto", None).type == "cuda"
-    assert _pick_device("cuda", 0.0).type == "cuda"
+    assert pick_device("auto", 0.25).type == "cuda"
+    assert pick_device("auto", None).type == "cuda"
+    assert pick_device("cuda", 0.0).type == "cuda"
 
 
 def test_auto_dtype_is_bfloat16_where_the_cpu_runs_it_natively():
@@ -356,7 +354,7 @@ def test_the_half_precision_probe_gives_the_callers_thread_count_back(half):
 @pytest.mark.skipif(not cpu_bf16_features(), reason="this CPU has no bfloat16 units to hide")
 def test_auto_dtype_is_float32_when_onednn_is_capped_below_the_cpus_bfloat16_units():
     # torch still reports the units; only a product shows that bfloat16 is emulated.
-    script = ("import torch\nfrom serve_app.model.embedder import choose_dtype, cpu_bf16_features\n"
+    script = ("import torch\nfrom serve_app.model.hardware import choose_dtype, cpu_bf16_features\n"
               "print(bool(cpu_bf16_features()), choose_dtype('auto', torch.device('cpu'))[0])")
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
@@ -465,7 +463,7 @@ def test_fast_tokenizer_load_matches_autotokenizer(model, bundled_spec, small_st
                                                    tiny_qwen3_dir):
     from transformers import AutoTokenizer
 
-    from serve_app.model.embedder import load_tokenizer
+    from serve_app.model.tokenizer import load_tokenizer
 
     spec = {"bundled": bundled_spec, "standin": resolve_model(str(small_standin_dir)),
             "tiny": resolve_model(str(tiny_qwen3_dir))}[model]
@@ -484,7 +482,7 @@ def test_tokenizers_transformers_adjusts_load_the_general_way(tmp_path, tiny_qwe
 
     from transformers import AutoTokenizer
 
-    from serve_app.model import embedder
+    from serve_app.model import tokenizer
 
     directory = tmp_path / "flagged"
     shutil.copytree(tiny_qwen3_dir, directory)
@@ -492,11 +490,11 @@ def test_tokenizers_transformers_adjusts_load_the_general_way(tmp_path, tiny_qwe
     (directory / "tokenizer_config.json").write_text(json.dumps({**config, "add_eos_token": True}))
     calls = []
     general = AutoTokenizer.from_pretrained
-    monkeypatch.setattr(embedder.AutoTokenizer, "from_pretrained",
+    monkeypatch.setattr(tokenizer.AutoTokenizer, "from_pretrained",
                         lambda *a, **k: calls.append(a[0]) or general(*a, **k))
-    embedder.load_tokenizer(str(tiny_qwen3_dir), "left")
+    tokenizer.load_tokenizer(str(tiny_qwen3_dir), "left")
     assert calls == []  # nothing to adjust: tokenizer.json alone
-    embedder.load_tokenizer(str(directory), "left")
+    tokenizer.load_tokenizer(str(directory), "left")
     assert calls == [str(directory)]
 
 

@@ -66,7 +66,8 @@ def test_scale_from_zero_serves_the_first_request_then_returns_to_zero(
 
 def test_qwen3_standin_is_served_through_the_openai_client(serve_cluster, small_standin_dir):
     from serve_app.core.modelinfo import resolve_model
-    from serve_app.model.embedder import TextEmbedder, cpu_bf16_features
+    from serve_app.model.embedder import TextEmbedder
+    from serve_app.model.hardware import cpu_bf16_features
 
     model = str(small_standin_dir)
     url = serve_cluster.deploy("standin", model=model, dtype="auto", min_replicas=1)

@@ -68,11 +68,8 @@ class EmbedRows:
         import time
 
         started = time.perf_counter()
-        from serve_app.model.embedder import (
-            TextEmbedder,
-            default_cpu_threads,
-            default_forward_workers,
-        )
+        from serve_app.model.embedder import TextEmbedder
+        from serve_app.model.hardware import default_cpu_threads, default_forward_workers
         from serve_app.model.scheduler import ForwardScheduler, home_thread
         from serve_app.ray_shell.warmstart import forked_from_zygote
 

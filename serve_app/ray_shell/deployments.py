@@ -57,11 +57,8 @@ class Embedder:
         self._startup = {"process_started_at": time.time() - age, "before_constructor_s": age}
         try:
             # Heavy imports live here, not at module level, so the ingress stays light.
-            from serve_app.model.embedder import (
-                TextEmbedder,
-                default_cpu_threads,
-                default_forward_workers,
-            )
+            from serve_app.model.embedder import TextEmbedder
+            from serve_app.model.hardware import default_cpu_threads, default_forward_workers
             from serve_app.model.heap import HeapTrimmer
             from serve_app.model.scheduler import ForwardScheduler, home_thread
 
