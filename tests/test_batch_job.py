@@ -59,7 +59,7 @@ def test_embed_csv_job_with_working_dir_matches_direct_computation(ray_head, tmp
                           "--output", str(output), working_dir=True)
     assert ray_head.wait(job) == "SUCCEEDED", ray_head.logs(job)[-3000:]
     logs = ray_head.logs(job)
-    assert "Running Dataset" in logs or "Dataset" in logs  # Ray Data's progress is in the job log
+    assert "MapBatches(EmbedRows)" in logs  # Ray Data's progress is in the job log
     assert "Wrote 8 rows" in logs
     # The actor was forked from the job's warm-start zygote, which ends with the job.
     assert "loaded in" in logs and "(forked from the warm-start process)" in logs, logs[-3000:]

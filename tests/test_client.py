@@ -511,6 +511,8 @@ def test_a_whole_column_costs_its_used_rows_only_and_blanks_inside_keep_their_pl
     column = used + [[None]] * (WHOLE_COLUMN - len(used))
     matrix = udfs.sim_matrix([["a"], ["b"]], column)
     assert [len(row) for row in matrix] == [3, 3] and matrix[0][1] is None
+    sent = [text for request in fake_server.seen for text in request["input"]]
+    assert sorted(sent) == ["a", "b", "refund", "reset my password"]  # the used rows' texts, each once
     vectors = udfs.embed(column)
     assert len(vectors) == 3 and vectors[1] == [None] * fake_server.dimensions
     # Two such columns are cut at the last row either uses: their rows stay paired.

@@ -89,6 +89,9 @@ def test_qwen3_inputs_end_with_eos_and_pad_left(tiny):
     ids, _ = tiny.tokenize(["short", "a much longer text than the other one"])
     eos = tiny.tokenizer.eos_token_id
     assert all(row[-1] == eos for row in ids)
+    # Padded on the left, so that the last position of every row is its last token.
+    padded = tiny.tokenizer.pad({"input_ids": ids}, return_attention_mask=True)["attention_mask"]
+    assert padded[0][0] == 0 and padded[0][-1] == 1 and all(padded[1])
 
 
 def test_eos_is_appended_when_the_tokenizer_does_not(tmp_path):

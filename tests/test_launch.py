@@ -166,7 +166,7 @@ def test_tuned_environment_keeps_what_the_operator_set():
 
 
 def test_help_runs_without_ray():
-    out = subprocess.run([sys.executable, "-m", "serve_app", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "serve_app", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "python -m serve_app" in out.stdout
 
 
@@ -443,6 +443,7 @@ def test_the_start_command_answers_503_until_ready_says_where_serves_on_loopback
         assert processes_with("EMBED_API_KEYS", key) == [service.pid]
         assert httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"input": "hi"}, timeout=30).status_code == 401
         # Before the application is deployed: 503 "starting" in the envelope, never a 404.
+        assert len(answers) >= 2, "no answer came before the service was ready"
         for reply in answers[:-1]:
             assert (reply.status_code, reply.json()["error"]["code"]) == (503, "starting"), reply.text
             assert reply.headers["retry-after"] and reply.headers["x-request-id"]

@@ -398,8 +398,7 @@ def test_work_whose_caller_was_cancelled_is_dropped_before_its_pass():
     async def go():
         scheduler = ForwardScheduler(gated, workers=1, cpus=2, max_texts=128)
         first = asyncio.create_task(scheduler.embed(["t1"]))
-        while not started.is_set():
-            await asyncio.sleep(0.001)
+        assert await asyncio.to_thread(started.wait, GATE_TIMEOUT_S), "the first pass never started"
         second = asyncio.create_task(scheduler.embed(["t2", "t3"]))
         await asyncio.sleep(0)  # it is queued behind the busy worker
         second.cancel()
@@ -432,7 +431,7 @@ def test_an_idle_scheduler_with_a_wait_gathers_what_arrives_meanwhile_into_one_p
     assert [values(r) for r in results] == [[1.0], [2.0, 3.0], [4.0]]
     # Gathered, then shared between the two free workers; none ran alone.
     assert sorted(t for texts in model.texts for t in texts) == numbered(1, 2, 3, 4)
-    assert len(model.passes) == 2
+    assert len(model.passes) == 2 and numbered(1) not in model.texts
     assert all(name.startswith("forward-") for _, _, name in model.passes)
 
 

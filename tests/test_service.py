@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -42,7 +43,9 @@ def test_a_failing_chunk_cancels_its_siblings_and_its_error_is_the_answer():
     async def scenario():
         with pytest.raises(ModelUnavailable, match="replica lost"):
             await service.embed([f"text {i}" for i in range(6)])
-        await asyncio.sleep(0)  # give any left-over sibling a turn to notice
+        deadline = time.monotonic() + 5  # the siblings' cancellation, as they notice it
+        while backend.cancelled < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         return backend.calls, backend.cancelled
 
     calls, cancelled = asyncio.run(scenario())

@@ -144,7 +144,9 @@ def test_a_cancelled_chunk_cancels_its_ray_request():
     async def scenario():
         handle = FakeHandle(asyncio.Event())
         task = asyncio.create_task(RayBackend(handle, 30, "app").embed(["text"]))
+        deadline = time.monotonic() + 10
         while not handle.responses:
+            assert not task.done() and time.monotonic() < deadline, "the request never reached Ray"
             await asyncio.sleep(0)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):

@@ -365,7 +365,7 @@ def test_python_and_python3_of_one_environment_share_a_zygote():
     if len(alias) < 2 or os.path.realpath(alias[0]) != os.path.realpath(alias[1]):
         pytest.skip("this environment has no python/python3 pair")
     code = "import json, sys; from serve_app.ray_shell import warmstart; print(json.dumps(warmstart.zygote_address('m', 1, 'j')))"
-    seen = {json.loads(subprocess.check_output([a, "-c", code], text=True)) for a in alias}
+    seen = {json.loads(subprocess.check_output([a, "-c", code], text=True, timeout=60)) for a in alias}
     assert len(seen) == 1
 
 
@@ -528,7 +528,7 @@ def test_changed_code_gets_a_new_zygote(tmp_path):
             "print(warmstart.zygote_address('fakelib,serve_app.model.embedder', 1, 'j')[1:])")
 
     def address():
-        out = subprocess.check_output([sys.executable, "-c", code], cwd=tmp_path, text=True,
+        out = subprocess.check_output([sys.executable, "-c", code], cwd=tmp_path, text=True, timeout=60,
                                       env={**os.environ, "PYTHONPATH": str(tmp_path)}).split()
         assert out[0] == str(package / "ray_shell" / "warmstart.py")  # the copy, not the checkout
         return out[1]

@@ -1,22 +1,27 @@
 """A real workbook: .xlsx files with =EMBED_SIM(...) formulas, evaluated by the `formulas`
 engine calling the add-in against the served app; the values equal direct computation."""
 
+import os
+
 import numpy as np
+import openai
 import openpyxl
 import pytest
 from xlsx_engine import evaluate
 
 from excel_addin import demo
-from excel_addin.client import get_client, load_settings
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def direct(a: str, b: str, instruction: str | None = None) -> float:
-    client = get_client(load_settings())
-    left = client.vectors([a], instruction)[a]
-    right = client.vectors([b], None)[b]
-    return float(left @ right)
+    """The score from the service itself, through the official openai client: not through the
+    add-in's own client, whose cache the formulas have just filled."""
+    client = openai.OpenAI(base_url=f"{os.environ['EMBED_SERVER_URL']}/v1", api_key="unused")
+    extra = {"instruction": instruction} if instruction else None
+    left = client.embeddings.create(model="bundled:minilm", input=[a], extra_body=extra).data[0].embedding
+    right = client.embeddings.create(model="bundled:minilm", input=[b]).data[0].embedding
+    return float(np.dot(left, right))
 
 
 def test_demo_workbook_formulas_compute_as_direct_calls(sheet_env, tmp_path):

@@ -135,7 +135,8 @@ test("a 2,000-row column of separate cells costs full chunks and two partial one
     assert.ok(first.every((v) => typeof v[0][0] === "number"), "every cell has a score");
     // Full chunks, what the first slices left over (sent at once: the calls had paused
     // before them) and the rest once the calls pause again.
-    assert.equal(counts["POST /v1/embeddings"], sizes.length);
+    const full = Math.floor(unique / chunk);
+    assert.ok(full <= sizes.length && sizes.length <= full + 2, `${sizes.length} requests for ${unique} texts`);
     assert.ok(sizes.filter((n) => n < chunk).length <= 2, `at most two partial chunks: ${sizes}`);
     assert.ok(sizes.every((n) => n <= chunk), `${sizes}`);
     assert.equal(sizes.reduce((a, b) => a + b), unique, `each distinct text sent once: ${sizes}`);
