@@ -18,6 +18,7 @@ import pytest
 from conftest import cmdline, early_zygotes, wait_for, zygotes_of
 
 from serve_app.ray_shell import warmstart
+from serve_app.ray_shell.zygote import job_has_processes, retirement
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="warm start is Linux-only")
 
@@ -590,8 +591,8 @@ def test_the_ingress_zygote_retires_once_no_process_of_its_job_is_left_and_no_ot
         addresses = {p: warmstart.zygote_address(p, os.getpid(), job) for p in (bound, unbound)}
         zygotes = {p: wait_for(lambda p=p: listener_pid(addresses[p]), 20, "a zygote to listen")
                    for p in (bound, unbound)}
-        assert warmstart.job_has_processes(job)
-        assert warmstart.retirement(addresses[bound], bound, os.getpid(), job, True) == ""
+        assert job_has_processes(job)
+        assert retirement(addresses[bound], bound, os.getpid(), job, True) == ""
         # A property that holds for a while, not a condition to wait for: watched over five
         # checks, the zygotes of a living job stay.
         watch_until = time.monotonic() + 1.0
@@ -600,10 +601,10 @@ def test_the_ingress_zygote_retires_once_no_process_of_its_job_is_left_and_no_ot
             time.sleep(0.1)
         job_process.kill()
         job_process.wait()
-        assert not warmstart.job_has_processes(job)  # zygotes carry the job too, and do not count
-        assert (warmstart.retirement(addresses[bound], bound, os.getpid(), job, True)
+        assert not job_has_processes(job)  # zygotes carry the job too, and do not count
+        assert (retirement(addresses[bound], bound, os.getpid(), job, True)
                 == f"no process of Ray job {job} is left on this node")
-        assert warmstart.retirement(addresses[unbound], unbound, os.getpid(), job, False) == ""
+        assert retirement(addresses[unbound], unbound, os.getpid(), job, False) == ""
         wait_for(lambda: not warmstart._alive(zygotes[bound]), 20, "the ingress's zygote to exit")
         watch_until = time.monotonic() + 1.0
         while time.monotonic() < watch_until:
