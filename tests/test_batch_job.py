@@ -314,7 +314,7 @@ def test_an_actors_batch_goes_to_both_forward_workers_in_one_call_and_keeps_its_
     # barrier (15-17% fewer rows a second than two workers of one core each).
     from dataclasses import asdict
 
-    from serve_app.batch.job import EmbedRows
+    from serve_app.batch.actors import EmbedRows
     from serve_app.core.config import AppArgs
 
     sys.path.insert(0, str(REPO / "bench"))
@@ -344,7 +344,7 @@ import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy
 
-from serve_app.batch.job import EmbedRows
+from serve_app.batch.actors import EmbedRows
 from serve_app.core.config import AppArgs
 from serve_app.core.modelinfo import resolve_model
 

@@ -19,8 +19,8 @@ import ray
 from serve_app.batch.__main__ import main
 from serve_app.batch.csvfiles import csv_schema
 from serve_app.batch.errors import STOPPED, JobInputError, JobStopped
-from serve_app.batch.job import search_clashes, top_k
 from serve_app.batch.output import atomic_output, write_table
+from serve_app.batch.search import search_clashes, top_k
 from serve_app.batch.sheets import read_xlsx
 from serve_app.batch.tables import (
     common_schema,
@@ -259,10 +259,10 @@ def test_actors_the_cluster_cannot_hold_are_said_with_how_many_start(monkeypatch
 
     import ray
 
-    from serve_app.batch.job import _say_if_the_actors_do_not_fit
+    from serve_app.batch.actors import _say_if_the_actors_do_not_fit
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})  # no GPU node yet
-    with caplog.at_level(logging.WARNING, logger="serve_app.batch.job"):
+    with caplog.at_level(logging.WARNING, logger="serve_app.batch.actors"):
         _say_if_the_actors_do_not_fit(2, 1.0, 0.0)  # fits: nothing said
         assert caplog.text == ""
         _say_if_the_actors_do_not_fit(4, 1.0, 0.25)

@@ -92,7 +92,8 @@ def test_excel_formulas_give_cosines(raw_server, raw_vectors, monkeypatch):
 
 
 def test_batch_job_scores_are_cosines(unnormalised_dir, raw_vectors):
-    from serve_app.batch.job import EmbedRows, top_k
+    from serve_app.batch.actors import EmbedRows
+    from serve_app.batch.search import top_k
     from serve_app.core.config import AppArgs
 
     args = AppArgs(model=str(unnormalised_dir), dtype=REFERENCE_DTYPE)

@@ -333,8 +333,8 @@ def test_the_zygotes_log_is_in_a_folder_of_this_users_alone_and_a_planted_one_is
 
 def test_batch_actors_start_warm_only_where_it_applies(monkeypatch):
     """No zygote for GPU actors, for warm_start=off, or where the job brings its own interpreter."""
-    from serve_app.batch import job
-    from serve_app.batch.job import warm_start_executable
+    from serve_app.batch import actors
+    from serve_app.batch.actors import warm_start_executable
     from serve_app.core.config import AppArgs
     from serve_app.core.modelinfo import resolve_model
 
@@ -346,7 +346,7 @@ def test_batch_actors_start_warm_only_where_it_applies(monkeypatch):
     assert warm_start_executable(AppArgs(warm_start="off"), spec, 0.0) is None
     assert warm_start_executable(AppArgs(), spec, 0.25) is None
     runtime_env = {"pip": ["requests"], "working_dir": "."}  # the job's, as Ray reports it
-    monkeypatch.setattr(job, "_job_runtime_env", lambda: runtime_env)
+    monkeypatch.setattr(actors, "_job_runtime_env", lambda: runtime_env)
     assert warm_start_executable(AppArgs(), spec, 0.0) is None
     assert started == []
     assert len(dropped) == 3

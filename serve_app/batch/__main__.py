@@ -110,13 +110,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(opts: argparse.Namespace, user_umask: int | None = None) -> tuple[int, str, dict[str, float]]:
     """Check the arguments and the model, then run the command on Ray."""
-    from serve_app.batch.job import (
-        JobOptions,
-        prepare_warm_start,
-        run_embed,
-        run_search,
-        run_similarity,
-    )
+    from serve_app.batch.actors import JobOptions, prepare_warm_start
+    from serve_app.batch.job import run_embed, run_search, run_similarity
     from serve_app.core.hubfiles import model_directory, say_on_stderr
     from serve_app.core.modelinfo import resolve_model
 
@@ -166,7 +161,7 @@ def run(opts: argparse.Namespace, user_umask: int | None = None) -> tuple[int, s
 
 def _check_inputs(opts: argparse.Namespace, output: str) -> None:
     """Everything that can be wrong with the files, found before Ray starts."""
-    from serve_app.batch.job import search_clashes
+    from serve_app.batch.search import search_clashes
     from serve_app.batch.sheets import SHEET_ROWS, too_many_rows
     from serve_app.batch.tables import (
         check_output,
