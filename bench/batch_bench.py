@@ -124,13 +124,14 @@ def run_submitted(source: Path, target: Path, opts) -> dict:
     dashboard = free_port()
     ray_cli = str(Path(sys.executable).with_name("ray"))
     # `ray start` checks a token only where one exists: make one where none does.
-    subprocess.run([ray_cli, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
+    subprocess.run([ray_cli, "get-auth-token", "--generate"], env=env, check=True, capture_output=True,
+                   umask=0o077)
     started = time.perf_counter()
     head = subprocess.Popen(
         [ray_cli, "start", "--head", "--block",
          f"--port={free_port()}", f"--dashboard-port={dashboard}", "--disable-usage-stats",
          f"--temp-dir={tempfile.mkdtemp(prefix='bb', dir='/tmp')}"],
-        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=env, start_new_session=True, umask=0o077, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
         from ray.job_submission import JobStatus, JobSubmissionClient

@@ -32,7 +32,7 @@ class RayHead:
         # fresh machine has none until a Ray generates it).
         ray_cli = str(Path(sys.executable).with_name("ray"))
         subprocess.run([ray_cli, "get-auth-token", "--generate"], env=self.env, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60, umask=0o077)
         command = [
             ray_cli, "start", "--head", "--block",
             f"--port={free_port()}", f"--dashboard-port={self.dashboard_port}",
@@ -45,7 +45,7 @@ class RayHead:
         # Its own process group: Ray's daemons stay in it, so teardown stops exactly this
         # cluster (`ray stop` would also stop the session's Serve cluster).
         self.process = subprocess.Popen(
-            command, env=self.env, start_new_session=True,
+            command, env=self.env, start_new_session=True, umask=0o077,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         self.client = self._connect()

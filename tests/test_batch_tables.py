@@ -550,7 +550,7 @@ def test_text_too_long_for_an_excel_cell_is_refused_not_cut(tmp_path):
     target = tmp_path / "out" / "scored.xlsx"
     longest = "合同" * 16_384  # 32,768 characters
     table = pa.table({"question": ["short", longest, "x" * 40_000], "similarity": [0.5, 0.25, 0.125]})
-    message = ("Row 4 of the output, column 'question', holds 40,000 characters, more than an Excel cell "
+    message = ("Row 3 of the output, column 'question', holds 32,768 characters, more than an Excel cell "
                "holds (32,767): write the output as .csv or .parquet instead, or shorten that text.")
     with pytest.raises(JobInputError) as refused, atomic_output(target) as temporary:
         write_table(table, temporary, "xlsx")
@@ -559,6 +559,10 @@ def test_text_too_long_for_an_excel_cell_is_refused_not_cut(tmp_path):
     fits = pa.table({"question": [longest[:-1]]})  # 32,767: what a cell holds, kept whole
     write_table(fits, tmp_path / "fits.xlsx", "xlsx")
     assert openpyxl.load_workbook(tmp_path / "fits.xlsx").active["A2"].value == longest[:-1]
+    # Excel counts in UTF-16 units: an emoji beyond U+FFFF is two of them.
+    emoji = pa.table({"question": ["😀" * 16_384]})  # 16,384 characters, 32,768 units
+    with pytest.raises(JobInputError, match="Row 2 of the output, column 'question', holds 32,768 characters"):
+        write_table(emoji, tmp_path / "emoji.xlsx", "xlsx")
 
 
 def test_a_csv_output_opens_as_utf8_in_excel_and_reads_back_as_input(tmp_path):

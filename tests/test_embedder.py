@@ -382,7 +382,7 @@ def test_a_set_half_dtype_that_runs_slower_than_float32_on_this_cpu_is_kept_and_
         probed.append(half)
         return 0.3
 
-    with caplog.at_level(logging.WARNING, logger="serve_app.model.embedder"):
+    with caplog.at_level(logging.WARNING, logger="serve_app.model.hardware"):
         chosen, reason = choose_dtype(dtype, torch.device("cpu"), speedup=slow)
     assert chosen == getattr(torch, dtype) and probed == [chosen]  # the setting stands
     assert reason == (f"dtype={dtype} was set, but a {dtype} matrix product ran at 0.30x float32's "

@@ -8,10 +8,14 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from serve_app.batch.errors import JobInputError, JobStopped
 from serve_app.core.config import AppArgs, config_args
 from serve_app.core.errors import ModelLoadError, ServiceError
+
+if TYPE_CHECKING:
+    from serve_app.batch.actors import JobOptions
 
 
 def parser() -> argparse.ArgumentParser:
@@ -82,12 +86,8 @@ def settings(opts: argparse.Namespace) -> AppArgs:
 def main(argv: list[str] | None = None) -> int:
     opts = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    # What the job starts writes for this user alone, as `python -m serve_app` does: a Ray of
-    # its own (its token, session files, logs, which hold the texts of any error), its
-    # zygote, its workers. The output, and folders made for it, get the user's own umask.
-    user_umask = os.umask(0o077)
     try:
-        rows, output, timing = run(opts, user_umask)
+        rows, output, timing = run(opts)
     except JobStopped:
         return 2  # already said, as the signal arrived
     except (JobInputError, ModelLoadError, ServiceError, ValueError) as exc:
@@ -95,8 +95,6 @@ def main(argv: list[str] | None = None) -> int:
             raise  # its traceback is what helps
         print(f"error: {_message(exc)}", file=sys.stderr)
         return 2
-    finally:
-        os.umask(user_umask)
     work = max(timing["work_s"], 1e-9)
     what, doing, speed = "", "embedding and writing", f"{rows / work:.1f} rows/s"
     if opts.command == "search":  # it writes k rows a query: its speed is of the rows it embedded
@@ -108,10 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run(opts: argparse.Namespace, user_umask: int | None = None) -> tuple[int, str, dict[str, float]]:
+def run(opts: argparse.Namespace) -> tuple[int, str, dict[str, float]]:
     """Check the arguments and the model, then run the command on Ray."""
-    from serve_app.batch.actors import JobOptions, prepare_warm_start
-    from serve_app.batch.job import run_embed, run_search, run_similarity
+    from serve_app.batch.actors import JobOptions
     from serve_app.core.hubfiles import model_directory, say_on_stderr
     from serve_app.core.modelinfo import resolve_model
 
@@ -124,6 +121,11 @@ def run(opts: argparse.Namespace, user_umask: int | None = None) -> tuple[int, s
     dimensions = _dimensions(opts.dimensions, args, spec.dimensions)
     # A hub model's weights, fetched here (with progress) rather than by every actor at once.
     model_directory(spec, say=say_on_stderr)
+    # What the job starts from here is this user's alone, as under `python -m serve_app`: a
+    # Ray of its own (its token, session files and logs, which hold the texts of any error),
+    # the zygote, the workers. The model's files fetched above keep the user's umask (a hub
+    # cache may be shared), as do the output and the folders made for it (`atomic_output`).
+    user_umask = os.umask(0o077)
     job = JobOptions(
         args=args,
         spec=spec,
@@ -135,7 +137,18 @@ def run(opts: argparse.Namespace, user_umask: int | None = None) -> tuple[int, s
         sheet=opts.sheet,
         umask=user_umask,
     )
-    prepare_warm_start(args, spec)  # the actors' zygote imports torch while Ray starts
+    try:
+        return _on_ray(opts, output, job)
+    finally:
+        os.umask(user_umask)
+
+
+def _on_ray(opts: argparse.Namespace, output: str, job: JobOptions) -> tuple[int, str, dict[str, float]]:
+    """The command, on a Ray of its own or the one it is submitted to."""
+    from serve_app.batch.actors import prepare_warm_start
+    from serve_app.batch.job import run_embed, run_search, run_similarity
+
+    prepare_warm_start(job.args, job.spec)  # the actors' zygote imports torch while Ray starts
     import ray
 
     from serve_app.ray_shell.launch import private_ray_token

@@ -30,11 +30,11 @@ def csv_separator(file: Path) -> str:
     number of fields, more than one; where none does, the one the header holds most of.
     Found once per version of the file: a job's checks and readers ask for it often."""
     stat = file.stat()
-    return _separator(file, stat.st_size, stat.st_mtime_ns)
+    return _separator(file, (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns))
 
 
 @functools.lru_cache(maxsize=1024)
-def _separator(file: Path, _size: int, _mtime_ns: int) -> str:
+def _separator(file: Path, _version: tuple[int, ...]) -> str:
     header = _header_line(file)  # refuses a header that is not UTF-8
     with open(file, "rb") as stream:
         head = stream.read(1 << 16)

@@ -30,21 +30,29 @@ def atomic_output(target: str | Path, umask: int | None = None) -> Iterator[Path
     """
     target = Path(target)
     for folder in reversed([f for f in (target.parent, *target.parent.parents) if not f.exists()]):
-        folder.mkdir(exist_ok=True)
-        if umask is not None:
-            folder.chmod(0o777 & ~umask)
+        try:
+            folder.mkdir()
+        except FileExistsError:  # made meanwhile by someone else: theirs, as it is
+            continue
+        _set_mode(folder, 0o777, umask)
     temporary = target.with_name(f".{target.stem}.partial-{os.getpid()}{target.suffix}")
     previous = _stop_on_sigterm(temporary)
     try:
         yield temporary
-        if umask is not None:
-            temporary.chmod(0o666 & ~umask)
+        _set_mode(temporary, 0o666, umask)
         os.replace(temporary, target)
     finally:
         with contextlib.suppress(FileNotFoundError):
             temporary.unlink()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _set_mode(path: Path, full: int, umask: int | None) -> None:
+    """`path`'s mode as `umask` would have made it; best effort (a FAT drive has no modes)."""
+    if umask is not None:
+        with contextlib.suppress(OSError):
+            os.chmod(path, full & ~umask, follow_symlinks=False)
 
 
 def _stop_on_sigterm(temporary: Path):

@@ -107,14 +107,18 @@ def sheet_ready(table: pa.Table) -> pa.Table:
 
 
 def _refuse_long_cells(name: str, column: pa.ChunkedArray) -> None:
+    """Refuse, naming the first, a cell longer than Excel holds: counted as Excel counts, in
+    UTF-16 units (an emoji beyond U+FFFF is two)."""
     import pyarrow.compute as pc
 
-    lengths = pc.utf8_length(column)
-    longest = pc.max(lengths).as_py()
-    if longest is not None and longest > CELL_CHARACTERS:
-        row = pc.index(lengths, longest).as_py() + 2  # the sheet's row: the header is row 1
-        raise JobInputError(
-            f"Row {row} of the output, column {name!r}, holds {longest:,} characters, more than an "
-            f"Excel cell holds ({CELL_CHARACTERS:,}): write the output as .csv or .parquet instead, "
-            "or shorten that text."
-        )
+    units = pc.add(pc.utf8_length(column), pc.count_substring_regex(column, r"[\x{10000}-\x{10FFFF}]"))
+    if (pc.max(units).as_py() or 0) <= CELL_CHARACTERS:
+        return
+    too_long = pc.greater(units, CELL_CHARACTERS)
+    first = pc.index(too_long, True).as_py()
+    row, length = first + 2, units[first].as_py()  # the sheet's row: the header is row 1
+    raise JobInputError(
+        f"Row {row} of the output, column {name!r}, holds {length:,} characters, more than an "
+        f"Excel cell holds ({CELL_CHARACTERS:,}): write the output as .csv or .parquet instead, "
+        "or shorten that text."
+    )

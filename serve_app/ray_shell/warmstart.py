@@ -91,6 +91,8 @@ REQUEST_TIMEOUT_S = 5.0
 # How often a zygote asks whether anyone can still use it (`zygote.retirement`).
 RETIRE_CHECK_S = 30.0
 _forked = False  # set in a worker the zygote forked
+# How a Ray process finds the cluster's token (Ray 2.60's token authentication).
+_AUTH_VARIABLES = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 # Imported in the zygote once, shared by every forked worker. ray.serve (0.6 s of a
 # replica's start on 2 cores, most of it pandas, which Serve's utilities import) only with
 # jemalloc's background thread off: pyarrow, which pandas imports, starts it otherwise, and
@@ -274,11 +276,12 @@ def give_job(preload: str, raylet: int, job_id: str) -> bool:
     try:
         listener.bind(address)
         listener.listen(64)
-        # With the Ray settings `ray.init` put in the driver's environment since the zygote
-        # started (RAY_AUTH_MODE=token, where none was set): Ray's core library reads them
-        # once, when the zygote loads it, and workers without the token are refused.
-        ray_env = {k: v for k, v in os.environ.items() if k.startswith("RAY_")}
-        body = json.dumps({"address": address[1:], "parent": raylet, "job": job_id, "env": ray_env}).encode()
+        # With the token settings as `ray.init` left them in the driver's environment
+        # (RAY_AUTH_MODE=token, where none was set when the zygote started): Ray's core
+        # library reads them once, when the zygote loads it, and workers without the token
+        # are refused. Only these: the zygote reads one short message.
+        auth = {k: v for k, v in os.environ.items() if k in _AUTH_VARIABLES}
+        body = json.dumps({"address": address[1:], "parent": raylet, "job": job_id, "env": auth}).encode()
         socket.send_fds(channel, [body], [listener.fileno()])
         return True
     except OSError:  # it died, or a zygote of this job has the address already
