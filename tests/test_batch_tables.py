@@ -241,6 +241,41 @@ def test_a_hub_model_whose_weights_cannot_be_got_stops_the_job_before_ray(
     assert sorted(tmp_path.iterdir()) == [tmp_path / "hub", tmp_path / "in.csv"]
 
 
+def test_a_job_fetches_a_hub_model_under_the_users_umask_and_starts_ray_under_077(
+        tmp_path, hub_cache, fake_hub, tiny_qwen3_dir):
+    # A hub cache may be shared (HF_HOME for a team, a service account): the files a job
+    # fetches keep the user's umask; only what the job starts for Ray is this user's alone.
+    import stat
+    import subprocess
+    import sys
+
+    fake_hub.serve("acme/tiny-qwen3", "f" * 40, tiny_qwen3_dir)
+    pd.DataFrame({"text": ["a"]}).to_csv(tmp_path / "in.csv", index=False)
+    code = (
+        "import os, sys\n"
+        "import serve_app.batch.__main__ as batch\n"
+        "def on_ray(opts, output, job):\n"
+        "    umask = os.umask(0o077)\n"
+        "    print(f'Ray part under umask {umask:o}')\n"
+        "    return 0, output, {'ray_start_s': 0.0, 'work_s': 1.0}\n"
+        "batch._on_ray = on_ray\n"
+        "sys.exit(batch.main(sys.argv[1:]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, "embed", "--input", str(tmp_path / "in.csv"), "--column", "text",
+         "--output", str(tmp_path / "o.parquet"), "--model", "acme/tiny-qwen3"],
+        env=hub_cache.env(fake_hub), capture_output=True, text=True, timeout=120,
+        preexec_fn=lambda: os.umask(0o022),
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Ray part under umask 77" in done.stdout
+    fetched = list(hub_cache.root.rglob("*"))  # snapshots' links to blobs, the blobs, the folders
+    assert any(p.name == "model.safetensors" for p in fetched)
+    # (huggingface_hub writes its own tree listings 0600, whatever the umask.)
+    private = [str(p) for p in fetched if not stat.S_IMODE(p.stat().st_mode) & 0o044 and "trees" not in p.parts]
+    assert private == [], private[:5]
+
+
 def test_a_model_named_on_the_command_line_drops_the_configs_revision(tmp_path):
     from serve_app.batch.__main__ import parser, settings
 
