@@ -58,7 +58,8 @@ def main() -> None:
 def measure(url: str, rows: int) -> dict:
     os.environ["EMBED_SERVER_URL"] = url
     from excel_addin import udfs
-    from excel_addin.client import get_client, load_settings
+    from excel_addin.client import get_client
+    from excel_addin.settings import load_settings
 
     texts = sentences(2 * rows, seed=7)
     left = [[t] for t in texts[:rows]]  # a column as xlwings passes it (ndim=2)

@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 import xlwings as xw
 
-from excel_addin.client import ServiceError, get_client, load_settings
+from excel_addin.client import get_client
+from excel_addin.settings import ServiceError, load_settings
 from serve_app.core.cells import BLANK, Blank, CellError, as_grid, cell_text, flatten, shape
 from serve_app.core.vectors import cosine, cosine_matrix
 

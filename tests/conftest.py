@@ -438,7 +438,7 @@ def sheet_env(monkeypatch, excel_servers):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("EMBED_SERVER_URL", excel_servers["open"])
     # No xlwings user config on CI machines; make sure a developer's does not leak in.
-    monkeypatch.setattr("excel_addin.client._xlwings_user_config", lambda: {})
+    monkeypatch.setattr("excel_addin.settings._xlwings_user_config", lambda: {})
     return excel_servers
 
 

@@ -12,7 +12,8 @@ import pytest
 from conftest import FakeClock
 
 from excel_addin import udfs
-from excel_addin.client import EmbedClient, ServiceError, Settings, load_settings
+from excel_addin.client import EmbedClient
+from excel_addin.settings import ServiceError, Settings, load_settings
 
 DEADLINE_S = 10.0  # for what should take milliseconds; a failing test waits this long, once
 
@@ -68,7 +69,7 @@ def formulas(monkeypatch, fake_server):
     for name in ("EMBED_API_KEY", "EMBED_INSTRUCTION"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("EMBED_SERVER_URL", fake_server.url)
-    monkeypatch.setattr("excel_addin.client._xlwings_user_config", lambda: {})
+    monkeypatch.setattr("excel_addin.settings._xlwings_user_config", lambda: {})
     return udfs
 
 

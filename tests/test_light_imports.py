@@ -28,6 +28,7 @@ LIGHT = [
     "serve_app.ray_shell.deployments",
     "excel_addin",
     "excel_addin.client",
+    "excel_addin.settings",
     "excel_addin.udfs",
     "excel_addin.demo",
 ]

@@ -82,7 +82,7 @@ def test_argument_checks_give_the_sentences_both_addins_share(monkeypatch):
     with socket.socket() as refusing:  # bound, never listening: a request sent would fail otherwise
         refusing.bind(("127.0.0.1", 0))
         monkeypatch.setenv("EMBED_SERVER_URL", f"http://127.0.0.1:{refusing.getsockname()[1]}")
-        monkeypatch.setattr("excel_addin.client._xlwings_user_config", lambda: {})
+        monkeypatch.setattr("excel_addin.settings._xlwings_user_config", lambda: {})
         got = [getattr(udfs, case["function"].lower())(*python_args(case["args"])) for case in cases]
     assert got == [case["message"] for case in cases]
 

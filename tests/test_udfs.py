@@ -10,7 +10,8 @@ import pytest
 from conftest import EXCEL_KEY
 
 from excel_addin import udfs
-from excel_addin.client import get_client, load_settings
+from excel_addin.client import get_client
+from excel_addin.settings import load_settings
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -77,7 +77,7 @@ def test_excel_formulas_give_cosines(raw_server, raw_vectors, monkeypatch):
     monkeypatch.setenv("EMBED_SERVER_URL", raw_server)
     for name in ("EMBED_API_KEY", "EMBED_INSTRUCTION"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr("excel_addin.client._xlwings_user_config", lambda: {})
+    monkeypatch.setattr("excel_addin.settings._xlwings_user_config", lambda: {})
     a, b, c = (raw_vectors[t] for t in TEXTS[:3])
     expected = cosines(np.stack([a, a]), np.stack([b, c]))
 
