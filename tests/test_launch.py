@@ -2,6 +2,7 @@
 refuses before starting, and how it stops."""
 
 import os
+import re
 import secrets
 import signal
 import socket
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -425,6 +427,7 @@ def answers_until_serving(service: subprocess.Popen, port: int, timeout_s: float
 def test_the_start_command_answers_503_until_ready_says_where_serves_on_loopback_and_stops_on_sigterm_soon(
         tmp_path):
     port = free_port(side_ports=True)
+    started_at = time.time()
     env = service_env()
     del env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"]  # the service's own drain
     key = f"launch-key-{secrets.token_hex(8)}"
@@ -459,8 +462,11 @@ def test_the_start_command_answers_503_until_ready_says_where_serves_on_loopback
         for where in (port, port + 404, port + 1101):
             assert {a for a, p in listening if p == where} == {"127.0.0.1"}, where
         # ...and its admin socket is this user's alone, in the run's private folder.
+        # This run's: written since the test began, binding this very port (a machine's /tmp
+        # keeps other runs' folders, whose ports may be this one or begin with its digits).
+        binds = re.compile(rf"\bbind 127\.0\.0\.1:{port}\b")
         sockets = [s for s in Path(tempfile.gettempdir()).glob("haproxy-*/*/admin.sock")
-                   if f"127.0.0.1:{port}" in (s.parent / "haproxy.cfg").read_text()]
+                   if s.lstat().st_mtime >= started_at and binds.search((s.parent / "haproxy.cfg").read_text())]
         assert len(sockets) == 1 and sockets[0].stat().st_mode & 0o777 == 0o600
         assert sockets[0].parent.parent.name != "haproxy-serve"  # Ray's folder, shared by every user
         service.send_signal(signal.SIGTERM)
