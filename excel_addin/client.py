@@ -358,8 +358,9 @@ NOT_RETRIED = frozenset({"replica_out_of_memory"})
 
 def _worth_retrying(response: httpx.Response) -> bool:
     """429 and 503, but not one whose code says the request is the cause (client.js's rule)."""
-    error = _server_error(response)
-    return response.status_code in (429, 503) and (error or {}).get("code") not in NOT_RETRIED
+    if response.status_code not in (429, 503):
+        return False  # a 200's body (megabytes of vectors) is not parsed here
+    return (_server_error(response) or {}).get("code") not in NOT_RETRIED
 
 
 def _server_error(response: httpx.Response) -> dict | None:

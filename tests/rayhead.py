@@ -98,7 +98,7 @@ class RayHead:
         # (about 40 s of a 90 s test). Ray's workers (and the HAProxy they start) run
         # outside the `ray start` process group, so they are found by their command lines
         # while the raylet still names its node, and killed after the group.
-        strays = _processes_of(self.temp_dir)
+        strays = processes_of(self.temp_dir)
         for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
             try:
                 os.killpg(self.process.pid, sig)
@@ -114,7 +114,7 @@ class RayHead:
                 os.kill(pid, signal.SIGKILL)
 
 
-def _processes_of(temp_dir: Path) -> list[int]:
+def processes_of(temp_dir: Path) -> list[int]:
     """Processes whose command line names this cluster's temp dir or its node's HAProxy dir."""
     marks = [str(temp_dir)]
     found = {pid: " ".join(args) for pid, args in command_lines().items()}

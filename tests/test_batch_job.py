@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import BUNDLED, command_lines, early_zygotes, wait_for, zygotes_of
-from rayhead import REPO, RayHead
+from rayhead import REPO, RayHead, processes_of
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -505,10 +505,9 @@ def test_a_job_on_a_ray_of_its_own_runs_with_rays_token_and_leaves_its_files_to_
         ]
         assert readable == [], readable[:10]
     finally:
-        # What a job that timed out leaves: its Ray's daemons and zygote name its temp folder
-        # or its job's log folder.
-        for pid, args in command_lines().items():
-            if pid != os.getpid() and any(str(ray_tmp) in a or str(home) in a for a in args):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
+        # What a job that timed out leaves: its Ray's processes name its temp folder (the
+        # zygote ends with the job's driver).
+        for pid in processes_of(ray_tmp):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
         shutil.rmtree(ray_tmp, ignore_errors=True)

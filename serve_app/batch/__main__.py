@@ -197,10 +197,7 @@ def _check_inputs(opts: argparse.Namespace, output: str) -> None:
         checks = [(opts.input, [opts.column], "embedding")]
     names, rows = [], []
     for path, columns, adds in checks:
-        files, input_fmt = input_files(path, output)
-        if Path(output).resolve() in {file.resolve() for file in files}:
-            raise JobInputError(f"--output {output} is this job's input: give another file to write, "
-                                "and the input stays as it is.")
+        files, input_fmt = input_files(path, output)  # refuses an input that is the output
         names.append(require_columns(files, input_fmt, columns, opts.sheet, adds))
         rows.append(count_rows(files, input_fmt, opts.sheet))  # reads a CSV through: its bad rows
     if opts.command == "search" and (clashes := search_clashes(*names)):

@@ -112,10 +112,9 @@ def _refuse_long_cells(name: str, column: pa.ChunkedArray) -> None:
     import pyarrow.compute as pc
 
     units = pc.add(pc.utf8_length(column), pc.count_substring_regex(column, r"[\x{10000}-\x{10FFFF}]"))
-    if (pc.max(units).as_py() or 0) <= CELL_CHARACTERS:
+    first = pc.index(pc.greater(units, CELL_CHARACTERS), True).as_py()
+    if first < 0:
         return
-    too_long = pc.greater(units, CELL_CHARACTERS)
-    first = pc.index(too_long, True).as_py()
     row, length = first + 2, units[first].as_py()  # the sheet's row: the header is row 1
     raise JobInputError(
         f"Row {row} of the output, column {name!r}, holds {length:,} characters, more than an "

@@ -21,33 +21,38 @@ from serve_app.batch.errors import JobInputError, refuse_repeats
 from serve_app.batch.sheets import sheet_header
 from serve_app.core.cells import Blank, CellError, cell_text
 
-# What a job reads, by extension: a macro-enabled workbook (.xlsm, as xlwings users keep
-# theirs) is read as any workbook. Its output is never one: it would hold no macros.
-FORMATS = {".csv": "csv", ".xlsx": "xlsx", ".xlsm": "xlsx", ".parquet": "parquet"}
+# What a job writes, by extension, and what it reads: those, and a macro-enabled workbook
+# (.xlsm, as xlwings users keep theirs) read as any workbook; never written, as the job's
+# output would hold no macros.
+OUTPUT_FORMATS = {".csv": "csv", ".xlsx": "xlsx", ".parquet": "parquet"}
+FORMATS = {**OUTPUT_FORMATS, ".xlsm": "xlsx"}
+_READABLE = ".csv, .xlsx, .xlsm or .parquet"
 
 
 def input_files(path: str | Path, output: str | Path | None = None) -> tuple[list[Path], str]:
     """The files behind `path` (a file, or a folder of one format) and that format. A folder's
     listing leaves out `output`: a job writing into its input folder, run again, would
-    otherwise read its last output as more input. It also leaves out hidden files and
-    the lock file Excel keeps beside an open workbook (`~$book.xlsx`)."""
+    otherwise read its last output as more input; an input file that is `output` is refused,
+    since the job would replace it with its re-typed copy. A folder's listing also leaves out
+    hidden files and the lock file Excel keeps beside an open workbook (`~$book.xlsx`)."""
     path = Path(path)
+    skip = Path(output).resolve() if output is not None else None
     if path.is_dir():
-        skip = Path(output).resolve() if output is not None else None
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in FORMATS
                        and not p.name.startswith((".", "~$")) and p.resolve() != skip)
         if not files:
-            raise JobInputError(
-                f"The folder {path} holds no .csv, .xlsx, .xlsm or .parquet file."
-            )
+            raise JobInputError(f"The folder {path} holds no {_READABLE} file.")
     elif path.is_file():
+        if path.resolve() == skip:
+            raise JobInputError(f"--output {output} is this job's input: give another file to write, "
+                                "and the input stays as it is.")
         files = [path]
     else:
         raise JobInputError(f"The input {path} does not exist (or is not readable from this node).")
     formats = {FORMATS.get(p.suffix.lower()) for p in files}
     if None in formats:
         raise JobInputError(
-            f"Cannot read {files[0]}: input files must end in .csv, .xlsx, .xlsm or .parquet."
+            f"Cannot read {files[0]}: input files must end in {_READABLE}."
         )
     if len(formats) > 1:
         raise JobInputError(f"The folder {path} mixes formats ({', '.join(sorted(formats))}); use one.")
@@ -57,7 +62,7 @@ def input_files(path: str | Path, output: str | Path | None = None) -> tuple[lis
 def output_format(path: str | Path, allowed: tuple[str, ...]) -> str:
     """The output format its extension names, if the command can write it."""
     suffix = Path(path).suffix.lower()
-    fmt = None if suffix == ".xlsm" else FORMATS.get(suffix)
+    fmt = OUTPUT_FORMATS.get(suffix)
     if fmt not in allowed:
         wanted = ", ".join(f".{a}" for a in allowed)
         why = " (the output holds no macros)" if suffix == ".xlsm" and "xlsx" in allowed else ""
