@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import openpyxl
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -149,6 +150,21 @@ def test_similarity_xlsx_round_trip(ray_head, tmp_path, bundled_embedder):
     got = scored["similarity"].dropna().to_numpy()
     np.testing.assert_allclose(got, expected, atol=1e-4)
     assert got[0] > got[4]  # password question vs reset steps beats it vs tax deadline
+
+
+def test_case_numbers_and_account_numbers_of_a_csv_reach_the_xlsx_output_as_written(ray_head, tmp_path):
+    # They came out as 123 and 1.2345678901234567e+19: read as numbers, written as numbers.
+    (tmp_path / "rows.csv").write_text(
+        "case,account,fee,question,doc\n"
+        "00123,12345678901234567890,1.50,How do I reset my password?,Steps to reset a forgotten password\n"
+        "04567,98765432109876543210,2,when is rent due,Rent is due on the first day.\n")
+    output = tmp_path / "scored.xlsx"
+    job = ray_head.submit("similarity", "--input", str(tmp_path / "rows.csv"), "--left", "question",
+                          "--right", "doc", "--output", str(output))
+    assert ray_head.wait(job) == "SUCCEEDED", ray_head.logs(job)[-3000:]
+    sheet = openpyxl.load_workbook(output).active
+    assert [[cell.value for cell in row[:3]] for row in sheet.iter_rows(min_row=2)] == [
+        ["00123", "12345678901234567890", 1.5], ["04567", "98765432109876543210", 2]]
 
 
 def test_a_semicolon_csv_with_line_breaks_in_cells_is_scored_and_its_csv_output_read_back(

@@ -89,6 +89,25 @@ def test_a_csv_column_takes_the_type_its_whole_file_gives_it(tmp_path):
     assert schema.types == [pa.string(), pa.string(), pa.int64()]
 
 
+def test_a_csv_column_of_numbers_a_number_would_not_write_back_stays_text(tmp_path):
+    # pyarrow read case numbers `00123` as 123 and a 20-digit account number as a float
+    # with its last digits gone; a job's output held those in place of what the file had.
+    rows = tmp_path / "rows.csv"
+    rows.write_text(
+        "case,account,amount,tiny,count,hex,signed,text\n"
+        + "".join(f"{i:05d},{10**19 + i},{i}.50,{i}e-05,{i},{i},{i},t{i}\n" for i in range(1, 40_000))
+        + "99999,1,NA,1.5E-3, 7 ,0x10,+5,last\n")
+    assert rows.stat().st_size > 1 << 20  # past the first block, which alone is inferred first
+    schema = csv_schema(rows, ["text"])
+    assert dict(zip(schema.names, schema.types, strict=True)) == {
+        "case": pa.string(), "account": pa.string(),
+        "amount": pa.float64(), "tiny": pa.float64(), "count": pa.int64(),  # as numbers write them
+        "hex": pa.string(), "signed": pa.string(), "text": pa.string()}
+    # A leading zero after 200,000 plain numbers is found too; 15 digits still fit a number.
+    rows.write_text("n,m,text\n" + "".join(f"{i},{10**14 + i},t\n" for i in range(200_000)) + "0042,1,t\n")
+    assert csv_schema(rows, ["text"]).types == [pa.string(), pa.int64(), pa.string()]
+
+
 def test_files_that_disagree_on_a_column_type_share_one_schema():
     first = pa.schema([("id", pa.int64()), ("notes", pa.null()), ("score", pa.int64()),
                        ("when", pa.date32())])

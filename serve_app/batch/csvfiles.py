@@ -154,7 +154,8 @@ def csv_schema(file: Path, text_columns: list[str]) -> pa.Schema:
     """A CSV file's column types as read from all of its rows: the text columns as text,
     the rest inferred. Ray Data's reader infers types from a file's first block (about
     1 MB) and then fails on a later cell that does not fit ("A7" below a run of numbers);
-    the reader here widens a column's type as it goes."""
+    the reader here widens a column's type as it goes. A column of numbers whose text a
+    number would not give back (`00123`, a 20-digit account number) stays text."""
     from pyarrow import csv
 
     parse = csv_parse_options([file])
@@ -175,4 +176,45 @@ def csv_schema(file: Path, text_columns: list[str]) -> pa.Schema:
         except pa.ArrowInvalid as exc:
             raise JobInputError(f"Cannot read {file} as CSV: {exc}") from exc
         types = {field.name: field.type for field in inferred.schema}
+        numeric = [name for name, kind in types.items() if _is_number(kind)]
+        if numeric:
+            for name in _not_written_as_numbers(file, parse, numeric):
+                types[name] = pa.string()
     return pa.schema([(n, types.get(n, pa.string())) for n in names])
+
+
+def _is_number(kind: pa.DataType) -> bool:
+    return pa.types.is_integer(kind) or pa.types.is_floating(kind)
+
+
+# A number as a number is written back: no leading zeros, sign only for negatives,
+# an optional fraction and exponent (or inf); pyarrow also reads `007`, `+5`, `0x10`.
+_PLAIN_NUMBER = r"^-?(0|[1-9][0-9]*)?(\.[0-9]*)?([eE][-+]?[0-9]+)?$|^-?[iI]nf(inity)?$"
+# Past 15 significant digits a float64 (and an Excel cell) no longer holds every digit.
+_MOST_DIGITS = 15
+
+
+def _not_written_as_numbers(file: Path, parse, columns: list[str]) -> list[str]:
+    """Which of `columns` (read as numbers) hold a value the numbers would not give back:
+    an identifier with leading zeros (`00123`), more significant digits than a float or an
+    Excel cell holds (an account number), `+5` or `0x10`. Those the job keeps as text,
+    exactly as the file holds them."""
+    import pyarrow.compute as pc
+    from pyarrow import csv
+
+    try:
+        written = csv.read_csv(file, parse_options=parse, convert_options=csv.ConvertOptions(
+            include_columns=columns, column_types=dict.fromkeys(columns, pa.string()),
+            strings_can_be_null=True))  # the inferring read's blanks and `NA`s are nulls here too
+    except pa.ArrowInvalid as exc:
+        raise JobInputError(f"Cannot read {file} as CSV: {exc}") from exc
+    kept = []
+    for name in columns:
+        text = pc.utf8_trim_whitespace(written.column(name))
+        plain = pc.match_substring_regex(text, _PLAIN_NUMBER)
+        digits = pc.replace_substring_regex(text, r"[eE].*$|[^0-9]", "")
+        digits = pc.replace_substring_regex(digits, r"^0+|0+$", "")
+        fits = pc.less_equal(pc.utf8_length(digits), _MOST_DIGITS)
+        if not pc.all(pc.and_(plain, fits)).as_py():  # nulls are skipped
+            kept.append(name)
+    return kept
