@@ -187,18 +187,17 @@ def _is_number(kind: pa.DataType) -> bool:
     return pa.types.is_integer(kind) or pa.types.is_floating(kind)
 
 
-# A number as a number is written back: no leading zeros, sign only for negatives,
-# an optional fraction and exponent (or inf); pyarrow also reads `007`, `+5`, `0x10`.
-_PLAIN_NUMBER = r"^-?(0|[1-9][0-9]*)?(\.[0-9]*)?([eE][-+]?[0-9]+)?$|^-?[iI]nf(inity)?$"
-# Past 15 significant digits a float64 (and an Excel cell) no longer holds every digit.
-_MOST_DIGITS = 15
+# What a number does not write back: a plus sign, a leading zero (`00123`) or hex (`0x10`),
+# which pyarrow reads as numbers, and more significant digits than a float64 (or an Excel
+# cell) holds, 15 (trailing zeros count: a column that errs is kept as text, losing nothing).
+_NOT_A_NUMBERS_TEXT = r"^\s*\+|^\s*-?0[0-9xX]|[1-9](\.?[0-9]){15}"
 
 
 def _not_written_as_numbers(file: Path, parse, columns: list[str]) -> list[str]:
     """Which of `columns` (read as numbers) hold a value the numbers would not give back:
-    an identifier with leading zeros (`00123`), more significant digits than a float or an
-    Excel cell holds (an account number), `+5` or `0x10`. Those the job keeps as text,
-    exactly as the file holds them."""
+    an identifier with leading zeros (`00123`), an account number longer than a float or an
+    Excel cell holds, `+5` or `0x10`. Those the job keeps as text, exactly as the file
+    holds them. (0.2 s for the read and 0.17 s a column of 1.5 million numbers, here.)"""
     import pyarrow.compute as pc
     from pyarrow import csv
 
@@ -208,13 +207,5 @@ def _not_written_as_numbers(file: Path, parse, columns: list[str]) -> list[str]:
             strings_can_be_null=True))  # the inferring read's blanks and `NA`s are nulls here too
     except pa.ArrowInvalid as exc:
         raise JobInputError(f"Cannot read {file} as CSV: {exc}") from exc
-    kept = []
-    for name in columns:
-        text = pc.utf8_trim_whitespace(written.column(name))
-        plain = pc.match_substring_regex(text, _PLAIN_NUMBER)
-        digits = pc.replace_substring_regex(text, r"[eE].*$|[^0-9]", "")
-        digits = pc.replace_substring_regex(digits, r"^0+|0+$", "")
-        fits = pc.less_equal(pc.utf8_length(digits), _MOST_DIGITS)
-        if not pc.all(pc.and_(plain, fits)).as_py():  # nulls are skipped
-            kept.append(name)
-    return kept
+    return [name for name in columns
+            if pc.any(pc.match_substring_regex(written.column(name), _NOT_A_NUMBERS_TEXT)).as_py()]
