@@ -620,6 +620,28 @@ def test_text_too_long_for_an_excel_cell_is_refused_not_cut(tmp_path):
         write_table(emoji, tmp_path / "emoji.xlsx", "xlsx")
 
 
+def test_an_input_text_too_long_for_an_xlsx_output_is_refused_before_ray(tmp_path, monkeypatch, capsys):
+    # It failed the job only as the workbook was written: after all of the job's work
+    # (hours, for a folder of contracts).
+    contract = "任何一方可提前三十天书面通知终止本合同。" * 1_700  # 34,000 characters, 102,000 bytes
+    rows = tmp_path / "rows.csv"
+    rows.write_text("question,doc\n" + "q,d\n" * 70_000 + f'q,"{contract}"\n')  # past pyarrow's first block
+    assert refused_before_ray(similarity(rows, tmp_path / "scored.xlsx"), monkeypatch, capsys) == (
+        "rows.csv row 70002, column 'doc', holds 34,000 characters, more than an Excel cell holds "
+        "(32,767): write the output as .csv or .parquet instead, or shorten that text.")
+    pa.parquet.write_table(pa.table({"question": ["q", "q"], "doc": ["d", "😀" * 16_384]}), tmp_path / "rows.parquet",
+                   row_group_size=1)
+    assert refused_before_ray(similarity(tmp_path / "rows.parquet", tmp_path / "scored.xlsx"),
+                              monkeypatch, capsys).startswith(
+        "rows.parquet row 2, column 'doc', holds 32,768 characters")  # UTF-16 units, as Excel counts
+    # The same texts fit a cell's 32,767 (in bytes, far more) or a CSV output: no refusal.
+    from serve_app.batch.tables import count_rows
+
+    rows.write_text("question,doc\n" + "q,d\n" * 70_000 + f'q,"{contract[:32_767]}"\n')
+    assert count_rows([rows], "csv", to_sheet=True) == 70_001
+    assert count_rows([tmp_path / "rows.parquet"], "parquet", to_sheet=False) == 2
+
+
 def test_a_csv_output_opens_as_utf8_in_excel_and_reads_back_as_input(tmp_path):
     # Excel on Windows showed "cafÃ©" for a CSV without a byte-order mark.
     write_table(pa.table({"question": ["café", "合同"], "n": [1, None]}), tmp_path / "out.csv", "csv")

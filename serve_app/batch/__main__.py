@@ -199,7 +199,8 @@ def _check_inputs(opts: argparse.Namespace, output: str) -> None:
     for path, columns, adds in checks:
         files, input_fmt = input_files(path, output)  # refuses an input that is the output
         names.append(require_columns(files, input_fmt, columns, opts.sheet, adds))
-        rows.append(count_rows(files, input_fmt, opts.sheet))  # reads a CSV through: its bad rows
+        # Reads a CSV through (its bad rows) and, for a workbook output, any text too long for it.
+        rows.append(count_rows(files, input_fmt, opts.sheet, to_sheet=fmt == "xlsx"))
     if opts.command == "search" and (clashes := search_clashes(*names)):
         raise JobInputError(f"The search's output would have {' and '.join(clashes)}: rename that "
                             "column of the queries or the corpus first.")

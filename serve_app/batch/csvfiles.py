@@ -100,12 +100,16 @@ def _not_utf8(file: Path, byte: int, row: int, column: str | None) -> JobInputEr
     )
 
 
-def check_csv(file: Path) -> int:
+def check_csv(file: Path, to_sheet: bool = False) -> int:
     """Read a CSV through once, every column as bytes, and return its number of rows. A
     row with more or fewer fields than the header, or text that is not UTF-8 (a Windows
     "ANSI" export), is refused naming its row (the header is row 1) and what to do;
-    the job's read tasks would fail on it with a traceback, part way through the job."""
+    the job's read tasks would fail on it with a traceback, part way through the job.
+    `to_sheet` (the output is a workbook): a cell longer than a sheet's cell holds, which
+    would fail the job only as it writes, after all of its work, is refused now too."""
     from pyarrow import csv
+
+    from serve_app.batch.sheets import first_too_long, too_long_for_a_cell
 
     names = csv_header(file)
     invalid = []
@@ -126,7 +130,7 @@ def check_csv(file: Path) -> int:
         for batch in reader:
             for name, column in zip(batch.schema.names, batch.columns, strict=True):
                 try:
-                    column.cast(pa.string())  # checks the bytes are UTF-8
+                    text = column.cast(pa.string())  # checks the bytes are UTF-8
                 except pa.ArrowInvalid:  # rare: find the row, in Python
                     for i, value in enumerate(column.to_pylist()):
                         try:
@@ -134,6 +138,8 @@ def check_csv(file: Path) -> int:
                         except UnicodeDecodeError as exc:
                             raise _not_utf8(file, value[exc.start], rows + i + 2, name) from None
                     raise
+                if to_sheet and (long := first_too_long(text)) is not None:
+                    raise too_long_for_a_cell(f"{file.name} row {rows + long[0] + 2}", name, long[1])
             rows += batch.num_rows
     except pa.ArrowInvalid as exc:
         if not invalid:

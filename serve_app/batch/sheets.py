@@ -107,17 +107,30 @@ def sheet_ready(table: pa.Table) -> pa.Table:
 
 
 def _refuse_long_cells(name: str, column: pa.ChunkedArray) -> None:
-    """Refuse, naming the first, a cell longer than Excel holds: counted as Excel counts, in
-    UTF-16 units (an emoji beyond U+FFFF is two)."""
+    """Refuse, naming the first, a cell longer than Excel holds."""
+    first = first_too_long(column)
+    if first is not None:  # the sheet's row: the header is row 1
+        raise too_long_for_a_cell(f"Row {first[0] + 2} of the output", name, first[1])
+
+
+def first_too_long(column: pa.Array | pa.ChunkedArray) -> tuple[int, int] | None:
+    """The index and length of the first text longer than an Excel cell holds, counted as
+    Excel counts, in UTF-16 units (an emoji beyond U+FFFF is two); None if there is none.
+    UTF-8 takes at least as many bytes as UTF-16 units, so most columns need only their
+    byte lengths."""
     import pyarrow.compute as pc
 
+    if (pc.max(pc.binary_length(column)).as_py() or 0) <= CELL_CHARACTERS:
+        return None
     units = pc.add(pc.utf8_length(column), pc.count_substring_regex(column, r"[\x{10000}-\x{10FFFF}]"))
     first = pc.index(pc.greater(units, CELL_CHARACTERS), True).as_py()
-    if first < 0:
-        return
-    row, length = first + 2, units[first].as_py()  # the sheet's row: the header is row 1
-    raise JobInputError(
-        f"Row {row} of the output, column {name!r}, holds {length:,} characters, more than an "
-        f"Excel cell holds ({CELL_CHARACTERS:,}): write the output as .csv or .parquet instead, "
-        "or shorten that text."
+    return None if first < 0 else (first, units[first].as_py())
+
+
+def too_long_for_a_cell(where: str, column: str, length: int) -> JobInputError:
+    """The sentence for a text too long for the output's worksheet."""
+    return JobInputError(
+        f"{where}, column {column!r}, holds {length:,} characters, more than an Excel cell "
+        f"holds ({CELL_CHARACTERS:,}): write the output as .csv or .parquet instead, or "
+        "shorten that text."
     )

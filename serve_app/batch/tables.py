@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from serve_app.batch.csvfiles import check_csv, csv_header, csv_parse_options
 from serve_app.batch.errors import JobInputError, refuse_repeats
-from serve_app.batch.sheets import sheet_header
+from serve_app.batch.sheets import first_too_long, sheet_header, too_long_for_a_cell
 from serve_app.core.cells import Blank, CellError, cell_text
 
 # What a job writes, by extension, and what it reads: those, and a macro-enabled workbook
@@ -138,19 +138,42 @@ def require_columns(files: list[Path], fmt: str, wanted: list[str], sheet: str |
     return list(names)
 
 
-def count_rows(files: list[Path], fmt: str, sheet: str | None = None) -> int | None:
+def count_rows(files: list[Path], fmt: str, sheet: str | None = None, to_sheet: bool = False) -> int | None:
     """The rows of the files (None where a sheet does not say), found before any work. A CSV
     is read through once for it, so that a row the job's reader would fail on part way
-    through the job (`check_csv`) is refused now."""
+    through the job (`check_csv`) is refused now. `to_sheet` (the output is a workbook):
+    a CSV's or Parquet file's text longer than a sheet's cell holds is refused now too,
+    not as the output is written, after the work (a workbook's own cells cannot be)."""
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
+        if to_sheet:
+            for file in files:
+                _refuse_long_parquet_cells(file)
         return sum(pq.read_metadata(file).num_rows for file in files)
     if fmt == "csv":
         csv_parse_options(files)  # one separator for them all
-        return sum(check_csv(file) for file in files)
+        return sum(check_csv(file, to_sheet) for file in files)
     counts = [sheet_header(file, sheet).rows for file in files]
     return None if None in counts else sum(counts)
+
+
+def _refuse_long_parquet_cells(file: Path) -> None:
+    """A Parquet file's first text longer than a sheet's cell holds, refused with its row
+    (counted from 1); its text columns are read a row group at a time."""
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(file)
+    texts = [field.name for field in parquet.schema_arrow
+             if pa.types.is_string(field.type) or pa.types.is_large_string(field.type)]
+    if not texts:
+        return
+    rows = 0
+    for batch in parquet.iter_batches(columns=texts):
+        for name, column in zip(batch.schema.names, batch.columns, strict=True):
+            if (long := first_too_long(column)) is not None:
+                raise too_long_for_a_cell(f"{file.name} row {rows + long[0] + 1}", name, long[1])
+        rows += batch.num_rows
 
 
 def common_schema(schemas: list[pa.Schema]) -> pa.Schema:
