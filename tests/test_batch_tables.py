@@ -217,16 +217,14 @@ def test_sigterm_removes_the_temporary_file_and_says_so_before_anything_unwinds(
 
 def test_top_k_orders_matches_and_keeps_blank_queries():
     unit = np.eye(3, dtype=np.float32)
-    corpus = pa.table({
-        "doc": ["x", "blank", "y", "z"],
-        "embedding": pa.array([unit[0], None, unit[1], (unit[0] + unit[1]) / np.sqrt(2)],
-                              type=pa.list_(pa.float32())),
-    })
-    queries = pa.table({
-        "q": ["near x", "empty"],
-        "embedding": pa.array([unit[0], None], type=pa.list_(pa.float32())),
-    })
-    out = top_k(queries, corpus, k=2).to_pydict()
+    corpus = pa.table({"doc": ["x", "blank", "y", "z"], "embedding": [[1.0], [2.0], [3.0], [4.0]]})  # an embed job's
+    corpus_vectors = pa.array([unit[0], None, unit[1], (unit[0] + unit[1]) / np.sqrt(2)],
+                              type=pa.list_(pa.float32()))
+    queries = pa.table({"q": ["near x", "empty"]})
+    out = top_k(queries, pa.array([unit[0], None], type=pa.list_(pa.float32())), corpus, corpus_vectors,
+                k=2).to_pydict()
+    assert list(out) == ["q", "rank", "score", "corpus_row", "corpus_doc", "corpus_embedding"]
+    assert out["corpus_embedding"] == [[1.0], [4.0], None]  # passed through, not the search's vectors
     assert out["q"] == ["near x", "near x", "empty"]
     assert out["corpus_doc"] == ["x", "z", None]
     assert out["corpus_row"] == [0, 3, None]

@@ -104,8 +104,8 @@ def test_batch_job_scores_are_cosines(unnormalised_dir, raw_vectors):
     assert scored[:2] == pytest.approx([cosines(a[None], b[None])[0, 0], cosines(a[None], c[None])[0, 0]], abs=1e-5)
     assert scored[2] is None
 
-    queries = pa.table({"q": [TEXTS[0]], "embedding": [raw_vectors[TEXTS[0]].tolist()]})
-    corpus = pa.table({"d": TEXTS[1:], "embedding": [raw_vectors[t].tolist() for t in TEXTS[1:]]})
-    best = top_k(queries, corpus, 3)
+    queries, corpus = pa.table({"q": [TEXTS[0]]}), pa.table({"d": TEXTS[1:]})
+    best = top_k(queries, pa.array([raw_vectors[TEXTS[0]].tolist()]), corpus,
+                 pa.array([raw_vectors[t].tolist() for t in TEXTS[1:]]), 3)
     expected = cosines(raw_vectors[TEXTS[0]][None], np.stack([raw_vectors[t] for t in TEXTS[1:]]))[0]
     assert best["score"].to_pylist() == pytest.approx(sorted(expected, reverse=True), abs=1e-5)

@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         embedded = timing["queries"] + timing["corpus"]
         what = f" (the {opts.k} best of {timing['corpus']} corpus rows for each of {timing['queries']} queries)"
         doing, speed = "embedding and searching", f"{embedded} rows embedded, {embedded / work:.1f} rows/s"
+    if timing["left_out"]:
+        what += f", without {', '.join(map(repr, timing['left_out']))} (lists, which it cannot hold)"
     print(f"Wrote {rows} rows to {output}{what}: Ray start-up {timing['ray_start_s']:.1f} s, "
           f"{doing} {work:.1f} s ({speed}).")
     return 0
@@ -113,7 +115,7 @@ def run(opts: argparse.Namespace) -> tuple[int, str, dict[str, float]]:
     from serve_app.core.modelinfo import resolve_model
 
     output = _absolute_output(opts.output)
-    _check_inputs(opts, output)
+    left_out = _check_inputs(opts, output)
     args = settings(opts)
     spec = resolve_model(args.model, args.model_revision)  # fails here, before Ray starts
     if opts.batch_size < 1:
@@ -138,9 +140,10 @@ def run(opts: argparse.Namespace) -> tuple[int, str, dict[str, float]]:
         umask=user_umask,
     )
     try:
-        return _on_ray(opts, output, job)
+        rows, output, timing = _on_ray(opts, output, job)
     finally:
         os.umask(user_umask)
+    return rows, output, {**timing, "left_out": left_out}
 
 
 def _on_ray(opts: argparse.Namespace, output: str, job: JobOptions) -> tuple[int, str, dict[str, float]]:
@@ -172,8 +175,9 @@ def _on_ray(opts: argparse.Namespace, output: str, job: JobOptions) -> tuple[int
     return rows, output, timing
 
 
-def _check_inputs(opts: argparse.Namespace, output: str) -> None:
-    """Everything that can be wrong with the files, found before Ray starts."""
+def _check_inputs(opts: argparse.Namespace, output: str) -> list[str]:
+    """Everything that can be wrong with the files, found before Ray starts. Returns the
+    input columns a CSV or XLSX output leaves out (vectors), said now."""
     from serve_app.batch.search import search_clashes
     from serve_app.batch.sheets import SHEET_ROWS, too_many_rows
     from serve_app.batch.tables import (
@@ -182,6 +186,7 @@ def _check_inputs(opts: argparse.Namespace, output: str) -> None:
         input_files,
         output_format,
         require_columns,
+        sheet_cannot_hold,
     )
 
     fmt = output_format(output, ("parquet",) if opts.command == "embed" else ("csv", "xlsx", "parquet"))
@@ -189,16 +194,21 @@ def _check_inputs(opts: argparse.Namespace, output: str) -> None:
     if opts.command == "search":
         if opts.k < 1:
             raise JobInputError(f"--k must be at least 1, not {opts.k}.")
-        checks = [(opts.queries, [opts.query_column], "embedding"),  # added to each, then dropped
-                  (opts.corpus, [opts.corpus_column], "embedding")]
+        checks = [(opts.queries, [opts.query_column], None), (opts.corpus, [opts.corpus_column], None)]
     elif opts.command == "similarity":
         checks = [(opts.input, [opts.left, opts.right], "similarity")]
     else:
         checks = [(opts.input, [opts.column], "embedding")]
-    names, rows = [], []
+    names, rows, left_out = [], [], []
     for path, columns, adds in checks:
         files, input_fmt = input_files(path, output)  # refuses an input that is the output
         names.append(require_columns(files, input_fmt, columns, opts.sheet, adds))
+        if fmt != "parquet" and (lists := sheet_cannot_hold(files, input_fmt)):
+            left_out += lists
+            listed = ", ".join(map(repr, lists))
+            logging.warning("The output leaves out %s of %s: a .%s cannot hold a column of lists "
+                            "(vectors). Write the output as .parquet to keep it.",
+                            listed, Path(path).name, fmt)
         # Reads a CSV through (its bad rows) and, for a workbook output, any text too long for it.
         rows.append(count_rows(files, input_fmt, opts.sheet, to_sheet=fmt == "xlsx"))
     if opts.command == "search" and (clashes := search_clashes(*names)):
@@ -209,6 +219,7 @@ def _check_inputs(opts: argparse.Namespace, output: str) -> None:
         written = rows[0] * max(1, min(opts.k, rows[1])) if opts.command == "search" else rows[0]
         if written >= SHEET_ROWS:
             raise JobInputError(too_many_rows(written, at_most=opts.command == "search"))
+    return left_out
 
 
 def _dimensions(dimensions: int | None, args: AppArgs, full: int) -> int | None:

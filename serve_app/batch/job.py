@@ -19,10 +19,12 @@ from serve_app.batch.output import atomic_output, write_table
 from serve_app.batch.search import top_k
 from serve_app.batch.sheets import read_xlsx
 from serve_app.batch.tables import (
+    OUTPUT_FORMATS,
     common_schema,
     conform,
     input_files,
     output_format,
+    sheet_cannot_hold,
     text_or_none,
     texts_of,
 )
@@ -76,9 +78,7 @@ def run_search(queries: str, query_column: str, corpus: str, corpus_column: str,
     texts = [*prefixed(corpus_table[corpus_column], document_prefix),
              *prefixed(query_table[query_column], query_prefix)]
     vectors = _embed_texts(texts, opts)
-    corpus_table = corpus_table.append_column("embedding", vectors[: corpus_table.num_rows])
-    query_table = query_table.append_column("embedding", vectors[corpus_table.num_rows :])
-    table = top_k(query_table, corpus_table, k)
+    table = top_k(query_table, vectors[corpus_table.num_rows :], corpus_table, vectors[: corpus_table.num_rows], k)
     with atomic_output(output, opts.umask) as temporary:
         write_table(table, temporary, fmt)
     return table.num_rows, query_table.num_rows, corpus_table.num_rows
@@ -141,7 +141,12 @@ def _read(path: str, columns: list[str], opts: JobOptions, output: str):
         import pyarrow.parquet as pq
 
         schema = common_schema([pq.read_schema(f) for f in files])
-        return ray.data.read_parquet([str(f) for f in files], num_cpus=READ_CPUS, schema=schema), schema
+        if OUTPUT_FORMATS.get(Path(output).suffix.lower()) != "parquet":
+            # Vectors and other lists a CSV or a sheet cannot hold are not read (said before Ray).
+            left_out = sheet_cannot_hold(files, fmt)
+            schema = pa.schema([field for field in schema if field.name not in left_out])
+        return ray.data.read_parquet([str(f) for f in files], columns=schema.names, num_cpus=READ_CPUS,
+                                     schema=schema), schema
     if fmt == "csv":
         from pyarrow import csv
 

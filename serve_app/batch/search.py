@@ -21,15 +21,18 @@ def search_clashes(query_columns: list[str], corpus_columns: list[str]) -> list[
             for name, sources in whose.items() if len(sources) > 1]
 
 
-def top_k(queries: pa.Table, corpus: pa.Table, k: int, chunk: int = 256) -> pa.Table:
-    """Rows (query columns, rank, score, corpus_row, corpus columns), best match first."""
+def top_k(queries: pa.Table, query_vectors: pa.Array, corpus: pa.Table, corpus_vectors: pa.Array,
+          k: int, chunk: int = 256) -> pa.Table:
+    """Rows (query columns, rank, score, corpus_row, corpus columns), best match first; the
+    vectors are the tables' rows' (None for a blank). The tables' own columns all pass
+    through, an embed job's `embedding` too."""
     from serve_app.core.vectors import cosine_matrix
 
-    corpus_vectors = corpus["embedding"].to_pylist()
+    corpus_vectors = corpus_vectors.to_pylist()
     usable = np.array([i for i, v in enumerate(corpus_vectors) if v is not None], dtype=np.int64)
     matrix = (np.asarray([corpus_vectors[i] for i in usable], dtype=np.float32)
               if len(usable) else np.zeros((0, 1), dtype=np.float32))
-    query_vectors = queries["embedding"].to_pylist()
+    query_vectors = query_vectors.to_pylist()
     k = min(k, len(usable))
     query_rows, ranks, scores, corpus_rows = [], [], [], []
     for start in range(0, len(query_vectors), chunk):
@@ -56,12 +59,12 @@ def top_k(queries: pa.Table, corpus: pa.Table, k: int, chunk: int = 256) -> pa.T
                 ranks.append(rank + 1)
                 scores.append(float(best_scores[i, rank]))
                 corpus_rows.append(int(usable[best[i, rank]]))
-    out = queries.drop_columns(["embedding"]).take(pa.array(query_rows, type=pa.int64()))
+    out = queries.take(pa.array(query_rows, type=pa.int64()))
     rank, score, corpus_row = SEARCH_ADDS
     out = out.append_column(rank, pa.array(ranks, type=pa.int32()))
     out = out.append_column(score, pa.array(scores, type=pa.float32()))
     out = out.append_column(corpus_row, pa.array(corpus_rows, type=pa.int64()))
-    matched = corpus.drop_columns(["embedding"]).take(pa.array(corpus_rows, type=pa.int64()))
+    matched = corpus.take(pa.array(corpus_rows, type=pa.int64()))
     for name in matched.column_names:
         out = out.append_column(f"corpus_{name}", matched[name])
     return out

@@ -176,6 +176,19 @@ def _refuse_long_parquet_cells(file: Path) -> None:
         rows += batch.num_rows
 
 
+def sheet_cannot_hold(files: list[Path], fmt: str) -> list[str]:
+    """The columns of Parquet inputs that a CSV or a worksheet cannot hold, which such an
+    output leaves out: lists (an embed job's vectors), structs and maps. pyarrow's CSV
+    writer failed on them after all of the job's work, and a workbook got numpy's text
+    for a vector, cut with "..." past 1,000 numbers."""
+    if fmt != "parquet":
+        return []  # CSV and workbook inputs hold no such thing
+    import pyarrow.parquet as pq
+
+    nested = {field.name: None for file in files for field in pq.read_schema(file) if pa.types.is_nested(field.type)}
+    return list(nested)
+
+
 def common_schema(schemas: list[pa.Schema]) -> pa.Schema:
     """One type for each column across the input files, which infer their own (a folder of
     exports): a column blank in one file takes the others' type; whole numbers of two widths
