@@ -199,30 +199,31 @@ def test_a_semicolon_csv_with_line_breaks_in_cells_is_scored_and_its_csv_output_
     assert table["id"].to_pylist() == list(range(rows)) and table["doc"].to_pylist()[:3] == docs
 
 
-def test_search_of_an_embed_jobs_output_returns_the_best_rows_first_and_counts_the_rows_it_embedded(
+def test_search_of_an_embed_jobs_output_uses_its_vectors_and_returns_the_best_rows_first(
         ray_head, tmp_path, bundled_embedder):
-    # The corpus as an embed job writes it, its vectors in an `embedding` column: the search
-    # refused it ("already has a column 'embedding'"), and a CSV output could not hold them.
-    frame = rows_frame()[["id", "doc"]]
-    corpus = pa.Table.from_pandas(frame, preserve_index=False).append_column(
-        "embedding", pa.array(list(np.random.default_rng(0).random((8, 4), dtype=np.float32)),
-                              type=pa.list_(pa.float32())))
-    pq.write_table(corpus, tmp_path / "corpus.parquet")
+    # Embed a corpus once, search it often. The search refused an embed job's output ("already
+    # has a column 'embedding'"), a CSV output could not hold the vectors, and the corpus was
+    # embedded again by every search.
+    rows_frame()[["id", "doc"]].to_csv(tmp_path / "corpus.csv", index=False)
+    job = ray_head.submit("embed", "--input", str(tmp_path / "corpus.csv"), "--column", "doc",
+                          "--output", str(tmp_path / "corpus.parquet"))
+    assert ray_head.wait(job) == "SUCCEEDED", ray_head.logs(job)[-3000:]
     pd.DataFrame({"q": ["forgot my password", "", "when is rent due"]}).to_csv(tmp_path / "q.csv", index=False)
     output = tmp_path / "hits.csv"
     job = ray_head.submit("search", "--queries", str(tmp_path / "q.csv"), "--query-column", "q",
                           "--corpus", str(tmp_path / "corpus.parquet"), "--corpus-column", "doc",
                           "--k", "2", "--output", str(output))
     assert ray_head.wait(job) == "SUCCEEDED", ray_head.logs(job)[-3000:]
-    # Its speed is of the rows it embedded (8 + 3), not of the rows it wrote (5).
-    summary = re.search(r"Wrote 5 rows to \S+ \(the 2 best of 8 corpus rows for each of 3 queries\), without "
-                        r"'embedding' \(lists, which it cannot hold\): "
-                        r".*, embedding and searching ([\d.]+) s \(11 rows embedded, ([\d.]+) rows/s\)",
-                        ray_head.logs(job))
-    assert summary, ray_head.logs(job)[-3000:]
-    assert float(summary[2]) == pytest.approx(11 / float(summary[1]), rel=0.1)
+    logs = ray_head.logs(job)
+    # Its speed is of the rows it embedded (the 3 queries), not of the rows it wrote (5).
+    summary = re.search(r"Wrote 5 rows to \S+ \(the 2 best of 8 corpus rows, by the vectors its file holds, "
+                        r"for each of 3 queries\), without 'embedding' \(lists, which it cannot hold\): "
+                        r".*, embedding and searching ([\d.]+) s \(3 rows embedded, ([\d.]+) rows/s\)", logs)
+    assert summary, logs[-3000:]
+    assert float(summary[2]) == pytest.approx(3 / float(summary[1]), rel=0.1)
     assert ("The output leaves out 'embedding' of corpus.parquet: a .csv cannot hold a column of lists "
-            "(vectors). Write the output as .parquet to keep it.") in ray_head.logs(job)
+            "(vectors). Write the output as .parquet to keep it.") in logs
+    assert "The corpus's own vectors are used (an embed job's, of the column 'doc'" in logs
 
     hits = pd.read_csv(output)
     assert list(hits.columns) == ["q", "rank", "score", "corpus_row", "corpus_id", "corpus_doc"]
@@ -231,6 +232,9 @@ def test_search_of_an_embed_jobs_output_returns_the_best_rows_first_and_counts_t
     assert hits["corpus_doc"][3] == "Rent is due on the first day of each month."
     assert hits["rank"].tolist()[:2] == [1, 2] and hits["score"][0] >= hits["score"][1]
     assert pd.isna(hits["rank"][2])
+    docs = rows_frame()["doc"].tolist()
+    expected = direct(bundled_embedder, ["forgot my password"]) @ direct(bundled_embedder, docs).T
+    np.testing.assert_allclose(hits["score"][:2], np.sort(expected[0])[::-1][:2], atol=1e-5)
 
 
 def test_search_embeds_both_sides_in_one_actor_with_the_query_prompt_on_queries_only(

@@ -232,6 +232,26 @@ def test_top_k_orders_matches_and_keeps_blank_queries():
     assert out["score"][0] == pytest.approx(1.0) and out["score"][1] == pytest.approx(0.7071, abs=1e-4)
 
 
+def test_a_searchs_vectors_become_one_matrix_without_their_nulls_however_arrow_holds_them():
+    from serve_app.batch.search import as_matrix
+
+    kind = pa.list_(pa.float32())
+    vectors = pa.array([[1, 2], None, [3, 4], [5, 6]], type=kind)
+    rows, matrix = as_matrix(vectors)
+    assert rows.tolist() == [0, 2, 3] and matrix.tolist() == [[1, 2], [3, 4], [5, 6]]
+    rows, matrix = as_matrix(vectors.slice(1, 2))  # a slice: its offset counts
+    assert rows.tolist() == [1] and matrix.tolist() == [[3, 4]]
+    rows, matrix = as_matrix(pa.chunked_array([vectors.slice(0, 2), vectors.slice(2)]))
+    assert rows.tolist() == [0, 2, 3] and matrix.dtype == np.float32 and matrix.shape == (3, 2)
+    # A null may hold values behind it in another writer's file; they are not a vector.
+    backed = pa.ListArray.from_arrays(pa.array([0, 2, 4, 6], pa.int32()), pa.array([1, 2, 9, 9, 3, 4], pa.float32()),
+                                      mask=pa.array([False, True, False]))
+    rows, matrix = as_matrix(backed)
+    assert rows.tolist() == [0, 2] and matrix.tolist() == [[1, 2], [3, 4]]
+    rows, matrix = as_matrix(pa.array([None, None], type=kind))
+    assert rows.tolist() == [] and matrix.shape == (0, 1)
+
+
 def test_command_line_errors_are_sentences_not_tracebacks(tmp_path, capsys):
     pd.DataFrame({"text": ["a"]}).to_csv(tmp_path / "in.csv", index=False)
     code = main(["embed", "--input", str(tmp_path / "in.csv"), "--column", "text",

@@ -98,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     work = max(timing["work_s"], 1e-9)
     what, doing, speed = "", "embedding and writing", f"{rows / work:.1f} rows/s"
     if opts.command == "search":  # it writes k rows a query: its speed is of the rows it embedded
-        embedded = timing["queries"] + timing["corpus"]
-        what = f" (the {opts.k} best of {timing['corpus']} corpus rows for each of {timing['queries']} queries)"
+        embedded = timing["queries"] + timing["corpus_embedded"]
+        own = ", by the vectors its file holds," if timing["corpus"] and not timing["corpus_embedded"] else ""
+        what = f" (the {opts.k} best of {timing['corpus']} corpus rows{own} for each of {timing['queries']} queries)"
         doing, speed = "embedding and searching", f"{embedded} rows embedded, {embedded / work:.1f} rows/s"
     if timing["left_out"]:
         what += f", without {', '.join(map(repr, timing['left_out']))} (lists, which it cannot hold)"
@@ -168,9 +169,9 @@ def _on_ray(opts: argparse.Namespace, output: str, job: JobOptions) -> tuple[int
     elif opts.command == "similarity":
         rows = run_similarity(opts.input, opts.left, opts.right, output, job)
     else:
-        rows, queries, corpus = run_search(opts.queries, opts.query_column, opts.corpus,
-                                           opts.corpus_column, opts.k, output, job)
-        timing.update(queries=queries, corpus=corpus)
+        rows, queries, corpus, corpus_embedded = run_search(opts.queries, opts.query_column, opts.corpus,
+                                                            opts.corpus_column, opts.k, output, job)
+        timing.update(queries=queries, corpus=corpus, corpus_embedded=corpus_embedded)
     timing["work_s"] = time.perf_counter() - started
     return rows, output, timing
 

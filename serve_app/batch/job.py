@@ -16,6 +16,7 @@ import pyarrow as pa
 from serve_app.batch.actors import EMBEDDING_TYPE, JobOptions, embed_rows
 from serve_app.batch.csvfiles import csv_parse_options, csv_schema
 from serve_app.batch.output import atomic_output, write_table
+from serve_app.batch.provenance import VectorsRecord, why_not_reusable
 from serve_app.batch.search import top_k
 from serve_app.batch.sheets import read_xlsx
 from serve_app.batch.tables import (
@@ -40,7 +41,10 @@ def run_embed(input_path: str, column: str, output: str, opts: JobOptions) -> in
     embedded = embed_rows(dataset, opts, "embed", [column], [prefix])
     import pyarrow.parquet as pq
 
+    # How the vectors were made, for a later search to use them as they are (`provenance`).
+    record = VectorsRecord.of(opts.spec, opts.args, column, prefix, opts.dimensions)
     schema = schema.append(pa.field("embedding", EMBEDDING_TYPE))
+    schema = schema.with_metadata({**(schema.metadata or {}), **record.to_metadata()})
     rows = 0
     # Written as the batches come; an input with no rows still gets every column.
     with atomic_output(output, opts.umask) as temporary, pq.ParquetWriter(temporary, schema) as writer:
@@ -63,25 +67,56 @@ def run_similarity(input_path: str, left: str, right: str, output: str, opts: Jo
 
 
 def run_search(queries: str, query_column: str, corpus: str, corpus_column: str, k: int,
-               output: str, opts: JobOptions) -> tuple[int, int, int]:
-    """The k best corpus rows for each query, best first, with their scores. Returns the
-    rows written, and the queries' and the corpus's rows (what was embedded)."""
+               output: str, opts: JobOptions) -> tuple[int, int, int, int]:
+    """The k best corpus rows for each query, best first, with their scores. A corpus that
+    is an embed job's output, its vectors made as this search would make them, is searched
+    with those vectors; otherwise its texts are embedded too. Returns the rows written, the
+    queries' and the corpus's rows, and the corpus rows embedded."""
     fmt = output_format(output, ("csv", "xlsx", "parquet"))
     query_prefix = _prefix(opts, opts.instruction, opts.prompt_name or (None if opts.instruction else "query"))
     document_prefix = _prefix(opts, None, "document")
-    corpus_ds, corpus_schema = _read(corpus, [corpus_column], opts, output)
+    reuse = _corpus_vectors_reusable(corpus, corpus_column, document_prefix, opts, output)
+    corpus_ds, corpus_schema = _read(corpus, [corpus_column], opts, output, keep=("embedding",) if reuse else ())
     query_ds, query_schema = _read(queries, [query_column], opts, output)
     corpus_table = _collect(corpus_ds, corpus_schema)
     query_table = _collect(query_ds, query_schema)
-    # Both sides' texts in one dataset, so one pool of actors loads the model once: a second
-    # pool for the queries loaded it again (1.1 s for the bundled model, 2.1 s for the stand-in).
-    texts = [*prefixed(corpus_table[corpus_column], document_prefix),
-             *prefixed(query_table[query_column], query_prefix)]
-    vectors = _embed_texts(texts, opts)
-    table = top_k(query_table, vectors[corpus_table.num_rows :], corpus_table, vectors[: corpus_table.num_rows], k)
+    query_texts = prefixed(query_table[query_column], query_prefix)
+    if reuse:
+        query_vectors, corpus_vectors = _embed_texts(query_texts, opts), corpus_table["embedding"]
+        if OUTPUT_FORMATS.get(Path(output).suffix.lower()) != "parquet":
+            corpus_table = corpus_table.drop_columns(["embedding"])  # read for the search alone
+    else:
+        # Both sides' texts in one dataset, so one pool of actors loads the model once: a second
+        # pool for the queries loaded it again (1.1 s for the bundled model, 2.1 s for the stand-in).
+        vectors = _embed_texts([*prefixed(corpus_table[corpus_column], document_prefix), *query_texts], opts)
+        corpus_vectors, query_vectors = vectors[: corpus_table.num_rows], vectors[corpus_table.num_rows :]
+    table = top_k(query_table, query_vectors, corpus_table, corpus_vectors, k,
+                  dimensions=opts.dimensions or opts.spec.dimensions)
     with atomic_output(output, opts.umask) as temporary:
         write_table(table, temporary, fmt)
-    return table.num_rows, query_table.num_rows, corpus_table.num_rows
+    return table.num_rows, query_table.num_rows, corpus_table.num_rows, 0 if reuse else corpus_table.num_rows
+
+
+def _corpus_vectors_reusable(corpus: str, column: str, prefix: str, opts: JobOptions, output: str) -> bool:
+    """Whether a Parquet corpus holds an embed job's vectors of `column` made as this search
+    would make them (the same model, weights, prompt and settings); says which, and why not
+    where it holds vectors this search cannot use."""
+    files, fmt = input_files(corpus, output)
+    if fmt != "parquet":
+        return False
+    import pyarrow.parquet as pq
+
+    schemas = [pq.read_schema(file) for file in files]
+    if not all("embedding" in schema.names for schema in schemas):
+        return False
+    wanted = VectorsRecord.of(opts.spec, opts.args, column, prefix, opts.dimensions)
+    why_not = why_not_reusable([VectorsRecord.from_schema(schema) for schema in schemas], wanted)
+    if why_not:
+        logger.warning("The corpus's 'embedding' column is not used: %s. Its texts are embedded again.", why_not)
+        return False
+    logger.warning("The corpus's own vectors are used (an embed job's, of the column %r, made as this "
+                   "search would make them): only the queries are embedded.", column)
+    return True
 
 
 def prefixed(column: pa.ChunkedArray, prefix: str) -> list[str | None]:
@@ -117,10 +152,10 @@ def _prefix(opts: JobOptions, instruction: str | None, prompt_name: str | None) 
 READ_CPUS = 0
 
 
-def _read(path: str, columns: list[str], opts: JobOptions, output: str):
+def _read(path: str, columns: list[str], opts: JobOptions, output: str, keep: tuple[str, ...] = ()):
     """A Ray dataset over the input file(s), and the schema every row is read with: one
     type per column for all the files (`common_schema`). Their columns were checked
-    before Ray started."""
+    before Ray started. `keep`: columns of lists to read even for a CSV or XLSX output."""
     import ray
 
     # A dataset takes a copy of Ray Data's current context when it is made (set later, as
@@ -143,7 +178,7 @@ def _read(path: str, columns: list[str], opts: JobOptions, output: str):
         schema = common_schema([pq.read_schema(f) for f in files])
         if OUTPUT_FORMATS.get(Path(output).suffix.lower()) != "parquet":
             # Vectors and other lists a CSV or a sheet cannot hold are not read (said before Ray).
-            left_out = sheet_cannot_hold(files, fmt)
+            left_out = set(sheet_cannot_hold(files, fmt)) - set(keep)
             schema = pa.schema([field for field in schema if field.name not in left_out])
         return ray.data.read_parquet([str(f) for f in files], columns=schema.names, num_cpus=READ_CPUS,
                                      schema=schema), schema

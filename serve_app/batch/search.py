@@ -22,33 +22,35 @@ def search_clashes(query_columns: list[str], corpus_columns: list[str]) -> list[
 
 
 def top_k(queries: pa.Table, query_vectors: pa.Array, corpus: pa.Table, corpus_vectors: pa.Array,
-          k: int, chunk: int = 256) -> pa.Table:
+          k: int, chunk: int = 256, dimensions: int | None = None) -> pa.Table:
     """Rows (query columns, rank, score, corpus_row, corpus columns), best match first; the
     vectors are the tables' rows' (None for a blank). The tables' own columns all pass
-    through, an embed job's `embedding` too."""
-    from serve_app.core.vectors import cosine_matrix
+    through, an embed job's `embedding` too. `dimensions`: longer corpus vectors (an embed
+    job's) are cut to it, Matryoshka's way, as the queries' were."""
+    from serve_app.core.vectors import cosine_matrix, normalize
 
-    corpus_vectors = corpus_vectors.to_pylist()
-    usable = np.array([i for i, v in enumerate(corpus_vectors) if v is not None], dtype=np.int64)
-    matrix = (np.asarray([corpus_vectors[i] for i in usable], dtype=np.float32)
-              if len(usable) else np.zeros((0, 1), dtype=np.float32))
-    query_vectors = query_vectors.to_pylist()
+    usable, matrix = as_matrix(corpus_vectors)
+    matrix = normalize(matrix[:, :dimensions])  # once, not for every block of queries
+    with_vector, queries_matrix = as_matrix(query_vectors)
+    position = np.full(len(query_vectors), -1, dtype=np.int64)  # a query's row in queries_matrix
+    position[with_vector] = np.arange(len(with_vector))
     k = min(k, len(usable))
     query_rows, ranks, scores, corpus_rows = [], [], [], []
     for start in range(0, len(query_vectors), chunk):
-        block = query_vectors[start : start + chunk]
-        present = [i for i, v in enumerate(block) if v is not None]
+        rows = position[start : start + chunk]
+        block = [None if row < 0 else row for row in rows.tolist()]
+        present = [i for i, row in enumerate(block) if row is not None]
         best = np.zeros((len(block), k), dtype=np.int64)
         best_scores = np.zeros((len(block), k), dtype=np.float32)
         if present and k:
-            sims = cosine_matrix(np.asarray([block[i] for i in present], dtype=np.float32), matrix)
+            sims = cosine_matrix(queries_matrix[rows[present]], matrix, right_normalized=True)
             top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
             top_scores = np.take_along_axis(sims, top, axis=1)
             order = np.argsort(-top_scores, axis=1, kind="stable")
             best[present] = np.take_along_axis(top, order, axis=1)
             best_scores[present] = np.take_along_axis(top_scores, order, axis=1)
-        for i, vector in enumerate(block):
-            if vector is None or not k:  # a blank query keeps its row, with nulls
+        for i, row in enumerate(block):
+            if row is None or not k:  # a blank query keeps its row, with nulls
                 query_rows.append(start + i)
                 ranks.append(None)
                 scores.append(None)
@@ -68,3 +70,16 @@ def top_k(queries: pa.Table, query_vectors: pa.Array, corpus: pa.Table, corpus_v
     for name in matched.column_names:
         out = out.append_column(f"corpus_{name}", matched[name])
     return out
+
+
+def as_matrix(vectors: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """The rows that have a vector, and those vectors as one float32 matrix, straight from
+    Arrow's buffers (`flatten` leaves the nulls out): as Python lists, 50,000 vectors of
+    1,024 took 7 s and 2.7 GB; Arrow's filter of the nulls first, 5 s for 200,000."""
+    if isinstance(vectors, pa.ChunkedArray):
+        vectors = vectors.combine_chunks()
+    valid = np.flatnonzero(vectors.is_valid().to_numpy(zero_copy_only=False))
+    if not len(valid):
+        return valid, np.zeros((0, 1), dtype=np.float32)
+    values = vectors.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    return valid, values.reshape(len(valid), -1)

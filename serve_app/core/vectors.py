@@ -32,9 +32,12 @@ def cosine_pairwise(left: np.ndarray, right: np.ndarray) -> np.ndarray:
     return np.clip(scores, -1.0, 1.0)  # rounding can reach 1 + 1e-7
 
 
-def cosine_matrix(left: np.ndarray, right: np.ndarray) -> np.ndarray:
-    """Cosine similarity of every row of `left` with every row of `right`, within [-1, 1]."""
-    return np.clip(normalize(np.atleast_2d(left)) @ normalize(np.atleast_2d(right)).T, -1.0, 1.0)
+def cosine_matrix(left: np.ndarray, right: np.ndarray, right_normalized: bool = False) -> np.ndarray:
+    """Cosine similarity of every row of `left` with every row of `right`, within [-1, 1].
+    `right_normalized`: its rows are unit length already (a search's corpus, normalised once
+    for every block of queries rather than again for each)."""
+    right = np.atleast_2d(right) if right_normalized else normalize(np.atleast_2d(right))
+    return np.clip(normalize(np.atleast_2d(left)) @ right.T, -1.0, 1.0)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
