@@ -647,8 +647,8 @@ def test_an_input_text_too_long_for_an_xlsx_output_is_refused_before_ray(tmp_pat
     assert refused_before_ray(similarity(rows, tmp_path / "scored.xlsx"), monkeypatch, capsys) == (
         "rows.csv row 70002, column 'doc', holds 34,000 characters, more than an Excel cell holds "
         "(32,767): write the output as .csv or .parquet instead, or shorten that text.")
-    pa.parquet.write_table(pa.table({"question": ["q", "q"], "doc": ["d", "😀" * 16_384]}), tmp_path / "rows.parquet",
-                   row_group_size=1)
+    pa.parquet.write_table(pa.table({"question": ["q", "q"], "doc": ["d", "😀" * 16_384]}),
+                           tmp_path / "rows.parquet", row_group_size=1)
     assert refused_before_ray(similarity(tmp_path / "rows.parquet", tmp_path / "scored.xlsx"),
                               monkeypatch, capsys).startswith(
         "rows.parquet row 2, column 'doc', holds 32,768 characters")  # UTF-16 units, as Excel counts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -25,6 +26,10 @@ def test_a_record_survives_a_parquet_schema_and_a_foreign_or_broken_one_reads_as
     assert VectorsRecord.from_schema(pa.schema([("doc", pa.string())])) is None
     broken = schema.with_metadata({b"sheet_embeddings.vectors": b'{"model": "x"}'})
     assert VectorsRecord.from_schema(broken) is None
+    wrong_kind = schema.with_metadata({b"sheet_embeddings.vectors": json.dumps(
+        {**dataclasses.asdict(record), "dimensions": "1024"}).encode()})
+    assert VectorsRecord.from_schema(wrong_kind) is None
+    assert VectorsRecord.from_schema(schema.with_metadata({b"sheet_embeddings.vectors": b"[1, 2]"})) is None
 
 
 def test_vectors_are_reused_only_when_made_as_the_search_would_make_them(record):

@@ -46,9 +46,14 @@ class VectorsRecord:
         file, or an embed job's from before records were kept) or it cannot be read."""
         raw = (schema.metadata or {}).get(METADATA_KEY)
         try:
-            return cls(**json.loads(raw)) if raw else None
+            record = cls(**json.loads(raw)) if raw else None
         except (TypeError, ValueError):
             return None
+        kinds = {"max_input_tokens": int, "dimensions": int}
+        if record is None or not all(isinstance(getattr(record, name), kinds.get(name, str))
+                                     for name in record.__dataclass_fields__):
+            return None  # a value of the wrong kind: edited by hand, or by another tool
+        return record
 
 
 def weights_stamp(spec: ModelSpec) -> str:
