@@ -290,6 +290,25 @@ def test_a_folder_whose_files_disagree_on_types_is_scored_and_rerun_into_itself(
         assert all(float(s) > 0.5 for s in scored["similarity"])
 
 
+def test_a_parquet_folder_keeps_a_column_its_first_file_lacks_when_its_vectors_are_left_out(ray_head, tmp_path):
+    # Asking Ray Data's reader for the columns left after the vectors kept only those of the
+    # folder's first file: `notes` came out blank in every row.
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    pq.write_table(pa.table({"question": ["How do I reset my password?"],
+                             "doc": ["Steps to reset a forgotten password"]}), folder / "a.parquet")
+    pq.write_table(pa.table({"question": ["when is rent due"], "doc": ["Rent is due on the first day."],
+                             "notes": ["urgent"], "embedding": pa.array([[0.5, 0.5]], type=pa.list_(pa.float32()))}),
+                   folder / "b.parquet")
+    output = tmp_path / "scored.csv"
+    job = ray_head.submit("similarity", "--input", str(folder), "--left", "question", "--right", "doc",
+                          "--output", str(output))
+    assert ray_head.wait(job) == "SUCCEEDED", ray_head.logs(job)[-3000:]
+    scored = pd.read_csv(output, dtype=str, keep_default_na=False)
+    assert list(scored.columns) == ["question", "doc", "notes", "similarity"]
+    assert scored["notes"].tolist() == ["", "urgent"]
+
+
 def test_empty_inputs_give_every_column(ray_head, tmp_path):
     # A corpus with no rows: every query keeps a row with no match (it failed with
     # KeyError: 'Field "embedding" does not exist').

@@ -175,13 +175,20 @@ def _read(path: str, columns: list[str], opts: JobOptions, output: str, keep: tu
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
-        schema = common_schema([pq.read_schema(f) for f in files])
+        schemas = [pq.read_schema(f) for f in files]
+        schema, columns = common_schema(schemas), None
         if OUTPUT_FORMATS.get(Path(output).suffix.lower()) != "parquet":
-            # Vectors and other lists a CSV or a sheet cannot hold are not read (said before Ray).
+            # Vectors and other lists a CSV or a sheet cannot hold are left out (said before Ray);
+            # `_collect` and `conform` keep only the schema's columns.
             left_out = set(sheet_cannot_hold(files, fmt)) - set(keep)
             schema = pa.schema([field for field in schema if field.name not in left_out])
-        return ray.data.read_parquet([str(f) for f in files], columns=schema.names, num_cpus=READ_CPUS,
-                                     schema=schema), schema
+            # Not read at all where every file has every column left: Ray Data's reader keeps
+            # only the asked-for columns its first file has, and a column the first file of a
+            # folder lacked came out null in every file.
+            if left_out and all(set(schema.names) <= set(each.names) for each in schemas):
+                columns = schema.names
+        return ray.data.read_parquet([str(f) for f in files], columns=columns, num_cpus=READ_CPUS,
+                                     schema=schema if columns else common_schema(schemas)), schema
     if fmt == "csv":
         from pyarrow import csv
 
