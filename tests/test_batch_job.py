@@ -217,7 +217,7 @@ def test_search_of_an_embed_jobs_output_uses_its_vectors_and_returns_the_best_ro
     logs = ray_head.logs(job)
     # Its speed is of the rows it embedded (the 3 queries), not of the rows it wrote (5).
     summary = re.search(r"Wrote 5 rows to \S+ \(the 2 best of 8 corpus rows, by the vectors its file holds, "
-                        r"for each of 3 queries\), without 'embedding' \(lists, which it cannot hold\): "
+                        r"for each of 3 queries\), without 'corpus_embedding' \(lists, which it cannot hold\): "
                         r".*, embedding and searching ([\d.]+) s \(3 rows embedded, ([\d.]+) rows/s\)", logs)
     assert summary, logs[-3000:]
     assert float(summary[2]) == pytest.approx(3 / float(summary[1]), rel=0.1)

@@ -250,6 +250,9 @@ def test_a_searchs_vectors_become_one_matrix_without_their_nulls_however_arrow_h
     assert rows.tolist() == [0, 2] and matrix.tolist() == [[1, 2], [3, 4]]
     rows, matrix = as_matrix(pa.array([None, None], type=kind))
     assert rows.tolist() == [] and matrix.shape == (0, 1)
+    # Two files' vectors of 4 and 8 numbers: flattened, they folded into two rows of 6.
+    with pytest.raises(ValueError, match=r"vectors of two lengths \(4 and 8\)"):
+        as_matrix(pa.chunked_array([pa.array([[1, 2, 3, 4]], type=kind), pa.array([list(range(5, 13))], type=kind)]))
 
 
 def test_command_line_errors_are_sentences_not_tracebacks(tmp_path, capsys):
@@ -657,7 +660,7 @@ def test_an_input_text_too_long_for_an_xlsx_output_is_refused_before_ray(tmp_pat
 
     rows.write_text("question,doc\n" + "q,d\n" * 70_000 + f'q,"{contract[:32_767]}"\n')
     assert count_rows([rows], "csv", to_sheet=True) == 70_001
-    assert count_rows([tmp_path / "rows.parquet"], "parquet", to_sheet=False) == 2
+    assert count_rows([tmp_path / "rows.parquet"], "parquet", to_sheet=False) == 2  # its long text is no matter
 
 
 def test_a_csv_output_opens_as_utf8_in_excel_and_reads_back_as_input(tmp_path):

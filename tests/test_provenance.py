@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -45,6 +46,10 @@ def test_vectors_are_reused_only_when_made_as_the_search_would_make_them(record)
         why = why_not_reusable([record, dataclasses.replace(record, **{name: value})], record)
         assert why is not None, name
     assert why_not_reusable([record, None], record) == "it holds no record of how its vectors were made"
+    # A folder of two embed jobs' outputs, cut to two lengths: each alone would do.
+    longer = dataclasses.replace(record, dimensions=record.dimensions * 2)
+    assert why_not_reusable([record, longer], record) == (
+        f"its files' vectors have different lengths ({record.dimensions}, {record.dimensions * 2})")
     assert why_not_reusable([dataclasses.replace(record, dtype="float32")], record) == (
         "its vectors were made with dtype=float32, and this search's is auto")
 
@@ -57,7 +62,9 @@ def test_new_weights_saved_under_the_same_directory_change_its_stamp(tmp_path):
     local = dataclasses.replace(spec, source=str(folder), revision=None)
     before = weights_stamp(local)
     assert before.startswith("local-") and weights_stamp(local) == before
-    (folder / "model.safetensors").write_bytes(b"b" * 11)
+    (folder / "model.safetensors").write_bytes(b"b" * 10)  # new weights of the same size
+    stat = (folder / "model.safetensors").stat()
+    os.utime(folder / "model.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
     assert weights_stamp(local) != before
     assert weights_stamp(dataclasses.replace(local, revision="abc123")) == "abc123"  # a hub commit
 
@@ -71,3 +78,12 @@ def test_a_search_cuts_longer_corpus_vectors_to_the_queries_dimensions():
                 pa.table({"doc": list("abcde")}), vectors, k=1, dimensions=4).to_pydict()
     assert out["corpus_row"] == [3] and out["score"][0] == pytest.approx(
         float(query @ corpus[3, :4] / np.linalg.norm(query) / np.linalg.norm(corpus[3, :4])), abs=1e-6)
+
+
+def test_rows_added_to_an_embed_jobs_output_without_vectors_are_counted():
+    from serve_app.batch.job import _texts_without_vectors
+
+    corpus = pa.table({"doc": ["a", "  ", None, "added later", "b"],
+                       "embedding": pa.array([[1.0], None, None, None, [2.0]], type=pa.list_(pa.float32()))})
+    assert _texts_without_vectors(corpus, "doc") == 1  # blanks have no vector by design
+    assert _texts_without_vectors(corpus.slice(0, 3), "doc") == 0

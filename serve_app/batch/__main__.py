@@ -201,11 +201,13 @@ def _check_inputs(opts: argparse.Namespace, output: str) -> list[str]:
     else:
         checks = [(opts.input, [opts.column], "embedding")]
     names, rows, left_out = [], [], []
-    for path, columns, adds in checks:
+    for side, (path, columns, adds) in enumerate(checks):
         files, input_fmt = input_files(path, output)  # refuses an input that is the output
         names.append(require_columns(files, input_fmt, columns, opts.sheet, adds))
         if fmt != "parquet" and (lists := sheet_cannot_hold(files, input_fmt)):
-            left_out += lists
+            # Named as the output would have named them: a search's corpus columns as corpus_NAME.
+            corpus_side = opts.command == "search" and side == 1
+            left_out += [f"corpus_{name}" if corpus_side else name for name in lists]
             listed = ", ".join(map(repr, lists))
             logging.warning("The output leaves out %s of %s: a .%s cannot hold a column of lists "
                             "(vectors). Write the output as .parquet to keep it.",

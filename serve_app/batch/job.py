@@ -81,11 +81,17 @@ def run_search(queries: str, query_column: str, corpus: str, corpus_column: str,
     corpus_table = _collect(corpus_ds, corpus_schema)
     query_table = _collect(query_ds, query_schema)
     query_texts = prefixed(query_table[query_column], query_prefix)
+    if reuse and (unmade := _texts_without_vectors(corpus_table, corpus_column)):
+        logger.warning("The corpus's 'embedding' column is not used: %d of its rows hold text but no "
+                       "vector (added after its embed job?). Its texts are embedded again.", unmade)
+        reuse = False
     if reuse:
         query_vectors, corpus_vectors = _embed_texts(query_texts, opts), corpus_table["embedding"]
-        if OUTPUT_FORMATS.get(Path(output).suffix.lower()) != "parquet":
+        if fmt != "parquet":
             corpus_table = corpus_table.drop_columns(["embedding"])  # read for the search alone
     else:
+        if "embedding" in corpus_table.column_names and fmt != "parquet":
+            corpus_table = corpus_table.drop_columns(["embedding"])  # kept for a reuse that was not
         # Both sides' texts in one dataset, so one pool of actors loads the model once: a second
         # pool for the queries loaded it again (1.1 s for the bundled model, 2.1 s for the stand-in).
         vectors = _embed_texts([*prefixed(corpus_table[corpus_column], document_prefix), *query_texts], opts)
@@ -95,6 +101,15 @@ def run_search(queries: str, query_column: str, corpus: str, corpus_column: str,
     with atomic_output(output, opts.umask) as temporary:
         write_table(table, temporary, fmt)
     return table.num_rows, query_table.num_rows, corpus_table.num_rows, 0 if reuse else corpus_table.num_rows
+
+
+def _texts_without_vectors(corpus: pa.Table, column: str) -> int:
+    """The rows of an embed job's output with text but no vector: rows added to it later
+    would never be found."""
+    import pyarrow.compute as pc
+
+    texts = pa.array([text is not None for text in texts_of(corpus[column])])
+    return pc.sum(pc.and_(texts, pc.is_null(corpus["embedding"]))).as_py() or 0
 
 
 def _corpus_vectors_reusable(corpus: str, column: str, prefix: str, opts: JobOptions, output: str) -> bool:
@@ -114,8 +129,8 @@ def _corpus_vectors_reusable(corpus: str, column: str, prefix: str, opts: JobOpt
     if why_not:
         logger.warning("The corpus's 'embedding' column is not used: %s. Its texts are embedded again.", why_not)
         return False
-    logger.warning("The corpus's own vectors are used (an embed job's, of the column %r, made as this "
-                   "search would make them): only the queries are embedded.", column)
+    logger.warning("The corpus's own vectors are used (an embed job's, of the column %r, made with this "
+                   "search's model, prompt and settings): only the queries are embedded.", column)
     return True
 
 

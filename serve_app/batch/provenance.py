@@ -72,6 +72,8 @@ def why_not_reusable(records: list[VectorsRecord | None], wanted: VectorsRecord)
     vectors of them, which cut to the same); else why not, as a phrase."""
     if None in records:
         return "it holds no record of how its vectors were made"
+    if len(lengths := sorted({record.dimensions for record in records})) > 1:
+        return f"its files' vectors have different lengths ({', '.join(map(str, lengths))})"
     for record in records:
         if (record.model, record.weights) != (wanted.model, wanted.weights):
             return f"its vectors are of another model ({record.model})"
