@@ -34,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from serve_app.ray_shell import haproxy_front
-from serve_app.ray_shell.announce import announce_when_ready
+from serve_app.ray_shell.announce import LOOPBACK_HOSTS, announce_when_ready
 from serve_app.ray_shell.preflight import (
     DEFAULT_PORT,
     checked_config,
@@ -91,7 +91,7 @@ def _public_host(config: dict) -> str | None:
     """The host a config asks the service to listen on, where it is not loopback and HAProxy
     can be told it (an IPv4 address or a name; an IPv6 one stays with Ray)."""
     host = service_host(config)
-    return None if host in ("127.0.0.1", "localhost") or ":" in host else host
+    return None if host in LOOPBACK_HOSTS or ":" in host else host
 
 
 def private_ray_token(home: Path | None = None) -> None:
