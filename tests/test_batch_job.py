@@ -220,7 +220,8 @@ def test_search_of_an_embed_jobs_output_uses_its_vectors_and_returns_the_best_ro
                         r"for each of 3 queries\), without 'corpus_embedding' \(lists, which it cannot hold\): "
                         r".*, embedding and searching ([\d.]+) s \(3 rows embedded, ([\d.]+) rows/s\)", logs)
     assert summary, logs[-3000:]
-    assert float(summary[2]) == pytest.approx(3 / float(summary[1]), rel=0.1)
+    # Both figures are printed to 0.1: about 0.5 rows/s here, so an absolute bound (5 rows would be 0.75).
+    assert float(summary[2]) == pytest.approx(3 / float(summary[1]), abs=0.06)
     assert ("The output leaves out 'embedding' of corpus.parquet: a .csv cannot hold a column of lists "
             "(vectors). Write the output as .parquet to keep it.") in logs
     assert "The corpus's own vectors are used (an embed job's, of the column 'doc'" in logs

@@ -179,6 +179,8 @@ def _on_ray(opts: argparse.Namespace, output: str, job: JobOptions) -> tuple[int
 def _check_inputs(opts: argparse.Namespace, output: str) -> list[str]:
     """Everything that can be wrong with the files, found before Ray starts. Returns the
     input columns a CSV or XLSX output leaves out (vectors), said now."""
+    import pyarrow.parquet as pq
+
     from serve_app.batch.search import search_clashes
     from serve_app.batch.sheets import SHEET_ROWS, too_many_rows
     from serve_app.batch.tables import (
@@ -204,7 +206,8 @@ def _check_inputs(opts: argparse.Namespace, output: str) -> list[str]:
     for side, (path, columns, adds) in enumerate(checks):
         files, input_fmt = input_files(path, output)  # refuses an input that is the output
         names.append(require_columns(files, input_fmt, columns, opts.sheet, adds))
-        if fmt != "parquet" and (lists := sheet_cannot_hold(files, input_fmt)):
+        if fmt != "parquet" and input_fmt == "parquet" and (
+                lists := sheet_cannot_hold([pq.read_schema(file) for file in files])):
             # Named as the output would have named them: a search's corpus columns as corpus_NAME.
             corpus_side = opts.command == "search" and side == 1
             left_out += [f"corpus_{name}" if corpus_side else name for name in lists]

@@ -20,7 +20,6 @@ from serve_app.batch.provenance import VectorsRecord, why_not_reusable
 from serve_app.batch.search import top_k
 from serve_app.batch.sheets import read_xlsx
 from serve_app.batch.tables import (
-    OUTPUT_FORMATS,
     common_schema,
     conform,
     input_files,
@@ -75,8 +74,8 @@ def run_search(queries: str, query_column: str, corpus: str, corpus_column: str,
     fmt = output_format(output, ("csv", "xlsx", "parquet"))
     query_prefix = _prefix(opts, opts.instruction, opts.prompt_name or (None if opts.instruction else "query"))
     document_prefix = _prefix(opts, None, "document")
-    reuse = _corpus_vectors_reusable(corpus, corpus_column, document_prefix, opts, output)
-    corpus_ds, corpus_schema = _read(corpus, [corpus_column], opts, output, keep=("embedding",) if reuse else ())
+    reuse = kept = _corpus_vectors_reusable(corpus, corpus_column, document_prefix, opts, output)
+    corpus_ds, corpus_schema = _read(corpus, [corpus_column], opts, output, keep=("embedding",) if kept else ())
     query_ds, query_schema = _read(queries, [query_column], opts, output)
     corpus_table = _collect(corpus_ds, corpus_schema)
     query_table = _collect(query_ds, query_schema)
@@ -87,15 +86,13 @@ def run_search(queries: str, query_column: str, corpus: str, corpus_column: str,
         reuse = False
     if reuse:
         query_vectors, corpus_vectors = _embed_texts(query_texts, opts), corpus_table["embedding"]
-        if fmt != "parquet":
-            corpus_table = corpus_table.drop_columns(["embedding"])  # read for the search alone
     else:
-        if "embedding" in corpus_table.column_names and fmt != "parquet":
-            corpus_table = corpus_table.drop_columns(["embedding"])  # kept for a reuse that was not
         # Both sides' texts in one dataset, so one pool of actors loads the model once: a second
         # pool for the queries loaded it again (1.1 s for the bundled model, 2.1 s for the stand-in).
         vectors = _embed_texts([*prefixed(corpus_table[corpus_column], document_prefix), *query_texts], opts)
         corpus_vectors, query_vectors = vectors[: corpus_table.num_rows], vectors[corpus_table.num_rows :]
+    if kept and fmt != "parquet":
+        corpus_table = corpus_table.drop_columns(["embedding"])  # read for the search alone
     table = top_k(query_table, query_vectors, corpus_table, corpus_vectors, k,
                   dimensions=opts.dimensions or opts.spec.dimensions)
     with atomic_output(output, opts.umask) as temporary:
@@ -192,10 +189,10 @@ def _read(path: str, columns: list[str], opts: JobOptions, output: str, keep: tu
 
         schemas = [pq.read_schema(f) for f in files]
         schema, columns = common_schema(schemas), None
-        if OUTPUT_FORMATS.get(Path(output).suffix.lower()) != "parquet":
+        if output_format(output, ("csv", "xlsx", "parquet")) != "parquet":
             # Vectors and other lists a CSV or a sheet cannot hold are left out (said before Ray);
             # `_collect` and `conform` keep only the schema's columns.
-            left_out = set(sheet_cannot_hold(files, fmt)) - set(keep)
+            left_out = set(sheet_cannot_hold(schemas)) - set(keep)
             schema = pa.schema([field for field in schema if field.name not in left_out])
             # Not read at all where every file has every column left: Ray Data's reader keeps
             # only the asked-for columns its first file has, and a column the first file of a

@@ -176,17 +176,12 @@ def _refuse_long_parquet_cells(file: Path) -> None:
         rows += batch.num_rows
 
 
-def sheet_cannot_hold(files: list[Path], fmt: str) -> list[str]:
-    """The columns of Parquet inputs that a CSV or a worksheet cannot hold, which such an
-    output leaves out: lists (an embed job's vectors), structs and maps. pyarrow's CSV
-    writer failed on them after all of the job's work, and a workbook got numpy's text
-    for a vector, cut with "..." past 1,000 numbers."""
-    if fmt != "parquet":
-        return []  # CSV and workbook inputs hold no such thing
-    import pyarrow.parquet as pq
-
-    nested = {field.name: None for file in files for field in pq.read_schema(file) if pa.types.is_nested(field.type)}
-    return list(nested)
+def sheet_cannot_hold(schemas: list[pa.Schema]) -> list[str]:
+    """The columns of Parquet inputs (their schemas) that a CSV or a worksheet cannot hold,
+    which such an output leaves out: lists (an embed job's vectors), structs and maps.
+    pyarrow's CSV writer failed on them after all of the job's work, and a workbook got
+    numpy's text for a vector, cut with "..." past 1,000 numbers."""
+    return list({field.name: None for schema in schemas for field in schema if pa.types.is_nested(field.type)})
 
 
 def common_schema(schemas: list[pa.Schema]) -> pa.Schema:
