@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
+
+from conftest import serve_in_background
 
 
 class FakeHub:
@@ -24,7 +25,7 @@ class FakeHub:
         self._http.daemon_threads = True
         self._http.hub = self
         self.url = f"http://127.0.0.1:{self._http.server_address[1]}"
-        threading.Thread(target=self._http.serve_forever, daemon=True).start()
+        serve_in_background(self._http)
 
     def serve(self, repo_id: str, commit: str, directory: Path) -> None:
         self.repos[repo_id] = (commit, directory)

@@ -94,21 +94,16 @@ class RayHead:
         return self.client.get_job_logs(job_id)
 
     def stop(self) -> None:
-        # Not Serve's graceful shutdown: it waits out every ingress's draining period
-        # (about 40 s of a 90 s test). Ray's workers (and the HAProxy they start) run
-        # outside the `ray start` process group, so they are found by their command lines
-        # while the raylet still names its node, and killed after the group.
+        # Killed, not stopped: Serve's graceful shutdown waits out every ingress's draining
+        # period (about 40 s of a 90 s test), and SIGTERM to the group stops the GCS before
+        # the raylet, which then waits on it (`ray start --block` had not exited 30 s
+        # later). Ray's workers (and the HAProxy they start) run outside the `ray start`
+        # process group, so they are found by their command lines while the raylet still
+        # names its node, and killed after the group.
         strays = processes_of(self.temp_dir)
-        for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(self.process.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.process.wait(wait_s)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(30)
         for pid in strays:  # warm-start launchers, workers, HAProxy: anything left
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)

@@ -4,10 +4,9 @@ import http.server
 import socket
 import subprocess
 import sys
-import threading
 
 import pytest
-from conftest import wait_for
+from conftest import serve_in_background, wait_for
 
 from serve_app.ray_shell.announce import announce_when_ready, ready_message
 
@@ -83,7 +82,7 @@ class Health(http.server.BaseHTTPRequestHandler):
 def health_server():
     Health.asked = []
     server = http.server.HTTPServer(("127.0.0.1", 0), Health)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    serve_in_background(server)
     yield server.server_address[1]
     server.shutdown()
     server.server_close()

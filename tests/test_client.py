@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-from conftest import FakeClock
+from conftest import FakeClock, serve_in_background
 
 from excel_addin import udfs
 from excel_addin.client import EmbedClient
@@ -308,7 +308,6 @@ def test_https_is_checked_against_the_computers_trust_store_or_a_ca_file(https_s
 
 def test_a_web_page_where_the_service_should_be_is_said_as_such():
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-    from threading import Thread
 
     class Intranet(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - http.server's name
@@ -323,7 +322,7 @@ def test_a_web_page_where_the_service_should_be_is_said_as_such():
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Intranet)
-    Thread(target=server.serve_forever, daemon=True).start()
+    serve_in_background(server)
     client = EmbedClient(Settings(server_url=f"http://127.0.0.1:{server.server_address[1]}"))
     try:
         with pytest.raises(ServiceError, match=r"answered, but not as the embedding service does "
