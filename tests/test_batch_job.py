@@ -132,14 +132,21 @@ def test_similarity_xlsx_round_trip(ray_head, tmp_path, bundled_embedder):
     frame.loc[4, "question"] = 1024  # a number cell
     frame["when"] = [dt.datetime(2024, 1, d + 1) for d in range(8)]
     frame["note"] = ["NA", "None", "null", "N/A", "nan", "NULL", "", "ok"]  # text, not blanks
+    frame["zip"] = [2134, 90210, 501, 10001, 2134, 60601, 94105, 1001]
     frame.to_excel(tmp_path / "pairs.xlsx", index=False, sheet_name="Pairs")
+    book = openpyxl.load_workbook(tmp_path / "pairs.xlsx")
+    for (cell,) in book["Pairs"].iter_rows(min_row=2, min_col=6, max_col=6):
+        cell.number_format = "00000"  # Excel's Zip Code: 2134 shows 02134
+    book.save(tmp_path / "pairs.xlsx")
     output = tmp_path / "scored.xlsx"
     job = ray_head.submit("similarity", "--input", str(tmp_path / "pairs.xlsx"), "--left", "question",
                           "--right", "doc", "--output", str(output))
     assert ray_head.wait(job) == "SUCCEEDED", ray_head.logs(job)[-3000:]
 
     scored = pd.read_excel(output)
-    assert list(scored.columns) == ["id", "question", "doc", "when", "note", "similarity"]
+    assert list(scored.columns) == ["id", "question", "doc", "when", "note", "zip", "similarity"]
+    written = [row[0].value for row in openpyxl.load_workbook(output).active.iter_rows(min_row=2, min_col=6, max_col=6)]
+    assert written == ["02134", "90210", "00501", "10001", "02134", "60601", "94105", "01001"]  # as shown
     notes = pd.read_excel(output, keep_default_na=False, na_values=[""])["note"]
     assert notes.tolist()[:6] == ["NA", "None", "null", "N/A", "nan", "NULL"] and pd.isna(notes[6])
     assert scored["id"].tolist() == list(range(8))

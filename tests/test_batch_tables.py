@@ -19,6 +19,7 @@ import ray
 from serve_app.batch.__main__ import main
 from serve_app.batch.csvfiles import csv_schema
 from serve_app.batch.errors import STOPPED, JobInputError, JobStopped
+from serve_app.batch.job import _arrow_safe
 from serve_app.batch.output import atomic_output, write_table
 from serve_app.batch.search import search_clashes, top_k
 from serve_app.batch.sheets import read_xlsx
@@ -527,6 +528,35 @@ def test_an_xlsx_keeps_text_that_pandas_would_make_blank(tmp_path):
     assert frame["question"].tolist()[:5] == ["NA", "None", "null", "N/A", "nan"]
     assert pd.isna(frame["question"][5])  # an empty cell is still blank
     assert frame["n"].dtype == np.float64 and pd.isna(frame["n"][1])  # and numbers stay numbers
+
+
+def test_an_xlsx_number_in_a_zero_padded_format_is_read_as_the_sheet_shows_it(tmp_path):
+    # ZIP codes and case numbers are numbers formatted 00000: Excel shows 02134, the file
+    # holds 2134, and the job read (and wrote back) 2134.
+    import openpyxl
+
+    book = openpyxl.Workbook()
+    sheet = book.active
+    sheet.append(["zip", "case", "n", "filed", "question"])
+    sheet.append([2134, 123, 1.5, dt.datetime(2024, 3, 1), "a"])
+    sheet.append([None, None, None, None, None])  # a blank row keeps its place
+    sheet.append([90210, 4567, 2, dt.datetime(2024, 3, 2), "b"])
+    sheet.append([501, "pending", 3, dt.datetime(2024, 3, 3), "c"])
+    for cell in ("A2", "A5"):
+        sheet[cell].number_format = "00000"
+    sheet["B2"].number_format = "000-00-0000"
+    sheet["D2"].number_format = "yyyy-mm-dd"
+    book.save(tmp_path / "s.xlsx")
+
+    frame = read_xlsx(tmp_path / "s.xlsx", None)
+    assert frame["zip"].tolist()[0] == "02134" and frame["zip"].tolist()[3] == "00501"
+    assert pd.isna(frame["zip"][1]) and frame["zip"][2] == 90210  # General: the number
+    assert frame["case"].tolist()[0] == "000-00-0123"
+    assert frame["n"].dtype == np.float64  # other numbers stay numbers
+    assert frame["filed"][0] == pd.Timestamp(2024, 3, 1)  # and dates dates
+    table = pa.Table.from_pandas(_arrow_safe(frame, ["question"]), preserve_index=False)
+    assert table["zip"].to_pylist() == ["02134", None, "90210", "00501"]  # a text column
+    assert table["case"].to_pylist() == ["000-00-0123", None, "4567", "pending"]
 
 
 def test_an_xlsx_with_repeated_or_blank_headers_is_refused_as_a_csv_is(tmp_path):

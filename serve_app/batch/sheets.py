@@ -12,6 +12,7 @@ import pyarrow as pa
 
 from serve_app.batch.errors import JobInputError, refuse_repeats
 from serve_app.core.cells import Blank, CellError, cell_text
+from serve_app.core.numformat import integer_formats_among, shown_integer
 
 
 class SheetHeader(NamedTuple):
@@ -67,7 +68,52 @@ def read_xlsx(file: Path, sheet: str | None):
     width = len(frame.columns)
     frame.columns = names[:width] + [""] * (width - len(names))
     refuse_repeats(file, list(frame.columns))
+    if integer_formats_among(_number_formats(file)):
+        _show_formatted_numbers(frame, file, sheet)
     return frame
+
+
+def _number_formats(file: Path) -> list[str]:
+    """The number formats a workbook defines beyond Excel's built-in ones (its styles part),
+    read without loading it: most workbooks have none that `shown_integer` renders."""
+    import zipfile
+    from xml.etree import ElementTree
+
+    with zipfile.ZipFile(file) as archive:
+        parts = [name for name in archive.namelist() if name.lower().endswith("styles.xml")]
+        codes = []
+        for part in parts:
+            for element in ElementTree.fromstring(archive.read(part)).iter():
+                if element.tag.endswith("}numFmt") and element.get("formatCode"):
+                    codes.append(element.get("formatCode"))
+        return codes
+
+
+def _show_formatted_numbers(frame: pd.DataFrame, file: Path, sheet: str | None) -> None:
+    """Whole numbers in a format that shows them otherwise (a ZIP code's 00000: 2134 shows
+    02134) become the text they show, and their columns text: what the cell shows is what
+    is embedded and written back. Cells are matched to the frame by row and column, and
+    checked to hold the frame's number; on any mismatch the frame is left as it is."""
+    import openpyxl
+
+    shown: dict[int, dict[int, str]] = {}  # column: {row: text}
+    book = openpyxl.load_workbook(file, read_only=True, data_only=True)
+    try:
+        worksheet = book[sheet] if sheet is not None else book.worksheets[0]
+        worksheet.reset_dimensions()  # as pandas reads it: a sheet's recorded size can be wrong
+        for row, cells in enumerate(worksheet.iter_rows(min_row=2)):
+            for column, cell in enumerate(cells):
+                text = shown_integer(cell.value, cell.number_format) if cell.data_type == "n" else None
+                if text is None:
+                    continue
+                if row >= len(frame) or column >= frame.shape[1] or frame.iat[row, column] != cell.value:
+                    return
+                shown.setdefault(column, {})[row] = text
+    finally:
+        book.close()
+    for column, texts in shown.items():
+        values = frame.iloc[:, column].astype(object).tolist()
+        frame.isetitem(column, [texts.get(row, value) for row, value in enumerate(values)])
 
 
 SHEET_ROWS = 1_048_576  # an Excel worksheet's rows, its header's included
