@@ -103,7 +103,8 @@ class RayHead:
         strays = processes_of(self.temp_dir)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(30)
+        with contextlib.suppress(subprocess.TimeoutExpired):  # the strays are killed regardless
+            self.process.wait(30)
         for pid in strays:  # warm-start launchers, workers, HAProxy: anything left
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)

@@ -22,7 +22,8 @@ from serve_app.core.numformat import integer_format, integer_formats_among, show
     (-12, "00000", "-00012"),
     (-12, "00000;(00000)", "(00012)"),
     (0, '00000;-00000;"none"', "none"),
-    (1234, "#-###", "1-234"),
+    (1234, "##-00", "12-34"),
+    (5, "##00", "05"),
     (12, "##00", None),  # as General
 ])
 def test_a_whole_number_shows_as_excel_shows_it_in_its_format(value, code, shown):
@@ -33,6 +34,8 @@ def test_a_whole_number_shows_as_excel_shows_it_in_its_format(value, code, shown
     "General", "0", "#", "0.00", "#,##0", "0%", "0.00E+00", "# ?/?", "@", "yyyy-mm-dd", "hh:mm",
     "[<=9999999]###-####;(###) ###-####",  # Excel's Phone Number: a condition
     "[$€-407]00000", "_(00000_)", "00000*-", '"unterminated', "00000;;0", "",
+    "00/00/0000", "0/000",  # a "/" between placeholders is a fraction's bar: 12252012/1
+    "$0", '0" kg"', "+0;-0;0", "#-###",  # cannot pad: amounts, not identifiers
 ])
 def test_formats_it_cannot_render_exactly_are_left_to_general(code):
     assert integer_format(code) is None

@@ -3,6 +3,7 @@ output (its rows, its characters)."""
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -13,6 +14,8 @@ import pyarrow as pa
 from serve_app.batch.errors import JobInputError, refuse_repeats
 from serve_app.core.cells import Blank, CellError, cell_text
 from serve_app.core.numformat import integer_formats_among, shown_integer
+
+logger = logging.getLogger(__name__)
 
 
 class SheetHeader(NamedTuple):
@@ -74,8 +77,9 @@ def read_xlsx(file: Path, sheet: str | None):
 
 
 def _number_formats(file: Path) -> list[str]:
-    """The number formats a workbook defines beyond Excel's built-in ones (its styles part),
-    read without loading it: most workbooks have none that `shown_integer` renders."""
+    """The number formats a workbook's cells may have beyond Excel's built-in ones (its
+    stylesheet's list; conditional formats' are left out), read without loading it: most
+    workbooks have none that `shown_integer` renders, and are read once."""
     import zipfile
     from xml.etree import ElementTree
 
@@ -83,9 +87,9 @@ def _number_formats(file: Path) -> list[str]:
         parts = [name for name in archive.namelist() if name.lower().endswith("styles.xml")]
         codes = []
         for part in parts:
-            for element in ElementTree.fromstring(archive.read(part)).iter():
-                if element.tag.endswith("}numFmt") and element.get("formatCode"):
-                    codes.append(element.get("formatCode"))
+            for listing in ElementTree.fromstring(archive.read(part)):
+                if listing.tag.endswith("}numFmts"):
+                    codes += [code for element in listing if (code := element.get("formatCode"))]
         return codes
 
 
@@ -107,6 +111,9 @@ def _show_formatted_numbers(frame: pd.DataFrame, file: Path, sheet: str | None) 
                 if text is None:
                     continue
                 if row >= len(frame) or column >= frame.shape[1] or frame.iat[row, column] != cell.value:
+                    logger.warning("%s: its cells did not line up with the sheet as read (row %d, column %d); "
+                                   "numbers in formats such as 00000 are read as General shows them.",
+                                   file.name, row + 2, column + 1)
                     return
                 shown.setdefault(column, {})[row] = text
     finally:

@@ -1,10 +1,11 @@
-"""Excel number formats that show a whole number as other text than General does: zero
-padding (a ZIP code's `00000`, a case number's `000000`), digit groups with separators
-(`000-00-0000`), literal text (`"No. "0000`). Pure, no I/O.
+"""Excel number formats that pad a whole number with zeros: a ZIP code's `00000`, a case
+number's `000000`, with separators between digit groups (`000-00-0000`) or literal text
+(`"No. "0000`). Pure, no I/O.
 
-A workbook holds such a cell as the number (123); Excel shows `00123`. Only formats that
-can be rendered exactly are taken: anything with decimals, thousands separators, percent,
-exponents, fractions, dates, conditions, locales or fills is left to General.
+A workbook holds such a cell as the number (123); Excel shows `00123`, and the number is
+an identifier. Only formats that can be rendered exactly are taken: anything with decimals,
+thousands separators, percent, exponents, fractions, dates, conditions, locales or fills is
+left to General, as are formats that cannot pad (`$0`, `0" kg"`): their numbers are amounts.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from __future__ import annotations
 import functools
 
 # Characters a format shows as they are without quotes (Excel's list, less those that mean
-# something here).
-_PLAIN = frozenset(" $-+/():!^&'~{}<>=")
+# something here; "/" between digit placeholders is a fraction's bar, so it is left out).
+_PLAIN = frozenset(" $-+():!^&'~{}<>=")
 _COLOURS = frozenset({"black", "blue", "cyan", "green", "magenta", "red", "white", "yellow"})
 
 Section = tuple[tuple[str, str], ...]  # ("0" | "#" | "text", what it shows)
@@ -41,17 +42,15 @@ def shown_integer(value: float, code: str | None) -> str | None:
 @functools.lru_cache(maxsize=512)
 def integer_format(code: str) -> tuple[Section, ...] | None:
     """`code`'s sections for positive, negative and zero numbers (a text section is left
-    out), each a whole number's digit placeholders among literal text; None for any other
-    format, or one that shows whole numbers as General does (`General`, `0`, `#`)."""
+    out), each a whole number's digit placeholders among literal text, the first with two
+    zeros or more (it pads); None for any other format."""
     sections = []
     for raw in _split_sections(code)[:3]:
         section = _parse_section(raw)
         if section is None:
             return None
         sections.append(section)
-    if not sections or not any(kind != "text" for kind, _ in sections[0]):
-        return None
-    if len(sections) == 1 and [kind for kind, _ in sections[0]] in (["0"], ["#"]):
+    if not sections or sum(kind == "0" for kind, _ in sections[0]) < 2:
         return None
     return tuple(sections)
 
