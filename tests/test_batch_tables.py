@@ -537,8 +537,9 @@ def test_an_xlsx_number_in_a_zero_padded_format_is_read_as_the_sheet_shows_it(tm
 
     book = openpyxl.Workbook()
     sheet = book.active
-    sheet.append(["zip", "case", "n", "filed", "question"])
-    sheet.append([2134, 123, 1.5, dt.datetime(2024, 3, 1), "a"])
+    sheet.append(["zip", "case", "n", "filed", "question", 7])
+    sheet["F1"].number_format = "000"  # a header named as it shows: 007
+    sheet.append([2134, 123, 1.5, dt.datetime(2024, 3, 1), "a", "x"])
     sheet.append([None, None, None, None, None])  # a blank row keeps its place
     sheet.append([90210, 4567, 2, dt.datetime(2024, 3, 2), "b"])
     sheet.append([501, "pending", 3, dt.datetime(2024, 3, 3), "c"])
@@ -549,6 +550,7 @@ def test_an_xlsx_number_in_a_zero_padded_format_is_read_as_the_sheet_shows_it(tm
     book.save(tmp_path / "s.xlsx")
 
     frame = read_xlsx(tmp_path / "s.xlsx", None)
+    assert list(frame.columns) == ["zip", "case", "n", "filed", "question", "007"]
     assert frame["zip"].tolist()[0] == "02134" and frame["zip"].tolist()[3] == "00501"
     assert pd.isna(frame["zip"][1]) and frame["zip"][2] == 90210  # General: the number
     assert frame["case"].tolist()[0] == "000-00-0123"

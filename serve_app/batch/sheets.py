@@ -40,8 +40,8 @@ def sheet_header(file: Path, sheet: str | None) -> SheetHeader:
                 f"{file.name} has no sheet {sheet!r}. Its sheets are: {', '.join(map(repr, book.sheetnames))}."
             )
         worksheet = book[sheet] if sheet is not None else book.worksheets[0]
-        first = next(worksheet.iter_rows(max_row=1, values_only=True), ())
-        names = [_header_text(cell) for cell in first]
+        first = next(worksheet.iter_rows(max_row=1), ())
+        names = [_header_text(cell.value, getattr(cell, "number_format", None)) for cell in first]
         while names and names[-1] == "":
             names.pop()
         rows = worksheet.max_row - 1 if worksheet.max_row else None
@@ -50,10 +50,13 @@ def sheet_header(file: Path, sheet: str | None) -> SheetHeader:
         book.close()
 
 
-def _header_text(cell: Any) -> str:
-    """A header cell's name: its text, numbers and dates as shown; blank or an error: ""."""
+def _header_text(cell: Any, number_format: str | None = None) -> str:
+    """A header cell's name: its text, numbers and dates as shown (in a format that pads
+    with zeros, as it pads them); blank or an error: ""."""
     if cell is None or isinstance(cell, str):
         return cell or ""
+    if (shown := shown_integer(cell, number_format)) is not None:
+        return shown
     text = cell_text(cell)
     return "" if isinstance(text, Blank | CellError) else text
 
