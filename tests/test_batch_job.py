@@ -532,14 +532,10 @@ def test_a_job_on_a_ray_of_its_own_runs_with_rays_token_and_leaves_its_files_to_
     # user), the session's files and the logs (which hold the texts of any error).
     home = tmp_path / "home"
     home.mkdir()
-    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Unix socket paths
     source = tmp_path / "questions.csv"
     pd.DataFrame({"question": ["How do I reset my password?", "合同终止的条件是什么？"]}).to_csv(source, index=False)
     output = tmp_path / "out" / "embedded.parquet"  # in a folder the job makes
-    env = {**os.environ, "HOME": str(home), "RAY_TMPDIR": str(ray_tmp), "HF_HUB_OFFLINE": "1"}
-    env.pop("RAY_ADDRESS", None)
-    env.pop("RAY_AUTH_MODE", None)
-    try:
+    with ray_of_its_own(home) as (env, ray_tmp):
         done = subprocess.run(
             [sys.executable, "-m", "serve_app.batch", "embed", "--model", BUNDLED, "--input", str(source),
              "--column", "question", "--output", str(output)],
@@ -560,9 +556,41 @@ def test_a_job_on_a_ray_of_its_own_runs_with_rays_token_and_leaves_its_files_to_
             if path.is_file() and not path.is_symlink() and path.stat().st_mode & 0o077
         ]
         assert readable == [], readable[:10]
+
+
+def test_actors_that_cannot_start_on_a_ray_of_its_own_fail_the_job_with_the_fix_and_write_nothing(tmp_path):
+    # The job waited for nodes to join, which never join the Ray it started itself.
+    rows = tmp_path / "rows.csv"
+    rows_frame().to_csv(rows, index=False)
+    config = tmp_path / "serve_config.yaml"
+    config.write_text("applications:\n- args:\n    replica_cpus: 4096\n")  # a server's setting, here
+    output = tmp_path / "out" / "embedded.parquet"
+    with ray_of_its_own(tmp_path) as (env, _):
+        done = subprocess.run(
+            [sys.executable, "-m", "serve_app.batch", "embed", "--model", BUNDLED, "--input", str(rows),
+             "--column", "question", "--output", str(output), "--config", str(config)],
+            env=env, cwd=REPO, capture_output=True, text=True, timeout=180,
+        )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert re.search(r"error: 1 actor needs 4096 CPUs \(4096 each\), and this machine has \d+ now, so none can "
+                     r"start on the Ray this job started for itself: set replica_cpus \(in --config\) to \d+ or "
+                     r"fewer\.\n$", done.stderr), done.stderr[-2000:]
+    assert not output.parent.exists()
+
+
+@contextlib.contextmanager
+def ray_of_its_own(home: Path):
+    """The environment of a job run as a user runs it, with no cluster to join: it starts a
+    Ray of its own, in a temp folder of its own; afterwards, whatever of that Ray is left
+    (by a job that timed out: its processes name the folder; the zygote ends with the
+    job's driver) is killed. Yields (environment, temp folder)."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Unix socket paths
+    env = {**os.environ, "HOME": str(home), "RAY_TMPDIR": str(ray_tmp), "HF_HUB_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_MODE", None)
+    try:
+        yield env, ray_tmp
     finally:
-        # What a job that timed out leaves: its Ray's processes name its temp folder (the
-        # zygote ends with the job's driver).
         for pid in processes_of(ray_tmp):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from serve_app.batch.errors import JobInputError
 from serve_app.batch.tables import texts_of
 from serve_app.core.config import AppArgs
 from serve_app.core.modelinfo import ModelSpec
@@ -212,7 +213,8 @@ def _job_runtime_env() -> dict:
 
 
 def _say_if_the_actors_do_not_fit(actors: int, cpus_each: float, gpus_each: float) -> None:
-    """A line when the cluster cannot hold every actor now: the job runs on those that start."""
+    """A line when the cluster cannot hold every actor now: the job runs on those that start.
+    Where none can, on a Ray the job started for itself (which no node joins), it fails."""
     import ray
 
     have = ray.cluster_resources()
@@ -227,9 +229,27 @@ def _say_if_the_actors_do_not_fit(actors: int, cpus_each: float, gpus_each: floa
     if fit:
         logger.warning("%d actors need %s. The job runs on the %d that fit, and more start if "
                        "nodes join.", actors, needs, fit)
+    elif _ray_of_its_own():
+        fixes = {"GPU": "leave --gpu-fraction out to embed on this machine's CPU (or its GPU, if "
+                        "Ray finds one), or submit the job to a cluster with GPUs (ray job submit)",
+                 "CPU": f"set replica_cpus (in --config) to {have.get('CPU', 0.0):g} or fewer"}
+        raise JobInputError(
+            f"{_count(actors, 'actor')} {'need' if actors != 1 else 'needs'} "
+            f"{needs.replace('this cluster', 'this machine')}, "
+            f"so none can start on the Ray this job started for itself: "
+            + "; ".join(fixes[name] for name in short) + ".")
     else:
         logger.warning("%d actors need %s. None can start until nodes join: on a cluster that "
                        "adds none, stop the job (Ctrl-C or ray job stop).", actors, needs)
+
+
+def _ray_of_its_own() -> bool:
+    """Whether this driver started the Ray it runs on (`python -m serve_app.batch` with no
+    cluster to join) rather than joining one: no node joins such a Ray. Ray says so only
+    on its node object; where that is missing, False (the job waits, as on a cluster)."""
+    from ray._private import worker
+
+    return getattr(getattr(worker, "_global_node", None), "head", False) is True
 
 
 def _count(amount: float, unit: str) -> str:
