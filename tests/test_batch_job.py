@@ -133,6 +133,7 @@ def test_similarity_xlsx_round_trip(ray_head, tmp_path, bundled_embedder):
     frame["when"] = [dt.datetime(2024, 1, d + 1) for d in range(8)]
     frame["note"] = ["NA", "None", "null", "N/A", "nan", "NULL", "", "ok"]  # text, not blanks
     frame["zip"] = [2134, 90210, 501, 10001, 2134, 60601, 94105, 1001]
+    frame.loc[6, "doc"] = "Rent is due on the first day of each month. " * 60  # past 256 tokens
     frame.to_excel(tmp_path / "pairs.xlsx", index=False, sheet_name="Pairs")
     book = openpyxl.load_workbook(tmp_path / "pairs.xlsx")
     for (cell,) in book["Pairs"].iter_rows(min_row=2, min_col=6, max_col=6):
@@ -142,6 +143,7 @@ def test_similarity_xlsx_round_trip(ray_head, tmp_path, bundled_embedder):
     job = ray_head.submit("similarity", "--input", str(tmp_path / "pairs.xlsx"), "--left", "question",
                           "--right", "doc", "--output", str(output))
     assert ray_head.wait(job) == "SUCCEEDED", ray_head.logs(job)[-3000:]
+    logs = ray_head.logs(job)
 
     scored = pd.read_excel(output)
     assert list(scored.columns) == ["id", "question", "doc", "when", "note", "zip", "similarity"]
@@ -157,6 +159,10 @@ def test_similarity_xlsx_round_trip(ray_head, tmp_path, bundled_embedder):
     got = scored["similarity"].dropna().to_numpy()
     np.testing.assert_allclose(got, expected, atol=1e-4)
     assert got[0] > got[4]  # password question vs reset steps beats it vs tax deadline
+    # The long text was embedded from its start, as the model reads it, and the job says so.
+    assert ("Wrote 8 rows to " in logs and logs.rstrip().endswith(
+        "1 text was longer than the model reads (256 tokens): only its start was embedded.")), logs[-2000:]
+    assert "Split long texts (into paragraphs, say) to have all of them read." in logs
 
 
 def test_case_numbers_and_account_numbers_of_a_csv_reach_the_xlsx_output_as_written(ray_head, tmp_path):
@@ -372,7 +378,7 @@ def test_an_actors_batch_goes_to_both_forward_workers_in_one_call_and_keeps_its_
     # barrier (15-17% fewer rows a second than two workers of one core each).
     from dataclasses import asdict
 
-    from serve_app.batch.actors import EmbedRows
+    from serve_app.batch.actors import CUT_COLUMN, EmbedRows
     from serve_app.core.config import AppArgs
 
     sys.path.insert(0, str(REPO / "bench"))
@@ -391,6 +397,11 @@ def test_an_actors_batch_goes_to_both_forward_workers_in_one_call_and_keeps_its_
     scores = asyncio.run(actor(pairs, "similarity", ["q", "d"], ["", ""]))["similarity"].to_numpy()
     assert actor.scheduler.passes_by_worker == [10, 2]
     np.testing.assert_allclose(scores, np.sum(vectors[:16] * vectors[16:32], axis=1), atol=1e-5)
+    # Each row says how many of its texts were longer than the model reads (the driver counts them).
+    long = "Rent is due on the first day of each month. " * 60
+    pairs = pa.table({"q": [long, "short", None, long], "d": [long, "short", long, "short"]})
+    cut = asyncio.run(actor(pairs, "similarity", ["q", "d"], ["", ""]))[CUT_COLUMN].to_pylist()
+    assert cut == [2, 0, 1, 1]
     actor.scheduler.shutdown()
 
 

@@ -104,8 +104,14 @@ def main(argv: list[str] | None = None) -> int:
         doing, speed = "embedding and searching", f"{embedded} rows embedded, {embedded / work:.1f} rows/s"
     if timing["left_out"]:
         what += f", without {', '.join(map(repr, timing['left_out']))} (lists, which it cannot hold)"
+    cut = ""
+    if count := timing.get("texts_cut", 0):
+        cut = (f" {count:,} {'text was' if count == 1 else 'texts were'} longer than the model reads "
+               f"({timing['max_tokens']:,} tokens): only {'its start' if count == 1 else 'the start of each'} "
+               "was embedded.")
+        logging.warning("%s Split long texts (into paragraphs, say) to have all of them read.", cut.strip())
     print(f"Wrote {rows} rows to {output}{what}: Ray start-up {timing['ray_start_s']:.1f} s, "
-          f"{doing} {work:.1f} s ({speed}).")
+          f"{doing} {work:.1f} s ({speed}).{cut}")
     return 0
 
 
@@ -173,6 +179,7 @@ def _on_ray(opts: argparse.Namespace, output: str, job: JobOptions) -> tuple[int
                                                             opts.corpus_column, opts.k, output, job)
         timing.update(queries=queries, corpus=corpus, corpus_embedded=corpus_embedded)
     timing["work_s"] = time.perf_counter() - started
+    timing.update(texts_cut=job.texts_cut, max_tokens=min(job.args.max_input_tokens, job.spec.max_tokens))
     return rows, output, timing
 
 

@@ -18,6 +18,9 @@ from serve_app.core.modelinfo import ModelSpec
 logger = logging.getLogger(__name__)
 
 EMBEDDING_TYPE = pa.list_(pa.float32())
+# Per row, how many of its texts were longer than the model reads (each embedded from its
+# start): the actors add it, the driver counts it (`texts_cut`) and never writes it.
+CUT_COLUMN = "__texts_cut__"
 
 
 @dataclass
@@ -33,6 +36,7 @@ class JobOptions:
     actors: int | None = None
     sheet: str | None = None
     umask: int | None = None  # the user's, for the output, where the job runs under another
+    texts_cut: int = field(default=0, init=False)  # texts longer than the model reads, so far
     _placement: tuple[float, str | None] | None = field(default=None, init=False, repr=False)
 
     def placement(self) -> tuple[float, str | None]:
@@ -90,27 +94,43 @@ class EmbedRows:
     async def __call__(self, batch: pa.Table, task: str, columns: list[str], prefixes: list[str],
                        dimensions: int | None = None) -> pa.Table:
         # Both columns of a similarity go in one call: one batch for the workers to share.
-        vectors = await self.vectors([texts_of(batch[name]) for name in columns], prefixes, dimensions)
+        vectors, cut = await self.vectors([texts_of(batch[name]) for name in columns], prefixes, dimensions)
         if task == "embed":
-            return batch.append_column("embedding", embedding_array(vectors[0]))
-        return batch.append_column("similarity", pair_scores(*vectors))
+            batch = batch.append_column("embedding", embedding_array(vectors[0]))
+        else:
+            batch = batch.append_column("similarity", pair_scores(*vectors))
+        return batch.append_column(CUT_COLUMN, pa.array(cut, type=pa.int32()))
 
     async def vectors(self, columns: list[list[str | None]], prefixes: list[str],
-                      dimensions: int | None) -> list[list[np.ndarray | None]]:
-        """Each column's vectors, None for blanks; each distinct text (with its column's
-        prefix) is embedded once."""
+                      dimensions: int | None) -> tuple[list[list[np.ndarray | None]], list[int]]:
+        """Each column's vectors, None for blanks, and how many of each row's texts were
+        longer than the model reads; each distinct text (with its column's prefix) is
+        embedded once."""
         from serve_app.core.vectors import truncate
 
         unique: dict[str, int] = {}
         rows = [[None if text is None else unique.setdefault(prefix + text, len(unique)) for text in texts]
                 for texts, prefix in zip(columns, prefixes, strict=True)]
+        height = len(columns[0]) if columns else 0
         if not unique:
-            return [[None] * len(texts) for texts in columns]
-        matrix = truncate(await self.encode(list(unique)), dimensions)
-        return [[None if row is None else matrix[row] for row in column] for column in rows]
+            return [[None] * len(texts) for texts in columns], [0] * height
+        encoded = await self.scheduler.embed(list(unique))
+        matrix = truncate(encoded.vectors, dimensions)
+        cut = [sum(column[i] is not None and bool(encoded.truncated[column[i]]) for column in rows)
+               for i in range(height)]
+        return [[None if row is None else matrix[row] for row in column] for column in rows], cut
 
     async def encode(self, texts: list[str]) -> np.ndarray:
         return (await self.scheduler.embed(texts)).vectors
+
+
+def texts_cut(batch: pa.Table) -> int:
+    """How many of a batch's texts the actors embedded from their start only (`CUT_COLUMN`)."""
+    if CUT_COLUMN not in batch.column_names:
+        return 0
+    import pyarrow.compute as pc
+
+    return pc.sum(batch[CUT_COLUMN]).as_py() or 0
 
 
 def pair_scores(left: list[np.ndarray | None], right: list[np.ndarray | None]) -> pa.Array:

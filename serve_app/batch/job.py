@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from serve_app.batch.actors import EMBEDDING_TYPE, JobOptions, embed_rows
+from serve_app.batch.actors import EMBEDDING_TYPE, JobOptions, embed_rows, texts_cut
 from serve_app.batch.csvfiles import csv_parse_options, csv_schema
 from serve_app.batch.output import atomic_output, write_table
 from serve_app.batch.provenance import VectorsRecord, why_not_reusable
@@ -50,6 +50,7 @@ def run_embed(input_path: str, column: str, output: str, opts: JobOptions) -> in
         for batch in embedded.iter_batches(batch_format="pyarrow", batch_size=None):
             writer.write_table(conform(batch, schema))
             rows += batch.num_rows
+            opts.texts_cut += texts_cut(batch)
     return rows
 
 
@@ -59,7 +60,7 @@ def run_similarity(input_path: str, left: str, right: str, output: str, opts: Jo
     query_prefix = _prefix(opts, opts.instruction, opts.prompt_name)
     dataset, schema = _read(input_path, [left, right], opts, output)
     scored = embed_rows(dataset, opts, "similarity", [left, right], [query_prefix, ""])
-    table = _collect(scored, schema.append(pa.field("similarity", pa.float32())))
+    table = _collect(scored, schema.append(pa.field("similarity", pa.float32())), opts)
     with atomic_output(output, opts.umask) as temporary:
         write_table(table, temporary, fmt)
     return table.num_rows
@@ -145,7 +146,7 @@ def _embed_texts(texts: list[str | None], opts: JobOptions) -> pa.Array:
     table = pa.table({"text": pa.array(texts, type=pa.string())})
     dataset = ray.data.from_arrow(_blocks(table, opts.batch_size * 4))
     embedded = _collect(embed_rows(dataset, opts, "embed", ["text"], [""]),
-                        table.schema.append(pa.field("embedding", EMBEDDING_TYPE)))
+                        table.schema.append(pa.field("embedding", EMBEDDING_TYPE)), opts)
     return embedded["embedding"].combine_chunks()
 
 
@@ -243,10 +244,13 @@ def _arrow_safe(frame, columns: list[str]):
     return frame
 
 
-def _collect(dataset, schema: pa.Schema) -> pa.Table:
+def _collect(dataset, schema: pa.Schema, counted: JobOptions | None = None) -> pa.Table:
     """All of `dataset`'s rows, with `schema`: Ray Data hands an input with no rows to no
-    actor, so no batch would say what columns the result has."""
+    actor, so no batch would say what columns the result has. The texts the actors cut
+    are added to `counted`'s."""
     batches = list(dataset.iter_batches(batch_format="pyarrow", batch_size=None))
+    if counted is not None:
+        counted.texts_cut += sum(texts_cut(batch) for batch in batches)
     if not batches:
         return schema.empty_table()
     return conform(pa.concat_tables(batches, promote_options="default"), schema)
