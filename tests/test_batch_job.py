@@ -585,7 +585,7 @@ def test_actors_that_cannot_start_on_a_ray_of_its_own_fail_the_job_with_the_fix_
     assert done.returncode == 2, done.stderr[-2000:]
     assert re.search(r"error: 1 actor needs 4096 CPUs \(4096 each\), and this machine has \d+ now, so none can "
                      r"start on the Ray this job started for itself: set replica_cpus \(in --config\) to \d+ or "
-                     r"fewer\.\n$", done.stderr), done.stderr[-2000:]
+                     r"fewer\.\n", done.stderr), done.stderr[-2000:]
     assert not output.parent.exists()
 
 

@@ -350,8 +350,10 @@ def test_actors_the_cluster_cannot_hold_are_said_with_how_many_start(monkeypatch
         "the job (Ctrl-C or ray job stop)."]
 
 
-def test_actors_that_cannot_start_on_a_ray_the_job_started_for_itself_fail_it_with_the_fix(monkeypatch):
+def test_actors_that_cannot_start_on_a_ray_the_job_started_for_itself_fail_it_with_the_fix(monkeypatch, caplog):
     # No node joins such a Ray: the job waited for ever, with a line saying to stop it.
+    import logging
+
     import ray
 
     from serve_app.batch import actors
@@ -362,12 +364,15 @@ def test_actors_that_cannot_start_on_a_ray_the_job_started_for_itself_fail_it_wi
         actors._say_if_the_actors_do_not_fit(1, 1.0, 0.5)  # --gpu-fraction 0.5
     assert str(gpu.value) == (
         "1 actor needs 0.5 GPUs (0.5 each), and this machine has 0 now, so none can start on the "
-        "Ray this job started for itself: leave --gpu-fraction out to embed on this machine's CPU "
-        "(or its GPU, if Ray finds one), or submit the job to a cluster with GPUs (ray job submit).")
+        "Ray this job started for itself: run it with --gpu-fraction 0 to embed on this machine's "
+        "CPU, or submit it to a cluster with GPUs (ray job submit).")
     with pytest.raises(JobInputError, match=r"^2 actors need 16 CPUs \(8 each\), and this machine has 2 now, "
                                             r"so none .*: set replica_cpus \(in --config\) to 2 or fewer\.$"):
         actors._say_if_the_actors_do_not_fit(2, 8.0, 0.0)
-    actors._say_if_the_actors_do_not_fit(3, 1.0, 0.0)  # 2 of 3 fit: the job runs on them
+    with caplog.at_level(logging.WARNING, logger="serve_app.batch.actors"):
+        actors._say_if_the_actors_do_not_fit(3, 1.0, 0.0)  # 2 of 3 fit: the job runs on them
+    assert caplog.messages == ["3 actors need 3 CPUs (1 each), and this cluster has 2 now. The job "
+                               "runs on the 2 that fit."]  # no "more start if nodes join": none join
 
 
 def test_a_value_error_inside_a_ray_task_keeps_its_traceback_and_ours_are_sentences():

@@ -246,12 +246,13 @@ def _say_if_the_actors_do_not_fit(actors: int, cpus_each: float, gpus_each: floa
     needs = "; ".join(f"{_count(actors * each, name)} ({each:g} each), and this cluster has "
                       f"{total:g} now" for name, (each, total) in short.items())
     fit = min(int(total / each + 1e-9) for each, total in short.values())
+    own = _ray_of_its_own()
     if fit:
-        logger.warning("%d actors need %s. The job runs on the %d that fit, and more start if "
-                       "nodes join.", actors, needs, fit)
-    elif _ray_of_its_own():
-        fixes = {"GPU": "leave --gpu-fraction out to embed on this machine's CPU (or its GPU, if "
-                        "Ray finds one), or submit the job to a cluster with GPUs (ray job submit)",
+        logger.warning("%d actors need %s. The job runs on the %d that fit%s.", actors, needs, fit,
+                       "" if own else ", and more start if nodes join")
+    elif own:
+        fixes = {"GPU": "run it with --gpu-fraction 0 to embed on this machine's CPU, or submit it to "
+                        "a cluster with GPUs (ray job submit)",
                  "CPU": f"set replica_cpus (in --config) to {have.get('CPU', 0.0):g} or fewer"}
         raise JobInputError(
             f"{_count(actors, 'actor')} {'need' if actors != 1 else 'needs'} "
