@@ -243,25 +243,27 @@ def _say_if_the_actors_do_not_fit(actors: int, cpus_each: float, gpus_each: floa
              if each and actors * each > have.get(name, 0.0) + 1e-9}
     if not short:
         return
-    needs = "; ".join(f"{_count(actors * each, name)} ({each:g} each), and this cluster has "
-                      f"{total:g} now" for name, (each, total) in short.items())
+
+    def needs(place: str) -> str:
+        return "; ".join(f"{_count(actors * each, name)} ({each:g} each), and {place} has {total:g} now"
+                         for name, (each, total) in short.items())
+
     fit = min(int(total / each + 1e-9) for each, total in short.values())
     own = _ray_of_its_own()
     if fit:
-        logger.warning("%d actors need %s. The job runs on the %d that fit%s.", actors, needs, fit,
-                       "" if own else ", and more start if nodes join")
+        logger.warning("%d actors need %s. The job runs on the %d that fit%s.", actors, needs("this cluster"),
+                       fit, "" if own else ", and more start if nodes join")
     elif own:
         fixes = {"GPU": "run it with --gpu-fraction 0 to embed on this machine's CPU, or submit it to "
                         "a cluster with GPUs (ray job submit)",
                  "CPU": f"set replica_cpus (in --config) to {have.get('CPU', 0.0):g} or fewer"}
         raise JobInputError(
-            f"{_count(actors, 'actor')} {'need' if actors != 1 else 'needs'} "
-            f"{needs.replace('this cluster', 'this machine')}, "
+            f"{_count(actors, 'actor')} {'need' if actors != 1 else 'needs'} {needs('this machine')}, "
             f"so none can start on the Ray this job started for itself: "
             + "; ".join(fixes[name] for name in short) + ".")
     else:
         logger.warning("%d actors need %s. None can start until nodes join: on a cluster that "
-                       "adds none, stop the job (Ctrl-C or ray job stop).", actors, needs)
+                       "adds none, stop the job (Ctrl-C or ray job stop).", actors, needs("this cluster"))
 
 
 def _ray_of_its_own() -> bool:

@@ -189,7 +189,8 @@ def _read(path: str, columns: list[str], opts: JobOptions, output: str, keep: tu
         import pyarrow.parquet as pq
 
         schemas = [pq.read_schema(f) for f in files]
-        schema, columns = common_schema(schemas), None
+        full = schema = common_schema(schemas)
+        columns = None
         if output_format(output, ("csv", "xlsx", "parquet")) != "parquet":
             # Vectors and other lists a CSV or a sheet cannot hold are left out (said before Ray);
             # `_collect` and `conform` keep only the schema's columns.
@@ -201,7 +202,7 @@ def _read(path: str, columns: list[str], opts: JobOptions, output: str, keep: tu
             if left_out and all(set(schema.names) <= set(each.names) for each in schemas):
                 columns = schema.names
         return ray.data.read_parquet([str(f) for f in files], columns=columns, num_cpus=READ_CPUS,
-                                     schema=schema if columns else common_schema(schemas)), schema
+                                     schema=schema if columns else full), schema
     if fmt == "csv":
         from pyarrow import csv
 
