@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -467,9 +468,9 @@ def test_rows_keep_their_order_when_a_later_batch_finishes_first(ray_head, tmp_p
     sys.path.insert(0, str(REPO / "bench"))
     from corpus import sentences
 
-    # Two actors: the first batch (512 distinct texts) takes seconds, the next ones (one
-    # text repeated) a moment, so the second actor's batches are done first; their rows
-    # must still come after the first batch's.
+    # Two actors: the first block (four batches of 128: 512 distinct texts) takes seconds,
+    # the next ones (one text repeated) a moment, so the second actor's blocks are done
+    # first; their rows must still come after the first block's.
     texts = sentences(512, seed=5) + ["the same short text"] * 1024
     pd.DataFrame({"id": range(len(texts)), "text": texts}).to_csv(tmp_path / "rows.csv", index=False)
     output = tmp_path / "embedded.parquet"
@@ -480,7 +481,7 @@ def test_rows_keep_their_order_when_a_later_batch_finishes_first(ray_head, tmp_p
     # take every batch before the second is up, and the job would test nothing. Here the
     # pool waits for both before the first batch.
     job = ray_head.submit("embed", "--input", str(tmp_path / "rows.csv"), "--column", "text",
-                          "--output", str(output), "--batch-size", "512", "--actors", "2",
+                          "--output", str(output), "--batch-size", "128", "--actors", "2",
                           "--config", str(config), env={"RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "120"})
     assert ray_head.wait(job) == "SUCCEEDED", ray_head.logs(job)[-3000:]
     logs = ray_head.logs(job)
@@ -503,6 +504,38 @@ def test_actors_holding_every_cpu_still_get_their_rows(ray_head, tmp_path, kind)
     assert pq.read_table(output)["id"].to_pylist() == list(range(8))
     assert ("3 actors need 3 CPUs (1 each), and this cluster has 2 now. The job runs on the 2 "
             "that fit, and more start if nodes join.") in ray_head.logs(job)
+
+
+@pytest.mark.parametrize("command", ["embed-csv", "similarity-parquet", "search-csv"])
+def test_a_job_goes_in_blocks_of_four_batches_and_says_how_far_it_has_got(ray_head, tmp_path, command):
+    # Ray Data chose a file's blocks by their bytes (four of 10 rows here, four of 5,000
+    # rows for a 20,000-row file of short texts), so a long job's progress moved in steps of
+    # 5,000 rows. 40 rows in batches of 4: blocks of 16 rows at most, each said
+    # (--progress-every 0) but the last.
+    command, kind = command.split("-")
+    frame = pd.DataFrame({"id": range(40), "text": [f"clause {i}: the tenant pays the rent" for i in range(40)],
+                          "doc": [f"rent is due on day {i % 28 + 1}" for i in range(40)]})
+    rows = tmp_path / f"rows.{kind}"
+    frame.to_csv(rows, index=False) if kind == "csv" else frame.to_parquet(rows)
+    output = tmp_path / ("out.parquet" if command == "embed" else "out.csv")
+    sides = {"embed": ["--input", str(rows), "--column", "text"],
+             "similarity": ["--input", str(rows), "--left", "text", "--right", "doc"],
+             "search": ["--queries", str(rows), "--query-column", "text", "--corpus", str(rows),
+                        "--corpus-column", "doc", "--k", "1"]}[command]
+    job = ray_head.submit(command, *sides, "--output", str(output), "--batch-size", "4", "--progress-every", "0")
+    assert ray_head.wait(job) == "SUCCEEDED", ray_head.logs(job)[-3000:]
+    said = re.findall(r"INFO (Embedded|Scored) ([\d,]+) of ([\d,]+) (\w+) \(\d+%\)", ray_head.logs(job))
+    # The search embeds the corpus's 40 texts and the queries' 40 in one dataset.
+    word, total, unit = {"embed": ("Embedded", "40", "rows"), "similarity": ("Scored", "40", "rows"),
+                         "search": ("Embedded", "80", "texts")}[command]
+    assert {(w, t, u) for w, _, t, u in said} == {(word, total, unit)}, said
+    done = [0] + [int(n) for _, n, _, _ in said] + [int(total)]
+    # Ray Data evens a file's blocks out (14, 13, 13 rows); the search's are cut as 16, 16, ...
+    assert len(done) - 1 == -(-int(total) // 16), said
+    assert all(0 < after - before <= 16 for before, after in itertools.pairwise(done)), said
+    if command != "search":
+        written = pd.read_parquet(output) if command == "embed" else pd.read_csv(output)
+        assert written["id"].tolist() == list(range(40))
 
 
 def test_stopped_job_leaves_no_output(ray_head, tmp_path):

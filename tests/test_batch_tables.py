@@ -646,6 +646,15 @@ def test_an_output_the_job_could_not_write_is_refused_before_ray(tmp_path, monke
         "Choose another --output.")
 
 
+@pytest.mark.parametrize("every", ["-1", "nan"])
+def test_a_negative_progress_pause_is_refused_before_ray(tmp_path, monkeypatch, capsys, every):
+    rows = tmp_path / "rows.csv"
+    rows.write_text("question,doc\nhow,x\n")
+    argv = [*similarity(rows, tmp_path / "out.csv"), "--progress-every", every]
+    assert refused_before_ray(argv, monkeypatch, capsys) == (
+        f"--progress-every must be 0 seconds or more, not {float(every):g}.")
+
+
 def test_an_output_that_would_replace_the_input_is_refused_before_ray(tmp_path, monkeypatch, capsys):
     rows = tmp_path / "rows.csv"
     rows.write_text("question,doc\n00123,x\n")

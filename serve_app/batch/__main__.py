@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from serve_app.batch.errors import JobInputError, JobStopped
+from serve_app.batch.progress import EVERY_S
 from serve_app.core.config import AppArgs, config_args
 from serve_app.core.errors import ModelLoadError, ServiceError
 
@@ -60,6 +61,9 @@ def parser() -> argparse.ArgumentParser:
         group.add_argument("--actors", type=int, help="model actors; default one per node (CPU) or per GPU share")
         group.add_argument("--batch-size", type=int, default=256, help="rows per model call (default 256)")
         group.add_argument("--sheet", help="worksheet of .xlsx/.xlsm inputs; default the first")
+        group.add_argument("--progress-every", type=float, default=EVERY_S, metavar="SECONDS",
+                           help=f"say how far the job has got at most this often (default {EVERY_S:g}; "
+                                "0: after every block of rows)")
     return top
 
 
@@ -122,11 +126,13 @@ def run(opts: argparse.Namespace) -> tuple[int, str, dict[str, float]]:
     from serve_app.core.modelinfo import resolve_model
 
     output = _absolute_output(opts.output)
-    left_out = _check_inputs(opts, output)
+    left_out, input_rows = _check_inputs(opts, output)
     args = settings(opts)
     spec = resolve_model(args.model, args.model_revision)  # fails here, before Ray starts
     if opts.batch_size < 1:
         raise JobInputError(f"--batch-size must be at least 1, not {opts.batch_size}.")
+    if not opts.progress_every >= 0:  # NaN too
+        raise JobInputError(f"--progress-every must be 0 seconds or more, not {opts.progress_every:g}.")
     dimensions = _dimensions(opts.dimensions, args, spec.dimensions)
     # A hub model's weights, fetched here (with progress) rather than by every actor at once.
     model_directory(spec, say=say_on_stderr)
@@ -145,6 +151,8 @@ def run(opts: argparse.Namespace) -> tuple[int, str, dict[str, float]]:
         actors=opts.actors,
         sheet=opts.sheet,
         umask=user_umask,
+        input_rows=input_rows,
+        progress_every=opts.progress_every,
     )
     try:
         rows, output, timing = _on_ray(opts, output, job)
@@ -183,9 +191,10 @@ def _on_ray(opts: argparse.Namespace, output: str, job: JobOptions) -> tuple[int
     return rows, output, timing
 
 
-def _check_inputs(opts: argparse.Namespace, output: str) -> list[str]:
+def _check_inputs(opts: argparse.Namespace, output: str) -> tuple[list[str], int | None]:
     """Everything that can be wrong with the files, found before Ray starts. Returns the
-    input columns a CSV or XLSX output leaves out (vectors), said now."""
+    input columns a CSV or XLSX output leaves out (vectors), said now, and the rows of the
+    (first) input (None where a sheet does not say)."""
     import pyarrow.parquet as pq
 
     from serve_app.batch.search import search_clashes
@@ -232,7 +241,7 @@ def _check_inputs(opts: argparse.Namespace, output: str) -> list[str]:
         written = rows[0] * max(1, min(opts.k, rows[1])) if opts.command == "search" else rows[0]
         if written >= SHEET_ROWS:
             raise JobInputError(too_many_rows(written, at_most=opts.command == "search"))
-    return left_out
+    return left_out, rows[0]
 
 
 def _dimensions(dimensions: int | None, args: AppArgs, full: int) -> int | None:

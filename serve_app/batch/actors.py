@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from serve_app.batch.errors import JobInputError
+from serve_app.batch.progress import EVERY_S
 from serve_app.batch.tables import texts_of
 from serve_app.core.config import AppArgs
 from serve_app.core.modelinfo import ModelSpec
@@ -36,6 +37,8 @@ class JobOptions:
     actors: int | None = None
     sheet: str | None = None
     umask: int | None = None  # the user's, for the output, where the job runs under another
+    input_rows: int | None = None  # embed's, similarity's, counted before Ray (None: a sheet did not say)
+    progress_every: float = EVERY_S  # seconds between two progress lines at most (0: every block)
     texts_cut: int = field(default=0, init=False)  # texts longer than the model reads, so far
     _placement: tuple[float, str | None] | None = field(default=None, init=False, repr=False)
 
@@ -49,6 +52,10 @@ class JobOptions:
             gpu_fraction = resolve_gpu_fraction(self.args.gpu_fraction)
             self._placement = gpu_fraction, warm_start_executable(self.args, self.spec, gpu_fraction)
         return self._placement
+
+    def pool_size(self) -> int:
+        """The model actors: `--actors`, else one per GPU share or per CPU node (once Ray is up)."""
+        return self.actors or _default_actors(self.placement()[0])
 
 
 class EmbedRows:
@@ -156,7 +163,7 @@ def embed_rows(dataset, opts: JobOptions, task: str, columns: list[str], prefixe
     from ray.data import ActorPoolStrategy
 
     gpu_fraction, warm = opts.placement()
-    actors = opts.actors or _default_actors(gpu_fraction)
+    actors = opts.pool_size()
     logger.info("Embedding with %d actor(s), %s GPU each, %d rows a batch",
                 actors, gpu_fraction or "no", opts.batch_size)
     _say_if_the_actors_do_not_fit(actors, opts.args.replica_cpus, gpu_fraction)

@@ -16,6 +16,7 @@ import pyarrow as pa
 from serve_app.batch.actors import EMBEDDING_TYPE, JobOptions, embed_rows, texts_cut
 from serve_app.batch.csvfiles import csv_parse_options, csv_schema
 from serve_app.batch.output import atomic_output, write_table
+from serve_app.batch.progress import Progress
 from serve_app.batch.provenance import VectorsRecord, why_not_reusable
 from serve_app.batch.search import top_k
 from serve_app.batch.sheets import read_xlsx
@@ -36,8 +37,9 @@ def run_embed(input_path: str, column: str, output: str, opts: JobOptions) -> in
     """Add an `embedding` column to every row; Parquet out. Returns the row count."""
     output_format(output, ("parquet",))
     prefix = _prefix(opts, opts.instruction, opts.prompt_name)
-    dataset, schema = _read(input_path, [column], opts, output)
+    dataset, schema = _read(input_path, [column], opts, output, rows=opts.input_rows)
     embedded = embed_rows(dataset, opts, "embed", [column], [prefix])
+    progress = Progress(opts.input_rows, "Embedded", every_s=opts.progress_every)
     import pyarrow.parquet as pq
 
     # How the vectors were made, for a later search to use them as they are (`provenance`).
@@ -51,6 +53,7 @@ def run_embed(input_path: str, column: str, output: str, opts: JobOptions) -> in
             writer.write_table(conform(batch, schema))
             rows += batch.num_rows
             opts.texts_cut += texts_cut(batch)
+            progress.add(batch.num_rows)
     return rows
 
 
@@ -58,9 +61,10 @@ def run_similarity(input_path: str, left: str, right: str, output: str, opts: Jo
     """Add a `similarity` column (cosine of left and right); the output's format by extension."""
     fmt = output_format(output, ("csv", "xlsx", "parquet"))
     query_prefix = _prefix(opts, opts.instruction, opts.prompt_name)
-    dataset, schema = _read(input_path, [left, right], opts, output)
+    dataset, schema = _read(input_path, [left, right], opts, output, rows=opts.input_rows)
     scored = embed_rows(dataset, opts, "similarity", [left, right], [query_prefix, ""])
-    table = _collect(scored, schema.append(pa.field("similarity", pa.float32())), opts)
+    progress = Progress(opts.input_rows, "Scored", every_s=opts.progress_every)
+    table = _collect(scored, schema.append(pa.field("similarity", pa.float32())), opts, progress)
     with atomic_output(output, opts.umask) as temporary:
         write_table(table, temporary, fmt)
     return table.num_rows
@@ -144,9 +148,10 @@ def _embed_texts(texts: list[str | None], opts: JobOptions) -> pa.Array:
     if not texts:
         return pa.array([], type=EMBEDDING_TYPE)
     table = pa.table({"text": pa.array(texts, type=pa.string())})
-    dataset = ray.data.from_arrow(_blocks(table, opts.batch_size * 4))
+    dataset = ray.data.from_arrow(_blocks(table, block_rows(len(texts), opts.batch_size, opts.pool_size())))
+    progress = Progress(len(texts), "Embedded", "texts", every_s=opts.progress_every)
     embedded = _collect(embed_rows(dataset, opts, "embed", ["text"], [""]),
-                        table.schema.append(pa.field("embedding", EMBEDDING_TYPE)), opts)
+                        table.schema.append(pa.field("embedding", EMBEDDING_TYPE)), opts, progress)
     return embedded["embedding"].combine_chunks()
 
 
@@ -165,10 +170,24 @@ def _prefix(opts: JobOptions, instruction: str | None, prompt_name: str | None) 
 READ_CPUS = 0
 
 
-def _read(path: str, columns: list[str], opts: JobOptions, output: str, keep: tuple[str, ...] = ()):
+def block_rows(rows: int | None, batch_size: int, actors: int) -> int:
+    """The rows of a block the actors are handed: four batches at most, fewer where the
+    table is too small for every actor to get a batch. Ray Data read a CSV or Parquet file
+    in blocks of 1 MiB or more (5,000 rows of short texts): the job's progress moved in
+    steps of 5,000 rows, and a fifth actor of a 20,000-row file had nothing to do. `rows`
+    None (a sheet that does not say): four batches."""
+    if not rows:
+        return batch_size * 4
+    blocks = max(-(-rows // (batch_size * 4)), min(-(-rows // batch_size), actors))
+    return -(-rows // blocks)
+
+
+def _read(path: str, columns: list[str], opts: JobOptions, output: str, keep: tuple[str, ...] = (),
+          rows: int | None = None):
     """A Ray dataset over the input file(s), and the schema every row is read with: one
     type per column for all the files (`common_schema`). Their columns were checked
-    before Ray started. `keep`: columns of lists to read even for a CSV or XLSX output."""
+    before Ray started. `keep`: columns of lists to read even for a CSV or XLSX output.
+    `rows` (counted before Ray): the input goes to the actors in blocks of `block_rows`."""
     import ray
 
     # A dataset takes a copy of Ray Data's current context when it is made (set later, as
@@ -185,6 +204,8 @@ def _read(path: str, columns: list[str], opts: JobOptions, output: str, keep: tu
     context.use_datasource_v2 = False
     files, fmt = input_files(path, output)
     files = [f.resolve() for f in files]  # read tasks run elsewhere than the driver's cwd
+    block = block_rows(rows, opts.batch_size, opts.pool_size() if rows else 1)
+    blocks = None if rows is None else max(len(files), -(-rows // block))
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
@@ -202,7 +223,7 @@ def _read(path: str, columns: list[str], opts: JobOptions, output: str, keep: tu
             if left_out and all(set(schema.names) <= set(each.names) for each in schemas):
                 columns = schema.names
         return ray.data.read_parquet([str(f) for f in files], columns=columns, num_cpus=READ_CPUS,
-                                     schema=schema if columns else full), schema
+                                     schema=schema if columns else full, override_num_blocks=blocks), schema
     if fmt == "csv":
         from pyarrow import csv
 
@@ -211,9 +232,9 @@ def _read(path: str, columns: list[str], opts: JobOptions, output: str, keep: tu
         schema = common_schema([csv_schema(f, columns) for f in files])
         convert = csv.ConvertOptions(column_types=dict(zip(schema.names, schema.types, strict=True)))
         return ray.data.read_csv([str(f) for f in files], parse_options=csv_parse_options(files),
-                                 convert_options=convert, num_cpus=READ_CPUS), schema
-    blocks, schema = sheet_blocks(files, opts.sheet, columns, opts.batch_size * 4)
-    return ray.data.from_arrow(blocks), schema
+                                 convert_options=convert, num_cpus=READ_CPUS, override_num_blocks=blocks), schema
+    sheets, schema = sheet_blocks(files, opts.sheet, columns, block)
+    return ray.data.from_arrow(sheets), schema
 
 
 def sheet_blocks(files: list[Path], sheet: str | None, columns: list[str],
@@ -245,11 +266,16 @@ def _arrow_safe(frame, columns: list[str]):
     return frame
 
 
-def _collect(dataset, schema: pa.Schema, counted: JobOptions | None = None) -> pa.Table:
+def _collect(dataset, schema: pa.Schema, counted: JobOptions | None = None,
+             progress: Progress | None = None) -> pa.Table:
     """All of `dataset`'s rows, with `schema`: Ray Data hands an input with no rows to no
     actor, so no batch would say what columns the result has. The texts the actors cut
-    are added to `counted`'s."""
-    batches = list(dataset.iter_batches(batch_format="pyarrow", batch_size=None))
+    are added to `counted`'s; the rows, as they come, to `progress`."""
+    batches = []
+    for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+        batches.append(batch)
+        if progress is not None:
+            progress.add(batch.num_rows)
     if counted is not None:
         counted.texts_cut += sum(texts_cut(batch) for batch in batches)
     if not batches:

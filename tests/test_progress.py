@@ -1,0 +1,85 @@
+"""A batch job's progress line: when it is said, and what it says (a fake clock)."""
+
+from __future__ import annotations
+
+import pytest
+
+from serve_app.batch.job import block_rows
+from serve_app.batch.progress import Progress, duration
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def progress(total, every_s=10.0, **kwargs):
+    clock, said = Clock(), []
+    return Progress(total, every_s=every_s, say=said.append, clock=clock, **kwargs), clock, said
+
+
+def test_a_line_comes_once_the_pause_has_passed_with_the_share_speed_and_time_left():
+    counter, clock, said = progress(20_000)
+    clock.now += 4
+    counter.add(1_024)
+    assert said == []  # 4 s in: too soon
+    clock.now += 8
+    counter.add(1_024)
+    assert said == ["Embedded 2,048 of 20,000 rows (10%) in 12 s: 171 rows/s, about 1 min 45 s left."]
+    clock.now += 5
+    counter.add(1_024)
+    assert len(said) == 1  # 5 s after the last line
+    clock.now += 5
+    counter.add(1_024)
+    assert said[-1] == "Embedded 4,096 of 20,000 rows (20%) in 22 s: 186 rows/s, about 1 min 25 s left."
+
+
+def test_the_last_block_says_nothing_since_the_jobs_last_line_says_what_was_written():
+    counter, clock, said = progress(2_048, every_s=0)
+    clock.now += 3
+    counter.add(1_024)
+    clock.now += 3
+    counter.add(1_024)
+    assert said == ["Embedded 1,024 of 2,048 rows (50%) in 3 s: 341 rows/s, about 3 s left."]
+
+
+def test_no_pause_says_every_block_and_a_block_of_no_rows_says_nothing():
+    counter, clock, said = progress(30, every_s=0, done="Scored")
+    counter.add(0)
+    clock.now += 20
+    counter.add(10)
+    clock.now += 20
+    counter.add(10)
+    assert said == ["Scored 10 of 30 rows (33%) in 20 s: 0.5 rows/s, about 40 s left.",
+                    "Scored 20 of 30 rows (67%) in 40 s: 0.5 rows/s, about 20 s left."]
+
+
+def test_without_a_total_it_says_the_count_and_speed_alone():
+    counter, clock, said = progress(None, done="Embedded", unit="texts")
+    clock.now += 90
+    counter.add(5_400)
+    assert said == ["Embedded 5,400 texts in 1 min 30 s: 60 texts/s."]
+
+
+@pytest.mark.parametrize(("seconds", "said"), [
+    (0, "0 s"), (8.4, "8 s"), (59.6, "1 min"), (185, "3 min 5 s"), (3_600, "1 h"),
+    (8_040, "2 h 14 min"), (-1, "0 s"),
+])
+def test_durations_are_as_precise_as_a_wait_needs(seconds, said):
+    assert duration(seconds) == said
+
+
+@pytest.mark.parametrize(("rows", "actors", "block"), [
+    (20_000, 1, 1_000),  # 20 blocks of at most four batches (1,024 rows), evened out
+    (40, 1, 14),         # batches of 4 below: three blocks of 14, 13 and 13
+    (1_000, 4, 250),     # a small table: a block for each of four actors
+    (1_000, 16, 250),    # ... but no more blocks than batches (4 of 256 rows)
+    (100, 4, 100),       # less than a batch: one block
+    (None, 4, 1_024),    # a sheet that does not say its rows
+])
+def test_a_block_is_four_batches_at_most_and_every_actor_gets_one_where_the_rows_allow(rows, actors, block):
+    batch_size = 4 if rows == 40 else 256
+    assert block_rows(rows, batch_size, actors) == block
