@@ -508,15 +508,25 @@ def test_actors_holding_every_cpu_still_get_their_rows(ray_head, tmp_path, kind)
 
 @pytest.mark.parametrize("command", ["embed-csv", "similarity-parquet", "search-csv"])
 def test_a_job_goes_in_blocks_of_four_batches_and_says_how_far_it_has_got(ray_head, tmp_path, command):
-    # Ray Data chose a file's blocks by their bytes (four of 10 rows here, four of 5,000
+    # Ray Data chose a file's blocks by their bytes (four of 100 rows here, four of 5,000
     # rows for a 20,000-row file of short texts), so a long job's progress moved in steps of
-    # 5,000 rows. 40 rows in batches of 4: blocks of 16 rows at most, each said
-    # (--progress-every 0) but the last.
+    # 5,000 rows. 400 rows in batches of 4: blocks of 16 rows at most, each said
+    # (--progress-every 0) but the last. The embed reads a folder of 300 rows and 100: Ray
+    # Data cuts every file into as many blocks as the others, so the longer file sets their
+    # number (it had cut the 300 rows into blocks of 23).
+    from serve_app.batch.job import block_rows
+
     command, kind = command.split("-")
-    frame = pd.DataFrame({"id": range(40), "text": [f"clause {i}: the tenant pays the rent" for i in range(40)],
-                          "doc": [f"rent is due on day {i % 28 + 1}" for i in range(40)]})
+    n = 400 if command != "search" else 40
+    frame = pd.DataFrame({"id": range(n), "text": [f"clause {i}: the tenant pays the rent" for i in range(n)],
+                          "doc": [f"rent is due on day {i % 28 + 1}" for i in range(n)]})
     rows = tmp_path / f"rows.{kind}"
-    frame.to_csv(rows, index=False) if kind == "csv" else frame.to_parquet(rows)
+    if command == "embed":
+        rows.mkdir()
+        frame[:300].to_csv(rows / "a.csv", index=False)
+        frame[300:].to_csv(rows / "b.csv", index=False)
+    else:
+        frame.to_csv(rows, index=False) if kind == "csv" else frame.to_parquet(rows)
     output = tmp_path / ("out.parquet" if command == "embed" else "out.csv")
     sides = {"embed": ["--input", str(rows), "--column", "text"],
              "similarity": ["--input", str(rows), "--left", "text", "--right", "doc"],
@@ -526,16 +536,16 @@ def test_a_job_goes_in_blocks_of_four_batches_and_says_how_far_it_has_got(ray_he
     assert ray_head.wait(job) == "SUCCEEDED", ray_head.logs(job)[-3000:]
     said = re.findall(r"INFO (Embedded|Scored) ([\d,]+) of ([\d,]+) (\w+) \(\d+%\)", ray_head.logs(job))
     # The search embeds the corpus's 40 texts and the queries' 40 in one dataset.
-    word, total, unit = {"embed": ("Embedded", "40", "rows"), "similarity": ("Scored", "40", "rows"),
-                         "search": ("Embedded", "80", "texts")}[command]
-    assert {(w, t, u) for w, _, t, u in said} == {(word, total, unit)}, said
-    done = [0] + [int(n) for _, n, _, _ in said] + [int(total)]
-    # Ray Data evens a file's blocks out (14, 13, 13 rows); the search's are cut as 16, 16, ...
-    assert len(done) - 1 == -(-int(total) // 16), said
-    assert all(0 < after - before <= 16 for before, after in itertools.pairwise(done)), said
+    word, total, unit = {"embed": ("Embedded", 400, "rows"), "similarity": ("Scored", 400, "rows"),
+                         "search": ("Embedded", 80, "texts")}[command]
+    assert {(w, int(t), u) for w, _, t, u in said} == {(word, total, unit)}, said
+    done = [0] + [int(n) for _, n, _, _ in said] + [total]
+    block = block_rows(total, 4, 1)  # 16
+    assert len(done) - 1 >= total // block, said
+    assert all(0 < after - before <= block for before, after in itertools.pairwise(done)), said
     if command != "search":
         written = pd.read_parquet(output) if command == "embed" else pd.read_csv(output)
-        assert written["id"].tolist() == list(range(40))
+        assert written["id"].tolist() == list(range(n))
 
 
 def test_stopped_job_leaves_no_output(ray_head, tmp_path):

@@ -746,7 +746,8 @@ def test_a_sheet_is_cut_into_blocks_for_the_actors_to_share(tmp_path):
 
     pd.DataFrame({"text": [f"row {i}" for i in range(600)]}).to_excel(tmp_path / "a.xlsx", index=False)
     pd.DataFrame({"text": ["last"], "n": [1]}).to_excel(tmp_path / "b.xlsx", index=False)
-    blocks, schema = sheet_blocks([tmp_path / "a.xlsx", tmp_path / "b.xlsx"], None, ["text"], 256)
-    assert [block.num_rows for block in blocks] == [256, 256, 88, 1]
+    # 601 rows in batches of 64: three blocks' worth of four batches at most, 201 rows each.
+    blocks, schema = sheet_blocks([tmp_path / "a.xlsx", tmp_path / "b.xlsx"], None, ["text"], 64, 1)
+    assert [block.num_rows for block in blocks] == [201, 201, 198, 1]
     assert all(block.schema == schema for block in blocks) and schema.names == ["text", "n"]
     assert pa.concat_tables(blocks)["text"].to_pylist() == [f"row {i}" for i in range(600)] + ["last"]

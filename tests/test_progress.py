@@ -75,11 +75,12 @@ def test_durations_are_as_precise_as_a_wait_needs(seconds, said):
 @pytest.mark.parametrize(("rows", "actors", "block"), [
     (20_000, 1, 1_000),  # 20 blocks of at most four batches (1,024 rows), evened out
     (40, 1, 14),         # batches of 4 below: three blocks of 14, 13 and 13
-    (1_000, 4, 250),     # a small table: a block for each of four actors
-    (1_000, 16, 250),    # ... but no more blocks than batches (4 of 256 rows)
+    (1_500, 8, 300),     # a small table: a block for each actor while each holds a batch ...
+    (1_000, 4, 334),     # ... and none under a batch, which Ray Data would bundle with the next
+    (1_000, 16, 334),
     (100, 4, 100),       # less than a batch: one block
-    (None, 4, 1_024),    # a sheet that does not say its rows
+    (None, 4, 1_024),    # rows not known: four batches
 ])
-def test_a_block_is_four_batches_at_most_and_every_actor_gets_one_where_the_rows_allow(rows, actors, block):
+def test_a_block_is_four_batches_at_most_and_at_least_one_where_the_actors_are_many(rows, actors, block):
     batch_size = 4 if rows == 40 else 256
     assert block_rows(rows, batch_size, actors) == block

@@ -191,17 +191,17 @@ def _on_ray(opts: argparse.Namespace, output: str, job: JobOptions) -> tuple[int
     return rows, output, timing
 
 
-def _check_inputs(opts: argparse.Namespace, output: str) -> tuple[list[str], int | None]:
+def _check_inputs(opts: argparse.Namespace, output: str) -> tuple[list[str], tuple[int | None, ...] | None]:
     """Everything that can be wrong with the files, found before Ray starts. Returns the
-    input columns a CSV or XLSX output leaves out (vectors), said now, and the rows of the
-    (first) input (None where a sheet does not say)."""
+    input columns a CSV or XLSX output leaves out (vectors), said now, and the rows of each
+    file of an embed's or a similarity's input (None where a sheet does not say)."""
     import pyarrow.parquet as pq
 
     from serve_app.batch.search import search_clashes
     from serve_app.batch.sheets import SHEET_ROWS, too_many_rows
     from serve_app.batch.tables import (
         check_output,
-        count_rows,
+        file_rows,
         input_files,
         output_format,
         require_columns,
@@ -232,16 +232,17 @@ def _check_inputs(opts: argparse.Namespace, output: str) -> tuple[list[str], int
                             "(vectors). Write the output as .parquet to keep it.",
                             listed, Path(path).name, fmt)
         # Reads a CSV through (its bad rows) and, for a workbook output, any text too long for it.
-        rows.append(count_rows(files, input_fmt, opts.sheet, to_sheet=fmt == "xlsx"))
+        rows.append(file_rows(files, input_fmt, opts.sheet, to_sheet=fmt == "xlsx"))
     if opts.command == "search" and (clashes := search_clashes(*names)):
         raise JobInputError(f"The search's output would have {' and '.join(clashes)}: rename that "
                             "column of the queries or the corpus first.")
-    if fmt == "xlsx" and None not in rows:
+    totals = [None if None in each else sum(each) for each in rows]
+    if fmt == "xlsx" and None not in totals:
         # A search writes k rows a query, at most one a corpus row, and at least one.
-        written = rows[0] * max(1, min(opts.k, rows[1])) if opts.command == "search" else rows[0]
+        written = totals[0] * max(1, min(opts.k, totals[1])) if opts.command == "search" else totals[0]
         if written >= SHEET_ROWS:
             raise JobInputError(too_many_rows(written, at_most=opts.command == "search"))
-    return left_out, rows[0]
+    return left_out, None if opts.command == "search" else tuple(rows[0])
 
 
 def _dimensions(dimensions: int | None, args: AppArgs, full: int) -> int | None:

@@ -37,7 +37,7 @@ class JobOptions:
     actors: int | None = None
     sheet: str | None = None
     umask: int | None = None  # the user's, for the output, where the job runs under another
-    input_rows: int | None = None  # embed's, similarity's, counted before Ray (None: a sheet did not say)
+    input_rows: tuple[int | None, ...] | None = None  # each input file's (embed, similarity), counted before Ray
     progress_every: float = EVERY_S  # seconds between two progress lines at most (0: every block)
     texts_cut: int = field(default=0, init=False)  # texts longer than the model reads, so far
     _placement: tuple[float, str | None] | None = field(default=None, init=False, repr=False)

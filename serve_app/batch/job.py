@@ -37,9 +37,9 @@ def run_embed(input_path: str, column: str, output: str, opts: JobOptions) -> in
     """Add an `embedding` column to every row; Parquet out. Returns the row count."""
     output_format(output, ("parquet",))
     prefix = _prefix(opts, opts.instruction, opts.prompt_name)
-    dataset, schema = _read(input_path, [column], opts, output, rows=opts.input_rows)
+    dataset, schema, total = _read(input_path, [column], opts, output, rows=opts.input_rows)
     embedded = embed_rows(dataset, opts, "embed", [column], [prefix])
-    progress = Progress(opts.input_rows, "Embedded", every_s=opts.progress_every)
+    progress = Progress(total, "Embedded", every_s=opts.progress_every)
     import pyarrow.parquet as pq
 
     # How the vectors were made, for a later search to use them as they are (`provenance`).
@@ -61,9 +61,9 @@ def run_similarity(input_path: str, left: str, right: str, output: str, opts: Jo
     """Add a `similarity` column (cosine of left and right); the output's format by extension."""
     fmt = output_format(output, ("csv", "xlsx", "parquet"))
     query_prefix = _prefix(opts, opts.instruction, opts.prompt_name)
-    dataset, schema = _read(input_path, [left, right], opts, output, rows=opts.input_rows)
+    dataset, schema, total = _read(input_path, [left, right], opts, output, rows=opts.input_rows)
     scored = embed_rows(dataset, opts, "similarity", [left, right], [query_prefix, ""])
-    progress = Progress(opts.input_rows, "Scored", every_s=opts.progress_every)
+    progress = Progress(total, "Scored", every_s=opts.progress_every)
     table = _collect(scored, schema.append(pa.field("similarity", pa.float32())), opts, progress)
     with atomic_output(output, opts.umask) as temporary:
         write_table(table, temporary, fmt)
@@ -80,8 +80,8 @@ def run_search(queries: str, query_column: str, corpus: str, corpus_column: str,
     query_prefix = _prefix(opts, opts.instruction, opts.prompt_name or (None if opts.instruction else "query"))
     document_prefix = _prefix(opts, None, "document")
     reuse = kept = _corpus_vectors_reusable(corpus, corpus_column, document_prefix, opts, output)
-    corpus_ds, corpus_schema = _read(corpus, [corpus_column], opts, output, keep=("embedding",) if kept else ())
-    query_ds, query_schema = _read(queries, [query_column], opts, output)
+    corpus_ds, corpus_schema, _ = _read(corpus, [corpus_column], opts, output, keep=("embedding",) if kept else ())
+    query_ds, query_schema, _ = _read(queries, [query_column], opts, output)
     corpus_table = _collect(corpus_ds, corpus_schema)
     query_table = _collect(query_ds, query_schema)
     query_texts = prefixed(query_table[query_column], query_prefix)
@@ -178,16 +178,19 @@ def block_rows(rows: int | None, batch_size: int, actors: int) -> int:
     None (a sheet that does not say): four batches."""
     if not rows:
         return batch_size * 4
-    blocks = max(-(-rows // (batch_size * 4)), min(-(-rows // batch_size), actors))
+    # No block under a batch: Ray Data bundles smaller blocks up to a batch for an actor,
+    # so two of 250 rows (1,000 rows for four actors) went to one actor together.
+    blocks = max(-(-rows // (batch_size * 4)), min(max(1, rows // batch_size), actors))
     return -(-rows // blocks)
 
 
 def _read(path: str, columns: list[str], opts: JobOptions, output: str, keep: tuple[str, ...] = (),
-          rows: int | None = None):
-    """A Ray dataset over the input file(s), and the schema every row is read with: one
-    type per column for all the files (`common_schema`). Their columns were checked
-    before Ray started. `keep`: columns of lists to read even for a CSV or XLSX output.
-    `rows` (counted before Ray): the input goes to the actors in blocks of `block_rows`."""
+          rows: tuple[int | None, ...] | None = None):
+    """A Ray dataset over the input file(s), the schema every row is read with (one type per
+    column for all the files, `common_schema`), and its rows where known. The files'
+    columns were checked before Ray started. `keep`: columns of lists to read even for a
+    CSV or XLSX output. `rows`, each file's, counted before Ray: the dataset is cut into
+    blocks of `block_rows` for the actors (read as Ray Data chooses without it)."""
     import ray
 
     # A dataset takes a copy of Ray Data's current context when it is made (set later, as
@@ -204,8 +207,13 @@ def _read(path: str, columns: list[str], opts: JobOptions, output: str, keep: tu
     context.use_datasource_v2 = False
     files, fmt = input_files(path, output)
     files = [f.resolve() for f in files]  # read tasks run elsewhere than the driver's cwd
-    block = block_rows(rows, opts.batch_size, opts.pool_size() if rows else 1)
-    blocks = None if rows is None else max(len(files), -(-rows // block))
+    total = None if rows is None or None in rows else sum(rows)
+    blocks = None
+    if total is not None and fmt != "xlsx":
+        # Ray Data reads each file in a task of its own and cuts every task's rows into the
+        # same number of blocks: as many as the longest file needs.
+        block = block_rows(total, opts.batch_size, opts.pool_size())
+        blocks = len(files) * max(1, *(-(-each // block) for each in rows))
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
@@ -223,7 +231,7 @@ def _read(path: str, columns: list[str], opts: JobOptions, output: str, keep: tu
             if left_out and all(set(schema.names) <= set(each.names) for each in schemas):
                 columns = schema.names
         return ray.data.read_parquet([str(f) for f in files], columns=columns, num_cpus=READ_CPUS,
-                                     schema=schema if columns else full, override_num_blocks=blocks), schema
+                                     schema=schema if columns else full, override_num_blocks=blocks), schema, total
     if fmt == "csv":
         from pyarrow import csv
 
@@ -232,18 +240,20 @@ def _read(path: str, columns: list[str], opts: JobOptions, output: str, keep: tu
         schema = common_schema([csv_schema(f, columns) for f in files])
         convert = csv.ConvertOptions(column_types=dict(zip(schema.names, schema.types, strict=True)))
         return ray.data.read_csv([str(f) for f in files], parse_options=csv_parse_options(files),
-                                 convert_options=convert, num_cpus=READ_CPUS, override_num_blocks=blocks), schema
-    sheets, schema = sheet_blocks(files, opts.sheet, columns, block)
-    return ray.data.from_arrow(sheets), schema
+                                 convert_options=convert, num_cpus=READ_CPUS, override_num_blocks=blocks), schema, total
+    sheets, schema = sheet_blocks(files, opts.sheet, columns, opts.batch_size,
+                                  opts.pool_size() if rows is not None else 1)
+    return ray.data.from_arrow(sheets), schema, sum(block.num_rows for block in sheets)
 
 
-def sheet_blocks(files: list[Path], sheet: str | None, columns: list[str],
-                 rows: int) -> tuple[list[pa.Table], pa.Schema]:
-    """The sheets' rows in blocks of `rows` rows, all with one schema (`common_schema`): the
-    blocks go to the actors in turn, and Ray Data's progress counts them."""
+def sheet_blocks(files: list[Path], sheet: str | None, columns: list[str], batch_size: int,
+                 actors: int) -> tuple[list[pa.Table], pa.Schema]:
+    """The sheets' rows in blocks of `block_rows` for all their rows, with one schema
+    (`common_schema`): the blocks go to the actors in turn, and the progress counts them."""
     sheets = [pa.Table.from_pandas(_arrow_safe(read_xlsx(f, sheet), columns), preserve_index=False)
               for f in files]
     schema = common_schema([table.schema for table in sheets])
+    rows = block_rows(sum(table.num_rows for table in sheets), batch_size, actors)
     return [block for table in sheets for block in _blocks(conform(table, schema), rows)], schema
 
 

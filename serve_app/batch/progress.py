@@ -21,7 +21,8 @@ class Progress:
     """Counts the rows as their blocks come back; says `Embedded 2,048 of 20,000 rows
     (10%) in 12 s: 171 rows/s, about 1 min 45 s left.` at most every `every_s` seconds
     (0: after every block). `total` None: the count is said without a share or time left.
-    The last block says nothing: the job's last line says what was written."""
+    The block that completes the total says nothing: the job's last line says what was
+    written. The time is counted from the pipeline's start, model loading included."""
 
     def __init__(self, total: int | None, done: str = "Embedded", unit: str = "rows", *,
                  every_s: float = EVERY_S, say: Callable[[str], None] | None = None,

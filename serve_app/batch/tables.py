@@ -139,7 +139,13 @@ def require_columns(files: list[Path], fmt: str, wanted: list[str], sheet: str |
 
 
 def count_rows(files: list[Path], fmt: str, sheet: str | None = None, to_sheet: bool = False) -> int | None:
-    """The rows of the files (None where a sheet does not say), found before any work. A CSV
+    """The rows of the files (None where a sheet does not say): `file_rows`, summed."""
+    counts = file_rows(files, fmt, sheet, to_sheet)
+    return None if None in counts else sum(counts)
+
+
+def file_rows(files: list[Path], fmt: str, sheet: str | None = None, to_sheet: bool = False) -> list[int | None]:
+    """Each file's rows (None where a sheet does not say), found before any work. A CSV
     is read through once for it, so that a row the job's reader would fail on part way
     through the job (`check_csv`) is refused now. `to_sheet` (the output is a workbook):
     a CSV's or Parquet file's text longer than a sheet's cell holds is refused now too,
@@ -150,12 +156,11 @@ def count_rows(files: list[Path], fmt: str, sheet: str | None = None, to_sheet: 
         if to_sheet:
             for file in files:
                 _refuse_long_parquet_cells(file)
-        return sum(pq.read_metadata(file).num_rows for file in files)
+        return [pq.read_metadata(file).num_rows for file in files]
     if fmt == "csv":
         csv_parse_options(files)  # one separator for them all
-        return sum(check_csv(file, to_sheet) for file in files)
-    counts = [sheet_header(file, sheet).rows for file in files]
-    return None if None in counts else sum(counts)
+        return [check_csv(file, to_sheet) for file in files]
+    return [sheet_header(file, sheet).rows for file in files]
 
 
 def _refuse_long_parquet_cells(file: Path) -> None:
