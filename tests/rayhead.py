@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -19,7 +20,11 @@ FINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 class RayHead:
     """`ray start --head` in a temporary directory, with the job API on a free port."""
 
-    def __init__(self, temp_dir: Path, serve_env: dict[str, str] | None = None) -> None:
+    def __init__(self, temp_dir: Path, serve_env: dict[str, str] | None = None,
+                 gpu_nodes: int = 0) -> None:
+        """`gpu_nodes`: an autoscaling cluster whose head has no GPU and which adds up to that
+        many nodes of one CPU and one GPU as work asks for them, as `cluster.yaml`'s does.
+        They are Ray's fake nodes: raylets on this machine, started by the autoscaler."""
         self.temp_dir = temp_dir
         self.dashboard_port = free_port()
         # Token authentication, as the README starts a local cluster (Ray 2.60's default:
@@ -33,15 +38,19 @@ class RayHead:
         ray_cli = str(Path(sys.executable).with_name("ray"))
         subprocess.run([ray_cli, "get-auth-token", "--generate"], env=self.env, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60, umask=0o077)
+        port = free_port()
         command = [
             ray_cli, "start", "--head", "--block",
-            f"--port={free_port()}", f"--dashboard-port={self.dashboard_port}",
+            f"--port={port}", f"--dashboard-port={self.dashboard_port}",
             "--dashboard-host=127.0.0.1", "--include-dashboard=true",
             f"--ray-client-server-port={free_port()}",
             f"--dashboard-agent-listen-port={free_port()}",
             "--num-cpus=2", "--num-gpus=0", "--object-store-memory=400000000",
             f"--temp-dir={temp_dir}", "--disable-usage-stats",
         ]
+        if gpu_nodes:
+            command.append(f"--autoscaling-config={self._fake_autoscaling(port, gpu_nodes)}")
+            self.env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
         # Its own process group: Ray's daemons stay in it, so teardown stops exactly this
         # cluster (`ray stop` would also stop the session's Serve cluster).
         self.process = subprocess.Popen(
@@ -49,6 +58,32 @@ class RayHead:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         self.client = self._connect()
+
+    def _fake_autoscaling(self, port: int, gpu_nodes: int) -> Path:
+        """The autoscaler's config for Ray's fake node provider (`RAY_FAKE_CLUSTER`)."""
+        from ray.util import get_node_ip_address
+
+        config = {
+            "cluster_name": "fake", "max_workers": gpu_nodes, "upscaling_speed": 1.0,
+            "idle_timeout_minutes": 5, "head_node_type": "ray.head.default", "auth": {}, "docker": {},
+            "provider": {"type": "fake_multinode", "use_node_id_as_ip": True,
+                         "disable_node_updaters": True, "disable_launch_config_check": True,
+                         "gcs_address": f"{get_node_ip_address()}:{port}"},
+            "available_node_types": {
+                "ray.head.default": {"resources": {"CPU": 2}, "node_config": {}, "max_workers": 0},
+                "gpu": {"resources": {"CPU": 1, "GPU": 1}, "node_config": {},
+                        "min_workers": 0, "max_workers": gpu_nodes},
+            },
+            **{key: [] for key in ("initialization_commands", "setup_commands", "head_setup_commands",
+                                   "worker_setup_commands", "head_start_ray_commands",
+                                   "worker_start_ray_commands", "cluster_synced_files",
+                                   "rsync_exclude", "rsync_filter")},
+            "file_mounts": {}, "file_mounts_sync_continuously": False,
+        }
+        self.temp_dir.mkdir(parents=True, exist_ok=True)
+        path = self.temp_dir / "autoscaling.json"
+        path.write_text(json.dumps(config))
+        return path
 
     def _connect(self):
         from ray.job_submission import JobSubmissionClient

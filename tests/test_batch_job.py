@@ -548,6 +548,37 @@ def test_a_job_goes_in_blocks_of_four_batches_and_says_how_far_it_has_got(ray_he
         assert written["id"].tolist() == list(range(n))
 
 
+def test_a_gpu_job_on_a_cluster_that_adds_gpu_nodes_grows_its_actors_as_they_join(tmp_path, tmp_path_factory):
+    # cluster.yaml scales its GPU nodes from zero: a job submitted then found no GPU, sized
+    # its pool at one actor, and kept it on a quarter of one GPU for the whole job. Here
+    # Ray's fake autoscaler adds up to two nodes of one CPU and one (fake) GPU, each room
+    # for one actor; the model runs on the CPU. The job is stopped once a second is up.
+    head = RayHead(tmp_path_factory.mktemp("rg"), gpu_nodes=2)  # short: Unix socket paths have a limit
+    try:
+        rows = tmp_path / "rows.csv"
+        pd.DataFrame({"text": [f"clause {i}: the tenant pays the rent on day {i % 28 + 1}"
+                               for i in range(20_000)]}).to_csv(rows, index=False)
+        job = head.submit("embed", "--input", str(rows), "--column", "text", "--output",
+                          str(tmp_path / "embedded.parquet"), "--gpu-fraction", "0.25", "--batch-size", "32",
+                          # Ray Data asks the autoscaler for nodes every 10 s at most: every 1 s here.
+                          env={"RAY_DATA_MIN_GAP_BETWEEN_AUTOSCALING_REQUESTS": "1"})
+
+        def actors_loaded() -> set[str]:
+            logs = head.logs(job)
+            assert head.status(job) in ("PENDING", "RUNNING"), logs[-3000:]
+            loaded = set(re.findall(r"pid=(\d+)[^)]*\)\S* Model bundled:minilm loaded in", logs))
+            return loaded if len(loaded) >= 2 else set()
+
+        wait_for(actors_loaded, 240, "a second actor, on a GPU node that joined for the job")
+        logs = head.logs(job)
+        assert ("Embedding with 1 actor to start, and more as the cluster's GPUs allow (up to 625), "
+                "0.25 GPU each, 32 rows a batch") in logs, logs[-3000:]
+        assert "1 actor needs 0.25 GPUs (0.25 each), and this cluster has 0 now. None can start" in logs
+        head.client.stop_job(job)
+    finally:
+        head.stop()
+
+
 def test_stopped_job_leaves_no_output(ray_head, tmp_path):
     sys.path.insert(0, str(REPO / "bench"))
     from corpus import sentences

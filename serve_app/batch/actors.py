@@ -158,14 +158,32 @@ def embedding_array(vectors: list[np.ndarray | None]) -> pa.Array:
     return pa.array([None if v is None else v.astype(np.float32) for v in vectors], type=EMBEDDING_TYPE)
 
 
-def embed_rows(dataset, opts: JobOptions, task: str, columns: list[str], prefixes: list[str]):
-    """`dataset` with the task's column added by a pool of `EmbedRows` actors."""
+def embed_rows(dataset, opts: JobOptions, task: str, columns: list[str], prefixes: list[str],
+               rows: int | None = None):
+    """`dataset` (of `rows` rows, where known) with the task's column added by a pool of
+    `EmbedRows` actors.
+
+    On a cluster, a job on GPUs without `--actors` starts with the actors that fit now (at
+    least one) and adds more as GPU nodes join, up to one a batch: a cluster that scales
+    its GPU nodes from zero (`cluster.yaml`) has none when the job starts, and a pool
+    sized then kept one actor on a quarter of one GPU for the whole job. On CPUs an actor
+    uses every core of its node, so the pool stays at one a node; on a Ray the job started
+    for itself no node joins."""
     from ray.data import ActorPoolStrategy
 
     gpu_fraction, warm = opts.placement()
     actors = opts.pool_size()
-    logger.info("Embedding with %d actor(s), %s GPU each, %d rows a batch",
-                actors, gpu_fraction or "no", opts.batch_size)
+    grows = opts.actors is None and gpu_fraction > 0 and not _ray_of_its_own()
+    most = max(actors, -(-rows // opts.batch_size)) if grows and rows else None
+    if grows:
+        logger.info("Embedding with %s to start, and more as the cluster's GPUs allow (up to %s), "
+                    "%g GPU each, %d rows a batch", _count(actors, "actor"),
+                    f"{most:,}" if most else "one a batch", gpu_fraction, opts.batch_size)
+        compute = ActorPoolStrategy(min_size=actors, max_size=most)
+    else:
+        logger.info("Embedding with %s, %s GPU each, %d rows a batch",
+                    _count(actors, "actor"), f"{gpu_fraction:g}" if gpu_fraction else "no", opts.batch_size)
+        compute = ActorPoolStrategy(size=actors)
     _say_if_the_actors_do_not_fit(actors, opts.args.replica_cpus, gpu_fraction)
     remote_args = {}
     if warm is not None:
@@ -181,7 +199,7 @@ def embed_rows(dataset, opts: JobOptions, task: str, columns: list[str], prefixe
                    "dimensions": opts.dimensions},
         batch_size=opts.batch_size,
         batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=actors),
+        compute=compute,
         num_cpus=opts.args.replica_cpus,
         num_gpus=gpu_fraction or None,
         **remote_args,
@@ -258,19 +276,19 @@ def _say_if_the_actors_do_not_fit(actors: int, cpus_each: float, gpus_each: floa
     fit = min(int(total / each + 1e-9) for each, total in short.values())
     own = _ray_of_its_own()
     if fit:
-        logger.warning("%d actors need %s. The job runs on the %d that fit%s.", actors, needs("this cluster"),
-                       fit, "" if own else ", and more start if nodes join")
+        logger.warning("%s %s. The job runs on the %d that fit%s.", _count(actors, "actor"),
+                       _need(actors, needs("this cluster")), fit, "" if own else ", and more start if nodes join")
     elif own:
         fixes = {"GPU": "run it with --gpu-fraction 0 to embed on this machine's CPU, or submit it to "
                         "a cluster with GPUs (ray job submit)",
                  "CPU": f"set replica_cpus (in --config) to {have.get('CPU', 0.0):g} or fewer"}
         raise JobInputError(
-            f"{_count(actors, 'actor')} {'need' if actors != 1 else 'needs'} {needs('this machine')}, "
+            f"{_count(actors, 'actor')} {_need(actors, needs('this machine'))}, "
             f"so none can start on the Ray this job started for itself: "
             + "; ".join(fixes[name] for name in short) + ".")
     else:
-        logger.warning("%d actors need %s. None can start until nodes join: on a cluster that "
-                       "adds none, stop the job (Ctrl-C or ray job stop).", actors, needs("this cluster"))
+        logger.warning("%s %s. None can start until nodes join: on a cluster that adds none, stop "
+                       "the job (Ctrl-C or ray job stop).", _count(actors, "actor"), _need(actors, needs("this cluster")))
 
 
 def _ray_of_its_own() -> bool:
@@ -284,6 +302,10 @@ def _ray_of_its_own() -> bool:
 
 def _count(amount: float, unit: str) -> str:
     return f"{amount:g} {unit}" + ("" if amount == 1 else "s")
+
+
+def _need(actors: int, what: str) -> str:
+    return f"{'needs' if actors == 1 else 'need'} {what}"
 
 
 def _default_actors(gpu_fraction: float) -> int:

@@ -38,7 +38,7 @@ def run_embed(input_path: str, column: str, output: str, opts: JobOptions) -> in
     output_format(output, ("parquet",))
     prefix = _prefix(opts, opts.instruction, opts.prompt_name)
     dataset, schema, total = _read(input_path, [column], opts, output, rows=opts.input_rows)
-    embedded = embed_rows(dataset, opts, "embed", [column], [prefix])
+    embedded = embed_rows(dataset, opts, "embed", [column], [prefix], total)
     progress = Progress(total, "Embedded", every_s=opts.progress_every)
     import pyarrow.parquet as pq
 
@@ -62,7 +62,7 @@ def run_similarity(input_path: str, left: str, right: str, output: str, opts: Jo
     fmt = output_format(output, ("csv", "xlsx", "parquet"))
     query_prefix = _prefix(opts, opts.instruction, opts.prompt_name)
     dataset, schema, total = _read(input_path, [left, right], opts, output, rows=opts.input_rows)
-    scored = embed_rows(dataset, opts, "similarity", [left, right], [query_prefix, ""])
+    scored = embed_rows(dataset, opts, "similarity", [left, right], [query_prefix, ""], total)
     progress = Progress(total, "Scored", every_s=opts.progress_every)
     table = _collect(scored, schema.append(pa.field("similarity", pa.float32())), opts, progress)
     with atomic_output(output, opts.umask) as temporary:
@@ -150,7 +150,7 @@ def _embed_texts(texts: list[str | None], opts: JobOptions) -> pa.Array:
     table = pa.table({"text": pa.array(texts, type=pa.string())})
     dataset = ray.data.from_arrow(_blocks(table, block_rows(len(texts), opts.batch_size, opts.pool_size())))
     progress = Progress(len(texts), "Embedded", "texts", every_s=opts.progress_every)
-    embedded = _collect(embed_rows(dataset, opts, "embed", ["text"], [""]),
+    embedded = _collect(embed_rows(dataset, opts, "embed", ["text"], [""], len(texts)),
                         table.schema.append(pa.field("embedding", EMBEDDING_TYPE)), opts, progress)
     return embedded["embedding"].combine_chunks()
 
