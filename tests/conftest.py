@@ -203,6 +203,14 @@ def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.25):
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
+class MapBatchesRecorder:
+    """A stand-in for a Ray dataset that keeps what `map_batches` was asked (pure logic)."""
+
+    def map_batches(self, fn, **kwargs):
+        self.fn, self.kwargs = fn, kwargs
+        return self
+
+
 def serve_in_background(server) -> threading.Thread:
     """A socketserver's serve_forever on a daemon thread, checking for shutdown every 50 ms
     (its default, 0.5 s, was each test server's stop: 11 s of the run)."""

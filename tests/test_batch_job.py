@@ -514,7 +514,7 @@ def test_a_job_goes_in_blocks_of_four_batches_and_says_how_far_it_has_got(ray_he
     # (--progress-every 0) but the last. The embed reads a folder of 300 rows and 100: Ray
     # Data cuts every file into as many blocks as the others, so the longer file sets their
     # number (it had cut the 300 rows into blocks of 23).
-    from serve_app.batch.job import block_rows
+    from serve_app.batch.actors import block_rows
 
     command, kind = command.split("-")
     n = 400 if command != "search" else 40
@@ -557,11 +557,13 @@ def test_a_gpu_job_on_a_cluster_that_adds_gpu_nodes_grows_its_actors_as_they_joi
     try:
         rows = tmp_path / "rows.csv"
         pd.DataFrame({"text": [f"clause {i}: the tenant pays the rent on day {i % 28 + 1}"
-                               for i in range(20_000)]}).to_csv(rows, index=False)
+                               for i in range(200_000)]}).to_csv(rows, index=False)  # never done first
         job = head.submit("embed", "--input", str(rows), "--column", "text", "--output",
                           str(tmp_path / "embedded.parquet"), "--gpu-fraction", "0.25", "--batch-size", "32",
                           # Ray Data asks the autoscaler for nodes every 10 s at most: every 1 s here.
-                          env={"RAY_DATA_MIN_GAP_BETWEEN_AUTOSCALING_REQUESTS": "1"})
+                          # Ray may hold back a worker's line like one of the last 5 s (the
+                          # other actor's "loaded") until another comes: every line is shown here.
+                          env={"RAY_DATA_MIN_GAP_BETWEEN_AUTOSCALING_REQUESTS": "1", "RAY_DEDUP_LOGS": "0"})
 
         def actors_loaded() -> set[str]:
             logs = head.logs(job)
@@ -569,9 +571,9 @@ def test_a_gpu_job_on_a_cluster_that_adds_gpu_nodes_grows_its_actors_as_they_joi
             loaded = set(re.findall(r"pid=(\d+)[^)]*\)\S* Model bundled:minilm loaded in", logs))
             return loaded if len(loaded) >= 2 else set()
 
-        wait_for(actors_loaded, 240, "a second actor, on a GPU node that joined for the job")
+        wait_for(actors_loaded, 240, "a second actor, on a GPU node that joined for the job", interval_s=1)
         logs = head.logs(job)
-        assert ("Embedding with 1 actor to start, and more as the cluster's GPUs allow (up to 625), "
+        assert ("Embedding with 1 actor to start, and more as the cluster's GPUs allow (up to 1,563), "
                 "0.25 GPU each, 32 rows a batch") in logs, logs[-3000:]
         assert "1 actor needs 0.25 GPUs (0.25 each), and this cluster has 0 now. None can start" in logs
         head.client.stop_job(job)

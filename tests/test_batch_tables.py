@@ -354,28 +354,25 @@ def test_actors_the_cluster_cannot_hold_are_said_with_how_many_start(monkeypatch
 
 
 @pytest.mark.parametrize(("gpu_fraction", "given", "own_ray", "pool"), [
-    (0.25, None, False, (1, 625)),  # a cluster with no GPU node yet: one, then more as nodes join
+    (0.25, None, False, (1, 157)),  # a cluster: those that fit now, then up to one a block (of 128 rows)
     (0.25, 2, False, (2, 2)),       # --actors: as given
     (0.25, None, True, (1, 1)),     # a Ray the job started for itself: no node joins
     (0.0, None, False, (1, 1)),     # CPUs: one a node, each on every core of it
 ])
 def test_a_gpu_jobs_actors_grow_on_a_cluster_unless_given(monkeypatch, gpu_fraction, given, own_ray, pool):
-    # The dataset is a stand-in that keeps what the pool was asked for (pure logic).
+    # One actor fits now; the dataset is a stand-in that keeps what the pool was asked for.
+    from conftest import MapBatchesRecorder
+
     from serve_app.batch import actors
     from serve_app.core.config import AppArgs
     from serve_app.core.modelinfo import resolve_model
-
-    class Dataset:
-        def map_batches(self, fn, **kwargs):
-            self.compute = kwargs["compute"]
-            return self
 
     monkeypatch.setattr(actors, "_ray_of_its_own", lambda: own_ray)
     monkeypatch.setattr(actors, "_default_actors", lambda fraction: 1)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "GPU": 1.0})
     job = actors.JobOptions(args=AppArgs(), spec=resolve_model("bundled:minilm"), actors=given, batch_size=32)
     job._placement = (gpu_fraction, None)
-    compute = actors.embed_rows(Dataset(), job, "embed", ["text"], [""], rows=20_000).compute
+    compute = actors.embed_rows(MapBatchesRecorder(), job, "embed", ["text"], [""], rows=20_000).kwargs["compute"]
     assert (compute.min_size, compute.max_size) == pool
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from serve_app.batch.job import block_rows
+from serve_app.batch.actors import block_rows
 from serve_app.batch.progress import Progress, duration
 
 

@@ -58,7 +58,8 @@ def parser() -> argparse.ArgumentParser:
         group.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"],
                            help="auto (default): bfloat16 where the CPU or GPU runs it natively")
         group.add_argument("--gpu-fraction", type=float, help="GPU share per actor; default as the service")
-        group.add_argument("--actors", type=int, help="model actors; default one per node (CPU) or per GPU share, more as a cluster's GPU nodes join")
+        group.add_argument("--actors", type=int, help="model actors; default one per node (CPU) or "
+                           "per GPU share, more as a cluster's GPU nodes join")
         group.add_argument("--batch-size", type=int, default=256, help="rows per model call (default 256)")
         group.add_argument("--sheet", help="worksheet of .xlsx/.xlsm inputs; default the first")
         group.add_argument("--progress-every", type=float, default=EVERY_S, metavar="SECONDS",

@@ -158,31 +158,43 @@ def embedding_array(vectors: list[np.ndarray | None]) -> pa.Array:
     return pa.array([None if v is None else v.astype(np.float32) for v in vectors], type=EMBEDDING_TYPE)
 
 
+def block_rows(rows: int | None, batch_size: int, actors: int) -> int:
+    """The rows of a block the actors are handed: four batches at most, fewer where the
+    table is too small for every actor to get a batch. Ray Data read a CSV or Parquet file
+    in blocks of 1 MiB or more (5,000 rows of short texts): the job's progress moved in
+    steps of 5,000 rows, and a fifth actor of a 20,000-row file had nothing to do. `rows`
+    None (a sheet that does not say): four batches."""
+    if not rows:
+        return batch_size * 4
+    # No block under a batch: Ray Data bundles smaller blocks up to a batch for an actor,
+    # so two of 250 rows (1,000 rows for four actors) went to one actor together.
+    blocks = max(-(-rows // (batch_size * 4)), min(max(1, rows // batch_size), actors))
+    return -(-rows // blocks)
+
+
 def embed_rows(dataset, opts: JobOptions, task: str, columns: list[str], prefixes: list[str],
                rows: int | None = None):
     """`dataset` (of `rows` rows, where known) with the task's column added by a pool of
-    `EmbedRows` actors.
-
-    On a cluster, a job on GPUs without `--actors` starts with the actors that fit now (at
-    least one) and adds more as GPU nodes join, up to one a batch: a cluster that scales
-    its GPU nodes from zero (`cluster.yaml`) has none when the job starts, and a pool
-    sized then kept one actor on a quarter of one GPU for the whole job. On CPUs an actor
-    uses every core of its node, so the pool stays at one a node; on a Ray the job started
-    for itself no node joins."""
+    `EmbedRows` actors. On a cluster, a job on GPUs without `--actors` starts with the
+    actors that fit now (at least one) and adds more as GPU nodes join, up to one a block
+    (`block_rows`). Otherwise the pool is fixed: on CPUs an actor uses every core of its
+    node, and no node joins a Ray the job started for itself."""
     from ray.data import ActorPoolStrategy
 
     gpu_fraction, warm = opts.placement()
     actors = opts.pool_size()
+    # Sized when the job starts, a cluster that scales its GPU nodes from zero (cluster.yaml)
+    # had no GPU: one actor, on a quarter of one GPU, for the whole job.
     grows = opts.actors is None and gpu_fraction > 0 and not _ray_of_its_own()
-    most = max(actors, -(-rows // opts.batch_size)) if grows and rows else None
+    most = max(actors, -(-rows // block_rows(rows, opts.batch_size, actors))) if grows and rows else None
     if grows:
         logger.info("Embedding with %s to start, and more as the cluster's GPUs allow (up to %s), "
                     "%g GPU each, %d rows a batch", _count(actors, "actor"),
-                    f"{most:,}" if most else "one a batch", gpu_fraction, opts.batch_size)
+                    f"{most:,}" if most else "one a block", gpu_fraction, opts.batch_size)
         compute = ActorPoolStrategy(min_size=actors, max_size=most)
     else:
-        logger.info("Embedding with %s, %s GPU each, %d rows a batch",
-                    _count(actors, "actor"), f"{gpu_fraction:g}" if gpu_fraction else "no", opts.batch_size)
+        logger.info("Embedding with %s, %s GPU each, %d rows a batch", _count(actors, "actor"),
+                    f"{gpu_fraction:g}" if gpu_fraction else "no", opts.batch_size)
         compute = ActorPoolStrategy(size=actors)
     _say_if_the_actors_do_not_fit(actors, opts.args.replica_cpus, gpu_fraction)
     remote_args = {}
@@ -277,7 +289,8 @@ def _say_if_the_actors_do_not_fit(actors: int, cpus_each: float, gpus_each: floa
     own = _ray_of_its_own()
     if fit:
         logger.warning("%s %s. The job runs on the %d that fit%s.", _count(actors, "actor"),
-                       _need(actors, needs("this cluster")), fit, "" if own else ", and more start if nodes join")
+                       _need(actors, needs("this cluster")), fit,
+                       "" if own else ", and more start if nodes join")
     elif own:
         fixes = {"GPU": "run it with --gpu-fraction 0 to embed on this machine's CPU, or submit it to "
                         "a cluster with GPUs (ray job submit)",
@@ -288,7 +301,8 @@ def _say_if_the_actors_do_not_fit(actors: int, cpus_each: float, gpus_each: floa
             + "; ".join(fixes[name] for name in short) + ".")
     else:
         logger.warning("%s %s. None can start until nodes join: on a cluster that adds none, stop "
-                       "the job (Ctrl-C or ray job stop).", _count(actors, "actor"), _need(actors, needs("this cluster")))
+                       "the job (Ctrl-C or ray job stop).", _count(actors, "actor"),
+                       _need(actors, needs("this cluster")))
 
 
 def _ray_of_its_own() -> bool:

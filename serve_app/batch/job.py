@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from serve_app.batch.actors import EMBEDDING_TYPE, JobOptions, embed_rows, texts_cut
+from serve_app.batch.actors import EMBEDDING_TYPE, JobOptions, block_rows, embed_rows, texts_cut
 from serve_app.batch.csvfiles import csv_parse_options, csv_schema
 from serve_app.batch.output import atomic_output, write_table
 from serve_app.batch.progress import Progress
@@ -168,20 +168,6 @@ def _prefix(opts: JobOptions, instruction: str | None, prompt_name: str | None) 
 # CPU waited for ever once the model actors held every CPU (`--actors 2` on two cores):
 # the actors waited for rows, the read for a CPU.
 READ_CPUS = 0
-
-
-def block_rows(rows: int | None, batch_size: int, actors: int) -> int:
-    """The rows of a block the actors are handed: four batches at most, fewer where the
-    table is too small for every actor to get a batch. Ray Data read a CSV or Parquet file
-    in blocks of 1 MiB or more (5,000 rows of short texts): the job's progress moved in
-    steps of 5,000 rows, and a fifth actor of a 20,000-row file had nothing to do. `rows`
-    None (a sheet that does not say): four batches."""
-    if not rows:
-        return batch_size * 4
-    # No block under a batch: Ray Data bundles smaller blocks up to a batch for an actor,
-    # so two of 250 rows (1,000 rows for four actors) went to one actor together.
-    blocks = max(-(-rows // (batch_size * 4)), min(max(1, rows // batch_size), actors))
-    return -(-rows // blocks)
 
 
 def _read(path: str, columns: list[str], opts: JobOptions, output: str, keep: tuple[str, ...] = (),
