@@ -28,13 +28,25 @@ def test_a_line_comes_once_the_pause_has_passed_with_the_share_speed_and_time_le
     assert said == []  # 4 s in: too soon
     clock.now += 8
     counter.add(1_024)
-    assert said == ["Embedded 2,048 of 20,000 rows (10%) in 12 s: 171 rows/s, about 1 min 45 s left."]
+    # The speed is the second block's 1,024 rows in the 8 s since the first came.
+    assert said == ["Embedded 2,048 of 20,000 rows (10%) in 12 s: 128 rows/s, about 2 min 20 s left."]
     clock.now += 5
     counter.add(1_024)
     assert len(said) == 1  # 5 s after the last line
     clock.now += 5
     counter.add(1_024)
-    assert said[-1] == "Embedded 4,096 of 20,000 rows (20%) in 22 s: 186 rows/s, about 1 min 25 s left."
+    assert said[-1] == "Embedded 4,096 of 20,000 rows (20%) in 22 s: 171 rows/s, about 1 min 33 s left."
+
+
+def test_the_speed_leaves_out_the_wait_for_the_first_block():
+    # The first block waited 30 s for the model; the next came 2 s later.
+    counter, clock, said = progress(20_000, every_s=0)
+    clock.now += 30
+    counter.add(1_024)
+    clock.now += 2
+    counter.add(1_024)
+    assert said == ["Embedded 1,024 of 20,000 rows (5%) in 30 s: 34 rows/s, about 9 min 16 s left.",
+                    "Embedded 2,048 of 20,000 rows (10%) in 32 s: 512 rows/s, about 35 s left."]
 
 
 def test_the_last_block_says_nothing_since_the_jobs_last_line_says_what_was_written():

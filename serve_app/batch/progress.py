@@ -22,7 +22,10 @@ class Progress:
     (10%) in 12 s: 171 rows/s, about 1 min 45 s left.` at most every `every_s` seconds
     (0: after every block). `total` None: the count is said without a share or time left.
     The block that completes the total says nothing: the job's last line says what was
-    written. The time is counted from the pipeline's start, model loading included."""
+    written. The time is counted from the pipeline's start; the speed, from the first
+    block on, once there is a second: the first block waits for the actors and the model
+    to start (counted in, the first line of a 20,000-row job of the bundled model said
+    1 min 50 s left of what took 55 s)."""
 
     def __init__(self, total: int | None, done: str = "Embedded", unit: str = "rows", *,
                  every_s: float = EVERY_S, say: Callable[[str], None] | None = None,
@@ -33,10 +36,13 @@ class Progress:
         self.clock = clock
         self.started = self.last_said = clock()
         self.rows = 0
+        self.first: tuple[float, int] | None = None  # when the first block came, and its rows
 
     def add(self, rows: int) -> None:
         self.rows += rows
         now = self.clock()
+        if self.first is None and rows:
+            self.first = now, self.rows
         finished = self.total is not None and self.rows >= self.total
         if finished or now - self.last_said < self.every_s or not rows:
             return
@@ -45,6 +51,10 @@ class Progress:
 
     def line(self, elapsed: float) -> str:
         rate = self.rows / elapsed if elapsed > 0 else 0.0
+        if self.first is not None:
+            since, before = self.started + elapsed - self.first[0], self.first[1]
+            if since > 0 and self.rows > before:
+                rate = (self.rows - before) / since
         speed = f"{rate:,.0f}" if rate >= 10 else f"{rate:.1f}"
         if self.total is None:
             return f"{self.done_word} {self.rows:,} {self.unit} in {duration(elapsed)}: {speed} {self.unit}/s."
