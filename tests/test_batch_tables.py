@@ -539,7 +539,7 @@ def test_a_csvs_separator_is_found_once_for_all_the_checks_until_the_file_change
     # The checks before Ray (columns, rows, every row's fields) and the schema each need it:
     # scanning the first 64 KB in Python four times per file added up over a folder.
     import serve_app.batch.csvfiles as csvfiles
-    from serve_app.batch.tables import count_rows
+    from serve_app.batch.tables import file_rows
 
     scans = []
     scan = csvfiles._separators_per_row
@@ -547,12 +547,12 @@ def test_a_csvs_separator_is_found_once_for_all_the_checks_until_the_file_change
     rows = tmp_path / "rows.csv"
     rows.write_text("question;doc\n" + "how do I reset;x\n" * 50)
     assert require_columns([rows], "csv", ["question"]) == ["question", "doc"]
-    assert count_rows([rows], "csv") == 50
+    assert file_rows([rows], "csv") == [50]
     assert csv_schema(rows, ["question"]).names == ["question", "doc"]
     assert len(scans) == 1
     rows.write_text("question,doc\n" + "how do I reset,x\n" * 50 + "refunds,y\n")  # saved again
     os.utime(rows, ns=(rows.stat().st_atime_ns, rows.stat().st_mtime_ns + 1_000_000))
-    assert count_rows([rows], "csv") == 51
+    assert file_rows([rows], "csv") == [51]
     assert len(scans) == 2
 
 
@@ -568,10 +568,10 @@ def test_a_csv_separated_by_semicolons_or_tabs_is_read_with_them(tmp_path, separ
     commas.write_text("question,doc;notes\nhow,x\n")  # a tie goes to the comma
     assert require_columns([commas], "csv", ["question"]) == ["question", "doc;notes"]
 
-    from serve_app.batch.tables import count_rows
+    from serve_app.batch.tables import file_rows
 
     with pytest.raises(JobInputError, match=f"separated differently \\(commas.csv by commas; rows.csv by {name}\\)"):
-        count_rows([commas, rows], "csv")
+        file_rows([commas, rows], "csv")
 
 
 def test_an_xlsx_keeps_text_that_pandas_would_make_blank(tmp_path):
@@ -750,11 +750,11 @@ def test_an_input_text_too_long_for_an_xlsx_output_is_refused_before_ray(tmp_pat
                               monkeypatch, capsys).startswith(
         "rows.parquet row 2, column 'doc', holds 32,768 characters")  # UTF-16 units, as Excel counts
     # The same texts fit a cell's 32,767 (in bytes, far more) or a CSV output: no refusal.
-    from serve_app.batch.tables import count_rows
+    from serve_app.batch.tables import file_rows
 
     rows.write_text("question,doc\n" + "q,d\n" * 70_000 + f'q,"{contract[:32_767]}"\n')
-    assert count_rows([rows], "csv", to_sheet=True) == 70_001
-    assert count_rows([tmp_path / "rows.parquet"], "parquet", to_sheet=False) == 2  # its long text is no matter
+    assert file_rows([rows], "csv", to_sheet=True) == [70_001]
+    assert file_rows([tmp_path / "rows.parquet"], "parquet", to_sheet=False) == [2]  # its long text is no matter
 
 
 def test_a_csv_output_opens_as_utf8_in_excel_and_reads_back_as_input(tmp_path):

@@ -21,58 +21,50 @@ def progress(total, every_s=10.0, **kwargs):
     return Progress(total, every_s=every_s, say=said.append, clock=clock, **kwargs), clock, said
 
 
+def blocks(counter: Progress, clock: Clock, *arrivals: tuple[float, int]) -> None:
+    """Blocks coming back: each (seconds after the one before, rows)."""
+    for seconds, rows in arrivals:
+        clock.now += seconds
+        counter.add(rows)
+
+
 def test_a_line_comes_once_the_pause_has_passed_with_the_share_speed_and_time_left():
     counter, clock, said = progress(20_000)
-    clock.now += 4
-    counter.add(1_024)
+    blocks(counter, clock, (4, 1_024))
     assert said == []  # 4 s in: too soon
-    clock.now += 8
-    counter.add(1_024)
+    blocks(counter, clock, (8, 1_024))
     # The speed is the second block's 1,024 rows in the 8 s since the first came.
     assert said == ["Embedded 2,048 of 20,000 rows (10%) in 12 s: 128 rows/s, about 2 min 20 s left."]
-    clock.now += 5
-    counter.add(1_024)
+    blocks(counter, clock, (5, 1_024))
     assert len(said) == 1  # 5 s after the last line
-    clock.now += 5
-    counter.add(1_024)
+    blocks(counter, clock, (5, 1_024))
     assert said[-1] == "Embedded 4,096 of 20,000 rows (20%) in 22 s: 171 rows/s, about 1 min 33 s left."
 
 
 def test_the_speed_leaves_out_the_wait_for_the_first_block():
     # The first block waited 30 s for the model; the next came 2 s later.
     counter, clock, said = progress(20_000, every_s=0)
-    clock.now += 30
-    counter.add(1_024)
-    clock.now += 2
-    counter.add(1_024)
+    blocks(counter, clock, (30, 1_024), (2, 1_024))
     assert said == ["Embedded 1,024 of 20,000 rows (5%) in 30 s: 34 rows/s, about 9 min 16 s left.",
                     "Embedded 2,048 of 20,000 rows (10%) in 32 s: 512 rows/s, about 35 s left."]
 
 
 def test_the_last_block_says_nothing_since_the_jobs_last_line_says_what_was_written():
     counter, clock, said = progress(2_048, every_s=0)
-    clock.now += 3
-    counter.add(1_024)
-    clock.now += 3
-    counter.add(1_024)
+    blocks(counter, clock, (3, 1_024), (3, 1_024))
     assert said == ["Embedded 1,024 of 2,048 rows (50%) in 3 s: 341 rows/s, about 3 s left."]
 
 
 def test_no_pause_says_every_block_and_a_block_of_no_rows_says_nothing():
     counter, clock, said = progress(30, every_s=0, done="Scored")
-    counter.add(0)
-    clock.now += 20
-    counter.add(10)
-    clock.now += 20
-    counter.add(10)
+    blocks(counter, clock, (0, 0), (20, 10), (20, 10))
     assert said == ["Scored 10 of 30 rows (33%) in 20 s: 0.5 rows/s, about 40 s left.",
                     "Scored 20 of 30 rows (67%) in 40 s: 0.5 rows/s, about 20 s left."]
 
 
 def test_without_a_total_it_says_the_count_and_speed_alone():
     counter, clock, said = progress(None, done="Embedded", unit="texts")
-    clock.now += 90
-    counter.add(5_400)
+    blocks(counter, clock, (90, 5_400))
     assert said == ["Embedded 5,400 texts in 1 min 30 s: 60 texts/s."]
 
 

@@ -127,13 +127,14 @@ def run(opts: argparse.Namespace) -> tuple[int, str, dict[str, float]]:
     from serve_app.core.modelinfo import resolve_model
 
     output = _absolute_output(opts.output)
-    left_out, input_rows = _check_inputs(opts, output)
-    args = settings(opts)
-    spec = resolve_model(args.model, args.model_revision)  # fails here, before Ray starts
+    # The flags' own checks, before the files are read through.
     if opts.batch_size < 1:
         raise JobInputError(f"--batch-size must be at least 1, not {opts.batch_size}.")
     if not opts.progress_every >= 0:  # NaN too
         raise JobInputError(f"--progress-every must be 0 seconds or more, not {opts.progress_every:g}.")
+    left_out, input_rows = _check_inputs(opts, output)
+    args = settings(opts)
+    spec = resolve_model(args.model, args.model_revision)  # fails here, before Ray starts
     dimensions = _dimensions(opts.dimensions, args, spec.dimensions)
     # A hub model's weights, fetched here (with progress) rather than by every actor at once.
     model_directory(spec, say=say_on_stderr)

@@ -47,14 +47,16 @@ class Progress:
         if finished or now - self.last_said < self.every_s or not rows:
             return
         self.last_said = now
-        self.say(self.line(now - self.started))
+        self.say(self.line(now))
 
-    def line(self, elapsed: float) -> str:
-        rate = self.rows / elapsed if elapsed > 0 else 0.0
-        if self.first is not None:
-            since, before = self.started + elapsed - self.first[0], self.first[1]
-            if since > 0 and self.rows > before:
-                rate = (self.rows - before) / since
+    def speed(self, now: float) -> float:
+        """Rows a second: since the first block, once another has come; else since the start."""
+        if self.first is not None and self.rows > self.first[1] and now > self.first[0]:
+            return (self.rows - self.first[1]) / (now - self.first[0])
+        return self.rows / (now - self.started) if now > self.started else 0.0
+
+    def line(self, now: float) -> str:
+        elapsed, rate = now - self.started, self.speed(now)
         speed = f"{rate:,.0f}" if rate >= 10 else f"{rate:.1f}"
         if self.total is None:
             return f"{self.done_word} {self.rows:,} {self.unit} in {duration(elapsed)}: {speed} {self.unit}/s."

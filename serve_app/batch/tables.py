@@ -138,12 +138,6 @@ def require_columns(files: list[Path], fmt: str, wanted: list[str], sheet: str |
     return list(names)
 
 
-def count_rows(files: list[Path], fmt: str, sheet: str | None = None, to_sheet: bool = False) -> int | None:
-    """The rows of the files (None where a sheet does not say): `file_rows`, summed."""
-    counts = file_rows(files, fmt, sheet, to_sheet)
-    return None if None in counts else sum(counts)
-
-
 def file_rows(files: list[Path], fmt: str, sheet: str | None = None, to_sheet: bool = False) -> list[int | None]:
     """Each file's rows (None where a sheet does not say), found before any work. A CSV
     is read through once for it, so that a row the job's reader would fail on part way
