@@ -63,7 +63,7 @@ def test_embed_csv_job_with_working_dir_matches_direct_computation(ray_head, tmp
                           "--output", str(output), working_dir=True)
     assert ray_head.wait(job) == "SUCCEEDED", ray_head.logs(job)[-3000:]
     logs = ray_head.logs(job)
-    assert "MapBatches(EmbedRows)" in logs  # Ray Data's progress is in the job log
+    assert "MapBatches(EmbedRows)" in logs  # Ray Data's execution plan is in the job log
     assert "Wrote 8 rows" in logs
     # The actor was forked from the job's warm-start zygote, which ends with the job.
     assert "loaded in" in logs and "(forked from the warm-start process)" in logs, logs[-3000:]
@@ -507,7 +507,8 @@ def test_actors_holding_every_cpu_still_get_their_rows(ray_head, tmp_path, kind)
 
 
 @pytest.mark.parametrize("command", ["embed-csv", "similarity-parquet", "search-csv"])
-def test_a_job_goes_in_blocks_of_four_batches_and_says_how_far_it_has_got(ray_head, tmp_path, command):
+def test_a_job_goes_in_blocks_of_four_batches_and_says_how_far_it_has_got_in_lines_of_its_own(
+        ray_head, tmp_path, command):
     # Ray Data chose a file's blocks by their bytes (four of 100 rows here, four of 5,000
     # rows for a 20,000-row file of short texts), so a long job's progress moved in steps of
     # 5,000 rows. 400 rows in batches of 4: blocks of 16 rows at most, each said
@@ -543,6 +544,10 @@ def test_a_job_goes_in_blocks_of_four_batches_and_says_how_far_it_has_got(ray_he
     block = block_rows(total, 4, 1)  # 16
     assert len(done) - 1 >= total // block, said
     assert all(0 < after - before <= block for before, after in itertools.pairwise(done)), said
+    # Ray Data's own progress (nine lines every 10 s where the output is not a terminal, as
+    # here) buried those lines, and so would its notice that it is off.
+    logs = ray_head.logs(job)
+    assert "Total Progress" not in logs and "Progress bars disabled" not in logs, logs[-3000:]
     if command != "search":
         written = pd.read_parquet(output) if command == "embed" else pd.read_csv(output)
         assert written["id"].tolist() == list(range(n))

@@ -415,6 +415,23 @@ def test_a_value_error_inside_a_ray_task_keeps_its_traceback_and_ours_are_senten
     assert not _a_bug_in_a_task(ValueError("--dimensions must be between 32 and 384"))
 
 
+def test_the_last_line_groups_the_thousands_as_the_progress_lines_do():
+    # The progress said "Scored 6,000 of 20,000 rows" and the last line "Wrote 20000 rows".
+    from serve_app.batch.__main__ import parser, summary
+
+    timing = {"work_s": 1012.4, "ray_start_s": 0.0, "left_out": [], "texts_cut": 1234, "max_tokens": 8192}
+    embed = parser().parse_args(["embed", "--input", "q.csv", "--column", "q", "--output", "/h/q.parquet"])
+    assert summary(embed, 200_000, "/h/q.parquet", timing) == (
+        "Wrote 200,000 rows to /h/q.parquet: Ray start-up 0.0 s, embedding and writing 1012.4 s (197.6 rows/s). "
+        "1,234 texts were longer than the model reads (8,192 tokens): only the start of each was embedded.")
+    search = parser().parse_args(["search", "--queries", "q.csv", "--query-column", "q", "--corpus", "c.csv",
+                                  "--corpus-column", "d", "--k", "3", "--output", "/h/hits.csv"])
+    timing.update(work_s=34.3, texts_cut=0, queries=5_000, corpus=120_000, corpus_embedded=120_000)
+    assert summary(search, 15_000, "/h/hits.csv", timing) == (
+        "Wrote 15,000 rows to /h/hits.csv (the 3 best of 120,000 corpus rows for each of 5,000 queries): "
+        "Ray start-up 0.0 s, embedding and searching 34.3 s (125,000 rows embedded, 3,644.3 rows/s).")
+
+
 def test_repeated_or_clashing_column_names_are_refused_before_any_work(tmp_path):
     # Columns are matched by name across a folder's files: two with one name (trailing
     # commas make nameless ones) failed the job part way with KeyError.

@@ -100,24 +100,36 @@ def main(argv: list[str] | None = None) -> int:
             raise  # its traceback is what helps
         print(f"error: {_message(exc)}", file=sys.stderr)
         return 2
+    if cut := _texts_cut(timing):
+        logging.warning("%s Split long texts (into paragraphs, say) to have all of them read.", cut)
+    print(summary(opts, rows, output, timing))
+    return 0
+
+
+def summary(opts: argparse.Namespace, rows: int, output: str, timing: dict) -> str:
+    """The job's last line: what it wrote, where, and how long it took."""
     work = max(timing["work_s"], 1e-9)
-    what, doing, speed = "", "embedding and writing", f"{rows / work:.1f} rows/s"
+    what, doing, speed = "", "embedding and writing", f"{rows / work:,.1f} rows/s"
     if opts.command == "search":  # it writes k rows a query: its speed is of the rows it embedded
         embedded = timing["queries"] + timing["corpus_embedded"]
         own = ", by the vectors its file holds," if timing["corpus"] and not timing["corpus_embedded"] else ""
-        what = f" (the {opts.k} best of {timing['corpus']} corpus rows{own} for each of {timing['queries']} queries)"
-        doing, speed = "embedding and searching", f"{embedded} rows embedded, {embedded / work:.1f} rows/s"
+        what = (f" (the {opts.k:,} best of {timing['corpus']:,} corpus rows{own} for each of "
+                f"{timing['queries']:,} queries)")
+        doing, speed = "embedding and searching", f"{embedded:,} rows embedded, {embedded / work:,.1f} rows/s"
     if timing["left_out"]:
         what += f", without {', '.join(map(repr, timing['left_out']))} (lists, which it cannot hold)"
-    cut = ""
-    if count := timing.get("texts_cut", 0):
-        cut = (f" {count:,} {'text was' if count == 1 else 'texts were'} longer than the model reads "
-               f"({timing['max_tokens']:,} tokens): only {'its start' if count == 1 else 'the start of each'} "
-               "was embedded.")
-        logging.warning("%s Split long texts (into paragraphs, say) to have all of them read.", cut.strip())
-    print(f"Wrote {rows} rows to {output}{what}: Ray start-up {timing['ray_start_s']:.1f} s, "
-          f"{doing} {work:.1f} s ({speed}).{cut}")
-    return 0
+    cut = _texts_cut(timing)
+    return (f"Wrote {rows:,} rows to {output}{what}: Ray start-up {timing['ray_start_s']:.1f} s, "
+            f"{doing} {work:.1f} s ({speed}).{' ' + cut if cut else ''}")
+
+
+def _texts_cut(timing: dict) -> str:
+    """The sentence for texts longer than the model reads, or ""."""
+    if not (count := timing.get("texts_cut", 0)):
+        return ""
+    return (f"{count:,} {'text was' if count == 1 else 'texts were'} longer than the model reads "
+            f"({timing['max_tokens']:,} tokens): only {'its start' if count == 1 else 'the start of each'} "
+            "was embedded.")
 
 
 def run(opts: argparse.Namespace) -> tuple[int, str, dict[str, float]]:

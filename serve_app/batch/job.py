@@ -191,6 +191,12 @@ def _read(path: str, columns: list[str], opts: JobOptions, output: str, keep: tu
     # in actors of their own, which waited for ever for a CPU the model actors held, and
     # started up to 32 Python processes beside the model's; the first reads as CSV does.
     context.use_datasource_v2 = False
+    # The job says how far it has got in a line of its own (`Progress`). Ray Data's, nine
+    # lines every 10 s where the output is no terminal (as under `ray job submit`), buried
+    # it: a 200,000-row job's log would hold hundreds of them. Its one-time notice that
+    # they are off tells a user to edit code that is not theirs, so it is left out too.
+    context.enable_progress_bars = False
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     files, fmt = input_files(path, output)
     files = [f.resolve() for f in files]  # read tasks run elsewhere than the driver's cwd
     total = None if rows is None or None in rows else sum(rows)

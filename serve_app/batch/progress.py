@@ -1,7 +1,7 @@
 """How far a job has got, said in one line every so often: rows done of all, the speed,
 and the time left. Pure: the clock and the sink are given.
 
-Ray Data's own progress counts blocks and actors every 10 s in nine lines; an analyst
+Ray Data's own progress (off in jobs) counted blocks and actors every 10 s in nine lines; an analyst
 watching `ray job logs -f` wants to know when the sheet will be done.
 """
 
