@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import math
 import os
 import signal
@@ -629,6 +630,41 @@ def test_an_xlsx_number_in_a_zero_padded_format_is_read_as_the_sheet_shows_it(tm
     table = pa.Table.from_pandas(_arrow_safe(frame, ["question"]), preserve_index=False)
     assert table["zip"].to_pylist() == ["02134", None, "90210", "00501"]  # a text column
     assert table["case"].to_pylist() == ["000-00-0123", None, "4567", "pending"]
+
+
+def test_a_merged_xlsx_cell_is_read_into_every_row_it_covers(tmp_path, caplog):
+    # A matter's name merged down the rows of its clauses shows in each of them, but the
+    # file holds it in the top cell alone: the rows below were blank, with no score.
+    import openpyxl
+
+    book = openpyxl.Workbook()
+    summary = book.active
+    summary.title = "Summary"
+    summary.append(["matter"])
+    summary.merge_cells("A2:A9")  # another sheet's merges are not this one's
+    sheet = book.create_sheet("Clauses")
+    sheet.append(["matter", "clause", "standard", "notes", "fee"])
+    sheet.append(["Lease 2024-17", "Tenant pays rent monthly", "Rent is due on the first", None, 250])
+    sheet.append([None, "Tenant may end it on 30 days' notice", "Termination needs notice", "x", None])
+    sheet.append([None, "Landlord repairs the roof", "Repairs are the landlord's", "y", 75])
+    sheet.append(["Supply 88", "Goods arrive within 10 days", "Delivery deadline", "z", 90])
+    sheet.append(["Section 2: penalties"])
+    sheet.append([None, "Late delivery is penalised", "Penalties for delay", "w", 10])
+    sheet.merge_cells("A2:A4")
+    sheet.merge_cells("D1:D2")  # the header's: its data row stays blank
+    sheet.merge_cells("E2:E3")  # a number, as a number
+    sheet.merge_cells("A6:C6")  # across: a title over the columns stays in the first
+    book.save(tmp_path / "s.xlsx")
+
+    with caplog.at_level(logging.WARNING, logger="serve_app.batch.sheets"):
+        frame = read_xlsx(tmp_path / "s.xlsx", "Clauses")
+    assert frame["matter"].tolist()[:5] == ["Lease 2024-17"] * 3 + ["Supply 88", "Section 2: penalties"]
+    assert pd.isna(frame["matter"][5]) and pd.isna(frame["clause"][4])  # not merged; across: the first only
+    assert pd.isna(frame["notes"][0]) and frame["notes"].tolist()[1:4] == ["x", "y", "z"]
+    assert frame["fee"].tolist()[:2] == [250, 250] and frame["fee"].dtype == np.float64
+    assert caplog.messages == ["s.xlsx, sheet 'Clauses': the text of 2 merged cells (A2:A4, E2:E3) is read into "
+                               "every row each one covers, as the sheet shows it."]
+    assert read_xlsx(tmp_path / "s.xlsx", None)["matter"].isna().all()  # Summary's: no rows to fill
 
 
 def test_an_xlsx_with_repeated_or_blank_headers_is_refused_as_a_csv_is(tmp_path):

@@ -66,7 +66,8 @@ def read_xlsx(file: Path, sheet: str | None):
     named as its header row names them. Its cells are read as a CSV's are: text stays
     text ("NA", "None", "null" too; pandas' default makes those blanks), and only empty
     cells are blank."""
-    names = sheet_header(file, sheet).names
+    header = sheet_header(file, sheet)
+    names = header.names
     frame = pd.read_excel(file, sheet_name=sheet or 0, engine="openpyxl",
                           keep_default_na=False, na_values=[""])
     # pandas renames repeated and blank headers ("doc.1", "Unnamed: 2"); a column of data
@@ -76,7 +77,89 @@ def read_xlsx(file: Path, sheet: str | None):
     refuse_repeats(file, list(frame.columns))
     if integer_formats_among(_number_formats(file)):
         _show_formatted_numbers(frame, file, sheet)
+    _fill_merged_cells(frame, file, header.title)
     return frame
+
+
+def _fill_merged_cells(frame: pd.DataFrame, file: Path, title: str) -> None:
+    """A merged range below the header shows its top cell in every row it covers, and so
+    it is read: its first column's blank cells below the top get the top's value (Excel
+    keeps it in the top cell alone, so those rows were blank, with no embedding or score).
+    Across columns the value stays in the first, as a title over a table's columns does."""
+    from openpyxl.utils.cell import get_column_letter
+
+    filled = []
+    ranges = sorted(merged_ranges(file, title), key=lambda bounds: (bounds[1], bounds[0]))  # top to bottom
+    for first_column, first_row, _, last_row in ranges:
+        column, top = first_column - 1, first_row - 2  # frame row 0 is the sheet's row 2
+        if top < 0 or last_row == first_row or column >= frame.shape[1] or top >= len(frame):
+            continue  # the header's own, one row high, or beyond the data read
+        value = frame.iat[top, column]
+        blanks = [row for row in range(top + 1, min(last_row - 1, len(frame))) if pd.isna(frame.iat[row, column])]
+        if pd.isna(value) or not blanks:
+            continue
+        frame.iloc[blanks, column] = value
+        letter = get_column_letter(first_column)
+        filled.append(f"{letter}{first_row}:{letter}{last_row}")
+    if filled:
+        one = len(filled) == 1
+        shown = ", ".join(filled[:5]) + (f" and {len(filled) - 5:,} more" if len(filled) > 5 else "")
+        logger.warning("%s, sheet %r: the text of %s merged %s (%s) is read into every row %s covers, "
+                       "as the sheet shows it.", file.name, title, f"{len(filled):,}", "cell" if one else "cells",
+                       shown, "it" if one else "each one")
+
+
+_MERGE = re.compile(rb'<(?:[A-Za-z_][\w.-]*:)?mergeCell\s[^>]*?\bref="([A-Za-z]+[0-9]+:[A-Za-z]+[0-9]+)"')
+
+
+def merged_ranges(file: Path, title: str) -> list[tuple[int, int, int, int]]:
+    """The merged ranges of a workbook's sheet (first column, first row, last column, last
+    row), from its part of the file, streamed: they follow its cells, and a sheet of a
+    million rows is hundreds of megabytes. No ranges where the part is not where the workbook's
+    relationships say it is."""
+    import zipfile
+
+    from openpyxl.utils.cell import range_boundaries
+
+    found: dict[bytes, None] = {}  # in order; a match in the overlap of two reads comes twice
+    with zipfile.ZipFile(file) as archive:
+        if (part := _sheet_part(archive, title)) is None:
+            return []
+        with archive.open(part) as xml:
+            tail = b""
+            while chunk := xml.read(1 << 20):
+                text = tail + chunk
+                found.update(dict.fromkeys(_MERGE.findall(text)))
+                tail = text[-256:]
+    return [range_boundaries(ref.decode("ascii").upper()) for ref in found]
+
+
+def _sheet_part(archive, title: str) -> str | None:
+    """The path, inside an XLSX, of the sheet called `title`, as the package's and the
+    workbook's relationships give it; None where they do not."""
+    import posixpath
+    from xml.etree import ElementTree
+
+    def target(rels_path: str, base: str, match) -> str | None:
+        for rel in ElementTree.fromstring(archive.read(rels_path)):
+            if match(rel):
+                path = rel.get("Target", "")
+                return posixpath.normpath(path.lstrip("/") if path.startswith("/") else posixpath.join(base, path))
+        return None
+
+    try:
+        book = target("_rels/.rels", "", lambda rel: rel.get("Type", "").endswith("/officeDocument"))
+        if book is None:
+            return None
+        folder, name = posixpath.split(book)
+        rel_id = next((sheet.get(_REL_ID) for sheet in ElementTree.fromstring(archive.read(book)).iter()
+                       if sheet.tag.endswith("}sheet") and sheet.get("name") == title), None)
+        return target(posixpath.join(folder, "_rels", name + ".rels"), folder, lambda rel: rel.get("Id") == rel_id)
+    except (KeyError, ElementTree.ParseError):  # a part missing or unreadable: nothing known
+        return None
+
+
+_REL_ID = "{http://schemas.openxmlformats.org/officeDocument/2006/relationships}id"
 
 
 def _number_formats(file: Path) -> list[str]:
