@@ -23,7 +23,7 @@ from serve_app.batch.errors import STOPPED, JobInputError, JobStopped
 from serve_app.batch.job import _arrow_safe
 from serve_app.batch.output import atomic_output, write_table
 from serve_app.batch.search import search_clashes, top_k
-from serve_app.batch.sheets import read_xlsx
+from serve_app.batch.sheets import read_xlsx, refuse_unsaved_formulas, sheet_header
 from serve_app.batch.tables import (
     common_schema,
     conform,
@@ -665,6 +665,59 @@ def test_a_merged_xlsx_cell_is_read_into_every_row_it_covers(tmp_path, caplog):
     assert caplog.messages == ["s.xlsx, sheet 'Clauses': the text of 2 merged cells (A2:A4, E2:E3) is read into "
                                "every row each one covers, as the sheet shows it."]
     assert read_xlsx(tmp_path / "s.xlsx", None)["matter"].isna().all()  # Summary's: no rows to fill
+
+
+def saved_as_excel_would(path: Path, results: dict[str, bytes]) -> None:
+    """`path`, rewritten with the results Excel saves beside formulas (`<v>...</v>`, text
+    marked `t="str"`) for the cells `results` names; openpyxl saves none."""
+    import re
+    import zipfile
+
+    with zipfile.ZipFile(path) as book:
+        parts = {name: book.read(name) for name in book.namelist()}
+    def saved(cell: re.Match) -> bytes:
+        if (value := results.get(cell[1].decode())) is None:
+            return cell[0]
+        return b'<c r="%s" t="str"><f>%s</f><v>%s</v>' % (cell[1], cell[2], value)
+
+    sheet = "xl/worksheets/sheet1.xml"
+    parts[sheet] = re.sub(rb'<c r="([A-Z]+[0-9]+)"><f>(.*?)</f><v\s*/>', saved, parts[sheet])
+    with zipfile.ZipFile(path, "w") as book:
+        for name, data in parts.items():
+            book.writestr(name, data)
+
+
+def test_a_text_column_of_formulas_with_no_saved_result_is_refused_before_ray(tmp_path, monkeypatch, capsys,
+                                                                               caplog):
+    # A workbook written by a script (openpyxl) holds formulas but not what they give: the
+    # job read those cells as blank, and embedded nothing for them without a word.
+    import openpyxl
+
+    book = openpyxl.Workbook()
+    sheet = book.active
+    sheet.append(["first", "last", "question", "doc", "n"])
+    for i, (first, last) in enumerate([("Ana", "Silva"), ("Bo", "Li"), ("Cy", "Ho"), ("Di", "Wu"), ("Ed", "Ma")]):
+        sheet.append([first, last, f'=A{i + 2}&" "&B{i + 2}', f'=IF(A{i + 2}="Bo","",B{i + 2})', f"=LEN(A{i + 2})"])
+    book.save(tmp_path / "s.xlsx")
+    argv = similarity(tmp_path / "s.xlsx", tmp_path / "out.csv")
+    assert refused_before_ray(argv, monkeypatch, capsys) == (
+        "s.xlsx, sheet 'Sheet': 5 cells of 'question' (C2, C3, C4 and 2 more); 5 cells of 'doc' (D2, D3, D4 and 2 "
+        "more) hold a formula with no saved result: the workbook was last written by a program that does not "
+        "calculate (Excel, LibreOffice and Google Sheets save results). Open it in Excel, save it, and run the job "
+        "again.")
+
+    # Saved by Excel, the results are beside the formulas, an empty text ("") one included.
+    saved_as_excel_would(tmp_path / "s.xlsx", {**{f"C{r}": b"x" for r in range(2, 7)},
+                                               **{f"D{r}": b"" if r == 3 else b"y" for r in range(2, 7)}})
+    header = sheet_header(tmp_path / "s.xlsx", None)
+    with caplog.at_level(logging.WARNING, logger="serve_app.batch.sheets"):
+        refuse_unsaved_formulas(tmp_path / "s.xlsx", header, ["question", "doc"])
+    # Only the number column's are left, not read as text: a warning, and the job goes on.
+    assert caplog.messages == [
+        "s.xlsx, sheet 'Sheet': 5 cells of 'n' (E2, E3, E4 and 2 more) hold a formula with no saved result: the "
+        "workbook was last written by a program that does not calculate (Excel, LibreOffice and Google Sheets "
+        "save results). The output has them blank."]
+    assert read_xlsx(tmp_path / "s.xlsx", None)["question"].tolist() == ["x"] * 5
 
 
 def test_an_xlsx_with_repeated_or_blank_headers_is_refused_as_a_csv_is(tmp_path):

@@ -12,6 +12,7 @@ import pandas as pd
 import pyarrow as pa
 
 from serve_app.batch.errors import JobInputError, refuse_repeats
+from serve_app.batch.sheetxml import scan_sheet
 from serve_app.core.cells import Blank, CellError, cell_text
 from serve_app.core.numformat import integer_formats_among, shown_integer
 
@@ -48,6 +49,36 @@ def sheet_header(file: Path, sheet: str | None) -> SheetHeader:
         return SheetHeader(names, worksheet.title, list(book.sheetnames), rows)
     finally:
         book.close()
+
+
+def refuse_unsaved_formulas(file: Path, header: SheetHeader, wanted: list[str]) -> None:
+    """Refuse a sheet whose text columns hold formulas with no saved result: the job reads
+    what a formula last gave, as saved with the workbook, and a program that writes
+    formulas without calculating them (openpyxl does) saves none, so those rows read as
+    blank. Such cells in other columns are written out blank, said as a warning."""
+    from openpyxl.utils.cell import get_column_letter
+
+    letters = {get_column_letter(i + 1): name for i, name in enumerate(header.names)}
+    unsaved: dict[str, list[str]] = {}
+    for ref in scan_sheet(file, header.title).unsaved:
+        letter = ref.rstrip("0123456789")
+        if ref[len(letter):] != "1" and letter in letters:  # the header's own is its name, read as it is
+            unsaved.setdefault(letters[letter], []).append(ref)
+    if not unsaved:
+        return
+
+    def cells(name: str) -> str:
+        refs = unsaved[name]
+        listed = ", ".join(refs[:3]) + (f" and {len(refs) - 3:,} more" if len(refs) > 3 else "")
+        return f"{len(refs):,} {'cell' if len(refs) == 1 else 'cells'} of {name!r} ({listed})"
+
+    why = ("hold a formula with no saved result: the workbook was last written by a program that does not "
+           "calculate (Excel, LibreOffice and Google Sheets save results).")
+    if texts := [name for name in wanted if name in unsaved]:
+        raise JobInputError(f"{file.name}, sheet {header.title!r}: {'; '.join(map(cells, texts))} {why} "
+                            "Open it in Excel, save it, and run the job again.")
+    logger.warning("%s, sheet %r: %s %s The output has them blank.", file.name, header.title,
+                   "; ".join(map(cells, unsaved)), why)
 
 
 def _header_text(cell: Any, number_format: str | None = None) -> str:
@@ -89,7 +120,7 @@ def _fill_merged_cells(frame: pd.DataFrame, file: Path, title: str) -> None:
     from openpyxl.utils.cell import get_column_letter
 
     filled = []
-    ranges = sorted(merged_ranges(file, title), key=lambda bounds: (bounds[1], bounds[0]))  # top to bottom
+    ranges = sorted(scan_sheet(file, title).merged, key=lambda bounds: (bounds[1], bounds[0]))  # top to bottom
     for first_column, first_row, _, last_row in ranges:
         column, top = first_column - 1, first_row - 2  # frame row 0 is the sheet's row 2
         if top < 0 or last_row == first_row or column >= frame.shape[1] or top >= len(frame):
@@ -107,59 +138,6 @@ def _fill_merged_cells(frame: pd.DataFrame, file: Path, title: str) -> None:
         logger.warning("%s, sheet %r: the text of %s merged %s (%s) is read into every row %s covers, "
                        "as the sheet shows it.", file.name, title, f"{len(filled):,}", "cell" if one else "cells",
                        shown, "it" if one else "each one")
-
-
-_MERGE = re.compile(rb'<(?:[A-Za-z_][\w.-]*:)?mergeCell\s[^>]*?\bref="([A-Za-z]+[0-9]+:[A-Za-z]+[0-9]+)"')
-
-
-def merged_ranges(file: Path, title: str) -> list[tuple[int, int, int, int]]:
-    """The merged ranges of a workbook's sheet (first column, first row, last column, last
-    row), from its part of the file, streamed: they follow its cells, and a sheet of a
-    million rows is hundreds of megabytes. No ranges where the part is not where the workbook's
-    relationships say it is."""
-    import zipfile
-
-    from openpyxl.utils.cell import range_boundaries
-
-    found: dict[bytes, None] = {}  # in order; a match in the overlap of two reads comes twice
-    with zipfile.ZipFile(file) as archive:
-        if (part := _sheet_part(archive, title)) is None:
-            return []
-        with archive.open(part) as xml:
-            tail = b""
-            while chunk := xml.read(1 << 20):
-                text = tail + chunk
-                found.update(dict.fromkeys(_MERGE.findall(text)))
-                tail = text[-256:]
-    return [range_boundaries(ref.decode("ascii").upper()) for ref in found]
-
-
-def _sheet_part(archive, title: str) -> str | None:
-    """The path, inside an XLSX, of the sheet called `title`, as the package's and the
-    workbook's relationships give it; None where they do not."""
-    import posixpath
-    from xml.etree import ElementTree
-
-    def target(rels_path: str, base: str, match) -> str | None:
-        for rel in ElementTree.fromstring(archive.read(rels_path)):
-            if match(rel):
-                path = rel.get("Target", "")
-                return posixpath.normpath(path.lstrip("/") if path.startswith("/") else posixpath.join(base, path))
-        return None
-
-    try:
-        book = target("_rels/.rels", "", lambda rel: rel.get("Type", "").endswith("/officeDocument"))
-        if book is None:
-            return None
-        folder, name = posixpath.split(book)
-        rel_id = next((sheet.get(_REL_ID) for sheet in ElementTree.fromstring(archive.read(book)).iter()
-                       if sheet.tag.endswith("}sheet") and sheet.get("name") == title), None)
-        return target(posixpath.join(folder, "_rels", name + ".rels"), folder, lambda rel: rel.get("Id") == rel_id)
-    except (KeyError, ElementTree.ParseError):  # a part missing or unreadable: nothing known
-        return None
-
-
-_REL_ID = "{http://schemas.openxmlformats.org/officeDocument/2006/relationships}id"
 
 
 def _number_formats(file: Path) -> list[str]:

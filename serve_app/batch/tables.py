@@ -18,7 +18,12 @@ import pyarrow as pa
 
 from serve_app.batch.csvfiles import check_csv, csv_header, csv_parse_options
 from serve_app.batch.errors import JobInputError, refuse_repeats
-from serve_app.batch.sheets import first_too_long, sheet_header, too_long_for_a_cell
+from serve_app.batch.sheets import (
+    first_too_long,
+    refuse_unsaved_formulas,
+    sheet_header,
+    too_long_for_a_cell,
+)
 from serve_app.core.cells import Blank, CellError, cell_text
 
 # What a job writes, by extension, and what it reads: those, and a macro-enabled workbook
@@ -130,6 +135,8 @@ def require_columns(files: list[Path], fmt: str, wanted: list[str], sheet: str |
                 f"Its columns are: {', '.join(repr(h) for h in have)}.{sheets}"
             )
         refuse_repeats(file, have)
+        if fmt == "xlsx":
+            refuse_unsaved_formulas(file, sheet_header(file, sheet), wanted)
         if adds is not None and adds in have:
             raise JobInputError(
                 f"{file.name} already has a column {adds!r}, the one this job adds: rename or "
