@@ -127,7 +127,7 @@ def assert_zygotes_gone(head, timeout_s: float = 15) -> None:
     wait_for(lambda: not zygotes(), timeout_s, "the job's zygote to exit with the job")
 
 
-def test_similarity_xlsx_round_trip(ray_head, tmp_path, bundled_embedder):
+def test_similarity_xlsx_round_trip_below_a_title(ray_head, tmp_path, bundled_embedder):
     frame = rows_frame()
     frame["question"] = frame["question"].astype(object)
     frame.loc[4, "question"] = 1024  # a number cell
@@ -139,6 +139,8 @@ def test_similarity_xlsx_round_trip(ray_head, tmp_path, bundled_embedder):
     book = openpyxl.load_workbook(tmp_path / "pairs.xlsx")
     for (cell,) in book["Pairs"].iter_rows(min_row=2, min_col=6, max_col=6):
         cell.number_format = "00000"  # Excel's Zip Code: 2134 shows 02134
+    book["Pairs"].insert_rows(1, 2)  # a report's title and a blank row above the table
+    book["Pairs"]["A1"] = "Pairs to score, March"
     book.save(tmp_path / "pairs.xlsx")
     output = tmp_path / "scored.xlsx"
     job = ray_head.submit("similarity", "--input", str(tmp_path / "pairs.xlsx"), "--left", "question",
@@ -164,6 +166,7 @@ def test_similarity_xlsx_round_trip(ray_head, tmp_path, bundled_embedder):
     assert ("Wrote 8 rows to " in logs and logs.rstrip().endswith(
         "1 text was longer than the model reads (256 tokens): only its start was embedded.")), logs[-2000:]
     assert "Split long texts (into paragraphs, say) to have all of them read." in logs
+    assert "pairs.xlsx, sheet 'Pairs': the header is row 3, the first to name 'question' and 'doc'" in logs
 
 
 def test_case_numbers_and_account_numbers_of_a_csv_reach_the_xlsx_output_as_written(ray_head, tmp_path):

@@ -27,6 +27,7 @@ from serve_app.batch.sheets import read_xlsx, refuse_unsaved_formulas, sheet_hea
 from serve_app.batch.tables import (
     common_schema,
     conform,
+    file_rows,
     input_files,
     output_format,
     require_columns,
@@ -718,6 +719,60 @@ def test_a_text_column_of_formulas_with_no_saved_result_is_refused_before_ray(tm
         "workbook was last written by a program that does not calculate (Excel, LibreOffice and Google Sheets "
         "save results). The output has them blank."]
     assert read_xlsx(tmp_path / "s.xlsx", None)["question"].tolist() == ["x"] * 5
+
+
+def test_a_sheet_with_a_title_above_its_header_is_read_from_the_header_down(tmp_path, caplog):
+    # A report's sheet: a title (merged across), a note, then the table. The job took the
+    # title for the header and refused: "has no column 'question'. Its columns are: 'Client
+    # questions'". Numbers shown padded and merged cells are matched to the rows below it.
+    import openpyxl
+
+    book = openpyxl.Workbook()
+    sheet = book.active
+    sheet["A1"] = "Client questions, updated 2026-03-01"
+    sheet.merge_cells("A1:D1")
+    sheet["A2"] = "Confidential"
+    sheet.append(["matter", "question", "doc", "zip"])
+    sheet.append(["Lease", "How do I reset it?", "Steps to reset", 2134])
+    sheet.append([None, "When is rent due?", "Rent is due on the first", 501])
+    sheet.append(["Supply", "Late goods?", "Penalties for delay", 90210])
+    sheet.merge_cells("A4:A5")
+    for row in (4, 5, 6):
+        sheet[f"D{row}"].number_format = "00000"
+    book.save(tmp_path / "s.xlsx")
+
+    header = sheet_header(tmp_path / "s.xlsx", None, ["question", "doc"])
+    assert (header.names, header.row, header.rows) == (["matter", "question", "doc", "zip"], 3, 3)
+    with caplog.at_level(logging.WARNING, logger="serve_app.batch.sheets"):
+        assert require_columns([tmp_path / "s.xlsx"], "xlsx", ["question", "doc"]) == header.names
+    assert caplog.messages == ["s.xlsx, sheet 'Sheet': the header is row 3, the first to name 'question' and "
+                               "'doc'; the 2 rows above it are not read."]
+    frame = read_xlsx(tmp_path / "s.xlsx", None, ["question", "doc"])
+    assert frame["question"].tolist() == ["How do I reset it?", "When is rent due?", "Late goods?"]
+    assert frame["matter"].tolist() == ["Lease", "Lease", "Supply"]
+    assert frame["zip"].tolist() == ["02134", "00501", 90210]  # shown as General shows it: text later
+    assert file_rows([tmp_path / "s.xlsx"], "xlsx", wanted=["question"]) == [3]
+
+
+def test_a_header_in_the_first_row_is_kept_though_a_later_row_holds_a_missing_name(tmp_path):
+    # Below a table's own header, a data cell that happens to read "answer" is no header.
+    import openpyxl
+
+    book = openpyxl.Workbook()
+    sheet = book.active
+    for row in (["question", "doc"], ["How?", "Steps"], ["answer", "x"]):
+        sheet.append(row)
+    book.save(tmp_path / "s.xlsx")
+    assert sheet_header(tmp_path / "s.xlsx", None, ["answer"]).row == 1
+    with pytest.raises(JobInputError, match=r"^s.xlsx has no column 'answer' on its sheet 'Sheet'. Its columns "
+                                            r"are: 'question', 'doc'.$"):
+        require_columns([tmp_path / "s.xlsx"], "xlsx", ["answer"])
+
+
+def test_two_missing_columns_are_said_as_two(tmp_path):
+    (tmp_path / "s.csv").write_text("question,doc\nHow?,Steps\n")
+    with pytest.raises(JobInputError, match=r"^s.csv has no columns 'answer' and 'note'. Its columns are"):
+        require_columns([tmp_path / "s.csv"], "csv", ["answer", "note"])  # "no column 'answer', 'note'" before
 
 
 def test_an_xlsx_with_repeated_or_blank_headers_is_refused_as_a_csv_is(tmp_path):

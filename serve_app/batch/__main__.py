@@ -246,7 +246,7 @@ def _check_inputs(opts: argparse.Namespace, output: str) -> tuple[list[str], tup
                             "(vectors). Write the output as .parquet to keep it.",
                             listed, Path(path).name, fmt)
         # Reads a CSV through (its bad rows) and, for a workbook output, any text too long for it.
-        rows.append(file_rows(files, input_fmt, opts.sheet, to_sheet=fmt == "xlsx"))
+        rows.append(file_rows(files, input_fmt, opts.sheet, to_sheet=fmt == "xlsx", wanted=columns))
     if opts.command == "search" and (clashes := search_clashes(*names)):
         raise JobInputError(f"The search's output would have {' and '.join(clashes)}: rename that "
                             "column of the queries or the corpus first.")

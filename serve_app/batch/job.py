@@ -242,7 +242,7 @@ def sheet_blocks(files: list[Path], sheet: str | None, columns: list[str], batch
                  actors: int) -> tuple[list[pa.Table], pa.Schema]:
     """The sheets' rows in blocks of `block_rows` for all their rows, with one schema
     (`common_schema`): the blocks go to the actors in turn, and the progress counts them."""
-    sheets = [pa.Table.from_pandas(_arrow_safe(read_xlsx(f, sheet), columns), preserve_index=False)
+    sheets = [pa.Table.from_pandas(_arrow_safe(read_xlsx(f, sheet, columns), columns), preserve_index=False)
               for f in files]
     schema = common_schema([table.schema for table in sheets])
     rows = block_rows(sum(table.num_rows for table in sheets), batch_size, actors)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -20,18 +21,26 @@ logger = logging.getLogger(__name__)
 
 
 class SheetHeader(NamedTuple):
-    """A worksheet's column names (its first row), its name, the workbook's sheets, and its
-    rows below the header as the sheet's recorded size gives them (None if it gives none)."""
+    """A worksheet's column names (its header row), its name, the workbook's sheets, its
+    rows below the header as the sheet's recorded size gives them (None if it gives none),
+    and which row the header is (1: the first)."""
 
     names: list[str]
     title: str
     sheets: list[str]
     rows: int | None
+    row: int = 1
 
 
-def sheet_header(file: Path, sheet: str | None) -> SheetHeader:
+# How far down a sheet its header is looked for, below a title and notes.
+HEADER_SEARCH_ROWS = 10
+
+
+def sheet_header(file: Path, sheet: str | None, wanted: Sequence[str] = ()) -> SheetHeader:
     """One sheet's header row (the first sheet unless named), as it stands: a blank cell
-    is a column with no name; blanks after the last name are no columns."""
+    is a column with no name; blanks after the last name are no columns. The header is the
+    first row, unless that lacks a `wanted` name and a row below (within the first 10) has
+    them all with nothing above it but rows of one cell at most: a title, a note, a blank."""
     import openpyxl
 
     book = openpyxl.load_workbook(file, read_only=True, data_only=True)
@@ -41,14 +50,36 @@ def sheet_header(file: Path, sheet: str | None) -> SheetHeader:
                 f"{file.name} has no sheet {sheet!r}. Its sheets are: {', '.join(map(repr, book.sheetnames))}."
             )
         worksheet = book[sheet] if sheet is not None else book.worksheets[0]
-        first = next(worksheet.iter_rows(max_row=1), ())
-        names = [_header_text(cell.value, getattr(cell, "number_format", None)) for cell in first]
+        top = [[_header_text(cell.value, getattr(cell, "number_format", None)) for cell in cells]
+               for cells in worksheet.iter_rows(max_row=HEADER_SEARCH_ROWS if wanted else 1)]
+        row = _header_row(top, wanted)
+        names = top[row - 1] if top else []
         while names and names[-1] == "":
             names.pop()
-        rows = worksheet.max_row - 1 if worksheet.max_row else None
-        return SheetHeader(names, worksheet.title, list(book.sheetnames), rows)
+        rows = worksheet.max_row - row if worksheet.max_row else None
+        return SheetHeader(names, worksheet.title, list(book.sheetnames), rows, row)
     finally:
         book.close()
+
+
+def _header_row(top: list[list[str]], wanted: Sequence[str]) -> int:
+    """Which of a sheet's first rows (their cells' texts) is its header: see `sheet_header`."""
+    if not top or set(wanted) <= set(top[0]):
+        return 1
+    for row, names in enumerate(top, 1):
+        if set(wanted) <= set(names):
+            return row
+        if sum(1 for name in names if name) > 1:  # a table's row: the header is not below it
+            break
+    return 1
+
+
+def said_header_row(file: Path, header: SheetHeader, wanted: Sequence[str]) -> None:
+    """A line when the header is not the sheet's first row."""
+    if header.row > 1:
+        logger.warning("%s, sheet %r: the header is row %d, the first to name %s; the %s above it %s not read.",
+                       file.name, header.title, header.row, " and ".join(map(repr, wanted)),
+                       "row" if header.row == 2 else f"{header.row - 1} rows", "is" if header.row == 2 else "are")
 
 
 def refuse_unsaved_formulas(file: Path, header: SheetHeader, wanted: list[str]) -> None:
@@ -62,7 +93,7 @@ def refuse_unsaved_formulas(file: Path, header: SheetHeader, wanted: list[str]) 
     unsaved: dict[str, list[str]] = {}
     for ref in scan_sheet(file, header.title).unsaved:
         letter = ref.rstrip("0123456789")
-        if ref[len(letter):] != "1" and letter in letters:  # the header's own is its name, read as it is
+        if int(ref[len(letter):]) > header.row and letter in letters:  # the header's own and above: names, a title
             unsaved.setdefault(letters[letter], []).append(ref)
     if not unsaved:
         return
@@ -92,14 +123,15 @@ def _header_text(cell: Any, number_format: str | None = None) -> str:
     return "" if isinstance(text, Blank | CellError) else text
 
 
-def read_xlsx(file: Path, sheet: str | None):
+def read_xlsx(file: Path, sheet: str | None, wanted: Sequence[str] = ()):
     """One sheet of a workbook (the first unless named) as a pandas frame, its columns
-    named as its header row names them. Its cells are read as a CSV's are: text stays
+    named as its header row names them (`sheet_header`, which finds it below a title where
+    the job's columns, `wanted`, are there). Its cells are read as a CSV's are: text stays
     text ("NA", "None", "null" too; pandas' default makes those blanks), and only empty
     cells are blank."""
-    header = sheet_header(file, sheet)
+    header = sheet_header(file, sheet, wanted)
     names = header.names
-    frame = pd.read_excel(file, sheet_name=sheet or 0, engine="openpyxl",
+    frame = pd.read_excel(file, sheet_name=sheet or 0, engine="openpyxl", header=header.row - 1,
                           keep_default_na=False, na_values=[""])
     # pandas renames repeated and blank headers ("doc.1", "Unnamed: 2"); a column of data
     # right of the last header is one with no name.
@@ -107,12 +139,12 @@ def read_xlsx(file: Path, sheet: str | None):
     frame.columns = names[:width] + [""] * (width - len(names))
     refuse_repeats(file, list(frame.columns))
     if integer_formats_among(_number_formats(file)):
-        _show_formatted_numbers(frame, file, sheet)
-    _fill_merged_cells(frame, file, header.title)
+        _show_formatted_numbers(frame, file, sheet, header.row)
+    _fill_merged_cells(frame, file, header.title, header.row)
     return frame
 
 
-def _fill_merged_cells(frame: pd.DataFrame, file: Path, title: str) -> None:
+def _fill_merged_cells(frame: pd.DataFrame, file: Path, title: str, header_row: int = 1) -> None:
     """A merged range below the header shows its top cell in every row it covers, and so
     it is read: its first column's blank cells below the top get the top's value (Excel
     keeps it in the top cell alone, so those rows were blank, with no embedding or score).
@@ -122,11 +154,12 @@ def _fill_merged_cells(frame: pd.DataFrame, file: Path, title: str) -> None:
     filled = []
     ranges = sorted(scan_sheet(file, title).merged, key=lambda bounds: (bounds[1], bounds[0]))  # top to bottom
     for first_column, first_row, _, last_row in ranges:
-        column, top = first_column - 1, first_row - 2  # frame row 0 is the sheet's row 2
+        column, top = first_column - 1, first_row - header_row - 1  # frame row 0 is the one below the header
         if top < 0 or last_row == first_row or column >= frame.shape[1] or top >= len(frame):
-            continue  # the header's own, one row high, or beyond the data read
+            continue  # the header's own or a title's, one row high, or beyond the data read
         value = frame.iat[top, column]
-        blanks = [row for row in range(top + 1, min(last_row - 1, len(frame))) if pd.isna(frame.iat[row, column])]
+        end = min(last_row - header_row, len(frame))
+        blanks = [row for row in range(top + 1, end) if pd.isna(frame.iat[row, column])]
         if pd.isna(value) or not blanks:
             continue
         frame.iloc[blanks, column] = value
@@ -157,7 +190,7 @@ def _number_formats(file: Path) -> list[str]:
         return codes
 
 
-def _show_formatted_numbers(frame: pd.DataFrame, file: Path, sheet: str | None) -> None:
+def _show_formatted_numbers(frame: pd.DataFrame, file: Path, sheet: str | None, header_row: int = 1) -> None:
     """Whole numbers in a format that shows them otherwise (a ZIP code's 00000: 2134 shows
     02134) become the text they show, and their columns text: what the cell shows is what
     is embedded and written back. Cells are matched to the frame by row and column, and
@@ -169,7 +202,7 @@ def _show_formatted_numbers(frame: pd.DataFrame, file: Path, sheet: str | None) 
     try:
         worksheet = book[sheet] if sheet is not None else book.worksheets[0]
         worksheet.reset_dimensions()  # as pandas reads it: a sheet's recorded size can be wrong
-        for row, cells in enumerate(worksheet.iter_rows(min_row=2)):
+        for row, cells in enumerate(worksheet.iter_rows(min_row=header_row + 1)):
             for column, cell in enumerate(cells):
                 text = shown_integer(cell.value, cell.number_format) if cell.data_type == "n" else None
                 if text is None:
@@ -177,7 +210,7 @@ def _show_formatted_numbers(frame: pd.DataFrame, file: Path, sheet: str | None) 
                 if row >= len(frame) or column >= frame.shape[1] or frame.iat[row, column] != cell.value:
                     logger.warning("%s: its cells did not line up with the sheet as read (row %d, column %d); "
                                    "numbers in formats such as 00000 are read as General shows them.",
-                                   file.name, row + 2, column + 1)
+                                   file.name, row + header_row + 1, column + 1)
                     return
                 shown.setdefault(column, {})[row] = text
     finally:

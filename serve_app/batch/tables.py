@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from serve_app.batch.errors import JobInputError, refuse_repeats
 from serve_app.batch.sheets import (
     first_too_long,
     refuse_unsaved_formulas,
+    said_header_row,
     sheet_header,
     too_long_for_a_cell,
 )
@@ -93,7 +95,7 @@ def check_output(path: str | Path) -> None:
                             "Choose another --output.")
 
 
-def column_names(file: Path, fmt: str, sheet: str | None = None) -> list[str]:
+def column_names(file: Path, fmt: str, sheet: str | None = None, wanted: Sequence[str] = ()) -> list[str]:
     """The header of one input file, read without loading its rows (a CSV's first block,
     a sheet's first row), as the job's reader names the columns: repeats kept (pandas
     would rename them)."""
@@ -104,7 +106,7 @@ def column_names(file: Path, fmt: str, sheet: str | None = None) -> list[str]:
             return list(pq.read_schema(file).names)
         if fmt == "csv":
             return csv_header(file)
-        return sheet_header(file, sheet).names
+        return sheet_header(file, sheet, wanted).names
     except JobInputError:
         raise
     except Exception as exc:
@@ -119,24 +121,27 @@ def require_columns(files: list[Path], fmt: str, wanted: list[str], sheet: str |
     files' column names, each once, in the order first seen."""
     names: dict[str, None] = {}
     for file in files:
-        have = column_names(file, fmt, sheet)
+        have = column_names(file, fmt, sheet, wanted)
         names.update(dict.fromkeys(have))
         missing = [c for c in wanted if c not in have]
         if missing:
             where, sheets = "", ""
             if fmt == "xlsx":  # the data may be on another sheet than the one read
-                header = sheet_header(file, sheet)
+                header = sheet_header(file, sheet, wanted)
                 where = f" on its sheet {header.title!r}"
                 if len(header.sheets) > 1:
                     sheets = (f" The workbook's sheets are: {', '.join(map(repr, header.sheets))}; "
                               "name the one to read with --sheet.")
             raise JobInputError(
-                f"{file.name} has no column {', '.join(repr(m) for m in missing)}{where}. "
+                f"{file.name} has no {'columns' if len(missing) > 1 else 'column'} "
+                f"{' and '.join(repr(m) for m in missing)}{where}. "
                 f"Its columns are: {', '.join(repr(h) for h in have)}.{sheets}"
             )
         refuse_repeats(file, have)
         if fmt == "xlsx":
-            refuse_unsaved_formulas(file, sheet_header(file, sheet), wanted)
+            header = sheet_header(file, sheet, wanted)
+            said_header_row(file, header, wanted)
+            refuse_unsaved_formulas(file, header, wanted)
         if adds is not None and adds in have:
             raise JobInputError(
                 f"{file.name} already has a column {adds!r}, the one this job adds: rename or "
@@ -145,7 +150,8 @@ def require_columns(files: list[Path], fmt: str, wanted: list[str], sheet: str |
     return list(names)
 
 
-def file_rows(files: list[Path], fmt: str, sheet: str | None = None, to_sheet: bool = False) -> list[int | None]:
+def file_rows(files: list[Path], fmt: str, sheet: str | None = None, to_sheet: bool = False,
+              wanted: Sequence[str] = ()) -> list[int | None]:
     """Each file's rows (None where a sheet does not say), found before any work. A CSV
     is read through once for it, so that a row the job's reader would fail on part way
     through the job (`check_csv`) is refused now. `to_sheet` (the output is a workbook):
@@ -161,7 +167,7 @@ def file_rows(files: list[Path], fmt: str, sheet: str | None = None, to_sheet: b
     if fmt == "csv":
         csv_parse_options(files)  # one separator for them all
         return [check_csv(file, to_sheet) for file in files]
-    return [sheet_header(file, sheet).rows for file in files]
+    return [sheet_header(file, sheet, wanted).rows for file in files]
 
 
 def _refuse_long_parquet_cells(file: Path) -> None:
