@@ -167,6 +167,10 @@ def test_similarity_xlsx_round_trip_below_a_title(ray_head, tmp_path, bundled_em
         "1 text was longer than the model reads (256 tokens): only its start was embedded.")), logs[-2000:]
     assert "Split long texts (into paragraphs, say) to have all of them read." in logs
     assert "pairs.xlsx, sheet 'Pairs': the header is row 3, the first to name 'question' and 'doc'" in logs
+    # A workbook is read whole before any work, and the job says so (a sheet of a million
+    # rows had been 90 s of silence).
+    assert re.search(r"INFO Reading pairs.xlsx \(8 rows\): a workbook is read whole before its rows are "
+                     r"embedded.\n.*INFO Read 8 rows in \d+\.\d s.\n", logs), logs[-3000:]
 
 
 def test_case_numbers_and_account_numbers_of_a_csv_reach_the_xlsx_output_as_written(ray_head, tmp_path):

@@ -9,6 +9,7 @@ order is kept, so row i of the output is row i of the input.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -233,9 +234,17 @@ def _read(path: str, columns: list[str], opts: JobOptions, output: str, keep: tu
         convert = csv.ConvertOptions(column_types=dict(zip(schema.names, schema.types, strict=True)))
         return ray.data.read_csv([str(f) for f in files], parse_options=csv_parse_options(files),
                                  convert_options=convert, num_cpus=READ_CPUS, override_num_blocks=blocks), schema, total
+    # A workbook is read whole here, before any row goes to the actors: 9 s for 100,000 rows
+    # of 3 columns on 2 cores, and a sheet holds ten times that, so it is said.
+    what = files[0].name if len(files) == 1 else f"{len(files):,} workbooks in {Path(path).name}"
+    logger.info("Reading %s%s: a workbook is read whole before its rows are embedded.", what,
+                f" ({total:,} rows)" if total is not None else "")
+    started = time.perf_counter()
     sheets, schema = sheet_blocks(files, opts.sheet, columns, opts.batch_size,
                                   opts.pool_size() if rows is not None else 1)
-    return ray.data.from_arrow(sheets), schema, sum(block.num_rows for block in sheets)
+    read = sum(block.num_rows for block in sheets)
+    logger.info("Read %s rows in %.1f s.", f"{read:,}", time.perf_counter() - started)
+    return ray.data.from_arrow(sheets), schema, read
 
 
 def sheet_blocks(files: list[Path], sheet: str | None, columns: list[str], batch_size: int,
