@@ -719,6 +719,44 @@ def test_a_text_column_of_formulas_with_no_saved_result_is_refused_before_ray(tm
         "workbook was last written by a program that does not calculate (Excel, LibreOffice and Google Sheets "
         "save results). The output has them blank."]
     assert read_xlsx(tmp_path / "s.xlsx", None)["question"].tolist() == ["x"] * 5
+    # One cell holds; a cell right of the last name is in a column with no name.
+    book = openpyxl.Workbook()
+    book.active.append(["question"])
+    book.active.append(["=1+1", "=2+2"])
+    book.save(tmp_path / "one.xlsx")
+    with pytest.raises(JobInputError, match=r"^one.xlsx, sheet 'Sheet': 1 cell of 'question' \(A2\) holds a formula"):
+        require_columns([tmp_path / "one.xlsx"], "xlsx", ["question"])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="serve_app.batch.sheets"):
+        refuse_unsaved_formulas(tmp_path / "one.xlsx", sheet_header(tmp_path / "one.xlsx", None), [])
+    assert caplog.messages[0].startswith("one.xlsx, sheet 'Sheet': 1 cell of 'question' (A2); 1 cell of a column "
+                                         "with no name (B2) hold a formula")
+
+
+def test_unsaved_formulas_are_placed_as_the_xml_places_cells_however_it_is_written(tmp_path):
+    # The schema lets a writer leave out a row's or a cell's r (it follows the one before),
+    # quote with ' and prefix names; a cell with no r had failed the check with "invalid
+    # literal for int()", and a result in <v xml:space="preserve"> was taken for none.
+    import zipfile
+
+    import openpyxl
+
+    from serve_app.batch.sheetxml import scan_sheet
+
+    openpyxl.Workbook().save(tmp_path / "s.xlsx")
+    with zipfile.ZipFile(tmp_path / "s.xlsx") as book:
+        parts = {name: book.read(name) for name in book.namelist()}
+    parts["xl/worksheets/sheet1.xml"] = (
+        b'<x:worksheet xmlns:x="http://schemas.openxmlformats.org/spreadsheetml/2006/main"><x:sheetData>'
+        b'<x:row r="1"><x:c r="A1" t="inlineStr"><x:is><x:t>q</x:t></x:is></x:c></x:row>'
+        b"<x:row><x:c><x:f>1+1</x:f></x:c><x:c t='str'><x:f>A1</x:f><x:v></x:v></x:c>"  # row 2: A2 unsaved
+        b"<x:c><x:f>A1</x:f><x:v xml:space='preserve'> x</x:v></x:c></x:row>"
+        b"<x:row r='5'><x:c r='C5'/><x:c><x:f t='shared' si='0'/><x:v/></x:c></x:row>"  # D5 unsaved
+        b'</x:sheetData><x:mergeCells count="1"><x:mergeCell ref="A7:B9"/></x:mergeCells></x:worksheet>')
+    with zipfile.ZipFile(tmp_path / "s.xlsx", "w") as book:
+        for name, data in parts.items():
+            book.writestr(name, data)
+    assert scan_sheet(tmp_path / "s.xlsx", "Sheet") == ([(1, 7, 2, 9)], [(1, 2), (4, 5)])
 
 
 def test_a_sheet_with_a_title_above_its_header_is_read_from_the_header_down(tmp_path, caplog):
@@ -732,6 +770,7 @@ def test_a_sheet_with_a_title_above_its_header_is_read_from_the_header_down(tmp_
     sheet["A1"] = "Client questions, updated 2026-03-01"
     sheet.merge_cells("A1:D1")
     sheet["A2"] = "Confidential"
+    sheet["G2"] = "Draft"  # a note right of the table: no column (one made '', two refused the file)
     sheet.append(["matter", "question", "doc", "zip"])
     sheet.append(["Lease", "How do I reset it?", "Steps to reset", 2134])
     sheet.append([None, "When is rent due?", "Rent is due on the first", 501])
@@ -748,6 +787,7 @@ def test_a_sheet_with_a_title_above_its_header_is_read_from_the_header_down(tmp_
     assert caplog.messages == ["s.xlsx, sheet 'Sheet': the header is row 3, the first to name 'question' and "
                                "'doc'; the 2 rows above it are not read."]
     frame = read_xlsx(tmp_path / "s.xlsx", None, ["question", "doc"])
+    assert list(frame.columns) == header.names
     assert frame["question"].tolist() == ["How do I reset it?", "When is rent due?", "Late goods?"]
     assert frame["matter"].tolist() == ["Lease", "Lease", "Supply"]
     assert frame["zip"].tolist() == ["02134", "00501", 90210]  # shown as General shows it: text later
@@ -767,6 +807,20 @@ def test_a_header_in_the_first_row_is_kept_though_a_later_row_holds_a_missing_na
     with pytest.raises(JobInputError, match=r"^s.xlsx has no column 'answer' on its sheet 'Sheet'. Its columns "
                                             r"are: 'question', 'doc'.$"):
         require_columns([tmp_path / "s.xlsx"], "xlsx", ["answer"])
+
+
+def test_a_one_column_table_takes_a_one_name_header_only_below_a_blank_row(tmp_path):
+    # Every row of a one-column table is one cell, as a title is: a data cell that reads as
+    # the column asked for had been taken for the header, and the rows above it dropped.
+    import openpyxl
+
+    for rows, header_row in (([["Term"], ["contract"], ["lease"], ["term"], ["tenant"]], 1),
+                             ([["Glossary, 2026"], [None], ["term"], ["lease"]], 3)):
+        book = openpyxl.Workbook()
+        for row in rows:
+            book.active.append(row)
+        book.save(tmp_path / "s.xlsx")
+        assert sheet_header(tmp_path / "s.xlsx", None, ["term"]).row == header_row
 
 
 def test_two_missing_columns_are_said_as_two(tmp_path):

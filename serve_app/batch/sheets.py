@@ -40,7 +40,7 @@ def sheet_header(file: Path, sheet: str | None, wanted: Sequence[str] = ()) -> S
     """One sheet's header row (the first sheet unless named), as it stands: a blank cell
     is a column with no name; blanks after the last name are no columns. The header is the
     first row, unless that lacks a `wanted` name and a row below (within the first 10) has
-    them all with nothing above it but rows of one cell at most: a title, a note, a blank."""
+    them all with nothing above it but a title, notes and blank rows (`_header_row`)."""
     import openpyxl
 
     book = openpyxl.load_workbook(file, read_only=True, data_only=True)
@@ -63,14 +63,20 @@ def sheet_header(file: Path, sheet: str | None, wanted: Sequence[str] = ()) -> S
 
 
 def _header_row(top: list[list[str]], wanted: Sequence[str]) -> int:
-    """Which of a sheet's first rows (their cells' texts) is its header: see `sheet_header`."""
+    """Which of a sheet's first rows (their cells' texts) is its header: see `sheet_header`.
+    The rows above a header of n names hold at most n / 2 cells each (a title and its date,
+    a note); above a header of one name, at most one, and the row just above is blank: in a
+    one-column table every row is one cell, and a data cell that reads as the column asked
+    for is no header. Nor is a data row below a header of the first row that lacks a name."""
     if not top or set(wanted) <= set(top[0]):
         return 1
+    filled = [sum(1 for name in names if name) for names in top]
     for row, names in enumerate(top, 1):
         if set(wanted) <= set(names):
-            return row
-        if sum(1 for name in names if name) > 1:  # a table's row: the header is not below it
-            break
+            above, width = filled[: row - 1], filled[row - 1]
+            titles = (all(n <= width // 2 for n in above) if width > 1
+                      else above[-1] == 0 and all(n <= 1 for n in above))
+            return row if titles else 1
     return 1
 
 
@@ -89,27 +95,30 @@ def refuse_unsaved_formulas(file: Path, header: SheetHeader, wanted: list[str]) 
     blank. Such cells in other columns are written out blank, said as a warning."""
     from openpyxl.utils.cell import get_column_letter
 
-    letters = {get_column_letter(i + 1): name for i, name in enumerate(header.names)}
     unsaved: dict[str, list[str]] = {}
-    for ref in scan_sheet(file, header.title).unsaved:
-        letter = ref.rstrip("0123456789")
-        if int(ref[len(letter):]) > header.row and letter in letters:  # the header's own and above: names, a title
-            unsaved.setdefault(letters[letter], []).append(ref)
+    for column, row in scan_sheet(file, header.title).unsaved:
+        if row > header.row:  # the header's own and above: names and a title, read as they are
+            # Right of the last name, a column is read as one with no name.
+            name = header.names[column - 1] if column <= len(header.names) else ""
+            unsaved.setdefault(name, []).append(f"{get_column_letter(column)}{row}")
     if not unsaved:
         return
 
     def cells(name: str) -> str:
         refs = unsaved[name]
         listed = ", ".join(refs[:3]) + (f" and {len(refs) - 3:,} more" if len(refs) > 3 else "")
-        return f"{len(refs):,} {'cell' if len(refs) == 1 else 'cells'} of {name!r} ({listed})"
+        return f"{len(refs):,} {'cell' if len(refs) == 1 else 'cells'} of {repr(name) if name else 'a column with no name'} ({listed})"
 
-    why = ("hold a formula with no saved result: the workbook was last written by a program that does not "
-           "calculate (Excel, LibreOffice and Google Sheets save results).")
+    def why(names: list[str]) -> str:
+        one = len(names) == 1 and len(unsaved[names[0]]) == 1
+        return (f"{'; '.join(map(cells, names))} {'holds' if one else 'hold'} a formula with no saved result: the "
+                "workbook was last written by a program that does not calculate (Excel, LibreOffice and Google "
+                "Sheets save results).")
+
     if texts := [name for name in wanted if name in unsaved]:
-        raise JobInputError(f"{file.name}, sheet {header.title!r}: {'; '.join(map(cells, texts))} {why} "
-                            "Open it in Excel, save it, and run the job again.")
-    logger.warning("%s, sheet %r: %s %s The output has them blank.", file.name, header.title,
-                   "; ".join(map(cells, unsaved)), why)
+        raise JobInputError(f"{file.name}, sheet {header.title!r}: {why(texts)} Open it in Excel, save it, and "
+                            "run the job again.")
+    logger.warning("%s, sheet %r: %s The output has them blank.", file.name, header.title, why(list(unsaved)))
 
 
 def _header_text(cell: Any, number_format: str | None = None) -> str:
@@ -133,6 +142,11 @@ def read_xlsx(file: Path, sheet: str | None, wanted: Sequence[str] = ()):
     names = header.names
     frame = pd.read_excel(file, sheet_name=sheet or 0, engine="openpyxl", header=header.row - 1,
                           keep_default_na=False, na_values=[""])
+    # pandas makes the frame as wide as the sheet's widest row, a title's or a note's above
+    # the header included: a column right of the last name with nothing below the header is
+    # no column (a note in E1 above a two-column table made one, and two refused the file).
+    while len(frame.columns) > len(names) and frame.iloc[:, -1].isna().all():
+        frame = frame.iloc[:, :-1]
     # pandas renames repeated and blank headers ("doc.1", "Unnamed: 2"); a column of data
     # right of the last header is one with no name.
     width = len(frame.columns)
@@ -153,7 +167,7 @@ def _fill_merged_cells(frame: pd.DataFrame, file: Path, title: str, header_row: 
 
     filled = []
     ranges = sorted(scan_sheet(file, title).merged, key=lambda bounds: (bounds[1], bounds[0]))  # top to bottom
-    for first_column, first_row, _, last_row in ranges:
+    for first_column, first_row, last_column, last_row in ranges:
         column, top = first_column - 1, first_row - header_row - 1  # frame row 0 is the one below the header
         if top < 0 or last_row == first_row or column >= frame.shape[1] or top >= len(frame):
             continue  # the header's own or a title's, one row high, or beyond the data read
@@ -163,8 +177,7 @@ def _fill_merged_cells(frame: pd.DataFrame, file: Path, title: str, header_row: 
         if pd.isna(value) or not blanks:
             continue
         frame.iloc[blanks, column] = value
-        letter = get_column_letter(first_column)
-        filled.append(f"{letter}{first_row}:{letter}{last_row}")
+        filled.append(f"{get_column_letter(first_column)}{first_row}:{get_column_letter(last_column)}{last_row}")
     if filled:
         one = len(filled) == 1
         shown = ", ".join(filled[:5]) + (f" and {len(filled) - 5:,} more" if len(filled) > 5 else "")

@@ -12,20 +12,43 @@ from typing import NamedTuple
 _NS = rb"(?:[A-Za-z_][\w.-]*:)?"  # a namespace prefix, where the writer used one
 _MERGE = re.compile(rb"<" + _NS + rb'mergeCell\s[^>]*?\bref="([A-Za-z]+[0-9]+:[A-Za-z]+[0-9]+)"')
 _FORMULA = re.compile(rb"<" + _NS + rb"f[\s>/]")
-_CELL = re.compile(rb"<" + _NS + rb"c\s([^>]*?)(?:/>|>(.*?)</" + _NS + rb"c>)", re.S)
-_VALUE = re.compile(rb"<" + _NS + rb"v>[^<]")
-_REF = re.compile(rb'\br="([A-Za-z]+[0-9]+)"')
-_TEXT_RESULT = re.compile(rb'\bt="str"')
+# A row's start (its attributes), or a cell (its attributes, and its body unless it closes itself).
+_ROW_OR_CELL = re.compile(rb"<" + _NS + rb"row\b([^>]*)>|<" + _NS + rb"c\b([^>]*?)(?:/>|>(.*?)</" + _NS + rb"c>)",
+                          re.S)
+_ROW_START = re.compile(rb"<" + _NS + rb"row\b([^>]*)>")
+_ROW_NUMBER = re.compile(rb"""\br=["']([0-9]+)["']""")
+_CELL_REF = re.compile(rb"""\br=["']([A-Za-z]+)([0-9]+)["']""")
+_VALUE = re.compile(rb"<" + _NS + rb"v(?:\s[^>]*)?>[^<]")
+_TEXT_RESULT = re.compile(rb"""\bt=["']str["']""")
 _ROW_END = re.compile(rb"</" + _NS + rb"row>")  # no text holds "</" unescaped
 _REL_ID = "{http://schemas.openxmlformats.org/officeDocument/2006/relationships}id"
 
 
 class SheetXml(NamedTuple):
     """A sheet's merged ranges (first column, first row, last column, last row) and the
-    cells (`C2`) whose formula holds no saved result."""
+    cells (column, row; 1 is A) whose formula holds no saved result."""
 
     merged: list[tuple[int, int, int, int]]
-    unsaved: list[str]
+    unsaved: list[tuple[int, int]]
+
+
+class _Place:
+    """Where a scan is: its row, and the column of the row's last cell (0: none yet). A
+    writer may leave out a row's or a cell's `r`; it then follows the one before."""
+
+    def __init__(self) -> None:
+        self.row = self.column = 0
+
+    def next_row(self, attributes: bytes) -> None:
+        number = _ROW_NUMBER.search(attributes)
+        self.row, self.column = (int(number[1]) if number else self.row + 1), 0
+
+    def next_cell(self, attributes: bytes) -> tuple[int, int]:
+        from openpyxl.utils.cell import column_index_from_string
+
+        ref = _CELL_REF.search(attributes)
+        self.column = column_index_from_string(ref[1].decode("ascii").upper()) if ref else self.column + 1
+        return self.column, int(ref[2]) if ref else self.row
 
 
 def scan_sheet(file: Path, title: str) -> SheetXml:
@@ -36,7 +59,8 @@ def scan_sheet(file: Path, title: str) -> SheetXml:
     from openpyxl.utils.cell import range_boundaries
 
     merged: list[bytes] = []
-    unsaved: list[str] = []
+    unsaved: list[tuple[int, int]] = []
+    place = _Place()
     with zipfile.ZipFile(file) as archive:
         if (part := _sheet_part(archive, title)) is None:
             return SheetXml([], [])
@@ -53,21 +77,28 @@ def scan_sheet(file: Path, title: str) -> SheetXml:
                 piece, rest = text[:cut], text[cut:]
                 merged += _MERGE.findall(piece)
                 if _FORMULA.search(piece):
-                    unsaved += _unsaved(piece)
+                    unsaved += _unsaved(piece, place)
+                else:  # only the rows move
+                    for attributes in _ROW_START.findall(piece):
+                        place.next_row(attributes)
                 if not chunk:
                     break
     return SheetXml([range_boundaries(ref.decode("ascii").upper()) for ref in merged], unsaved)
 
 
-def _unsaved(piece: bytes) -> list[str]:
+def _unsaved(piece: bytes, place: _Place) -> list[tuple[int, int]]:
     """The cells of `piece` whose formula has no result saved beside it: a workbook written
     by a program that does not calculate (openpyxl writes `<v />`). An empty text result,
     as Excel saves `=IF(A2="","",A2)`, is marked as text (`t="str"`) and is a result."""
     found = []
-    for attributes, body in _CELL.findall(piece):
+    for match in _ROW_OR_CELL.finditer(piece):
+        row_attributes, attributes, body = match.groups()
+        if row_attributes is not None:
+            place.next_row(row_attributes)
+            continue
+        cell = place.next_cell(attributes)
         if body and _FORMULA.search(body) and not _VALUE.search(body) and not _TEXT_RESULT.search(attributes):
-            ref = _REF.search(attributes)
-            found.append(ref[1].decode("ascii").upper() if ref else "?")
+            found.append(cell)
     return found
 
 
