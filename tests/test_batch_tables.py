@@ -823,6 +823,17 @@ def test_a_one_column_table_takes_a_one_name_header_only_below_a_blank_row(tmp_p
         assert sheet_header(tmp_path / "s.xlsx", None, ["term"]).row == header_row
 
 
+def test_a_csv_saved_from_a_sheet_with_a_title_is_refused_naming_its_header_row(tmp_path, monkeypatch, capsys):
+    # Excel saves a titled sheet as CSV with the title's rows (padded with separators) on
+    # top; the job said only that the CSV had no such columns, listing the title as one.
+    rows = tmp_path / "rows.csv"
+    rows.write_bytes(b"\xef\xbb\xbfClient questions;;\r\n;;\r\nid;question;doc\r\n1;How?;Steps\r\n")
+    assert refused_before_ray(similarity(rows, tmp_path / "out.csv"), monkeypatch, capsys) == (
+        "rows.csv has no columns 'question' and 'doc'. Its columns are: 'Client questions', '', ''. Its row 3 "
+        "names them, below a title: a CSV is read from its first row, so delete the 2 rows above that one (or "
+        "give the job the workbook it was saved from, where the header is found below a title), and run it again.")
+
+
 def test_two_missing_columns_are_said_as_two(tmp_path):
     (tmp_path / "s.csv").write_text("question,doc\nHow?,Steps\n")
     with pytest.raises(JobInputError, match=r"^s.csv has no columns 'answer' and 'note'. Its columns are"):

@@ -23,6 +23,21 @@ def csv_header(file: Path) -> list[str]:
     return list(csv.open_csv(file, parse_options=skip).schema.names)
 
 
+def csv_header_row(file: Path, wanted: list[str]) -> int:
+    """Which of a CSV's first rows would be its header by the rule for a sheet's below a
+    title (`header_row`): a sheet saved as CSV keeps its title rows above the table."""
+    import csv
+    import io
+    import itertools
+
+    from serve_app.batch.sheets import HEADER_SEARCH_ROWS, header_row
+
+    with open(file, "rb") as stream:
+        head = stream.read(1 << 16).removeprefix(codecs.BOM_UTF8).decode("utf-8", "replace")
+    rows = csv.reader(io.StringIO(head, newline=""), delimiter=csv_separator(file))
+    return header_row(list(itertools.islice(rows, HEADER_SEARCH_ROWS)), wanted)
+
+
 def csv_separator(file: Path) -> str:
     """The character a CSV's fields are separated by (Excel's exports where the decimal mark
     is a comma use semicolons, and tab-separated text is often .csv): of comma, semicolon and

@@ -40,7 +40,7 @@ def sheet_header(file: Path, sheet: str | None, wanted: Sequence[str] = ()) -> S
     """One sheet's header row (the first sheet unless named), as it stands: a blank cell
     is a column with no name; blanks after the last name are no columns. The header is the
     first row, unless that lacks a `wanted` name and a row below (within the first 10) has
-    them all with nothing above it but a title, notes and blank rows (`_header_row`)."""
+    them all with nothing above it but a title, notes and blank rows (`header_row`)."""
     import openpyxl
 
     book = openpyxl.load_workbook(file, read_only=True, data_only=True)
@@ -52,7 +52,7 @@ def sheet_header(file: Path, sheet: str | None, wanted: Sequence[str] = ()) -> S
         worksheet = book[sheet] if sheet is not None else book.worksheets[0]
         top = [[_header_text(cell.value, getattr(cell, "number_format", None)) for cell in cells]
                for cells in worksheet.iter_rows(max_row=HEADER_SEARCH_ROWS if wanted else 1)]
-        row = _header_row(top, wanted)
+        row = header_row(top, wanted)
         names = top[row - 1] if top else []
         while names and names[-1] == "":
             names.pop()
@@ -62,7 +62,7 @@ def sheet_header(file: Path, sheet: str | None, wanted: Sequence[str] = ()) -> S
         book.close()
 
 
-def _header_row(top: list[list[str]], wanted: Sequence[str]) -> int:
+def header_row(top: list[list[str]], wanted: Sequence[str]) -> int:
     """Which of a sheet's first rows (their cells' texts) is its header: see `sheet_header`.
     The rows above a header of n names hold at most n / 2 cells each (a title and its date,
     a note); above a header of one name, at most one, and the row just above is blank: in a

@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from serve_app.batch.csvfiles import check_csv, csv_header, csv_parse_options
+from serve_app.batch.csvfiles import check_csv, csv_header, csv_header_row, csv_parse_options
 from serve_app.batch.errors import JobInputError, refuse_repeats
 from serve_app.batch.sheets import (
     first_too_long,
@@ -132,6 +132,13 @@ def require_columns(files: list[Path], fmt: str, wanted: list[str], sheet: str |
                 if len(header.sheets) > 1:
                     sheets = (f" The workbook's sheets are: {', '.join(map(repr, header.sheets))}; "
                               "name the one to read with --sheet.")
+            elif fmt == "csv" and (row := csv_header_row(file, wanted)) > 1:
+                # A sheet with a title, saved as CSV: the header is found below the title in
+                # the workbook, but a CSV is read by Ray Data from its first row.
+                sheets = (f" Its row {row} names {'them' if len(wanted) > 1 else 'it'}, below a title: a CSV "
+                          f"is read from its first row, so delete the {_count(row - 1, 'row')} above that one "
+                          "(or give the job the workbook it was saved from, where the header is found below "
+                          "a title), and run it again.")
             raise JobInputError(
                 f"{file.name} has no {'columns' if len(missing) > 1 else 'column'} "
                 f"{' and '.join(repr(m) for m in missing)}{where}. "
@@ -246,3 +253,7 @@ def text_or_none(value: Any) -> str | None:
 def texts_of(column: pa.ChunkedArray | pa.Array) -> list[str | None]:
     """A column's cells as texts, blanks as None."""
     return [text_or_none(v) for v in column.to_pylist()]
+
+
+def _count(amount: int, unit: str) -> str:
+    return f"{amount:,} {unit}" + ("" if amount == 1 else "s")
