@@ -61,7 +61,8 @@ def parser() -> argparse.ArgumentParser:
         group.add_argument("--actors", type=int, help="model actors; default one per node (CPU) or "
                            "per GPU share, more as a cluster's GPU nodes join")
         group.add_argument("--batch-size", type=int, default=256, help="rows per model call (default 256)")
-        group.add_argument("--sheet", help="worksheet of .xlsx/.xlsm inputs; default the first")
+        group.add_argument("--sheet", help="worksheet of .xlsx/.xlsm inputs; default the first. Its header is "
+                                           "its first row, or the row below a title that names the columns")
         group.add_argument("--progress-every", type=float, default=EVERY_S, metavar="SECONDS",
                            help=f"say how far the job has got at most this often (default {EVERY_S:g}; "
                                 "0: after every block of rows)")
