@@ -26,6 +26,7 @@ LIGHT = [
     "serve_app.web.service",
     "serve_app.ray_shell.app",
     "serve_app.ray_shell.deployments",
+    "serve_app.ray_shell.launcher",  # runs before every warm-started worker
     "excel_addin",
     "excel_addin.client",
     "excel_addin.settings",

@@ -55,7 +55,7 @@ def launch(script, *args, env_extra=None, preload=PRELOAD, cwd=None, new_zygote=
     options = [f"--preload={preload}"] + ([] if new_zygote else ["--no-new-zygote"])
     options += [] if reply_timeout is None else [f"--reply-timeout={reply_timeout}"]
     return subprocess.Popen(
-        [sys.executable, "-m", "serve_app.ray_shell.warmstart", *options, str(script), *args],
+        [sys.executable, "-m", "serve_app.ray_shell.launcher", *options, str(script), *args],
         env=env, cwd=cwd, stdout=subprocess.PIPE, text=True, **popen,
     )
 
@@ -353,7 +353,7 @@ def test_batch_actors_start_warm_only_where_it_applies(monkeypatch):
 
     runtime_env = {"working_dir": "."}
     executable = warm_start_executable(AppArgs(), spec, 0.0)
-    assert executable.split()[:3] == [sys.executable, "-m", "serve_app.ray_shell.warmstart"]
+    assert executable.split()[:3] == [sys.executable, "-m", "serve_app.ray_shell.launcher"]
     assert "--no-new-zygote" in executable.split()  # other nodes start cold, leaving no zygote behind
     assert started == [spec.model_type]
     assert len(dropped) == 3

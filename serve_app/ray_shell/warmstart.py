@@ -3,8 +3,8 @@
 Ray gives every actor a fresh Python process, and in it importing torch and
 transformers' modeling code takes about 3.5 s of a 6 s cold start on a 2-core
 CPU. Ray lets a deployment start its workers through another program
-(runtime_env `py_executable`). The Embedder's workers start through `launch`
-below: it asks a per-node zygote process, which has imported Ray, torch and
+(runtime_env `py_executable`). The Embedder's workers start through the launcher
+(`launcher.py`): it asks a per-node zygote process, which has imported Ray, torch and
 transformers but never run a tensor op or touched CUDA, to fork the worker,
 the way PyTorch's DataLoader forks its workers. The child becomes the Ray
 worker exactly as `python default_worker.py ...` would have.
@@ -58,7 +58,7 @@ for the launcher's go, sent once the launcher holds its pid, so a launcher that 
 up never has two workers. The zygote reads many requests at once, each within
 REQUEST_TIMEOUT_S, so a peer that connects and says nothing holds up no one.
 
-    python -m serve_app.ray_shell.warmstart [--preload=M,..] [--no-new-zygote] [--reply-timeout=S] WORKER_SCRIPT ARGS...
+    python -m serve_app.ray_shell.launcher [--preload=M,..] [--no-new-zygote] [--reply-timeout=S] WORKER_SCRIPT ARGS...
     python -m serve_app.ray_shell.zygote --zygote ADDRESS PARENT_PID MODULES [--owner=PID] [--job-bound] [--check-every=S]
     python -m serve_app.ray_shell.zygote --zygote - 0 MODULES --owner=PID --channel=FD [--check-every=S]
 """
@@ -72,13 +72,11 @@ import importlib
 import importlib.util
 import json
 import os
-import signal
 import socket
 import stat
 import struct
 import subprocess
 import sys
-import time
 
 _HEADER = struct.Struct("!I")
 _CREDENTIALS = struct.Struct("3i")  # struct ucred, as SO_PEERCRED gives it: pid, uid, gid
@@ -127,7 +125,7 @@ def py_executable(model_type: str, *, new_zygote: bool = True) -> str:
     leaves none behind: for short-lived jobs, whose zygote lives only as long as the job.
     """
     flag = "" if new_zygote else " --no-new-zygote"
-    return f"{sys.executable} -m serve_app.ray_shell.warmstart --preload={preload_for(model_type)}{flag}"
+    return f"{sys.executable} -m serve_app.ray_shell.launcher --preload={preload_for(model_type)}{flag}"
 
 
 def zygote_address(preload: str, parent_pid: int, job_id: str | None = None) -> str:
@@ -320,106 +318,6 @@ def forked_from_zygote() -> bool:
     return _forked
 
 
-# --- the launcher: what Ray runs instead of `python default_worker.py ...` -----------
-
-
-def launch(preload: str, argv: list[str], new_zygote: bool = True,
-           timeout_s: float = REPLY_TIMEOUT_S) -> None:
-    """Have the zygote fork this worker; on anything unexpected run it here instead."""
-    parent = os.getppid()  # the raylet
-    address = zygote_address(preload, parent)
-    deadline = time.monotonic() + timeout_s
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    conn.settimeout(timeout_s)
-    try:
-        conn.connect(address)
-    except OSError as exc:
-        conn.close()
-        if new_zygote and isinstance(exc, ConnectionRefusedError):  # nobody has the name yet
-            start_zygote(address, parent, preload)
-        _run_here(argv)
-    reply = bytearray()
-    try:
-        child = _ask_for_fork(conn, reply, argv, deadline)
-    except Exception as exc:  # noqa: BLE001 - until the child has its go, a cold start is safe
-        reason = f"no answer within {timeout_s:g} s" if isinstance(exc, TimeoutError) else str(exc)
-        print(f"warm start: {reason}; starting this worker the ordinary way", file=sys.stderr, flush=True)
-        conn.close()  # the child the zygote may have forked sees this and never runs
-        _run_here(argv)
-    _follow(conn, reply, child)
-
-
-def _ask_for_fork(conn: socket.socket, reply: bytearray, argv: list[str], deadline: float) -> int:
-    """Send this worker's request to the zygote; the pid of the child it forked, now told to run."""
-    _pid, uid, _gid = _peer(conn)
-    if uid != os.getuid():
-        raise PermissionError(f"the zygote's socket is held by uid {uid}, not this worker's uid {os.getuid()}")
-    request = json.dumps({"argv": argv, "env": dict(os.environ), "cwd": os.getcwd()}).encode()
-    conn.settimeout(_remaining(deadline))
-    socket.send_fds(conn, [_HEADER.pack(len(request))], [0, 1, 2])  # the stdio travels with the header
-    conn.settimeout(_remaining(deadline))
-    conn.sendall(request)
-    line = _read_line(conn, reply, deadline)
-    if not line:
-        raise ConnectionError("the zygote closed the connection before forking")
-    child = json.loads(line)["pid"]
-    # Past this byte the child runs: no going back to a cold start.
-    conn.settimeout(_remaining(deadline))
-    conn.sendall(_GO)
-    return child
-
-
-def _follow(conn: socket.socket, reply: bytearray, child: int) -> None:
-    """Relay signals to the forked worker until it ends, then leave with its exit code."""
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, lambda s, _f: _kill(child, s))
-    ended = None  # when the worker was first seen gone without the zygote's report
-    while True:
-        try:
-            line = _read_line(conn, reply, time.monotonic() + 1.0)
-            break
-        except TimeoutError:
-            if _alive(child):
-                continue
-            ended = ended or time.monotonic()
-            if time.monotonic() - ended > REQUEST_TIMEOUT_S:  # a stuck zygote never reports
-                sys.exit(1)
-        except OSError:
-            line = b""
-            break
-    if line:
-        code = json.loads(line)["exit"]
-        sys.exit(code if code >= 0 else 128 - code)  # killed by signal N: 128 + N, as a shell says
-    while _alive(child):  # zygote gone: follow the child until it ends
-        time.sleep(0.5)
-    sys.exit(1)
-
-
-def _read_line(conn: socket.socket, buffer: bytearray, deadline: float) -> bytes:
-    """The next line from the zygote, b"" if it hung up; TimeoutError at `deadline`."""
-    while b"\n" not in buffer:
-        conn.settimeout(_remaining(deadline))
-        chunk = conn.recv(4096)
-        if not chunk:
-            return b""
-        buffer += chunk
-    line, _, rest = bytes(buffer).partition(b"\n")
-    buffer[:] = rest
-    return line
-
-
-def _remaining(deadline: float) -> float:
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise TimeoutError("timed out")
-    return left
-
-
-def _run_here(argv: list[str]) -> None:
-    """Become the worker the ordinary way (`python WORKER_SCRIPT ARGS...`)."""
-    os.execv(sys.executable, [sys.executable, *argv])
-
-
 def _peer(conn: socket.socket) -> tuple[int, int, int]:
     """(pid, uid, gid) of the process at the other end of a connected AF_UNIX socket."""
     raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDENTIALS.size)
@@ -485,30 +383,3 @@ def _alive(pid: int) -> bool:
             return stat.read().rsplit(b")", 1)[1].split()[0] != b"Z"
     except (OSError, IndexError):
         return True
-
-
-def _kill(pid: int, signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signum)
-
-
-def main(argv: list[str]) -> None:
-    preload, new_zygote, timeout_s = ",".join(PRELOAD), True, REPLY_TIMEOUT_S
-    while argv and argv[0].startswith("--"):  # the launcher's own options, then the worker's command
-        option, argv = argv[0], argv[1:]
-        if option.startswith("--preload="):
-            preload = option.split("=", 1)[1]
-        elif option == "--no-new-zygote":
-            new_zygote = False
-        elif option.startswith("--reply-timeout="):
-            timeout_s = float(option.split("=", 1)[1])
-        else:
-            argv = [option, *argv]
-            break
-    if sys.platform != "linux" or not argv:
-        _run_here(argv)
-    launch(preload, argv, new_zygote, timeout_s)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
