@@ -143,6 +143,15 @@ def test_without_a_zygote_the_worker_still_runs(script, tmp_path):
     wait_for_zygote(preload)  # ... and the next one is warm
 
 
+def test_an_app_deployed_before_the_launcher_moved_still_starts_its_workers(script):
+    # Its py_executable runs `-m serve_app.ray_shell.warmstart`; once the code under it is
+    # upgraded, that must still be a launcher, not a module that exits 0 and starts no worker.
+    proc = subprocess.Popen([sys.executable, "-m", "serve_app.ray_shell.warmstart", f"--preload={PRELOAD}",
+                             "--no-new-zygote", str(script), "6"], stdout=subprocess.PIPE, text=True)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 6 and json.loads(out)["argv"] == ["6"]
+
+
 def test_zygote_exits_with_its_parent():
     # A stand-in "raylet": the zygote must not outlive the process whose workers it forks.
     parent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])

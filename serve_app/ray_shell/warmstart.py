@@ -383,3 +383,12 @@ def _alive(pid: int) -> bool:
             return stat.read().rsplit(b")", 1)[1].split()[0] != b"Z"
     except (OSError, IndexError):
         return True
+
+
+if __name__ == "__main__":
+    # Deployments made before the launcher had a module of its own start their workers
+    # through `python -m serve_app.ray_shell.warmstart ...`: still a launcher, so an
+    # upgrade of the code under a running app does not leave its next replica unable to start.
+    from serve_app.ray_shell.launcher import main
+
+    main(sys.argv[1:])
