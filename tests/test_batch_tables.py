@@ -834,6 +834,27 @@ def test_a_csv_saved_from_a_sheet_with_a_title_is_refused_naming_its_header_row(
         "give the job the workbook it was saved from, where the header is found below a title), and run it again.")
 
 
+def test_a_missing_column_below_a_title_names_what_the_header_there_holds(tmp_path):
+    # "Question" asked, "question" below the title: the sentence had listed the title alone
+    # as the columns, leaving the user to guess where the table was.
+    import openpyxl
+
+    book = openpyxl.Workbook()
+    book.active.append(["Client questions"])
+    book.active.append([])
+    book.active.append(["id", "question", "doc"])
+    book.save(tmp_path / "s.xlsx")
+    with pytest.raises(JobInputError) as refused:
+        require_columns([tmp_path / "s.xlsx"], "xlsx", ["Question"])
+    assert str(refused.value) == ("s.xlsx has no column 'Question' on its sheet 'Sheet'. Its columns are: 'Client "
+                                  "questions'. Its row 3, below a title, names: 'id', 'question', 'doc'.")
+    (tmp_path / "s.csv").write_text("Client questions,,\n,,\nid,question,doc\n1,How?,Steps\n")
+    with pytest.raises(JobInputError, match=r"^s.csv has no column 'Question'. Its columns are: 'Client questions', "
+                                            r"'', ''. Its row 3, below a title, names: 'id', 'question', 'doc': a "
+                                            r"CSV is read from its first row, so delete the 2 rows above"):
+        require_columns([tmp_path / "s.csv"], "csv", ["Question"])
+
+
 def test_two_missing_columns_are_said_as_two(tmp_path):
     (tmp_path / "s.csv").write_text("question,doc\nHow?,Steps\n")
     with pytest.raises(JobInputError, match=r"^s.csv has no columns 'answer' and 'note'. Its columns are"):

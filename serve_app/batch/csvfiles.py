@@ -23,19 +23,19 @@ def csv_header(file: Path) -> list[str]:
     return list(csv.open_csv(file, parse_options=skip).schema.names)
 
 
-def csv_header_row(file: Path, wanted: list[str]) -> int:
-    """Which of a CSV's first rows would be its header by the rule for a sheet's below a
-    title (`header_row`): a sheet saved as CSV keeps its title rows above the table."""
+def csv_top_rows(file: Path) -> list[list[str]]:
+    """A CSV's first rows (10), split as its reader splits them: a sheet saved as CSV keeps
+    the title rows above its table (`sheets.header_row`, `sheets.below_title`)."""
     import csv
     import io
     import itertools
 
-    from serve_app.batch.sheets import HEADER_SEARCH_ROWS, header_row
+    from serve_app.batch.sheets import HEADER_SEARCH_ROWS
 
     with open(file, "rb") as stream:
         head = stream.read(1 << 16).removeprefix(codecs.BOM_UTF8).decode("utf-8", "replace")
     rows = csv.reader(io.StringIO(head, newline=""), delimiter=csv_separator(file))
-    return header_row(list(itertools.islice(rows, HEADER_SEARCH_ROWS)), wanted)
+    return list(itertools.islice(rows, HEADER_SEARCH_ROWS))
 
 
 def csv_separator(file: Path) -> str:

@@ -30,6 +30,7 @@ class SheetHeader(NamedTuple):
     sheets: list[str]
     rows: int | None
     row: int = 1
+    top: list[list[str]] = []  # the texts of its first rows (10 where columns were asked for)
 
 
 # How far down a sheet its header is looked for, below a title and notes.
@@ -57,7 +58,7 @@ def sheet_header(file: Path, sheet: str | None, wanted: Sequence[str] = ()) -> S
         while names and names[-1] == "":
             names.pop()
         rows = worksheet.max_row - row if worksheet.max_row else None
-        return SheetHeader(names, worksheet.title, list(book.sheetnames), rows, row)
+        return SheetHeader(names, worksheet.title, list(book.sheetnames), rows, row, top)
     finally:
         book.close()
 
@@ -78,6 +79,18 @@ def header_row(top: list[list[str]], wanted: Sequence[str]) -> int:
                       else above[-1] == 0 and all(n <= 1 for n in above))
             return row if titles else 1
     return 1
+
+
+def below_title(top: list[list[str]]) -> int | None:
+    """The row of a table's header below a title, as `header_row` would take it, whatever
+    it names: the first of two names or more, where that is not the first row and every
+    row above holds at most half as many cells. For a sentence where the columns a job
+    asks for are not found: the header a user sees may name them otherwise ("Question")."""
+    filled = [sum(1 for name in names if name) for names in top]
+    for row, width in enumerate(filled, 1):
+        if width > 1:
+            return row if row > 1 and all(n <= width // 2 for n in filled[: row - 1]) else None
+    return None
 
 
 def said_header_row(file: Path, header: SheetHeader, wanted: Sequence[str]) -> None:

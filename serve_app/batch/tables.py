@@ -17,10 +17,12 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from serve_app.batch.csvfiles import check_csv, csv_header, csv_header_row, csv_parse_options
+from serve_app.batch.csvfiles import check_csv, csv_header, csv_parse_options, csv_top_rows
 from serve_app.batch.errors import JobInputError, refuse_repeats
 from serve_app.batch.sheets import (
+    below_title,
     first_too_long,
+    header_row,
     refuse_unsaved_formulas,
     said_header_row,
     sheet_header,
@@ -125,25 +127,7 @@ def require_columns(files: list[Path], fmt: str, wanted: list[str], sheet: str |
         names.update(dict.fromkeys(have))
         missing = [c for c in wanted if c not in have]
         if missing:
-            where, sheets = "", ""
-            if fmt == "xlsx":  # the data may be on another sheet than the one read
-                header = sheet_header(file, sheet, wanted)
-                where = f" on its sheet {header.title!r}"
-                if len(header.sheets) > 1:
-                    sheets = (f" The workbook's sheets are: {', '.join(map(repr, header.sheets))}; "
-                              "name the one to read with --sheet.")
-            elif fmt == "csv" and (row := csv_header_row(file, wanted)) > 1:
-                # A sheet with a title, saved as CSV: the header is found below the title in
-                # the workbook, but a CSV is read by Ray Data from its first row.
-                sheets = (f" Its row {row} names {'them' if len(wanted) > 1 else 'it'}, below a title: a CSV "
-                          f"is read from its first row, so delete the {_count(row - 1, 'row')} above that one "
-                          "(or give the job the workbook it was saved from, where the header is found below "
-                          "a title), and run it again.")
-            raise JobInputError(
-                f"{file.name} has no {'columns' if len(missing) > 1 else 'column'} "
-                f"{' and '.join(repr(m) for m in missing)}{where}. "
-                f"Its columns are: {', '.join(repr(h) for h in have)}.{sheets}"
-            )
+            raise _missing(file, fmt, sheet, wanted, missing, have)
         refuse_repeats(file, have)
         if fmt == "xlsx":
             header = sheet_header(file, sheet, wanted)
@@ -155,6 +139,38 @@ def require_columns(files: list[Path], fmt: str, wanted: list[str], sheet: str |
                 "remove it first."
             )
     return list(names)
+
+
+def _missing(file: Path, fmt: str, sheet: str | None, wanted: list[str], missing: list[str],
+             have: list[str]) -> JobInputError:
+    """The sentence for columns a file lacks: the columns it has, and where the data may be
+    instead (a workbook's other sheets; the header below a title, which a CSV is not read
+    from, and which names the columns otherwise where a sheet's is not found either)."""
+    more = ""
+    if fmt == "xlsx":
+        header = sheet_header(file, sheet, wanted)
+        top, more = header.top, f" on its sheet {header.title!r}"
+    else:
+        top = csv_top_rows(file) if fmt == "csv" else []
+    text = (f"{file.name} has no {'columns' if len(missing) > 1 else 'column'} "
+            f"{' and '.join(repr(m) for m in missing)}{more}. Its columns are: {', '.join(map(repr, have))}.")
+    if fmt == "csv" and (row := header_row(top, wanted)) > 1:
+        # A sheet with a title, saved as CSV: its header is found below the title in the
+        # workbook, but Ray Data reads a CSV from its first row.
+        text += f" Its row {row} names {'them' if len(wanted) > 1 else 'it'}, below a title"
+    elif (row := below_title(top)) is not None:
+        text += f" Its row {row}, below a title, names: {', '.join(repr(n) for n in top[row - 1] if n)}"
+    else:
+        row = None
+    if row is not None:
+        text += ("." if fmt == "xlsx" else
+                 f": a CSV is read from its first row, so delete the {_count(row - 1, 'row')} above that one "
+                 "(or give the job the workbook it was saved from, where the header is found below a title), "
+                 "and run it again.")
+    if fmt == "xlsx" and len(header.sheets) > 1:  # the data may be on another sheet than the one read
+        text += (f" The workbook's sheets are: {', '.join(map(repr, header.sheets))}; name the one to read "
+                 "with --sheet.")
+    return JobInputError(text)
 
 
 def file_rows(files: list[Path], fmt: str, sheet: str | None = None, to_sheet: bool = False,
