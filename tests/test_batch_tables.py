@@ -853,6 +853,12 @@ def test_a_missing_column_below_a_title_names_what_the_header_there_holds(tmp_pa
                                             r"'', ''. Its row 3, below a title, names: 'id', 'question', 'doc': a "
                                             r"CSV is read from its first row, so delete the 2 rows above"):
         require_columns([tmp_path / "s.csv"], "csv", ["Question"])
+    # A one-column table saved by pandas with its index: a blank A1 is no title, and its
+    # first data row no header below one (the hint had said to delete the real header).
+    pd.DataFrame({"text": ["How do I reset it?", "Where is my invoice?"]}).to_csv(tmp_path / "index.csv")
+    with pytest.raises(JobInputError) as refused:
+        require_columns([tmp_path / "index.csv"], "csv", ["question"])
+    assert str(refused.value) == "index.csv has no column 'question'. Its columns are: '', 'text'."
 
 
 def test_two_missing_columns_are_said_as_two(tmp_path):

@@ -86,6 +86,8 @@ def below_title(top: list[list[str]]) -> int | None:
     it names: the first of two names or more, where that is not the first row and every
     row above holds at most half as many cells. For a sentence where the columns a job
     asks for are not found: the header a user sees may name them otherwise ("Question")."""
+    if not (top and top[0] and top[0][0]):  # a title starts in A1; a blank A1 is an index's header
+        return None
     filled = [sum(1 for name in names if name) for names in top]
     for row, width in enumerate(filled, 1):
         if width > 1:

@@ -8,6 +8,7 @@ Inputs are CSV, XLSX or Parquet files, or a folder of such files (all one format
 from __future__ import annotations
 
 import contextlib
+import csv
 import math
 import os
 from collections.abc import Sequence
@@ -151,13 +152,16 @@ def _missing(file: Path, fmt: str, sheet: str | None, wanted: list[str], missing
         header = sheet_header(file, sheet, wanted)
         top, more = header.top, f" on its sheet {header.title!r}"
     else:
-        top = csv_top_rows(file) if fmt == "csv" else []
+        try:
+            top = csv_top_rows(file) if fmt == "csv" else []
+        except csv.Error:  # Python 3.10's reader refuses a NUL: no hint, the sentence stands
+            top = []
     text = (f"{file.name} has no {'columns' if len(missing) > 1 else 'column'} "
             f"{' and '.join(repr(m) for m in missing)}{more}. Its columns are: {', '.join(map(repr, have))}.")
     if fmt == "csv" and (row := header_row(top, wanted)) > 1:
         # A sheet with a title, saved as CSV: its header is found below the title in the
         # workbook, but Ray Data reads a CSV from its first row.
-        text += f" Its row {row} names {'them' if len(wanted) > 1 else 'it'}, below a title"
+        text += f" Its row {row} names {'them' if len(missing) > 1 else 'it'}, below a title"
     elif (row := below_title(top)) is not None:
         text += f" Its row {row}, below a title, names: {', '.join(repr(n) for n in top[row - 1] if n)}"
     else:
