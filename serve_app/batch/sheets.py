@@ -74,11 +74,17 @@ def header_row(top: list[list[str]], wanted: Sequence[str]) -> int:
     filled = [sum(1 for name in names if name) for names in top]
     for row, names in enumerate(top, 1):
         if set(wanted) <= set(names):
-            above, width = filled[: row - 1], filled[row - 1]
-            titles = (all(n <= width // 2 for n in above) if width > 1
-                      else above[-1] == 0 and all(n <= 1 for n in above))
-            return row if titles else 1
+            return row if _titles_above(filled, row) else 1
     return 1
+
+
+def _titles_above(filled: list[int], row: int) -> bool:
+    """Whether the rows above `row` (each by its filled cells) are a title, notes and
+    blanks for a header of that row's width: see `header_row`."""
+    above, width = filled[: row - 1], filled[row - 1]
+    if width > 1:
+        return all(n <= width // 2 for n in above)
+    return bool(above) and above[-1] == 0 and all(n <= 1 for n in above)
 
 
 def below_title(top: list[list[str]]) -> int | None:
@@ -91,7 +97,7 @@ def below_title(top: list[list[str]]) -> int | None:
     filled = [sum(1 for name in names if name) for names in top]
     for row, width in enumerate(filled, 1):
         if width > 1:
-            return row if row > 1 and all(n <= width // 2 for n in filled[: row - 1]) else None
+            return row if row > 1 and _titles_above(filled, row) else None
     return None
 
 

@@ -158,19 +158,18 @@ def _missing(file: Path, fmt: str, sheet: str | None, wanted: list[str], missing
             top = []
     text = (f"{file.name} has no {'columns' if len(missing) > 1 else 'column'} "
             f"{' and '.join(repr(m) for m in missing)}{more}. Its columns are: {', '.join(map(repr, have))}.")
+    hint = ""
     if fmt == "csv" and (row := header_row(top, wanted)) > 1:
         # A sheet with a title, saved as CSV: its header is found below the title in the
         # workbook, but Ray Data reads a CSV from its first row.
-        text += f" Its row {row} names {'them' if len(missing) > 1 else 'it'}, below a title"
+        hint = f" Its row {row} names {'them' if len(missing) > 1 else 'it'}, below a title"
     elif (row := below_title(top)) is not None:
-        text += f" Its row {row}, below a title, names: {', '.join(repr(n) for n in top[row - 1] if n)}"
-    else:
-        row = None
-    if row is not None:
-        text += ("." if fmt == "xlsx" else
-                 f": a CSV is read from its first row, so delete the {_count(row - 1, 'row')} above that one "
-                 "(or give the job the workbook it was saved from, where the header is found below a title), "
-                 "and run it again.")
+        hint = f" Its row {row}, below a title, names: {', '.join(repr(n) for n in top[row - 1] if n)}"
+    if hint:
+        text += hint + ("." if fmt == "xlsx" else
+                        f": a CSV is read from its first row, so delete the {'1 row' if row == 2 else f'{row - 1:,} rows'} "
+                        "above that one (or give the job the workbook it was saved from, where the header is found "
+                        "below a title), and run it again.")
     if fmt == "xlsx" and len(header.sheets) > 1:  # the data may be on another sheet than the one read
         text += (f" The workbook's sheets are: {', '.join(map(repr, header.sheets))}; name the one to read "
                  "with --sheet.")
@@ -273,7 +272,3 @@ def text_or_none(value: Any) -> str | None:
 def texts_of(column: pa.ChunkedArray | pa.Array) -> list[str | None]:
     """A column's cells as texts, blanks as None."""
     return [text_or_none(v) for v in column.to_pylist()]
-
-
-def _count(amount: int, unit: str) -> str:
-    return f"{amount:,} {unit}" + ("" if amount == 1 else "s")
